@@ -1,0 +1,48 @@
+//! Tsubame's VMM library.
+//!
+//! A [`Vm`] is built from a [`VmConfig`]: anonymous guest memory ([`memory`]), a KVM VM with one
+//! thread per vCPU ([`vstate`]), port-I/O devices ([`devices`]) and the built-in guest
+//! ([`guest`]), a bare-metal program that drops to CPL3 and runs a deterministic workload. A VM
+//! can be paused, resumed, digested and saved to a snapshot that another process restores
+//! ([`snapshot`]); a JSON control socket ([`control`]) exposes all of that to the `tsubame` CLI.
+//!
+//! The determinism oracle of every test: the digest of guest memory after N steps of a workload
+//! is the same whether or not the VM was paused, saved, restored or migrated in between.
+
+pub mod control;
+pub mod devices;
+pub mod guest;
+pub mod memory;
+pub mod snapshot;
+pub mod vm;
+pub mod vstate;
+
+pub use memory::{Digest, GuestMemory, MemoryLayout};
+pub use vm::{Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOutcome};
+
+/// Errors of the VMM library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Workload(#[from] guest::WorkloadError),
+    #[error("loading the guest image: {0}")]
+    Image(#[from] guest::ImageError),
+    #[error(transparent)]
+    Kvm(#[from] vstate::vm::VmError),
+    #[error(transparent)]
+    Vcpu(#[from] vstate::vcpu::VcpuError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("cannot create serial output file {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("memory layout mismatch: expected {expected:?}, found {found:?}")]
+    LayoutMismatch {
+        expected: MemoryLayout,
+        found: MemoryLayout,
+    },
+}

@@ -1,0 +1,440 @@
+//! [`Vm`]: a running VM built from a [`VmConfig`] (or restored from a snapshot): guest memory,
+//! the KVM VM, one thread per vCPU, devices, and the operations the control socket offers
+//! (pause, resume, progress, digest, save).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::devices::{CpuStatus, Devices, SerialSink};
+use crate::guest::{self, abi, RunOptions, WorkloadSpec};
+use crate::memory::{Digest, GuestMemory, MemoryLayout};
+use crate::snapshot::{self, VmState};
+use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuHandle};
+use crate::vstate::vm::KvmVm;
+use crate::Error;
+
+/// Where the guest's serial output goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    Stdout,
+    File(PathBuf),
+    Discard,
+}
+
+impl SerialOutput {
+    fn open(&self) -> Result<SerialSink, Error> {
+        Ok(match self {
+            Self::Stdout => SerialSink::Stdout,
+            Self::Discard => SerialSink::Discard,
+            Self::File(p) => {
+                SerialSink::File(
+                    std::fs::File::create(p).map_err(|source| Error::SerialFile {
+                        path: p.clone(),
+                        source,
+                    })?,
+                )
+            }
+        })
+    }
+}
+
+/// What to build: memory, vCPUs, workload.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs; each runs its share of the workload.
+    pub vcpus: usize,
+    pub workload: WorkloadSpec,
+    /// Steps per vCPU; 0 runs forever.
+    pub steps: u64,
+    /// Steps between the guest's serial progress lines; 0 = never.
+    pub report_every: u64,
+    /// The guest verifies its whole working set after the last step.
+    pub verify_at_end: bool,
+    pub serial: SerialOutput,
+}
+
+/// Overall state of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmRunState {
+    /// Created or stopped by the operator.
+    Paused,
+    Running,
+    /// Every vCPU finished its workload.
+    Finished,
+    /// The guest reported a bad page, took an exception, or a vCPU failed.
+    GuestError,
+}
+
+/// One vCPU as `query-status` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuInfo {
+    pub index: usize,
+    pub thread: RunState,
+    #[serde(flatten)]
+    pub guest: CpuStatus,
+}
+
+/// `query-status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmStatus {
+    pub status: VmRunState,
+    pub running: bool,
+    pub mem_bytes: u64,
+    pub workload: String,
+    pub uptime_ms: u64,
+    pub vcpus: Vec<VcpuInfo>,
+}
+
+/// A bad page the in-guest verifier found.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct VerifyError {
+    pub vcpu: usize,
+    pub kind: &'static str,
+    pub gfn: u64,
+    pub expected_version: u64,
+    pub found_version: u64,
+}
+
+/// Progress of one vCPU, read from the mailbox.
+#[derive(Clone, Debug, Serialize)]
+pub struct VcpuProgress {
+    pub steps: u64,
+    pub writes: u64,
+    pub verified: u64,
+}
+
+/// `query-progress`: the guest's own counters, read from the mailbox without exits.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    pub steps: u64,
+    /// Steps per vCPU the workload runs; 0 = forever.
+    pub target_steps_per_vcpu: u64,
+    pub writes: u64,
+    pub verified: u64,
+    pub working_set_pages: u64,
+    pub finished: bool,
+    pub vcpus: Vec<VcpuProgress>,
+    pub verify_error: Option<VerifyError>,
+}
+
+/// How a wait ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitOutcome {
+    Reached,
+    TimedOut,
+    /// The guest failed before the condition held.
+    GuestError,
+}
+
+/// A live VM.
+#[derive(Debug)]
+pub struct Vm {
+    // Field order is drop order: vCPU threads stop before the KVM VM goes, and the VM before
+    // the memory its slots point into.
+    vcpus: Vec<VcpuHandle>,
+    #[allow(dead_code)] // owns the VM fd the vCPUs belong to
+    kvm: KvmVm,
+    devices: Arc<Devices>,
+    memory: Arc<GuestMemory>,
+    workload: String,
+    operator_paused: Mutex<bool>,
+    created: Instant,
+}
+
+impl Vm {
+    /// Builds a VM with the built-in guest and `config`'s workload. The VM starts paused: call
+    /// [`Vm::resume`] to boot it.
+    pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        let layout = MemoryLayout::for_size(config.mem_bytes)?;
+        let run = RunOptions {
+            vcpus: u32::try_from(config.vcpus).unwrap_or(u32::MAX),
+            steps: config.steps,
+            report_every: config.report_every,
+            verify_at_end: config.verify_at_end,
+        };
+        let block = guest::config_block(&config.workload, &layout, &run)?;
+        let memory = Arc::new(GuestMemory::new(&layout)?);
+        let entry = guest::load_image(&memory, guest::GUEST_IMAGE)?;
+        memory.write(abi::CONFIG_GPA, &block.to_bytes())?;
+        let info = guest::write_multiboot_info(&memory)?;
+        let kvm = KvmVm::new(&memory)?;
+        let devices = Arc::new(Devices::new(config.serial.open()?, config.vcpus));
+        let mut vcpus = Vec::with_capacity(config.vcpus);
+        for index in 0..config.vcpus {
+            let vcpu = Vcpu::new(&kvm, index)?;
+            let (rax, rbx) = if index == 0 {
+                (u64::from(abi::MULTIBOOT_MAGIC), info)
+            } else {
+                (u64::from(abi::AP_MAGIC), index as u64)
+            };
+            vcpu.set_boot_state(BootRegs {
+                rip: entry,
+                rax,
+                rbx,
+            })?;
+            vcpus.push(VcpuHandle::spawn(vcpu, devices.clone())?);
+        }
+        Ok(Self {
+            vcpus,
+            kvm,
+            devices,
+            memory,
+            workload: config.workload.to_string(),
+            operator_paused: Mutex::new(true),
+            created: Instant::now(),
+        })
+    }
+
+    /// Rebuilds a VM from a snapshot written by [`Vm::save`], paused.
+    pub fn restore(path: &Path, serial: &SerialOutput) -> Result<Self, Error> {
+        let (state, ram_start) = snapshot::read_state(path)?;
+        let layout = MemoryLayout::for_size(state.layout.total_bytes())?;
+        if layout != state.layout {
+            return Err(Error::LayoutMismatch {
+                expected: layout,
+                found: state.layout,
+            });
+        }
+        let memory = Arc::new(GuestMemory::new(&layout)?);
+        snapshot::read_memory(path, ram_start, &memory)?;
+        let kvm = KvmVm::new(&memory)?;
+        let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
+        devices.restore(&state.devices);
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, s) in state.vcpus.into_iter().enumerate() {
+            let handle = VcpuHandle::spawn(Vcpu::new(&kvm, index)?, devices.clone())?;
+            handle.restore(s)?;
+            vcpus.push(handle);
+        }
+        Ok(Self {
+            vcpus,
+            kvm,
+            devices,
+            memory,
+            workload: state.workload,
+            operator_paused: Mutex::new(true),
+            created: Instant::now(),
+        })
+    }
+
+    /// Guest memory (for digests, migration, tests).
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// The devices (serial output, doorbell).
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Pauses every vCPU (in parallel) and returns how long that took.
+    pub fn pause(&self) -> Result<Duration, Error> {
+        let mut paused = self.operator_paused.lock().expect("vm lock");
+        let t = Instant::now();
+        self.pause_vcpus()?;
+        *paused = true;
+        Ok(t.elapsed())
+    }
+
+    fn pause_vcpus(&self) -> Result<(), Error> {
+        for v in &self.vcpus {
+            v.request_pause()?;
+        }
+        for v in &self.vcpus {
+            v.wait_done()?;
+        }
+        Ok(())
+    }
+
+    fn resume_vcpus(&self) -> Result<(), Error> {
+        for v in &self.vcpus {
+            v.request_resume()?;
+        }
+        for v in &self.vcpus {
+            v.wait_done()?;
+        }
+        Ok(())
+    }
+
+    /// Resumes (or first starts) every vCPU.
+    pub fn resume(&self) -> Result<(), Error> {
+        let mut paused = self.operator_paused.lock().expect("vm lock");
+        self.resume_vcpus()?;
+        *paused = false;
+        Ok(())
+    }
+
+    /// Runs `f` with every vCPU paused, restoring the operator's run state afterwards.
+    /// Returns `f`'s result and whether the VM had to be paused for it.
+    fn with_paused<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Result<(T, bool), Error> {
+        let paused = self.operator_paused.lock().expect("vm lock");
+        let had_to_pause = !*paused;
+        if had_to_pause {
+            self.pause_vcpus()?;
+        }
+        let out = f();
+        if had_to_pause {
+            self.resume_vcpus()?;
+        }
+        drop(paused);
+        Ok((out?, had_to_pause))
+    }
+
+    /// The overall state.
+    pub fn run_state(&self) -> VmRunState {
+        let statuses = self.devices.doorbell.statuses();
+        if statuses.iter().any(CpuStatus::is_failure) {
+            VmRunState::GuestError
+        } else if statuses.iter().all(|s| *s == CpuStatus::Finished) {
+            VmRunState::Finished
+        } else if *self.operator_paused.lock().expect("vm lock") {
+            VmRunState::Paused
+        } else {
+            VmRunState::Running
+        }
+    }
+
+    /// `query-status`.
+    pub fn status(&self) -> VmStatus {
+        let statuses = self.devices.doorbell.statuses();
+        let status = self.run_state();
+        VmStatus {
+            status,
+            running: status == VmRunState::Running,
+            mem_bytes: self.memory.layout().total_bytes(),
+            workload: self.workload.clone(),
+            uptime_ms: u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX),
+            vcpus: self
+                .vcpus
+                .iter()
+                .zip(statuses)
+                .map(|(v, guest)| VcpuInfo {
+                    index: v.index(),
+                    thread: v.run_state(),
+                    guest,
+                })
+                .collect(),
+        }
+    }
+
+    fn slot(&self, cpu: usize, field: u64) -> u64 {
+        self.memory
+            .read_u64_volatile(abi::mailbox_slot_field(cpu, field))
+            .unwrap_or(0)
+    }
+
+    /// The guest's progress counters (no exits, no pause).
+    pub fn progress(&self) -> Progress {
+        let config = guest::read_config(&self.memory).unwrap_or_default();
+        let mut p = Progress {
+            steps: 0,
+            target_steps_per_vcpu: config.steps,
+            writes: 0,
+            verified: 0,
+            working_set_pages: config.working_set_pages(),
+            finished: self.run_state() == VmRunState::Finished,
+            vcpus: Vec::new(),
+            verify_error: None,
+        };
+        for cpu in 0..self.vcpus.len().min(abi::MAX_CPUS) {
+            let v = VcpuProgress {
+                steps: self.slot(cpu, abi::slot::STEPS),
+                writes: self.slot(cpu, abi::slot::WRITES),
+                verified: self.slot(cpu, abi::slot::VERIFIED),
+            };
+            p.steps += v.steps;
+            p.writes += v.writes;
+            p.verified += v.verified;
+            p.vcpus.push(v);
+            if p.verify_error.is_none() && self.slot(cpu, abi::slot::STATE) == abi::state::ERROR {
+                p.verify_error = Some(VerifyError {
+                    vcpu: cpu,
+                    kind: abi::verify_error_name(self.slot(cpu, abi::slot::ERR_KIND)),
+                    gfn: self.slot(cpu, abi::slot::ERR_GFN),
+                    expected_version: self.slot(cpu, abi::slot::ERR_EXPECTED),
+                    found_version: self.slot(cpu, abi::slot::ERR_FOUND),
+                });
+            }
+        }
+        p
+    }
+
+    /// Digest of all guest memory, taken with the vCPUs paused (pausing briefly if running).
+    /// Returns the digest and whether the VM had to be paused for it.
+    pub fn digest(&self) -> Result<(Digest, bool), Error> {
+        self.with_paused(|| Ok(self.memory.digest()))
+    }
+
+    /// Saves the whole VM to a snapshot file (pausing briefly if running). Returns the bytes of
+    /// non-zero RAM written.
+    pub fn save(&self, path: &Path) -> Result<u64, Error> {
+        let (bytes, _) = self.with_paused(|| {
+            let vcpus = self
+                .vcpus
+                .iter()
+                .map(VcpuHandle::save)
+                .collect::<Result<Vec<_>, _>>()?;
+            let state = VmState {
+                format: snapshot::STATE_FORMAT.into(),
+                version: snapshot::SNAPSHOT_VERSION,
+                layout: self.memory.layout().clone(),
+                workload: self.workload.clone(),
+                vcpus,
+                devices: self.devices.save(),
+            };
+            Ok(snapshot::write(path, &state, &self.memory)?)
+        })?;
+        Ok(bytes)
+    }
+
+    /// Waits until every vCPU finished, or one failed, or `timeout` passed.
+    pub fn wait_finished(&self, timeout: Duration) -> WaitOutcome {
+        let (_, statuses) = self.devices.doorbell.wait_for(timeout, |s| {
+            s.iter().any(CpuStatus::is_failure) || s.iter().all(|c| *c == CpuStatus::Finished)
+        });
+        if statuses.iter().any(CpuStatus::is_failure) {
+            WaitOutcome::GuestError
+        } else if statuses.iter().all(|c| *c == CpuStatus::Finished) {
+            WaitOutcome::Reached
+        } else {
+            WaitOutcome::TimedOut
+        }
+    }
+
+    /// Waits until the guest has done at least `steps` steps in total (checked every
+    /// millisecond from the mailbox), or finished, or failed, or `timeout` passed.
+    pub fn wait_steps(&self, steps: u64, timeout: Duration) -> WaitOutcome {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.run_state() {
+                VmRunState::GuestError => return WaitOutcome::GuestError,
+                VmRunState::Finished => return WaitOutcome::Reached,
+                _ => {}
+            }
+            if self.progress().steps >= steps {
+                return WaitOutcome::Reached;
+            }
+            if Instant::now() >= deadline {
+                return WaitOutcome::TimedOut;
+            }
+            // The mailbox has no notification: the guest never exits for progress.
+            let (_, _) = self
+                .devices
+                .doorbell
+                .wait_for(Duration::from_millis(1), |s| {
+                    s.iter().any(CpuStatus::is_failure)
+                });
+        }
+    }
+}
