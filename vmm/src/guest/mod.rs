@@ -8,6 +8,7 @@
 //! runs under both.
 
 pub mod abi;
+pub mod qemu;
 mod workload;
 
 pub use workload::{parse_size, Pattern, WorkloadError, WorkloadSpec};
