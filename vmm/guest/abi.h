@@ -74,7 +74,7 @@ struct tsb_config {
     uint32_t pattern;
     uint64_t seed;
     uint64_t steps;          /* per CPU; 0 = run forever */
-    uint32_t write_ppm;      /* share of steps that write a page, in parts per million */
+    uint32_t write_ppm;      /* share of steps that also write the page, in parts per million */
     uint32_t hot_pages_ppm;  /* hot/cold: share of pages that are hot */
     uint32_t hot_access_ppm; /* hot/cold: share of accesses that go to hot pages */
     uint32_t flags;
@@ -90,7 +90,7 @@ struct tsb_cpu_slot {
     volatile uint64_t state;
     volatile uint64_t steps;
     volatile uint64_t writes;
-    volatile uint64_t verified;   /* page reads that checked a page's content */
+    volatile uint64_t verified;   /* page accesses that checked a page's content (every step) */
     volatile uint64_t err_kind;
     volatile uint64_t err_gfn;
     volatile uint64_t err_expected_version;

@@ -1,8 +1,8 @@
 /*
  * The CPL3 workload: each CPU owns a slice of the working set and runs `steps` steps on it.
- * A step picks a page (sequential, uniform random, or hot/cold), then either writes a new version
- * of it or reads it back and verifies it. A written page carries a header (magic, gfn, version,
- * checksum) and a body derived from (seed, gfn, version); the expected version of every page lives
+ * A step picks a page (sequential, uniform random, or hot/cold), reads it back and verifies it,
+ * and with probability `write_ppm` then writes a new version of it. A written page carries a
+ * header (magic, gfn, version, checksum) and a body derived from (seed, gfn, version); the expected version of every page lives
  * in a version table in guest memory. So a wrong, stale, zeroed or corrupted page is caught here,
  * inside the guest, whatever moved the memory underneath.
  *
@@ -191,17 +191,18 @@ static void step_once(uint32_t cpu, struct cpu_state *c, uint64_t step)
     uint64_t gpa = page_gpa(index);
     volatile uint32_t *vt = (volatile uint32_t *)cfg->vtable_gpa;
     struct tsb_cpu_slot *s = &mb->cpu[cpu];
+    /* Every access first verifies the page, so a lost or stale page is caught at its first
+     * touch even when that touch is a write. */
+    uint64_t found, expected = vt[index];
+    uint64_t kind = check_page(gpa, expected, &found);
+    if (kind)
+        fail(cpu, kind, gpa, expected, found);
+    s->verified++;
     if (below(next_rand(c), PPM) < cfg->write_ppm) {
-        uint32_t v = vt[index] + 1;
+        uint32_t v = (uint32_t)expected + 1;
         write_page(gpa, v);
         vt[index] = v;
         s->writes++;
-    } else {
-        uint64_t found, expected = vt[index];
-        uint64_t kind = check_page(gpa, expected, &found);
-        if (kind)
-            fail(cpu, kind, gpa, expected, found);
-        s->verified++;
     }
 }
 

@@ -124,6 +124,17 @@ impl ConfigBlock {
     pub fn working_set_pages(&self) -> u64 {
         self.ranges.iter().map(|r| r.pages).sum()
     }
+
+    /// Guest-physical address of working-set page `index` (as the guest's `page_gpa`).
+    pub fn page_gpa(&self, mut index: u64) -> Option<u64> {
+        for r in &self.ranges {
+            if index < r.pages {
+                return Some(r.base + index * 4096);
+            }
+            index -= r.pages;
+        }
+        None
+    }
 }
 
 struct Writer<'a> {

@@ -20,7 +20,7 @@ pub struct WorkloadSpec {
     pub pattern: Pattern,
     /// Working-set size in bytes; 0 means all guest memory the workload can use.
     pub ws_bytes: u64,
-    /// Share of steps that write a page (the rest read and verify one).
+    /// Share of steps that write the page after verifying it (every step verifies).
     pub write_ratio: f64,
     pub seed: u64,
 }
