@@ -60,7 +60,7 @@ fn main() {
     let units: [(&str, &[&str]); 4] = [
         ("boot.S", &[]),
         ("boot_setup.c", &["-O2", "-mgeneral-regs-only"]),
-        ("workload.c", &["-O2"]),
+        ("workload.c", &["-O3"]),
         ("config.c", &["-O2"]),
     ];
     let mut objects = Vec::new();

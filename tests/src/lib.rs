@@ -1,1 +1,156 @@
-//! e2e helpers
+//! Helpers for Tsubame's end-to-end tests: find the `tsubame` binary, make scratch directories,
+//! start VM processes and talk to their control sockets.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use tsubame_vmm::control::ControlClient;
+
+/// The `tsubame` binary: `$TSUBAME_BIN`, or the one cargo built next to this test.
+pub fn tsubame_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TSUBAME_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join("tsubame");
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (which builds it) or set TSUBAME_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("tsubame-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a scratch directory");
+        Self(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `tsubame ARGS` to completion.
+pub fn tsubame(args: &[&str]) -> Output {
+    Command::new(tsubame_bin())
+        .args(args)
+        .output()
+        .expect("running tsubame")
+}
+
+/// Runs a VM to the end in one process (`tsubame run ... --json`) and returns its summary.
+pub fn run_to_end(args: &[&str]) -> Result<Value> {
+    let mut all = vec!["run", "--serial", "none", "--quiet", "--json"];
+    all.extend_from_slice(args);
+    let out = tsubame(&all);
+    if !out.status.success() {
+        bail!(
+            "tsubame {} failed: {}\n{}",
+            all.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing the run summary")
+}
+
+/// A `tsubame run` process with a control socket.
+#[derive(Debug)]
+pub struct VmProcess {
+    pub child: Child,
+    pub socket: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl VmProcess {
+    /// Starts `tsubame run --control SOCKET ARGS` and waits until its control socket is ready.
+    pub fn start(socket: &Path, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(tsubame_bin())
+            .arg("run")
+            .arg("--control")
+            .arg(socket)
+            .args(["--serial", "none", "--quiet"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tsubame run")?;
+        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+        let mut seen = String::new();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("control socket ready") => break,
+                Some(Ok(l)) => {
+                    seen.push_str(&l);
+                    seen.push('\n');
+                }
+                _ => bail!("tsubame run exited before its control socket was ready:\n{seen}"),
+            }
+        }
+        // Keep draining stderr so the child never blocks on a full pipe.
+        let stderr = Arc::new(Mutex::new(seen));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                let mut s = sink.lock().expect("stderr buffer");
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
+        Ok(Self {
+            child,
+            socket: socket.into(),
+            stderr,
+        })
+    }
+
+    /// Runs one control command and returns its `return` value.
+    pub fn ctl(&self, command: &str, args: Value) -> Result<Value> {
+        let mut c = ControlClient::connect(&self.socket)?;
+        Ok(c.execute(command, args)?)
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    /// Waits for the process to exit and returns its stdout.
+    pub fn wait(mut self) -> Result<(std::process::ExitStatus, String)> {
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            use std::io::Read;
+            s.read_to_string(&mut out)?;
+        }
+        let status = self.child.wait()?;
+        Ok((status, out))
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -46,6 +46,12 @@
 #define TSB_PATTERN_HOTCOLD    3
 
 #define TSB_FLAG_VERIFY_AT_END 1
+/* Exit bells, for QEMU's isa-debug-exit on the doorbell port: when set, a bell carries only its
+ * code (no CPU, no vector), so that isa-debug-exit, which exits on the first write with status
+ * (value << 1) | 1, turns done, verify error and exception into distinct exit statuses (5, 7, 9);
+ * and the RUNNING bell is not rung, so the first bell is the outcome. The Tsubame VMM never sets
+ * it. */
+#define TSB_FLAG_EXIT_BELLS    2
 
 #define TSB_STATE_BOOTING   0
 #define TSB_STATE_RUNNING   1
@@ -106,6 +112,7 @@ struct tsb_mailbox {
 };
 
 _Static_assert(sizeof(struct tsb_config) == 88 + 16 * TSB_MAX_RANGES, "config layout");
+_Static_assert(__builtin_offsetof(struct tsb_config, flags) == 52, "CFG_FLAGS in boot.S");
 _Static_assert(sizeof(struct tsb_cpu_slot) == 64, "slot layout");
 _Static_assert(sizeof(struct tsb_mailbox) == 64 + 64 * TSB_MAX_CPUS, "mailbox layout");
 _Static_assert(sizeof(struct tsb_mailbox) <= 4096, "mailbox fits its page");

@@ -15,6 +15,7 @@
 #define USER_CS     0x28
 #define TSS_SEL0    0x30
 
+#define CFG_FLAGS   52 /* offsetof(struct tsb_config, flags), checked in abi.h */
 #define CFG_MAP_TOP 64 /* offsetof(struct tsb_config, map_top) */
 
     .section .multiboot, "a"
@@ -180,10 +181,15 @@ exception_\vec:
     exception_stub \v
     .endr
 exception_common:
-    mov $TSB_DOORBELL_PORT, %edx
+    /* With exit bells (QEMU's isa-debug-exit), ring the bare code so that it becomes exit
+     * status 9; the vector is lost then. */
+    testl $TSB_FLAG_EXIT_BELLS, (TSB_CONFIG_GPA + CFG_FLAGS)
+    jz 1f
+    mov $TSB_BELL_EXCEPTION, %eax
+1:  mov $TSB_DOORBELL_PORT, %edx
     out %eax, %dx
-1:  hlt
-    jmp 1b
+2:  hlt
+    jmp 2b
 
     .section .rodata
     .globl exception_table

@@ -40,6 +40,12 @@ static inline void outl(uint16_t port, uint32_t v)
 
 static void bell(uint32_t code, uint32_t cpu)
 {
+    if (cfg->flags & TSB_FLAG_EXIT_BELLS) {
+        /* Under QEMU's isa-debug-exit the first bell ends the VM: ring only the outcome. */
+        if (code != TSB_BELL_RUNNING)
+            outl(TSB_DOORBELL_PORT, code);
+        return;
+    }
     outl(TSB_DOORBELL_PORT, (code << 8) | cpu);
 }
 

@@ -6,7 +6,8 @@
 //! can be sent to another process and checked before any memory moves.
 //!
 //! Layout rule (the same as QEMU's `pc` machine, so the built-in guest sees the same map under
-//! both): up to 3 GiB of RAM sit at guest-physical 0; anything above that starts at 4 GiB.
+//! both): below 3.5 GiB all RAM sits at guest-physical 0; from 3.5 GiB up, 3 GiB sit at 0 and the
+//! rest starts at 4 GiB (the gap below 4 GiB is where a PC has its PCI hole).
 
 use std::ptr::NonNull;
 
@@ -14,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// Size of a guest page: Tsubame tracks, moves and digests memory in 4 KiB pages.
 pub const PAGE_SIZE: u64 = 4096;
-/// RAM below this guest-physical address is mapped at 0; the rest starts at 4 GiB.
+/// Guests smaller than this have all their RAM at guest-physical 0.
+pub const SPLIT_THRESHOLD: u64 = 0xE000_0000;
+/// Larger guests have this much RAM at 0, and the rest from [`HIGH_MEMORY_BASE`].
 pub const LOW_MEMORY_TOP: u64 = 3 << 30;
 /// Where RAM above [`LOW_MEMORY_TOP`] continues.
 pub const HIGH_MEMORY_BASE: u64 = 4 << 30;
@@ -75,7 +78,11 @@ impl MemoryLayout {
         if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) {
             return Err(MemoryError::OutOfRange { size });
         }
-        let low = size.min(LOW_MEMORY_TOP);
+        let low = if size < SPLIT_THRESHOLD {
+            size
+        } else {
+            LOW_MEMORY_TOP
+        };
         let mut regions = vec![RegionLayout { gpa: 0, size: low }];
         if size > low {
             regions.push(RegionLayout {
@@ -273,7 +280,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layout_splits_above_3g() {
+    fn layout_splits_from_3_5g() {
         let l = MemoryLayout::for_size(1 << 30).unwrap();
         assert_eq!(
             l.regions,
@@ -282,6 +289,14 @@ mod tests {
                 size: 1 << 30
             }]
         );
+        let l = MemoryLayout::for_size(3 << 30).unwrap();
+        assert_eq!(
+            l.regions.len(),
+            1,
+            "3 GiB stays low, as on QEMU's pc machine"
+        );
+        let l = MemoryLayout::for_size(0xE000_0000).unwrap();
+        assert_eq!(l.regions[0].size, 3 << 30);
         let l = MemoryLayout::for_size(8 << 30).unwrap();
         assert_eq!(l.regions.len(), 2);
         assert_eq!(l.regions[1].gpa, 4 << 30);

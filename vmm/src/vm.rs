@@ -12,7 +12,7 @@ use crate::devices::{CpuStatus, Devices, SerialSink};
 use crate::guest::{self, abi, RunOptions, WorkloadSpec};
 use crate::memory::{Digest, GuestMemory, MemoryLayout};
 use crate::snapshot::{self, VmState};
-use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuHandle};
+use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::KvmVm;
 use crate::Error;
 
@@ -247,9 +247,11 @@ impl Vm {
         Ok(t.elapsed())
     }
 
-    fn pause_vcpus(&self) -> Result<(), Error> {
+    /// Sends one request to every vCPU, then waits for every reply: the vCPUs act in parallel,
+    /// which keeps a pause of all of them short.
+    fn all_vcpus(&self, send: impl Fn(&VcpuHandle) -> Result<(), VcpuError>) -> Result<(), Error> {
         for v in &self.vcpus {
-            v.request_pause()?;
+            send(v)?;
         }
         for v in &self.vcpus {
             v.wait_done()?;
@@ -257,14 +259,12 @@ impl Vm {
         Ok(())
     }
 
+    fn pause_vcpus(&self) -> Result<(), Error> {
+        self.all_vcpus(VcpuHandle::request_pause)
+    }
+
     fn resume_vcpus(&self) -> Result<(), Error> {
-        for v in &self.vcpus {
-            v.request_resume()?;
-        }
-        for v in &self.vcpus {
-            v.wait_done()?;
-        }
-        Ok(())
+        self.all_vcpus(VcpuHandle::request_resume)
     }
 
     /// Resumes (or first starts) every vCPU.

@@ -122,21 +122,25 @@ fn different_seeds_give_different_memory() {
     assert_ne!(a, b);
 }
 
-/// Pauses `vm` after some steps and returns (gpa) of a working-set page the guest has written.
-fn written_page(vm: &Vm) -> u64 {
+/// Pauses `vm` after some steps and returns (working-set index, gpa) of a page it has written.
+fn written_page(vm: &Vm) -> (u64, u64) {
     assert_eq!(vm.wait_steps(200_000, TIMEOUT), WaitOutcome::Reached);
     vm.pause().unwrap();
     let cfg = read_config(vm.memory()).unwrap();
-    let mut version = [0u8; 4];
     let index = (0..cfg.working_set_pages())
-        .find(|&i| {
-            vm.memory()
-                .read(cfg.vtable_gpa + 4 * i, &mut version)
-                .unwrap();
-            u32::from_le_bytes(version) > 0
-        })
+        .find(|&i| version(vm, i) > 0)
         .expect("the guest wrote some page");
-    cfg.page_gpa(index).unwrap()
+    (index, cfg.page_gpa(index).unwrap())
+}
+
+/// The version table entry of working-set page `index`.
+fn version(vm: &Vm, index: u64) -> u32 {
+    let cfg = read_config(vm.memory()).unwrap();
+    let mut v = [0u8; 4];
+    vm.memory()
+        .read(cfg.vtable_gpa + 4 * index, &mut v)
+        .unwrap();
+    u32::from_le_bytes(v)
 }
 
 /// Resumes `vm` and expects the verifier to report `kind` on the page at `gpa`.
@@ -157,7 +161,7 @@ fn expect_verify_error(vm: &Vm, gpa: u64, kind: &str) {
 fn verifier_catches_a_corrupted_page() {
     let vm = Vm::new(&config(1, "uniform:ws=4M,write=0.5,seed=5", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let gpa = written_page(&vm);
+    let (_, gpa) = written_page(&vm);
     let mut byte = [0u8; 1];
     vm.memory().read(gpa + 1000, &mut byte).unwrap();
     vm.memory().write(gpa + 1000, &[byte[0] ^ 0x5a]).unwrap();
@@ -169,7 +173,7 @@ fn verifier_catches_a_zeroed_page() {
     // What a migration that lost a page and filled it with zeroes would look like.
     let vm = Vm::new(&config(1, "uniform:ws=4M,write=0.5,seed=6", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let gpa = written_page(&vm);
+    let (_, gpa) = written_page(&vm);
     vm.memory().write(gpa, &[0u8; 4096]).unwrap();
     expect_verify_error(&vm, gpa, "zeroed");
 }
@@ -179,19 +183,10 @@ fn verifier_catches_a_stale_page() {
     // What a migration that installed an old copy of a page would look like.
     let vm = Vm::new(&config(1, "hotcold:ws=4M,write=0.5,seed=7", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let gpa = written_page(&vm);
-    let mut old = vec![0u8; 4096];
-    vm.memory().read(gpa, &mut old).unwrap();
-    let cfg = read_config(vm.memory()).unwrap();
-    let index = (0..cfg.working_set_pages())
-        .find(|&i| cfg.page_gpa(i) == Some(gpa))
-        .unwrap();
+    let (index, gpa) = written_page(&vm);
     // Bump the expected version: the page content is now one version behind.
-    let mut v = [0u8; 4];
-    vm.memory()
-        .read(cfg.vtable_gpa + 4 * index, &mut v)
-        .unwrap();
-    let bumped = u32::from_le_bytes(v) + 1;
+    let cfg = read_config(vm.memory()).unwrap();
+    let bumped = version(&vm, index) + 1;
     vm.memory()
         .write(cfg.vtable_gpa + 4 * index, &bumped.to_le_bytes())
         .unwrap();

@@ -23,6 +23,10 @@ pub const PATTERN_SEQUENTIAL: u32 = 1;
 pub const PATTERN_UNIFORM: u32 = 2;
 pub const PATTERN_HOTCOLD: u32 = 3;
 pub const FLAG_VERIFY_AT_END: u32 = 1;
+/// Exit bells, for QEMU's `isa-debug-exit` on the doorbell port: bells carry only their code
+/// (no CPU, no vector), so that the first one ends QEMU with a status that tells done, verify
+/// error and exception apart, and the running bell is not rung. The Tsubame VMM never sets it.
+pub const FLAG_EXIT_BELLS: u32 = 2;
 
 /// Size of `struct tsb_config`.
 pub const CONFIG_SIZE: usize = 88 + 16 * MAX_RANGES;

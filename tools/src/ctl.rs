@@ -1,0 +1,131 @@
+//! `tsubame ctl`: a client of a VM's control socket.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::{Map, Value};
+use tsubame_vmm::control::{ClientError, ControlClient};
+
+/// Send one command to a VM's control socket and print the reply.
+///
+/// Arguments are KEY=VALUE pairs; values that parse as JSON (numbers, true/false) are sent as
+/// such, anything else as a string.
+///
+/// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
+/// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N], quit,
+/// query-commands.
+///
+/// Examples:
+///   tsubame ctl /tmp/vm.sock query-status
+///   tsubame ctl /tmp/vm.sock wait for=steps steps=1000000
+///   tsubame ctl /tmp/vm.sock save path=/tmp/vm.snap
+///   tsubame ctl --json /tmp/vm.sock query-digest
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The VM's control socket (`tsubame run --control SOCKET`).
+    pub socket: PathBuf,
+    /// The command, e.g. query-status.
+    pub command: String,
+    /// Arguments as KEY=VALUE.
+    pub args: Vec<String>,
+    /// Print the raw JSON reply (for scripts).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Value> {
+    let mut map = Map::new();
+    for a in args {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("argument '{a}' is not KEY=VALUE, e.g. path=/tmp/vm.snap"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.into()));
+        map.insert(k.into(), value);
+    }
+    Ok(Value::Object(map))
+}
+
+/// Prints JSON as indented `key: value` lines for people.
+fn print_human(v: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) if m.is_empty() => println!("{pad}ok"),
+        Value::Object(m) => {
+            for (k, v) in m {
+                match v {
+                    Value::Object(_) | Value::Array(_) if !is_flat_array(v) => {
+                        println!("{pad}{k}:");
+                        print_human(v, indent + 2);
+                    }
+                    _ => println!("{pad}{k}: {}", scalar(v)),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                if v.is_object() {
+                    println!("{pad}[{i}]");
+                    print_human(v, indent + 2);
+                } else {
+                    println!("{pad}{}", scalar(v));
+                }
+            }
+        }
+        other => println!("{pad}{}", scalar(other)),
+    }
+}
+
+fn is_flat_array(v: &Value) -> bool {
+    matches!(v, Value::Array(a) if a.iter().all(|x| !x.is_object() && !x.is_array()) && a.len() <= 8)
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(scalar).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+pub fn ctl(a: CtlArgs) -> Result<i32> {
+    let args = parse_args(&a.args)?;
+    let mut client = ControlClient::connect(&a.socket)?;
+    match client.execute(&a.command, args) {
+        Ok(v) => {
+            if a.json {
+                println!("{v}");
+            } else {
+                print_human(&v, 0);
+            }
+            Ok(0)
+        }
+        Err(ClientError::Command { class, desc }) => {
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"class": class, "desc": desc}})
+                );
+            } else {
+                eprintln!("tsubame: {} failed: {desc} ({class})", a.command);
+            }
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_become_json() {
+        let v = parse_args(&["path=/tmp/x".into(), "steps=10".into(), "ok=true".into()]).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"path": "/tmp/x", "steps": 10, "ok": true})
+        );
+        assert!(parse_args(&["nokey".into()]).is_err());
+    }
+}

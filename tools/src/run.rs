@@ -1,0 +1,248 @@
+//! `tsubame run`: start a VM with a built-in workload (or restore one from a snapshot), serve its
+//! control socket, show its progress, and print a summary with the memory digest at the end.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tsubame_vmm::control::{ControlServer, VmCommands};
+use tsubame_vmm::guest::WorkloadSpec;
+use tsubame_vmm::{SerialOutput, Vm, VmConfig, VmRunState};
+
+/// Run a VM with a built-in guest workload.
+///
+/// The guest is a small bare-metal program that drops to CPL3 and runs a deterministic workload on
+/// its working set; every page it writes carries gfn, version and checksum, and it verifies each
+/// page it touches. The VM starts, runs its steps, and `tsubame run` prints a summary with the
+/// memory digest (the same config and step count always give the same digest).
+///
+/// Examples:
+///   tsubame run --mem 1G --vcpus 2 --workload hotcold:ws=512M,write=0.3,seed=7 --steps 5000000
+///   tsubame run --mem 256M --workload uniform:ws=64M --control /tmp/vm.sock --hold
+///   tsubame run --restore /tmp/vm.snap --control /tmp/vm.sock
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Guest RAM, e.g. 256M, 1G, 8G (binary units).
+    #[arg(long, default_value = "256M", value_parser = parse_mem, conflicts_with = "restore")]
+    pub mem: u64,
+    /// Number of vCPUs (1-32); the working set is split among them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32), conflicts_with = "restore")]
+    pub vcpus: u32,
+    /// Workload: PATTERN[:OPTION=VALUE,...]. Patterns: seq, uniform, hotcold. Options:
+    /// ws=SIZE (working set, default: all free RAM), write=RATIO (share of steps that write,
+    /// default 0.3), seed=N (default 1), and for hotcold hot=RATIO (share of hot pages, default
+    /// 0.1), hotaccess=RATIO (share of accesses to hot pages, default 0.9).
+    /// Example: hotcold:ws=512M,write=0.3,seed=7
+    #[arg(
+        long,
+        default_value = "uniform:ws=64M,write=0.3,seed=1",
+        conflicts_with = "restore"
+    )]
+    pub workload: WorkloadSpec,
+    /// Steps per vCPU (one step touches one page); 0 runs forever.
+    #[arg(long, default_value_t = 5_000_000, conflicts_with = "restore")]
+    pub steps: u64,
+    /// The guest prints a serial progress line every N steps; 0 = never.
+    #[arg(long, default_value_t = 0, conflicts_with = "restore")]
+    pub report_every: u64,
+    /// Skip the guest's final verification of its whole working set.
+    #[arg(long, conflicts_with = "restore")]
+    pub no_verify_at_end: bool,
+    /// Restore the VM from a snapshot written by `tsubame ctl SOCK save path=FILE` instead of
+    /// booting a new one (memory, vCPUs and workload come from the snapshot).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub restore: Option<PathBuf>,
+    /// Serve the JSON control socket here (see `tsubame ctl --help`).
+    #[arg(long, value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
+    /// Guest serial output: "stdout", "none", or a file path.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// Start paused: the guest runs only after `tsubame ctl SOCK cont`.
+    #[arg(long, requires = "control")]
+    pub paused: bool,
+    /// Keep running (and serving the control socket) after the workload finished, until `quit`.
+    #[arg(long, requires = "control")]
+    pub hold: bool,
+    /// No live progress, only the summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a guest memory size such as 256M or 1G.
+pub fn parse_mem(s: &str) -> Result<u64, String> {
+    let v = tsubame_vmm::guest::parse_size(s)?;
+    tsubame_vmm::MemoryLayout::for_size(v).map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+fn serial_output(s: &str) -> SerialOutput {
+    match s {
+        "stdout" => SerialOutput::Stdout,
+        "none" | "null" => SerialOutput::Discard,
+        path => SerialOutput::File(PathBuf::from(path)),
+    }
+}
+
+fn human(n: f64) -> String {
+    if n >= 1e9 {
+        format!("{:.2} G", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} k", n / 1e3)
+    } else {
+        format!("{n:.0} ")
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // counters shown to people
+fn progress_line(vm: &Vm, started: Instant, last: &mut (Instant, u64)) -> String {
+    let p = vm.progress();
+    let now = Instant::now();
+    let dt = now.duration_since(last.0).as_secs_f64().max(1e-3);
+    let rate = p.steps.saturating_sub(last.1) as f64 / dt;
+    *last = (now, p.steps);
+    let target = p.target_steps_per_vcpu * p.vcpus.len() as u64;
+    let pct = if target > 0 {
+        format!(" ({:>3.0}%)", 100.0 * p.steps as f64 / target as f64)
+    } else {
+        String::new()
+    };
+    format!(
+        "[{:>7.2} s] {:<9} steps {}{}{pct}  {}steps/s  writes {}",
+        started.elapsed().as_secs_f64(),
+        format!("{:?}", vm.run_state()).to_lowercase(),
+        p.steps,
+        if target > 0 {
+            format!("/{target}")
+        } else {
+            String::new()
+        },
+        human(rate),
+        p.writes,
+    )
+}
+
+pub fn run(a: RunArgs) -> Result<i32> {
+    crate::check::require_kvm()?;
+    let serial = serial_output(&a.serial);
+    let vm = Arc::new(match &a.restore {
+        Some(path) => Vm::restore(path, &serial)
+            .with_context(|| format!("restoring the VM from {}", path.display()))?,
+        None => Vm::new(&VmConfig {
+            mem_bytes: a.mem,
+            vcpus: a.vcpus as usize,
+            workload: a.workload.clone(),
+            steps: a.steps,
+            report_every: a.report_every,
+            verify_at_end: !a.no_verify_at_end,
+            serial,
+        })
+        .context("creating the VM")?,
+    });
+    let (quit_tx, quit_rx) = mpsc::channel::<()>();
+    let _server = match &a.control {
+        Some(path) => {
+            let quit_tx = std::sync::Mutex::new(quit_tx.clone());
+            let handler = VmCommands::new(vm.clone(), move || {
+                let _ = quit_tx.lock().map(|t| t.send(()));
+            });
+            let server = ControlServer::start(path, Arc::new(handler))?;
+            // Scripts and tests wait for this line rather than polling for the socket.
+            eprintln!("tsubame: control socket ready at {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
+    let started = Instant::now();
+    if !a.paused {
+        vm.resume()?;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let interval = if tty {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(1)
+    };
+    let mut last = (Instant::now(), vm.progress().steps);
+    let mut next_report = Instant::now() + interval;
+    let mut finished_at = None;
+    loop {
+        let state = vm.run_state();
+        if matches!(state, VmRunState::Finished | VmRunState::GuestError) {
+            finished_at.get_or_insert_with(Instant::now);
+            if !a.hold || state == VmRunState::GuestError && a.control.is_none() {
+                break;
+            }
+        }
+        match quit_rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(()) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        if !a.quiet && Instant::now() >= next_report && finished_at.is_none() {
+            let line = progress_line(&vm, started, &mut last);
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+            next_report += interval;
+        }
+    }
+    if tty && !a.quiet {
+        eprintln!();
+    }
+    summary(&vm, started, finished_at, a.json)
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) -> Result<i32> {
+    let elapsed = finished_at
+        .unwrap_or_else(Instant::now)
+        .duration_since(started);
+    let (digest, _) = vm.digest()?;
+    let p = vm.progress();
+    let state = vm.run_state();
+    if json {
+        let out = serde_json::json!({
+            "status": state,
+            "elapsed_s": elapsed.as_secs_f64(),
+            "progress": p,
+            "digest": digest.to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        eprintln!(
+            "{}: {} steps in {:.3} s ({}steps/s), {} page writes, {} pages verified",
+            format!("{state:?}").to_lowercase(),
+            p.steps,
+            elapsed.as_secs_f64(),
+            human(p.steps as f64 / elapsed.as_secs_f64().max(1e-9)),
+            p.writes,
+            p.verified
+        );
+        if let Some(e) = &p.verify_error {
+            eprintln!(
+                "guest verify error on vCPU {}: {} at gfn {:#x} (expected version {}, found {})",
+                e.vcpu, e.kind, e.gfn, e.expected_version, e.found_version
+            );
+        }
+        for c in vm.status().vcpus.iter().filter(|c| c.guest.is_failure()) {
+            eprintln!("vCPU {}: {:?}", c.index, c.guest);
+        }
+        println!("digest {digest}");
+    }
+    Ok(if state == VmRunState::GuestError {
+        1
+    } else {
+        0
+    })
+}
