@@ -1,0 +1,506 @@
+//! The fault engine: the fault thread, page states, installs and statistics.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::bitmap::AtomicBitmap;
+use crate::sys::{self, InstallOutcome};
+use crate::{UffdError, Userfaultfd, PAGE_SIZE};
+
+/// Guest frames `[first_gfn, first_gfn + pages)`, mapped in this process at `hva`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRange {
+    pub first_gfn: u64,
+    pub pages: u64,
+    pub hva: u64,
+}
+
+/// A page source failed; the faulting threads keep waiting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+/// Where missing pages come from: a page server over the network, a memserver, or memory.
+pub trait PageSource: Send + Sync {
+    /// A thread faulted on `gfn` and nobody asked for it yet. Must not block for long: a network
+    /// source sends a request and returns, and its receiver later calls
+    /// [`FaultEngine::install`]. A source with the data at hand may install it right away.
+    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError>;
+}
+
+/// Latency histogram with ~9% resolution (8 buckets per power of two of nanoseconds).
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    buckets: Vec<u64>,
+    count: u64,
+    max_ns: u64,
+}
+
+impl LatencyHistogram {
+    const SUB: u32 = 8;
+
+    // Bucket indices stay below 64 * 8: the casts below cannot truncate.
+    #[allow(clippy::cast_possible_truncation)]
+    fn bucket(ns: u64) -> usize {
+        if ns < 2 {
+            return 0;
+        }
+        let log = 63 - ns.leading_zeros(); // floor(log2 ns)
+        let frac = if log >= 3 {
+            (ns >> (log - 3)) & 7
+        } else {
+            (ns << (3 - log)) & 7
+        };
+        (log * Self::SUB) as usize + frac as usize
+    }
+
+    #[allow(clippy::cast_possible_truncation)]
+    fn bucket_floor(b: usize) -> u64 {
+        let log = (b / Self::SUB as usize) as u32;
+        let frac = (b % Self::SUB as usize) as u64;
+        if log >= 3 {
+            (8 + frac) << (log - 3)
+        } else {
+            (8 + frac) >> (3 - log)
+        }
+    }
+
+    /// Records one latency.
+    pub fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let b = Self::bucket(ns);
+        if self.buckets.len() <= b {
+            self.buckets.resize(b + 1, 0);
+        }
+        self.buckets[b] += 1;
+        self.count += 1;
+        self.max_ns = self.max_ns.max(ns);
+    }
+
+    /// Number of latencies recorded.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The latency below which a share `p` (0..=1) of the recorded ones lie (bucket floor).
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        if self.count == 0 {
+            return None;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let rank = ((p.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(Duration::from_nanos(Self::bucket_floor(b).min(self.max_ns)));
+            }
+        }
+        Some(Duration::from_nanos(self.max_ns))
+    }
+
+    /// The largest latency recorded.
+    pub fn max(&self) -> Duration {
+        Duration::from_nanos(self.max_ns)
+    }
+}
+
+/// A snapshot of the engine's counters.
+#[derive(Debug, Clone, Default)]
+pub struct FaultStats {
+    /// Fault events read from the uffd.
+    pub faults: u64,
+    /// Requests passed to the source (faults on pages nobody had asked for yet).
+    pub requests: u64,
+    /// Pages installed with data, and as zero pages.
+    pub pages_copied: u64,
+    pub pages_zeroed: u64,
+    /// Installs that found the page already there.
+    pub already_present: u64,
+    /// Fault read -> page installed, for faults that waited on an install.
+    pub latency: LatencyHistogram,
+    /// Faults per faulting thread id (as the kernel reports it).
+    pub faults_by_thread: HashMap<u32, u64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    faults: AtomicU64,
+    requests: AtomicU64,
+    pages_copied: AtomicU64,
+    pages_zeroed: AtomicU64,
+    already_present: AtomicU64,
+}
+
+/// The fault engine of one VM's memory.
+pub struct FaultEngine {
+    uffd: Userfaultfd,
+    ranges: Vec<GuestRange>,
+    present: AtomicBitmap,
+    requested: AtomicBitmap,
+    counters: Counters,
+    /// gfn -> when its first fault was read, until the page is installed.
+    pending: Mutex<HashMap<u64, Instant>>,
+    latency: Mutex<LatencyHistogram>,
+    by_thread: Mutex<HashMap<u32, u64>>,
+    source_error: Mutex<Option<SourceError>>,
+    stop: EventFd,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for FaultEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultEngine")
+            .field("ranges", &self.ranges)
+            .field("present", &self.present.count_ones())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultEngine {
+    /// Registers `ranges` (page-aligned host mappings of guest frames, normally empty) with a
+    /// new userfaultfd in missing mode. Faults are served once [`FaultEngine::start`] runs.
+    pub fn new(ranges: Vec<GuestRange>) -> Result<Arc<Self>, UffdError> {
+        let uffd = Userfaultfd::new()?;
+        for r in &ranges {
+            uffd.register_missing(r.hva, r.pages * PAGE_SIZE)?;
+        }
+        let total: u64 = ranges.iter().map(|r| r.pages).sum();
+        let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| UffdError::Thread(e.into()))?;
+        Ok(Arc::new(Self {
+            uffd,
+            ranges,
+            present: AtomicBitmap::new(total),
+            requested: AtomicBitmap::new(total),
+            counters: Counters::default(),
+            pending: Mutex::new(HashMap::new()),
+            latency: Mutex::new(LatencyHistogram::default()),
+            by_thread: Mutex::new(HashMap::new()),
+            source_error: Mutex::new(None),
+            stop,
+            thread: Mutex::new(None),
+        }))
+    }
+
+    /// Starts the fault thread (`uffd-faults`), which asks `source` for missing pages.
+    pub fn start(self: &Arc<Self>, source: Arc<dyn PageSource>) -> Result<(), UffdError> {
+        let engine = self.clone();
+        let t = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || engine.fault_loop(source.as_ref()))
+            .map_err(UffdError::Thread)?;
+        *self.thread.lock().expect("engine lock") = Some(t);
+        Ok(())
+    }
+
+    /// Stops the fault thread (threads still waiting on faults stay blocked). The thread holds
+    /// the engine alive, so call this before dropping the last handle.
+    pub fn stop(&self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.lock().expect("engine lock").take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Total guest pages under this engine.
+    pub fn total_pages(&self) -> u64 {
+        self.present.len()
+    }
+
+    /// Pages installed so far.
+    pub fn present_pages(&self) -> u64 {
+        self.present.count_ones()
+    }
+
+    /// Whether `gfn` has been installed.
+    pub fn is_present(&self, gfn: u64) -> bool {
+        self.locate(gfn, 1)
+            .is_ok_and(|(_, idx, _)| self.present.get(idx))
+    }
+
+    /// The last error a source reported, if any (faulting threads wait until it is resolved).
+    pub fn source_error(&self) -> Option<SourceError> {
+        self.source_error.lock().expect("engine lock").clone()
+    }
+
+    /// Pages that threads are waiting for, e.g. to re-request after a reconnect.
+    pub fn pending_gfns(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .pending
+            .lock()
+            .expect("engine lock")
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// A snapshot of the counters and the latency histogram.
+    pub fn stats(&self) -> FaultStats {
+        let c = &self.counters;
+        FaultStats {
+            faults: c.faults.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            pages_copied: c.pages_copied.load(Ordering::Relaxed),
+            pages_zeroed: c.pages_zeroed.load(Ordering::Relaxed),
+            already_present: c.already_present.load(Ordering::Relaxed),
+            latency: self.latency.lock().expect("engine lock").clone(),
+            faults_by_thread: self.by_thread.lock().expect("engine lock").clone(),
+        }
+    }
+
+    /// (range, bitmap index, hva) of `gfn`, checking that `pages` pages from it stay in one range.
+    fn locate(&self, gfn: u64, pages: u64) -> Result<(usize, u64, u64), UffdError> {
+        let mut base = 0;
+        for (i, r) in self.ranges.iter().enumerate() {
+            if gfn >= r.first_gfn && gfn + pages <= r.first_gfn + r.pages {
+                let off = gfn - r.first_gfn;
+                return Ok((i, base + off, r.hva + off * PAGE_SIZE));
+            }
+            base += r.pages;
+        }
+        Err(UffdError::OutOfRange { gfn, pages })
+    }
+
+    fn gfn_of_hva(&self, hva: u64) -> Option<(u64, u64)> {
+        let mut base = 0;
+        for r in &self.ranges {
+            if hva >= r.hva && hva < r.hva + r.pages * PAGE_SIZE {
+                let off = (hva - r.hva) / PAGE_SIZE;
+                return Some((r.first_gfn + off, base + off));
+            }
+            base += r.pages;
+        }
+        None
+    }
+
+    /// Installs `data` (whole pages) at `gfn` and the frames after it with one `UFFDIO_COPY`
+    /// where possible, waking waiters. Pages already present are kept (never overwritten).
+    /// Returns the number of pages this call installed.
+    pub fn install(&self, gfn: u64, data: &[u8]) -> Result<u64, UffdError> {
+        if data.is_empty() || data.len() as u64 % PAGE_SIZE != 0 {
+            return Err(UffdError::Unaligned { len: data.len() });
+        }
+        let pages = data.len() as u64 / PAGE_SIZE;
+        let (_, idx, hva) = self.locate(gfn, pages)?;
+        let len = pages * PAGE_SIZE;
+        let fd = self.uffd.raw_fd();
+        let mut off = 0;
+        let mut installed = 0;
+        while off < len {
+            let at = usize::try_from(off).expect("offset");
+            // SAFETY: data[at..] is valid for len - off bytes; the destination lies in a range
+            // registered on this uffd (locate checked it).
+            let r = unsafe { sys::copy(fd, hva + off, data[at..].as_ptr(), len - off, true) };
+            match r.map_err(|source| UffdError::Copy {
+                gfn: gfn + off / PAGE_SIZE,
+                len: len - off,
+                source,
+            })? {
+                InstallOutcome::Installed => {
+                    installed += (len - off) / PAGE_SIZE;
+                    off = len;
+                }
+                InstallOutcome::Partial { done } => {
+                    installed += done / PAGE_SIZE;
+                    off += done / PAGE_SIZE * PAGE_SIZE;
+                }
+                InstallOutcome::AlreadyPresent => {
+                    // The page at `off` is there already: keep it, wake its waiters, go on.
+                    self.counters
+                        .already_present
+                        .fetch_add(1, Ordering::Relaxed);
+                    sys::wake(fd, hva + off, PAGE_SIZE).map_err(|source| UffdError::Wake {
+                        gfn: gfn + off / PAGE_SIZE,
+                        source,
+                    })?;
+                    off += PAGE_SIZE;
+                }
+            }
+        }
+        self.counters
+            .pages_copied
+            .fetch_add(installed, Ordering::Relaxed);
+        self.mark_present(gfn, idx, pages);
+        Ok(installed)
+    }
+
+    /// Installs `pages` zero pages from `gfn` (pages never written at the source).
+    pub fn install_zero(&self, gfn: u64, pages: u64) -> Result<u64, UffdError> {
+        let (_, idx, hva) = self.locate(gfn, pages)?;
+        let fd = self.uffd.raw_fd();
+        let len = pages * PAGE_SIZE;
+        let mut off = 0;
+        let mut installed = 0;
+        while off < len {
+            match sys::zeropage(fd, hva + off, len - off, true).map_err(|source| {
+                UffdError::Zero {
+                    gfn: gfn + off / PAGE_SIZE,
+                    len: len - off,
+                    source,
+                }
+            })? {
+                InstallOutcome::Installed => {
+                    installed += (len - off) / PAGE_SIZE;
+                    off = len;
+                }
+                InstallOutcome::Partial { done } => {
+                    installed += done / PAGE_SIZE;
+                    off += done / PAGE_SIZE * PAGE_SIZE;
+                }
+                InstallOutcome::AlreadyPresent => {
+                    self.counters
+                        .already_present
+                        .fetch_add(1, Ordering::Relaxed);
+                    sys::wake(fd, hva + off, PAGE_SIZE).map_err(|source| UffdError::Wake {
+                        gfn: gfn + off / PAGE_SIZE,
+                        source,
+                    })?;
+                    off += PAGE_SIZE;
+                }
+            }
+        }
+        self.counters
+            .pages_zeroed
+            .fetch_add(installed, Ordering::Relaxed);
+        self.mark_present(gfn, idx, pages);
+        Ok(installed)
+    }
+
+    fn mark_present(&self, gfn: u64, idx: u64, pages: u64) {
+        self.present.set_range(idx, pages);
+        self.requested.set_range(idx, pages);
+        let now = Instant::now();
+        let mut pending = self.pending.lock().expect("engine lock");
+        if pending.is_empty() {
+            return;
+        }
+        let mut lat = self.latency.lock().expect("engine lock");
+        for g in gfn..gfn + pages {
+            if let Some(t) = pending.remove(&g) {
+                lat.record(now.duration_since(t));
+            }
+        }
+    }
+
+    fn fault_loop(&self, source: &dyn PageSource) {
+        let mut msgs = Vec::with_capacity(64);
+        loop {
+            let mut fds = [
+                PollFd::new(self.uffd_fd(), PollFlags::POLLIN),
+                PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    self.fail(SourceError(format!("polling the userfaultfd failed: {e}")));
+                    return;
+                }
+            }
+            if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                return;
+            }
+            msgs.clear();
+            if let Err(e) = self.uffd.read_faults(&mut msgs) {
+                self.fail(SourceError(e.to_string()));
+                return;
+            }
+            for m in &msgs {
+                if m.event == sys::EVENT_PAGEFAULT {
+                    self.on_fault(m, source);
+                }
+            }
+        }
+    }
+
+    fn uffd_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the fd is owned by self.uffd and outlives the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.uffd.raw_fd()) }
+    }
+
+    fn on_fault(&self, m: &sys::UffdMsg, source: &dyn PageSource) {
+        let now = Instant::now();
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        *self
+            .by_thread
+            .lock()
+            .expect("engine lock")
+            .entry(m.ptid)
+            .or_default() += 1;
+        let hva = m.address & !(PAGE_SIZE - 1);
+        let Some((gfn, idx)) = self.gfn_of_hva(hva) else {
+            log::error!("fault at {hva:#x} outside registered guest memory");
+            return;
+        };
+        if self.present.get(idx) {
+            // Installed between the fault and now: the install already woke it; wake again in
+            // case the fault raced the install's wake.
+            let _ = sys::wake(self.uffd.raw_fd(), hva, PAGE_SIZE);
+            return;
+        }
+        self.pending
+            .lock()
+            .expect("engine lock")
+            .entry(gfn)
+            .or_insert(now);
+        if self.requested.test_and_set(idx) {
+            return; // someone asked already: the install will wake this thread too
+        }
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = source.request(gfn, self) {
+            // Fail closed: the thread keeps waiting; a later re-request may succeed.
+            self.requested.clear(idx);
+            self.fail(e);
+        }
+    }
+
+    fn fail(&self, e: SourceError) {
+        log::error!("page source failed: {e}; faulting vCPUs wait");
+        *self.source_error.lock().expect("engine lock") = Some(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_percentiles_are_within_a_bucket() {
+        let mut h = LatencyHistogram::default();
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us));
+        }
+        assert_eq!(h.count(), 100);
+        let p50 = h.percentile(0.5).unwrap().as_nanos();
+        let p99 = h.percentile(0.99).unwrap().as_nanos();
+        assert!((45_000..=50_000).contains(&p50), "p50 {p50}");
+        assert!((90_000..=99_000).contains(&p99), "p99 {p99}");
+        assert_eq!(h.max(), Duration::from_micros(100));
+        assert!(LatencyHistogram::default().percentile(0.5).is_none());
+    }
+
+    #[test]
+    fn buckets_are_monotonic() {
+        let mut last = 0;
+        for ns in [1u64, 2, 3, 7, 8, 9, 15, 16, 100, 1000, 12_345, 1 << 40] {
+            let b = LatencyHistogram::bucket(ns);
+            assert!(b >= last, "{ns}");
+            assert!(LatencyHistogram::bucket_floor(b) <= ns.max(2), "{ns}");
+            last = b;
+        }
+    }
+}

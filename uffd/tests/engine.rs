@@ -1,0 +1,222 @@
+//! The fault engine on a real userfaultfd: threads of this process touch registered memory and
+//! are served by a page source.
+
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use tsubame_uffd::{FaultEngine, GuestRange, PageSource, SourceError, PAGE_SIZE};
+
+/// An anonymous mapping, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<std::ffi::c_void>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; tests access it with volatile reads/writes.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(pages: u64) -> Self {
+        let len = usize::try_from(pages * PAGE_SIZE).unwrap();
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                NonZeroUsize::new(len).unwrap(),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }
+        .unwrap();
+        Self { ptr, len }
+    }
+    fn hva(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    fn read_u64(&self, page: u64, word: u64) -> u64 {
+        // SAFETY: in bounds of the mapping; a missing page blocks on the uffd until installed.
+        unsafe { std::ptr::read_volatile((self.hva() + page * PAGE_SIZE + word * 8) as *const u64) }
+    }
+    fn write_u64(&self, page: u64, word: u64, v: u64) {
+        // SAFETY: in bounds of the mapping.
+        unsafe {
+            std::ptr::write_volatile((self.hva() + page * PAGE_SIZE + word * 8) as *mut u64, v)
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping this object owns.
+        let _ = unsafe { munmap(self.ptr, self.len) };
+    }
+}
+
+const FIRST_GFN: u64 = 0x100;
+
+fn page_data(gfn: u64) -> Vec<u8> {
+    (0..PAGE_SIZE / 8)
+        .flat_map(|w| (gfn * 1000 + w).to_le_bytes())
+        .collect()
+}
+
+/// Serves every page from memory at once; page `zero_gfn` as a zero page.
+struct MemorySource {
+    requests: AtomicU64,
+    zero_gfn: u64,
+}
+
+impl PageSource for MemorySource {
+    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let r = if gfn == self.zero_gfn {
+            engine.install_zero(gfn, 1)
+        } else {
+            engine.install(gfn, &page_data(gfn))
+        };
+        r.map(drop).map_err(|e| SourceError(e.to_string()))
+    }
+}
+
+fn engine_over(m: &Mapping, pages: u64) -> Arc<FaultEngine> {
+    FaultEngine::new(vec![GuestRange {
+        first_gfn: FIRST_GFN,
+        pages,
+        hva: m.hva(),
+    }])
+    .unwrap()
+}
+
+#[test]
+fn faults_are_served_with_the_right_pages() {
+    let pages = 64;
+    let m = Arc::new(Mapping::new(pages));
+    let engine = engine_over(&m, pages);
+    let source = Arc::new(MemorySource {
+        requests: AtomicU64::new(0),
+        zero_gfn: FIRST_GFN + 7,
+    });
+    engine.start(source.clone()).unwrap();
+    // Two threads touch every page: each page is requested once, whoever faults first.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for p in 0..pages {
+                    let gfn = FIRST_GFN + p;
+                    let want = if p == 7 { 0 } else { gfn * 1000 + 5 };
+                    assert_eq!(m.read_u64(p, 5), want, "page {p}");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let s = engine.stats();
+    assert_eq!(
+        source.requests.load(Ordering::Relaxed),
+        pages,
+        "one request per page"
+    );
+    assert_eq!(s.requests, pages);
+    assert_eq!(s.pages_copied + s.pages_zeroed, pages);
+    assert_eq!(s.pages_zeroed, 1);
+    assert_eq!(engine.present_pages(), pages);
+    assert!(s.faults >= pages);
+    assert_eq!(s.latency.count(), pages);
+    assert!(s.latency.percentile(0.5).unwrap() <= s.latency.max());
+    assert!(engine.source_error().is_none());
+    engine.stop();
+}
+
+#[test]
+fn install_never_overwrites_a_present_page() {
+    let m = Mapping::new(4);
+    let engine = engine_over(&m, 4);
+    // A background push installs pages 0..4; the "guest" then writes page 1.
+    let mut run = Vec::new();
+    for p in 0..4 {
+        run.extend(page_data(FIRST_GFN + p));
+    }
+    assert_eq!(engine.install(FIRST_GFN, &run).unwrap(), 4);
+    m.write_u64(1, 0, 0xdead);
+    // A late demand reply for pages 1..3 must not undo the write.
+    let late: Vec<u8> = [page_data(FIRST_GFN + 1), page_data(FIRST_GFN + 2)].concat();
+    assert_eq!(engine.install(FIRST_GFN + 1, &late).unwrap(), 0);
+    assert_eq!(m.read_u64(1, 0), 0xdead);
+    assert_eq!(engine.stats().already_present, 2);
+    // Out of range and unaligned installs are refused with an explanation.
+    let e = engine.install(FIRST_GFN + 4, &page_data(0)).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("outside the registered guest memory"),
+        "{e}"
+    );
+    assert!(engine.install(FIRST_GFN, &[0u8; 100]).is_err());
+}
+
+/// A source that fails until told otherwise, then serves.
+struct FlakySource {
+    healthy: Mutex<bool>,
+}
+
+impl PageSource for FlakySource {
+    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+        if !*self.healthy.lock().unwrap() {
+            return Err(SourceError("page server unreachable".into()));
+        }
+        engine
+            .install(gfn, &page_data(gfn))
+            .map(drop)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+}
+
+#[test]
+fn a_failed_source_leaves_the_thread_waiting_never_zero() {
+    let m = Arc::new(Mapping::new(2));
+    let engine = engine_over(&m, 2);
+    let source = Arc::new(FlakySource {
+        healthy: Mutex::new(false),
+    });
+    engine.start(source.clone()).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let reader = {
+        let m = m.clone();
+        std::thread::spawn(move || tx.send(m.read_u64(0, 3)).unwrap())
+    };
+    // The fault is read and the request fails: the error is reported and the page is pending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while engine.source_error().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the source error was never reported"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(engine.pending_gfns(), vec![FIRST_GFN]);
+    assert!(
+        rx.try_recv().is_err(),
+        "the faulting thread must still be waiting"
+    );
+    assert!(!engine.is_present(FIRST_GFN));
+    // Recovery: the source comes back and the pending page is requested again.
+    *source.healthy.lock().unwrap() = true;
+    for gfn in engine.pending_gfns() {
+        source.request(gfn, &engine).unwrap();
+    }
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+        FIRST_GFN * 1000 + 3
+    );
+    reader.join().unwrap();
+    assert!(engine.pending_gfns().is_empty());
+    engine.stop();
+}
