@@ -1,6 +1,7 @@
 //! A VM stopped at an arbitrary step, saved by one `tsubame` process and restored by another,
 //! finishes with the same memory digest as a run that never stopped: for each workload pattern,
-//! on 1 and 2 vCPUs. This is the determinism oracle that every migration test reuses.
+//! on 1 and 2 vCPUs, and restored lazily (pages faulted in through userfaultfd). This is the
+//! determinism oracle that every migration test reuses.
 
 use serde_json::json;
 use tsubame_tests::{run_to_end, Scratch, VmProcess};
@@ -8,6 +9,10 @@ use tsubame_tests::{run_to_end, Scratch, VmProcess};
 const STEPS: &str = "1000000";
 
 fn check(name: &str, vcpus: &str, workload: &str) {
+    check_restore(name, vcpus, workload, false);
+}
+
+fn check_restore(name: &str, vcpus: &str, workload: &str, lazy: bool) {
     let dir = Scratch::new(name);
     let common = [
         "--mem",
@@ -43,7 +48,16 @@ fn check(name: &str, vcpus: &str, workload: &str) {
     assert!(status.success());
 
     // Process 2: restore and run to the end.
-    let b = run_to_end(&["--restore", snap.to_str().unwrap()]).unwrap();
+    let mut restore = vec!["--restore", snap.to_str().unwrap()];
+    if lazy {
+        restore.push("--lazy");
+    }
+    let b = run_to_end(&restore).unwrap();
+    if lazy {
+        let l = &b["lazy_restore"];
+        assert_eq!(l["present_pages"], l["total_pages"], "{l}");
+        assert!(l["source_error"].is_null(), "{l}");
+    }
     assert_eq!(b["status"], "finished", "{b}");
     assert_eq!(
         b["progress"]["steps"].as_u64().unwrap(),
@@ -83,4 +97,9 @@ fn uniform_2_vcpus() {
 #[test]
 fn hotcold_2_vcpus() {
     check("hc2", "2", "hotcold:ws=16M,write=0.3,seed=43");
+}
+
+#[test]
+fn lazy_hotcold_2_vcpus() {
+    check_restore("lazy2", "2", "hotcold:ws=16M,write=0.3,seed=44", true);
 }

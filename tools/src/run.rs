@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// booting a new one (memory, vCPUs and workload come from the snapshot).
     #[arg(long, value_name = "SNAPSHOT")]
     pub restore: Option<PathBuf>,
+    /// With --restore: resume at once on empty RAM and fault guest pages in from the snapshot
+    /// through userfaultfd while a background thread prefetches the rest (postcopy from a file).
+    #[arg(long, requires = "restore")]
+    pub lazy: bool,
     /// Serve the JSON control socket here (see `tsubame ctl --help`).
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
@@ -134,6 +138,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     let serial = serial_output(&a.serial);
     let vm = Arc::new(match &a.restore {
+        Some(path) if a.lazy => {
+            crate::check::require_userfaultfd()?;
+            Vm::restore_lazy(path, &serial)
+                .with_context(|| format!("restoring the VM lazily from {}", path.display()))?
+        }
         Some(path) => Vm::restore(path, &serial)
             .with_context(|| format!("restoring the VM from {}", path.display()))?,
         None => Vm::new(&VmConfig {
@@ -217,6 +226,7 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             "elapsed_s": elapsed.as_secs_f64(),
             "progress": p,
             "digest": digest.to_string(),
+            "lazy_restore": vm.lazy_stats(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -233,6 +243,21 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             eprintln!(
                 "guest verify error on vCPU {}: {} at gfn {:#x} (expected version {}, found {})",
                 e.vcpu, e.kind, e.gfn, e.expected_version, e.found_version
+            );
+        }
+        if let Some(l) = vm.lazy_stats() {
+            let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} µs"));
+            eprintln!(
+                "lazy restore: {} faults, {} demand requests (fault-to-install p50 {}, p99 {}), \
+                 {} pages copied, {} zero, all pages present after {}",
+                l.faults,
+                l.demand_requests,
+                us(l.demand_p50_us),
+                us(l.demand_p99_us),
+                l.pages_copied,
+                l.pages_zeroed,
+                l.prefetch_done_ms
+                    .map_or("-".into(), |ms| format!("{ms:.0} ms")),
             );
         }
         for c in vm.status().vcpus.iter().filter(|c| c.guest.is_failure()) {

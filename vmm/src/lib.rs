@@ -18,7 +18,7 @@ pub mod vm;
 pub mod vstate;
 
 pub use memory::{Digest, GuestMemory, MemoryLayout};
-pub use vm::{Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOutcome};
+pub use vm::{LazyStats, Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOutcome};
 
 /// Errors of the VMM library.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub enum Error {
     Vcpu(#[from] vstate::vcpu::VcpuError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    #[error(transparent)]
+    Uffd(#[from] tsubame_uffd::UffdError),
     #[error("cannot create serial output file {path}: {source}")]
     SerialFile {
         path: std::path::PathBuf,

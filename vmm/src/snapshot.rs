@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::DevicesState;
 use crate::memory::{GuestMemory, MemoryLayout, PAGE_SIZE};
+use tsubame_uffd::{FaultEngine, PageSource, SourceError};
+
 use crate::vstate::vcpu::VcpuState;
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TSUBAME\0";
@@ -207,4 +209,96 @@ pub fn read_memory(path: &Path, ram_start: u64, memory: &GuestMemory) -> Result<
         }
     }
     Ok(())
+}
+
+/// A snapshot's RAM as a page source: guest pages are read from the file when a vCPU (or the
+/// VMM) first touches them, and pushed in address order by [`SnapshotPages::prefetch_all`].
+/// This is postcopy with a file as the page server ("lazy restore").
+#[derive(Debug)]
+pub struct SnapshotPages {
+    file: File,
+    path: String,
+    ram_start: u64,
+    layout: MemoryLayout,
+}
+
+impl SnapshotPages {
+    pub fn open(path: &Path, ram_start: u64, layout: &MemoryLayout) -> Result<Self, SnapshotError> {
+        Ok(Self {
+            file: File::open(path).map_err(io_err(path))?,
+            path: path.display().to_string(),
+            ram_start,
+            layout: layout.clone(),
+        })
+    }
+
+    /// File offset of guest frame `gfn`.
+    fn offset_of(&self, gfn: u64) -> Option<u64> {
+        let gpa = gfn * PAGE_SIZE;
+        let mut before = 0;
+        for r in &self.layout.regions {
+            if (r.gpa..r.end()).contains(&gpa) {
+                return Some(self.ram_start + before + (gpa - r.gpa));
+            }
+            before += r.size;
+        }
+        None
+    }
+
+    /// Installs `pages` frames from `gfn` (inside one region): zero runs as zero pages, the rest
+    /// with one copy per run.
+    fn install_run(&self, engine: &FaultEngine, gfn: u64, pages: u64) -> Result<(), SourceError> {
+        let err = |e: String| SourceError(format!("lazy restore from {}: {e}", self.path));
+        let off = self
+            .offset_of(gfn)
+            .ok_or_else(|| err(format!("gfn {gfn:#x} is not guest RAM")))?;
+        let mut buf =
+            vec![0u8; usize::try_from(pages * PAGE_SIZE).map_err(|e| err(e.to_string()))?];
+        self.file
+            .read_exact_at(&mut buf, off)
+            .map_err(|e| err(e.to_string()))?;
+        let mut i = 0u64;
+        while i < pages {
+            let page =
+                |k: u64| &buf[usize::try_from(k * PAGE_SIZE).expect("in buf")..][..PAGE_BYTES];
+            let zero = is_zero(page(i));
+            let mut j = i + 1;
+            while j < pages && is_zero(page(j)) == zero {
+                j += 1;
+            }
+            let r = if zero {
+                engine.install_zero(gfn + i, j - i)
+            } else {
+                let from = usize::try_from(i * PAGE_SIZE).expect("in buf");
+                let to = usize::try_from(j * PAGE_SIZE).expect("in buf");
+                engine.install(gfn + i, &buf[from..to])
+            };
+            r.map_err(|e| err(e.to_string()))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Pushes every page not yet present, in address order, 64 pages at a time.
+    pub fn prefetch_all(&self, engine: &FaultEngine) -> Result<(), SourceError> {
+        const RUN: u64 = 64;
+        for r in &self.layout.regions {
+            let mut gfn = r.first_gfn();
+            let end = r.first_gfn() + r.pages();
+            while gfn < end {
+                let n = RUN.min(end - gfn);
+                if (gfn..gfn + n).any(|g| !engine.is_present(g)) {
+                    self.install_run(engine, gfn, n)?;
+                }
+                gfn += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PageSource for SnapshotPages {
+    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+        self.install_run(engine, gfn, 1)
+    }
 }

@@ -192,3 +192,46 @@ fn verifier_catches_a_stale_page() {
         .unwrap();
     expect_verify_error(&vm, gpa, "stale");
 }
+
+#[test]
+fn lazy_restore_continues_exactly() {
+    // Postcopy from a file: the vCPUs resume on empty RAM under userfaultfd; pages fault in from
+    // the snapshot while the prefetch thread pushes the rest. Same digest as never stopping.
+    for (vcpus, workload) in [
+        (1, "hotcold:ws=16M,write=0.3,seed=51"),
+        (2, "uniform:ws=16M,write=0.3,seed=52"),
+    ] {
+        let cfg = config(vcpus, workload, 1_500_000);
+        let reference = uninterrupted(&cfg);
+        let snap = scratch(&format!("lazy{vcpus}"));
+        {
+            let vm = Vm::new(&cfg).unwrap();
+            vm.resume().unwrap();
+            assert_eq!(
+                vm.wait_steps(300_000 * vcpus as u64, TIMEOUT),
+                WaitOutcome::Reached
+            );
+            vm.pause().unwrap();
+            vm.save(&snap).unwrap();
+        }
+        let vm = Vm::restore_lazy(&snap, &SerialOutput::Discard).unwrap();
+        vm.resume().unwrap();
+        assert_eq!(
+            vm.wait_finished(TIMEOUT),
+            WaitOutcome::Reached,
+            "{:?}",
+            vm.status()
+        );
+        let stats = vm.lazy_stats().expect("lazily restored");
+        assert!(stats.source_error.is_none(), "{stats:?}");
+        assert_eq!(
+            vm.digest().unwrap().0,
+            reference,
+            "{workload} on {vcpus} vCPUs"
+        );
+        let stats = vm.lazy_stats().unwrap();
+        assert_eq!(stats.present_pages, stats.total_pages, "{stats:?}");
+        eprintln!("lazy restore, {vcpus} vCPUs: {stats:?}");
+        std::fs::remove_file(&snap).unwrap();
+    }
+}
