@@ -279,9 +279,10 @@ impl SnapshotPages {
         Ok(())
     }
 
-    /// Pushes every page not yet present, in address order, 64 pages at a time.
+    /// Pushes every page not yet present, in address order, 2 MiB (512 pages) at a time:
+    /// UFFDIO_COPY is fastest on large runs.
     pub fn prefetch_all(&self, engine: &FaultEngine) -> Result<(), SourceError> {
-        const RUN: u64 = 64;
+        const RUN: u64 = 512;
         for r in &self.layout.regions {
             let mut gfn = r.first_gfn();
             let end = r.first_gfn() + r.pages();
