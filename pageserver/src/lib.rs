@@ -1,6 +1,6 @@
-//! Tsubame's wire protocol, page server and memserver (issue: postcopy migration; not built yet).
+//! Tsubame's wire protocol and page server.
 //!
-//! Planned shape: framed binary messages over TCP (fixed little-endian header, version and
-//! memory layout checked in the first message, bounded lengths, shared-secret challenge-response
-//! before any memory moves), an urgent channel for demand requests and bulk channels for the
-//! background push, and the source-side page server that serves a frozen VM's memory.
+//! [`protocol`]: framed binary messages, versioning, and mutual HMAC challenge-response; see its
+//! module docs for the sequence of a migration. The page server and memserver build on it.
+
+pub mod protocol;
