@@ -54,7 +54,7 @@ fn check_restore(name: &str, vcpus: &str, workload: &str, lazy: bool) {
     }
     let b = run_to_end(&restore).unwrap();
     if lazy {
-        let l = &b["lazy_restore"];
+        let l = &b["demand_paging"];
         assert_eq!(l["present_pages"], l["total_pages"], "{l}");
         assert!(l["source_error"].is_null(), "{l}");
     }

@@ -226,7 +226,7 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             "elapsed_s": elapsed.as_secs_f64(),
             "progress": p,
             "digest": digest.to_string(),
-            "lazy_restore": vm.lazy_stats(),
+            "demand_paging": vm.paging_stats(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -245,18 +245,19 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
                 e.vcpu, e.kind, e.gfn, e.expected_version, e.found_version
             );
         }
-        if let Some(l) = vm.lazy_stats() {
+        if let Some(l) = vm.paging_stats() {
             let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} µs"));
             eprintln!(
-                "lazy restore: {} faults, {} demand requests (fault-to-install p50 {}, p99 {}), \
-                 {} pages copied, {} zero, all pages present after {}",
+                "demand paging from the {}: {} faults, {} demand requests (fault-to-install p50 {}, \
+                 p99 {}), {} pages copied, {} zero, all pages local after {}",
+                l.origin,
                 l.faults,
                 l.demand_requests,
                 us(l.demand_p50_us),
                 us(l.demand_p99_us),
                 l.pages_copied,
                 l.pages_zeroed,
-                l.prefetch_done_ms
+                l.all_present_ms
                     .map_or("-".into(), |ms| format!("{ms:.0} ms")),
             );
         }

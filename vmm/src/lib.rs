@@ -13,12 +13,14 @@ pub mod control;
 pub mod devices;
 pub mod guest;
 pub mod memory;
+pub mod paging;
 pub mod snapshot;
 pub mod vm;
 pub mod vstate;
 
 pub use memory::{Digest, GuestMemory, MemoryLayout};
-pub use vm::{LazyStats, Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOutcome};
+pub use paging::PagingStats;
+pub use vm::{Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOutcome};
 
 /// Errors of the VMM library.
 #[derive(Debug, thiserror::Error)]

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -12,9 +11,8 @@ use serde::Serialize;
 use crate::devices::{CpuStatus, Devices, SerialSink};
 use crate::guest::{self, abi, RunOptions, WorkloadSpec};
 use crate::memory::{Digest, GuestMemory, MemoryLayout};
-use tsubame_uffd::{FaultEngine, GuestRange};
-
-use crate::snapshot::{self, SnapshotPages, VmState};
+use crate::paging::{DemandPaging, PagingStats};
+use crate::snapshot::{self, VmState};
 use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle};
 use crate::vstate::vm::KvmVm;
 use crate::Error;
@@ -92,9 +90,9 @@ pub struct VmStatus {
     pub workload: String,
     pub uptime_ms: u64,
     pub vcpus: Vec<VcpuInfo>,
-    /// Demand paging, when the VM was restored lazily.
+    /// Demand paging, when the VM was restored lazily or migrated in.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lazy_restore: Option<LazyStats>,
+    pub demand_paging: Option<PagingStats>,
 }
 
 /// A bad page the in-guest verifier found.
@@ -144,9 +142,9 @@ pub struct Vm {
     // Field order is drop order: vCPU threads stop before the KVM VM goes, and the VM before
     // the memory its slots point into.
     vcpus: Vec<VcpuHandle>,
-    /// Serves guest pages on demand after a lazy restore; outlives the vCPU threads, which may
-    /// wait on a fault while they stop.
-    lazy: Option<LazyRestore>,
+    /// Serves guest pages on demand (lazy restore, incoming migration); outlives the vCPU
+    /// threads, which may wait on a fault while they stop.
+    paging: Option<DemandPaging>,
     #[allow(dead_code)] // owns the VM fd the vCPUs belong to
     kvm: KvmVm,
     devices: Arc<Devices>,
@@ -191,7 +189,7 @@ impl Vm {
         }
         Ok(Self {
             vcpus,
-            lazy: None,
+            paging: None,
             kvm,
             devices,
             memory,
@@ -223,8 +221,8 @@ impl Vm {
             });
         }
         let memory = Arc::new(GuestMemory::new(&layout)?);
-        let lazy = if lazy {
-            Some(LazyRestore::start(&memory, path, ram_start)?)
+        let paging = if lazy {
+            Some(DemandPaging::from_snapshot(&memory, path, ram_start)?)
         } else {
             snapshot::read_memory(path, ram_start, &memory)?;
             None
@@ -240,7 +238,7 @@ impl Vm {
         }
         Ok(Self {
             vcpus,
-            lazy,
+            paging,
             kvm,
             devices,
             memory,
@@ -250,9 +248,9 @@ impl Vm {
         })
     }
 
-    /// Demand-paging statistics after a lazy restore.
-    pub fn lazy_stats(&self) -> Option<LazyStats> {
-        self.lazy.as_ref().map(LazyRestore::stats)
+    /// Demand-paging statistics (lazy restore, incoming migration).
+    pub fn paging_stats(&self) -> Option<PagingStats> {
+        self.paging.as_ref().map(DemandPaging::stats)
     }
 
     /// Guest memory (for digests, migration, tests).
@@ -357,7 +355,7 @@ impl Vm {
                     guest,
                 })
                 .collect(),
-            lazy_restore: self.lazy_stats(),
+            demand_paging: self.paging_stats(),
         }
     }
 
@@ -469,96 +467,5 @@ impl Vm {
                     s.iter().any(CpuStatus::is_failure)
                 });
         }
-    }
-}
-
-/// Demand paging of a lazily restored VM.
-#[derive(Clone, Debug, Serialize)]
-pub struct LazyStats {
-    pub total_pages: u64,
-    pub present_pages: u64,
-    /// Faults the engine read, and pages it asked the snapshot for because of them.
-    pub faults: u64,
-    pub demand_requests: u64,
-    pub pages_copied: u64,
-    pub pages_zeroed: u64,
-    /// Fault read -> page installed.
-    pub demand_p50_us: Option<f64>,
-    pub demand_p99_us: Option<f64>,
-    pub demand_max_us: f64,
-    /// When the prefetch thread had pushed every page (since the restore started).
-    pub prefetch_done_ms: Option<f64>,
-    pub source_error: Option<String>,
-}
-
-/// The fault engine and prefetch thread of a lazy restore.
-#[derive(Debug)]
-struct LazyRestore {
-    engine: Arc<FaultEngine>,
-    prefetch: Option<JoinHandle<()>>,
-    prefetch_done: Arc<Mutex<Option<Duration>>>,
-}
-
-impl LazyRestore {
-    fn start(memory: &GuestMemory, path: &Path, ram_start: u64) -> Result<Self, Error> {
-        let ranges = memory
-            .host_ranges()
-            .iter()
-            .map(|r| GuestRange {
-                first_gfn: r.layout.first_gfn(),
-                pages: r.layout.pages(),
-                hva: r.hva.as_ptr() as u64,
-            })
-            .collect();
-        let engine = FaultEngine::new(ranges)?;
-        let pages = Arc::new(SnapshotPages::open(path, ram_start, memory.layout())?);
-        engine.start(pages.clone())?;
-        let prefetch_done = Arc::new(Mutex::new(None));
-        let (e, done) = (engine.clone(), prefetch_done.clone());
-        let t0 = Instant::now();
-        let prefetch = std::thread::Builder::new()
-            .name("prefetch".into())
-            .spawn(move || match pages.prefetch_all(&e) {
-                Ok(()) => *done.lock().expect("prefetch lock") = Some(t0.elapsed()),
-                Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
-            })
-            .map_err(|e| Error::Uffd(tsubame_uffd::UffdError::Thread(e)))?;
-        Ok(Self {
-            engine,
-            prefetch: Some(prefetch),
-            prefetch_done,
-        })
-    }
-
-    #[allow(clippy::cast_precision_loss)] // microseconds for people
-    fn stats(&self) -> LazyStats {
-        let s = self.engine.stats();
-        let us = |d: Duration| d.as_nanos() as f64 / 1e3;
-        LazyStats {
-            total_pages: self.engine.total_pages(),
-            present_pages: self.engine.present_pages(),
-            faults: s.faults,
-            demand_requests: s.requests,
-            pages_copied: s.pages_copied,
-            pages_zeroed: s.pages_zeroed,
-            demand_p50_us: s.latency.percentile(0.5).map(us),
-            demand_p99_us: s.latency.percentile(0.99).map(us),
-            demand_max_us: us(s.latency.max()),
-            prefetch_done_ms: self
-                .prefetch_done
-                .lock()
-                .expect("prefetch lock")
-                .map(|d| d.as_secs_f64() * 1e3),
-            source_error: self.engine.source_error().map(|e| e.to_string()),
-        }
-    }
-}
-
-impl Drop for LazyRestore {
-    fn drop(&mut self) {
-        if let Some(t) = self.prefetch.take() {
-            let _ = t.join();
-        }
-        self.engine.stop();
     }
 }

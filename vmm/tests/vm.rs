@@ -222,14 +222,14 @@ fn lazy_restore_continues_exactly() {
             "{:?}",
             vm.status()
         );
-        let stats = vm.lazy_stats().expect("lazily restored");
+        let stats = vm.paging_stats().expect("lazily restored");
         assert!(stats.source_error.is_none(), "{stats:?}");
         assert_eq!(
             vm.digest().unwrap().0,
             reference,
             "{workload} on {vcpus} vCPUs"
         );
-        let stats = vm.lazy_stats().unwrap();
+        let stats = vm.paging_stats().unwrap();
         assert_eq!(stats.present_pages, stats.total_pages, "{stats:?}");
         eprintln!("lazy restore, {vcpus} vCPUs: {stats:?}");
         std::fs::remove_file(&snap).unwrap();

@@ -1,0 +1,153 @@
+//! Demand paging: guest RAM registered with the userfaultfd fault engine and fed by a page
+//! source (a snapshot file for a lazy restore, the migration source for an incoming migration),
+//! with background workers that bring in the rest until every page is local.
+
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tsubame_uffd::{FaultEngine, GuestRange};
+
+use crate::memory::GuestMemory;
+use crate::snapshot::SnapshotPages;
+use crate::Error;
+
+/// Demand-paging statistics.
+#[derive(Clone, Debug, Serialize)]
+pub struct PagingStats {
+    /// Where pages come from: "snapshot" or "migration".
+    pub origin: &'static str,
+    pub total_pages: u64,
+    pub present_pages: u64,
+    /// Faults the engine read, and pages it requested because of them.
+    pub faults: u64,
+    pub demand_requests: u64,
+    pub pages_copied: u64,
+    pub pages_zeroed: u64,
+    /// Fault read -> page installed.
+    pub demand_p50_us: Option<f64>,
+    pub demand_p99_us: Option<f64>,
+    pub demand_max_us: f64,
+    /// When every page was local, counted from the start of demand paging.
+    pub all_present_ms: Option<f64>,
+    pub source_error: Option<String>,
+}
+
+/// The fault engine of a VM whose RAM arrives on demand, and the threads feeding it.
+#[derive(Debug)]
+pub struct DemandPaging {
+    engine: Arc<FaultEngine>,
+    origin: &'static str,
+    workers: Vec<JoinHandle<()>>,
+    /// Connections the workers read; shut down on drop so that they stop.
+    sockets: Vec<TcpStream>,
+    all_present: Arc<Mutex<Option<Duration>>>,
+    started: Instant,
+}
+
+impl DemandPaging {
+    /// Registers all of `memory` (empty) with a new fault engine.
+    pub fn new(memory: &GuestMemory, origin: &'static str) -> Result<Self, Error> {
+        let ranges = memory
+            .host_ranges()
+            .iter()
+            .map(|r| GuestRange {
+                first_gfn: r.layout.first_gfn(),
+                pages: r.layout.pages(),
+                hva: r.hva.as_ptr() as u64,
+            })
+            .collect();
+        Ok(Self {
+            engine: FaultEngine::new(ranges)?,
+            origin,
+            workers: Vec::new(),
+            sockets: Vec::new(),
+            all_present: Arc::new(Mutex::new(None)),
+            started: Instant::now(),
+        })
+    }
+
+    /// Lazy restore: pages fault in from the snapshot at `path`; a `prefetch` thread pushes the
+    /// rest in address order.
+    pub fn from_snapshot(memory: &GuestMemory, path: &Path, ram_start: u64) -> Result<Self, Error> {
+        let mut paging = Self::new(memory, "snapshot")?;
+        let pages = Arc::new(SnapshotPages::open(path, ram_start, memory.layout())?);
+        paging.engine.start(pages.clone())?;
+        let engine = paging.engine.clone();
+        let done = paging.completion();
+        paging.spawn("prefetch", move || match pages.prefetch_all(&engine) {
+            Ok(()) => done(),
+            Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
+        })?;
+        Ok(paging)
+    }
+
+    /// The fault engine.
+    pub fn engine(&self) -> &Arc<FaultEngine> {
+        &self.engine
+    }
+
+    /// A function that records "every page is local now".
+    pub fn completion(&self) -> impl Fn() + Send + 'static {
+        let (cell, t0) = (self.all_present.clone(), self.started);
+        move || {
+            cell.lock()
+                .expect("paging lock")
+                .get_or_insert(t0.elapsed());
+        }
+    }
+
+    /// Starts a named worker thread that feeds the engine.
+    pub fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| Error::Uffd(tsubame_uffd::UffdError::Thread(e)))?;
+        self.workers.push(t);
+        Ok(())
+    }
+
+    /// A connection a worker reads: shut down when paging ends, so the worker stops.
+    pub fn own_socket(&mut self, s: TcpStream) {
+        self.sockets.push(s);
+    }
+
+    #[allow(clippy::cast_precision_loss)] // microseconds for people
+    pub fn stats(&self) -> PagingStats {
+        let s = self.engine.stats();
+        let us = |d: Duration| d.as_nanos() as f64 / 1e3;
+        PagingStats {
+            origin: self.origin,
+            total_pages: self.engine.total_pages(),
+            present_pages: self.engine.present_pages(),
+            faults: s.faults,
+            demand_requests: s.requests,
+            pages_copied: s.pages_copied,
+            pages_zeroed: s.pages_zeroed,
+            demand_p50_us: s.latency.percentile(0.5).map(us),
+            demand_p99_us: s.latency.percentile(0.99).map(us),
+            demand_max_us: us(s.latency.max()),
+            all_present_ms: self
+                .all_present
+                .lock()
+                .expect("paging lock")
+                .map(|d| d.as_secs_f64() * 1e3),
+            source_error: self.engine.source_error().map(|e| e.to_string()),
+        }
+    }
+}
+
+impl Drop for DemandPaging {
+    fn drop(&mut self) {
+        for s in &self.sockets {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for t in self.workers.drain(..) {
+            let _ = t.join();
+        }
+        self.engine.stop();
+    }
+}
