@@ -4,7 +4,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -80,16 +81,31 @@ pub fn run_to_end(args: &[&str]) -> Result<Value> {
 pub struct VmProcess {
     pub child: Child,
     pub socket: PathBuf,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<(Mutex<String>, Condvar)>,
 }
 
 impl VmProcess {
     /// Starts `tsubame run --control SOCKET ARGS` and waits until its control socket is ready.
     pub fn start(socket: &Path, args: &[&str]) -> Result<Self> {
+        let sock = socket.to_str().context("socket path")?;
+        let (p, _) = Self::start_until(
+            &[&["--control", sock], args].concat(),
+            "control socket ready",
+        )?;
+        Ok(p)
+    }
+
+    /// Starts `tsubame run --serial none --quiet ARGS` and waits for a stderr line containing
+    /// `marker`, which it returns.
+    pub fn start_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
+        let socket = args
+            .iter()
+            .position(|a| *a == "--control")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_default();
         let mut child = Command::new(tsubame_bin())
             .arg("run")
-            .arg("--control")
-            .arg(socket)
             .args(["--serial", "none", "--quiet"])
             .args(args)
             .stdout(Stdio::piped())
@@ -98,31 +114,35 @@ impl VmProcess {
             .context("starting tsubame run")?;
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
         let mut seen = String::new();
-        loop {
+        let found = loop {
             match lines.next() {
-                Some(Ok(l)) if l.contains("control socket ready") => break,
+                Some(Ok(l)) if l.contains(marker) => break l,
                 Some(Ok(l)) => {
                     seen.push_str(&l);
                     seen.push('\n');
                 }
-                _ => bail!("tsubame run exited before its control socket was ready:\n{seen}"),
+                _ => bail!("tsubame run exited before printing '{marker}':\n{seen}"),
             }
-        }
+        };
         // Keep draining stderr so the child never blocks on a full pipe.
-        let stderr = Arc::new(Mutex::new(seen));
+        let stderr = Arc::new((Mutex::new(seen), Condvar::new()));
         let sink = stderr.clone();
         std::thread::spawn(move || {
             for l in lines.map_while(Result::ok) {
-                let mut s = sink.lock().expect("stderr buffer");
+                let mut s = sink.0.lock().expect("stderr buffer");
                 s.push_str(&l);
                 s.push('\n');
+                sink.1.notify_all();
             }
         });
-        Ok(Self {
-            child,
-            socket: socket.into(),
-            stderr,
-        })
+        Ok((
+            Self {
+                child,
+                socket,
+                stderr,
+            },
+            found,
+        ))
     }
 
     /// Runs one control command and returns its `return` value.
@@ -133,7 +153,20 @@ impl VmProcess {
 
     /// What the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr buffer").clone()
+        self.stderr.0.lock().expect("stderr buffer").clone()
+    }
+
+    /// Waits until the process has written `marker` to stderr.
+    pub fn wait_for_stderr(&self, marker: &str, timeout: Duration) -> Result<()> {
+        let (lock, cv) = &*self.stderr;
+        let guard = lock.lock().expect("stderr buffer");
+        let (guard, t) = cv
+            .wait_timeout_while(guard, timeout, |s| !s.contains(marker))
+            .expect("stderr buffer");
+        if t.timed_out() {
+            bail!("no '{marker}' on stderr within {timeout:?}:\n{}", *guard);
+        }
+        Ok(())
     }
 
     /// Waits for the process to exit and returns its stdout.

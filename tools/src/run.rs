@@ -25,9 +25,9 @@ use tsubame_vmm::{SerialOutput, Vm, VmConfig, VmRunState};
 ///   tsubame run --restore /tmp/vm.snap --control /tmp/vm.sock
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Guest RAM, e.g. 256M, 1G, 8G (binary units).
-    #[arg(long, default_value = "256M", value_parser = parse_mem, conflicts_with = "restore")]
-    pub mem: u64,
+    /// Guest RAM, e.g. 256M, 1G, 8G (binary units) [default: 256M].
+    #[arg(long, value_parser = parse_mem, conflicts_with = "restore")]
+    pub mem: Option<u64>,
     /// Number of vCPUs (1-32); the working set is split among them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32), conflicts_with = "restore")]
     pub vcpus: u32,
@@ -59,6 +59,15 @@ pub struct RunArgs {
     /// through userfaultfd while a background thread prefetches the rest (postcopy from a file).
     #[arg(long, requires = "restore")]
     pub lazy: bool,
+    /// Be the destination of a postcopy migration: listen on tcp:HOST:PORT (port 0 picks one,
+    /// printed on stderr), accept the source's authenticated connections, and run the VM it
+    /// sends, with guest pages fetched on demand through userfaultfd. The source starts it with
+    /// `tsubame ctl SOCK migrate uri=tcp:HOST:PORT`. With --mem, the source's memory must match.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "workload", "steps", "vcpus", "report_every", "no_verify_at_end"])]
+    pub incoming: Option<String>,
+    /// Shared secret of migrations (both hosts must have the same one).
+    #[arg(long, env = "TSUBAME_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
     /// Serve the JSON control socket here (see `tsubame ctl --help`).
     #[arg(long, value_name = "SOCKET")]
     pub control: Option<PathBuf>,
@@ -137,16 +146,28 @@ fn progress_line(vm: &Vm, started: Instant, last: &mut (Instant, u64)) -> String
 pub fn run(a: RunArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     let serial = serial_output(&a.serial);
-    let vm = Arc::new(match &a.restore {
-        Some(path) if a.lazy => {
+    let vm = Arc::new(match (&a.restore, &a.incoming) {
+        (None, Some(uri)) => {
+            crate::check::require_userfaultfd()?;
+            let secret = a
+                .secret
+                .as_ref()
+                .ok_or(tsubame_vmm::migration::MigrationError::NoSecret)?;
+            let expect = a.mem.map(tsubame_vmm::MemoryLayout::for_size).transpose()?;
+            Vm::incoming(uri, secret.as_bytes(), expect.as_ref(), &serial, |addr| {
+                eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
+            })
+            .context("receiving the incoming migration")?
+        }
+        (Some(path), _) if a.lazy => {
             crate::check::require_userfaultfd()?;
             Vm::restore_lazy(path, &serial)
                 .with_context(|| format!("restoring the VM lazily from {}", path.display()))?
         }
-        Some(path) => Vm::restore(path, &serial)
+        (Some(path), _) => Vm::restore(path, &serial)
             .with_context(|| format!("restoring the VM from {}", path.display()))?,
-        None => Vm::new(&VmConfig {
-            mem_bytes: a.mem,
+        (None, None) => Vm::new(&VmConfig {
+            mem_bytes: a.mem.unwrap_or(256 << 20),
             vcpus: a.vcpus as usize,
             workload: a.workload.clone(),
             steps: a.steps,
@@ -162,7 +183,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
             let quit_tx = std::sync::Mutex::new(quit_tx.clone());
             let handler = VmCommands::new(vm.clone(), move || {
                 let _ = quit_tx.lock().map(|t| t.send(()));
-            });
+            })
+            .with_secret(a.secret.as_ref().map(|s| s.as_bytes().to_vec()));
             let server = ControlServer::start(path, Arc::new(handler))?;
             // Scripts and tests wait for this line rather than polling for the socket.
             eprintln!("tsubame: control socket ready at {}", path.display());
@@ -184,6 +206,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let mut next_report = Instant::now() + interval;
     let mut finished_at = None;
     loop {
+        if let Some(m) = vm.migrated_away() {
+            return migrated_summary(&m, a.json);
+        }
         let state = vm.run_state();
         if matches!(state, VmRunState::Finished | VmRunState::GuestError) {
             finished_at.get_or_insert_with(Instant::now);
@@ -196,7 +221,13 @@ pub fn run(a: RunArgs) -> Result<i32> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {}
         }
-        if !a.quiet && Instant::now() >= next_report && finished_at.is_none() {
+        if !a.quiet
+            && Instant::now() >= next_report
+            && finished_at.is_none()
+            && vm
+                .migration_status()
+                .is_none_or(|m| m["role"] == "destination")
+        {
             let line = progress_line(&vm, started, &mut last);
             if tty {
                 eprint!("\r{line}\x1b[K");
@@ -271,4 +302,30 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
     } else {
         0
     })
+}
+
+/// The source's summary once its VM lives on the destination.
+fn migrated_summary(m: &tsubame_vmm::migration::MigrationStatus, json: bool) -> Result<i32> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"migration": m}))?
+        );
+    } else if let Some(e) = &m.error {
+        eprintln!("migration to {} failed: {e}", m.destination);
+    } else {
+        eprintln!(
+            "migrated to {}: downtime {} µs at the source, {} pages on demand, {} pushed \
+             ({} zero, {} sent twice), {:.1} MiB sent, complete after {:.1} ms",
+            m.destination,
+            m.downtime_us,
+            m.pages_demand,
+            m.pages_pushed,
+            m.zero_pages,
+            m.pages_duplicate,
+            m.bytes_sent as f64 / f64::from(1 << 20),
+            m.total_ms.unwrap_or(0.0),
+        );
+    }
+    Ok(if m.error.is_some() { 1 } else { 0 })
 }

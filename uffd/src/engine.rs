@@ -468,6 +468,12 @@ impl FaultEngine {
         }
     }
 
+    /// Records that the page source failed (e.g. its connection broke). Faulting threads keep
+    /// waiting; [`FaultEngine::source_error`] tells why.
+    pub fn report_source_error(&self, e: SourceError) {
+        self.fail(e);
+    }
+
     fn fail(&self, e: SourceError) {
         log::error!("page source failed: {e}; faulting vCPUs wait");
         *self.source_error.lock().expect("engine lock") = Some(e);

@@ -266,6 +266,8 @@ pub const VM_COMMANDS: &[&str] = &[
     "cont",
     "save",
     "wait",
+    "migrate",
+    "query-migrate",
     "quit",
 ];
 
@@ -273,6 +275,8 @@ pub const VM_COMMANDS: &[&str] = &[
 pub struct VmCommands {
     vm: Arc<Vm>,
     quit: Box<dyn Fn() + Send + Sync>,
+    /// Shared migration secret used when `migrate` gives none.
+    secret: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for VmCommands {
@@ -286,7 +290,15 @@ impl VmCommands {
         Self {
             vm,
             quit: Box::new(quit),
+            secret: None,
         }
+    }
+
+    /// Sets the migration secret `migrate` uses when its arguments carry none.
+    #[must_use]
+    pub fn with_secret(mut self, secret: Option<Vec<u8>>) -> Self {
+        self.secret = secret;
+        self
     }
 }
 
@@ -367,6 +379,28 @@ impl CommandHandler for VmCommands {
                     WaitOutcome::GuestError => "guest-error",
                 }, "status": vm.run_state()}))
             }
+            "migrate" => {
+                let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| {
+                    CommandError::invalid("migrate needs 'uri', e.g. uri=tcp:127.0.0.1:4444")
+                })?;
+                crate::migration::parse_uri(uri)
+                    .map_err(|e| CommandError::invalid(e.to_string()))?;
+                let secret = match args.get("secret").and_then(Value::as_str) {
+                    Some(s) => s.as_bytes().to_vec(),
+                    None => self.secret.clone().ok_or_else(|| {
+                        CommandError::invalid(
+                            crate::migration::MigrationError::NoSecret.to_string(),
+                        )
+                    })?,
+                };
+                let options = crate::migration::MigrateOptions {
+                    max_bandwidth: arg_u64(args, "max_bandwidth")?,
+                };
+                to_value(&vm.migrate(uri, &secret, &options).map_err(failed)?)
+            }
+            "query-migrate" => Ok(vm
+                .migration_status()
+                .unwrap_or_else(|| json!({"phase": "none"}))),
             "quit" => {
                 (self.quit)();
                 Ok(json!({}))

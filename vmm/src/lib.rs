@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod guest;
 pub mod memory;
+pub mod migration;
 pub mod paging;
 pub mod snapshot;
 pub mod vm;
@@ -39,6 +40,12 @@ pub enum Error {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Uffd(#[from] tsubame_uffd::UffdError),
+    #[error("this VM migrated to {destination} and runs there now")]
+    MigratedAway { destination: String },
+    #[error("{missing} guest pages are still remote and their source failed ({why}); the memory cannot be read whole")]
+    MemoryUnreachable { missing: u64, why: String },
+    #[error("migration: {0}")]
+    Migration(#[from] migration::MigrationError),
     #[error("cannot create serial output file {path}: {source}")]
     SerialFile {
         path: std::path::PathBuf,

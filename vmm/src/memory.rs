@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// Size of a guest page: Tsubame tracks, moves and digests memory in 4 KiB pages.
 pub const PAGE_SIZE: u64 = 4096;
+/// [`PAGE_SIZE`] as a buffer length.
+#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize
+pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 /// Guests smaller than this have all their RAM at guest-physical 0.
 pub const SPLIT_THRESHOLD: u64 = 0xE000_0000;
 /// Larger guests have this much RAM at 0, and the rest from [`HIGH_MEMORY_BASE`].
@@ -106,6 +109,19 @@ impl MemoryLayout {
     /// One past the highest guest-physical address of RAM.
     pub fn top(&self) -> u64 {
         self.regions.iter().map(|r| r.end()).max().unwrap_or(0)
+    }
+
+    /// Position of page `gfn` when all regions' pages are numbered in layout order (the index
+    /// of per-page bitmaps), or `None` if `gfn` is not RAM.
+    pub fn page_index(&self, gfn: u64) -> Option<u64> {
+        let mut before = 0;
+        for r in &self.regions {
+            if (r.first_gfn()..r.first_gfn() + r.pages()).contains(&gfn) {
+                return Some(before + gfn - r.first_gfn());
+            }
+            before += r.pages();
+        }
+        None
     }
 
     /// Whether `[gpa, gpa + len)` lies inside one region.
@@ -302,6 +318,16 @@ mod tests {
         assert_eq!(l.regions[1].gpa, 4 << 30);
         assert_eq!(l.total_bytes(), 8 << 30);
         assert_eq!(l.top(), 9 << 30);
+        assert_eq!(l.page_index(0), Some(0));
+        assert_eq!(
+            l.page_index((4 << 30) / PAGE_SIZE),
+            Some((3 << 30) / PAGE_SIZE)
+        );
+        assert_eq!(
+            l.page_index((3 << 30) / PAGE_SIZE),
+            None,
+            "the hole is not RAM"
+        );
     }
 
     #[test]

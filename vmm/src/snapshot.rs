@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::DevicesState;
-use crate::memory::{GuestMemory, MemoryLayout, PAGE_SIZE};
+use crate::memory::{GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
 use tsubame_uffd::{FaultEngine, PageSource, SourceError};
 
 use crate::vstate::vcpu::VcpuState;
@@ -56,10 +56,6 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
 }
-
-/// [`PAGE_SIZE`] as a slice length.
-#[allow(clippy::cast_possible_truncation)] // 4096 fits every usize
-const PAGE_BYTES: usize = PAGE_SIZE as usize;
 
 pub const STATE_FORMAT: &str = "tsubame-vm-state";
 

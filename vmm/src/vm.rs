@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::devices::{CpuStatus, Devices, SerialSink};
 use crate::guest::{self, abi, RunOptions, WorkloadSpec};
 use crate::memory::{Digest, GuestMemory, MemoryLayout};
+use crate::migration::{self, MigrateOptions, MigrationError, MigrationStatus, Outgoing};
 use crate::paging::{DemandPaging, PagingStats};
 use crate::snapshot::{self, VmState};
 use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle};
@@ -125,6 +126,8 @@ pub struct Progress {
     pub finished: bool,
     pub vcpus: Vec<VcpuProgress>,
     pub verify_error: Option<VerifyError>,
+    /// The mailbox or config page has not arrived yet (demand paging): counters read as 0.
+    pub memory_pending: bool,
 }
 
 /// How a wait ended.
@@ -152,6 +155,10 @@ pub struct Vm {
     workload: String,
     operator_paused: Mutex<bool>,
     created: Instant,
+    /// Set once this VM migrated away: it never runs here again.
+    outgoing: Mutex<Option<Arc<Outgoing>>>,
+    /// For a migrated-in VM: VM state received -> VM assembled.
+    incoming_restore: Option<Duration>,
 }
 
 impl Vm {
@@ -196,6 +203,8 @@ impl Vm {
             workload: config.workload.to_string(),
             operator_paused: Mutex::new(true),
             created: Instant::now(),
+            outgoing: Mutex::new(None),
+            incoming_restore: None,
         })
     }
 
@@ -227,6 +236,16 @@ impl Vm {
             snapshot::read_memory(path, ram_start, &memory)?;
             None
         };
+        Self::assemble(memory, paging, state, serial)
+    }
+
+    /// Builds a paused VM around `memory` from a saved or received state.
+    fn assemble(
+        memory: Arc<GuestMemory>,
+        paging: Option<DemandPaging>,
+        state: VmState,
+        serial: &SerialOutput,
+    ) -> Result<Self, Error> {
         let kvm = KvmVm::new(&memory)?;
         let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
         devices.restore(&state.devices);
@@ -245,7 +264,86 @@ impl Vm {
             workload: state.workload,
             operator_paused: Mutex::new(true),
             created: Instant::now(),
+            outgoing: Mutex::new(None),
+            incoming_restore: None,
         })
+    }
+
+    /// The destination of a postcopy migration: listens on `uri` (`tcp:HOST:PORT`), calls
+    /// `ready` once listening, accepts an authenticated migration, and returns the VM with empty
+    /// RAM under userfaultfd, paused, ready to resume at once. `expect` (e.g. from `--mem`) must
+    /// match the source's layout if given.
+    pub fn incoming(
+        uri: &str,
+        secret: &[u8],
+        expect: Option<&MemoryLayout>,
+        serial: &SerialOutput,
+        ready: impl FnOnce(std::net::SocketAddr),
+    ) -> Result<Self, Error> {
+        let inc = migration::incoming(uri, secret, expect, ready)?;
+        let received = inc.state_received;
+        let memory = Arc::new(GuestMemory::new(&inc.layout)?);
+        let (paging, state) = inc.start_paging(&memory)?;
+        let mut vm = Self::assemble(memory, Some(paging), state, serial)?;
+        vm.incoming_restore = Some(received.elapsed());
+        Ok(vm)
+    }
+
+    /// Migrates this VM postcopy to the destination at `uri`: authenticates, pauses, sends the
+    /// vCPU and device state, and from then on serves the VM's memory to the destination (the
+    /// VM never runs here again). A refused connection leaves the VM running here.
+    pub fn migrate(
+        &self,
+        uri: &str,
+        secret: &[u8],
+        options: &MigrateOptions,
+    ) -> Result<MigrationStatus, Error> {
+        let mut outgoing = self.outgoing.lock().expect("vm lock");
+        if outgoing.is_some() {
+            return Err(MigrationError::AlreadyMigrating.into());
+        }
+        let (out, urgent, bulk) = Outgoing::connect(uri, secret, self.memory.layout())?;
+        let mut paused = self.operator_paused.lock().expect("vm lock");
+        let t0 = Instant::now();
+        self.pause_vcpus()?;
+        *paused = true;
+        let state = self.capture_state()?;
+        out.switch_over(&state, self.memory.clone(), urgent, bulk, t0, options)?;
+        *outgoing = Some(out.clone());
+        Ok(out.status())
+    }
+
+    /// `query-migrate`: the outgoing migration (source) or the incoming one (destination).
+    pub fn migration_status(&self) -> Option<serde_json::Value> {
+        if let Some(out) = self.outgoing.lock().expect("vm lock").as_ref() {
+            return serde_json::to_value(out.status()).ok();
+        }
+        let restore = self.incoming_restore?;
+        let paging = self.paging_stats()?;
+        let phase = if paging.source_error.is_some() {
+            "failed"
+        } else if paging.present_pages == paging.total_pages {
+            "completed"
+        } else {
+            "postcopy"
+        };
+        Some(serde_json::json!({
+            "role": "destination",
+            "phase": phase,
+            "error": paging.source_error,
+            "state_to_running_us": u64::try_from(restore.as_micros()).unwrap_or(u64::MAX),
+            "demand_paging": paging,
+        }))
+    }
+
+    /// Whether this VM migrated away and the destination has all its memory.
+    pub fn migrated_away(&self) -> Option<MigrationStatus> {
+        self.outgoing
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .map(|o| o.status())
+            .filter(|s| s.phase != migration::Phase::Postcopy)
     }
 
     /// Demand-paging statistics (lazy restore, incoming migration).
@@ -299,6 +397,11 @@ impl Vm {
 
     /// Resumes (or first starts) every vCPU.
     pub fn resume(&self) -> Result<(), Error> {
+        if let Some(out) = self.outgoing.lock().expect("vm lock").as_ref() {
+            return Err(Error::MigratedAway {
+                destination: out.status().destination,
+            });
+        }
         let mut paused = self.operator_paused.lock().expect("vm lock");
         self.resume_vcpus()?;
         *paused = false;
@@ -359,6 +462,28 @@ impl Vm {
         }
     }
 
+    /// Whether the guest page at `gpa` is in this process. The VMM never reads a page that is
+    /// not: under demand paging that read would wait for the page, forever if its source died.
+    fn is_local(&self, gpa: u64) -> bool {
+        self.paging
+            .as_ref()
+            .is_none_or(|p| p.engine().is_present(gpa / crate::memory::PAGE_SIZE))
+    }
+
+    /// Fails if reading all guest memory could wait forever: some pages are still remote and
+    /// their source has failed.
+    fn require_reachable_memory(&self) -> Result<(), Error> {
+        match self.paging_stats() {
+            Some(p) if p.present_pages < p.total_pages && p.source_error.is_some() => {
+                Err(Error::MemoryUnreachable {
+                    missing: p.total_pages - p.present_pages,
+                    why: p.source_error.unwrap_or_default(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn slot(&self, cpu: usize, field: u64) -> u64 {
         self.memory
             .read_u64_volatile(abi::mailbox_slot_field(cpu, field))
@@ -367,8 +492,14 @@ impl Vm {
 
     /// The guest's progress counters (no exits, no pause).
     pub fn progress(&self) -> Progress {
-        let config = guest::read_config(&self.memory).unwrap_or_default();
+        let pending = !self.is_local(abi::CONFIG_GPA) || !self.is_local(abi::MAILBOX_GPA);
+        let config = if pending {
+            abi::ConfigBlock::default()
+        } else {
+            guest::read_config(&self.memory).unwrap_or_default()
+        };
         let mut p = Progress {
+            memory_pending: pending,
             steps: 0,
             target_steps_per_vcpu: config.steps,
             writes: 0,
@@ -378,6 +509,9 @@ impl Vm {
             vcpus: Vec::new(),
             verify_error: None,
         };
+        if pending {
+            return p;
+        }
         for cpu in 0..self.vcpus.len().min(abi::MAX_CPUS) {
             let v = VcpuProgress {
                 steps: self.slot(cpu, abi::slot::STEPS),
@@ -404,29 +538,36 @@ impl Vm {
     /// Digest of all guest memory, taken with the vCPUs paused (pausing briefly if running).
     /// Returns the digest and whether the VM had to be paused for it.
     pub fn digest(&self) -> Result<(Digest, bool), Error> {
+        self.require_reachable_memory()?;
         self.with_paused(|| Ok(self.memory.digest()))
     }
 
     /// Saves the whole VM to a snapshot file (pausing briefly if running). Returns the bytes of
     /// non-zero RAM written.
     pub fn save(&self, path: &Path) -> Result<u64, Error> {
+        self.require_reachable_memory()?;
         let (bytes, _) = self.with_paused(|| {
-            let vcpus = self
-                .vcpus
-                .iter()
-                .map(VcpuHandle::save)
-                .collect::<Result<Vec<_>, _>>()?;
-            let state = VmState {
-                format: snapshot::STATE_FORMAT.into(),
-                version: snapshot::SNAPSHOT_VERSION,
-                layout: self.memory.layout().clone(),
-                workload: self.workload.clone(),
-                vcpus,
-                devices: self.devices.save(),
-            };
+            let state = self.capture_state()?;
             Ok(snapshot::write(path, &state, &self.memory)?)
         })?;
         Ok(bytes)
+    }
+
+    /// vCPU and device state of the paused VM.
+    fn capture_state(&self) -> Result<VmState, Error> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmState {
+            format: snapshot::STATE_FORMAT.into(),
+            version: snapshot::SNAPSHOT_VERSION,
+            layout: self.memory.layout().clone(),
+            workload: self.workload.clone(),
+            vcpus,
+            devices: self.devices.save(),
+        })
     }
 
     /// Waits until every vCPU finished, or one failed, or `timeout` passed.

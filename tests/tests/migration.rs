@@ -1,0 +1,218 @@
+//! Postcopy migration between two `tsubame` processes over TCP loopback: the destination
+//! (`run --incoming`) receives the VM mid-run and finishes it with the same memory digest as a
+//! run that never migrated; a wrong secret or a layout mismatch moves nothing and leaves the
+//! source running.
+
+use serde_json::json;
+use tsubame_tests::{run_to_end, Scratch, VmProcess};
+
+const SECRET: &str = "e2e secret";
+
+/// Starts a destination on an ephemeral port; returns it and its `tcp:HOST:PORT`.
+fn destination(extra: &[&str]) -> (VmProcess, String) {
+    let args = [
+        &[
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--secret",
+            SECRET,
+            "--json",
+        ],
+        extra,
+    ]
+    .concat();
+    let (p, line) = VmProcess::start_until(&args, "waiting for an incoming migration on").unwrap();
+    let uri = line.rsplit(' ').next().unwrap().to_string();
+    (p, uri)
+}
+
+fn migrate(name: &str, vcpus: &str, workload: &str) {
+    let dir = Scratch::new(name);
+    let common = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--workload",
+        workload,
+        "--steps",
+        "1500000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+
+    let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
+    let (dest, uri) = destination(&[]);
+    let stop_at = 300_000 * vcpus.parse::<u64>().unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": stop_at}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let m = source
+        .ctl("migrate", json!({"uri": uri, "secret": SECRET}))
+        .unwrap();
+    assert_eq!(m["phase"], "postcopy", "{m}");
+
+    // The source exits once the destination has every page.
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    // The destination finishes the workload with the reference digest.
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination: {status}\n{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(
+        summary["digest"], reference["digest"],
+        "{workload} on {vcpus} vCPUs: migration changed the result"
+    );
+    let paging = &summary["demand_paging"];
+    assert_eq!(paging["origin"], "migration");
+    assert_eq!(paging["present_pages"], paging["total_pages"], "{paging}");
+    assert!(paging["source_error"].is_null(), "{paging}");
+}
+
+#[test]
+fn hotcold_1_vcpu() {
+    migrate("mig1", "1", "hotcold:ws=32M,write=0.3,seed=71");
+}
+
+#[test]
+fn uniform_2_vcpus() {
+    migrate("mig2", "2", "uniform:ws=32M,write=0.3,seed=72");
+}
+
+#[test]
+fn sequential_2_vcpus() {
+    migrate("mig3", "2", "seq:ws=32M,write=0.5,seed=73");
+}
+
+#[test]
+fn refused_migrations_leave_the_source_running() {
+    let dir = Scratch::new("refused");
+    let source = VmProcess::start(
+        &dir.path("src.sock"),
+        &[
+            "--mem",
+            "64M",
+            "--workload",
+            "uniform:ws=8M",
+            "--steps",
+            "0",
+            "--hold",
+        ],
+    )
+    .unwrap();
+    let (dest, uri) = destination(&["--mem", "128M"]);
+    // Wrong secret: refused by the destination, nothing moves.
+    let e = source
+        .ctl("migrate", json!({"uri": uri, "secret": "wrong"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("shared secret"), "{e}");
+    // Right secret, but the destination expects 128 MiB.
+    let e = source
+        .ctl("migrate", json!({"uri": uri, "secret": SECRET}))
+        .unwrap_err();
+    assert!(e.to_string().contains("layout mismatch"), "{e}");
+    // Nobody listening.
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": "tcp:127.0.0.1:1", "secret": SECRET}),
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("is `tsubame run --incoming` listening"),
+        "{e}"
+    );
+    let e = source
+        .ctl("migrate", json!({"uri": "127.0.0.1:1"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("tcp:HOST:PORT"), "{e}");
+    // The source VM is still running here, and the destination still waits.
+    let s = source.ctl("query-status", json!({})).unwrap();
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(
+        source.ctl("query-migrate", json!({})).unwrap()["phase"],
+        "none"
+    );
+    assert!(
+        dest.stderr().contains("refused a migration connection"),
+        "{}",
+        dest.stderr()
+    );
+    source.ctl("quit", json!({})).unwrap();
+}
+
+#[test]
+fn losing_the_source_never_gives_the_guest_zero_pages() {
+    let dir = Scratch::new("lost");
+    // Every page of a 48 MiB working set written, then a push capped at 4 MB/s: the source is
+    // killed long before it could have sent everything.
+    let source = VmProcess::start(
+        &dir.path("src.sock"),
+        &[
+            "--mem",
+            "64M",
+            "--workload",
+            "seq:ws=48M,write=1.0,seed=74",
+            "--steps",
+            "2000000",
+        ],
+    )
+    .unwrap();
+    let dsock = dir.path("dst.sock");
+    let (dest, uri) = destination(&["--control", dsock.to_str().unwrap()]);
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 20_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "max_bandwidth": 4_000_000}),
+        )
+        .unwrap();
+    drop(source); // SIGKILL: the page server is gone mid-migration
+    dest.wait_for_stderr("control socket ready", std::time::Duration::from_secs(60))
+        .unwrap();
+    // The destination notices, reports it clearly, and its vCPUs wait rather than run on zeroes.
+    let m = dest
+        .ctl("wait", json!({"for": "finished", "timeout_ms": 1000}))
+        .unwrap();
+    assert_eq!(
+        m["outcome"], "timed-out",
+        "the guest cannot finish without its memory: {m}"
+    );
+    let m = dest.ctl("query-migrate", json!({})).unwrap();
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap()
+            .contains("lost the migration source"),
+        "{m}"
+    );
+    let p = &m["demand_paging"];
+    assert!(
+        p["present_pages"].as_u64() < p["total_pages"].as_u64(),
+        "{p}"
+    );
+    let s = dest.ctl("query-status", json!({})).unwrap();
+    assert_ne!(s["status"], "guest-error", "the guest saw a bad page: {s}");
+    assert!(
+        s["vcpus"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["status"] == "running"),
+        "{s}"
+    );
+    assert!(dest.ctl("query-progress", json!({})).unwrap()["verify_error"].is_null());
+    // Reading all memory would wait forever: refused with the reason.
+    let e = dest.ctl("query-digest", json!({})).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("still remote and their source failed"),
+        "{e}"
+    );
+}

@@ -1,0 +1,124 @@
+//! Postcopy migration over TCP loopback between two VMs in this process (the multi-process
+//! version, through the CLI, is tests/tests/migration.rs). The oracle: the migrated VM's memory
+//! after N steps equals a run that never migrated.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const SECRET: &[u8] = b"test secret";
+
+fn config(vcpus: usize, workload: &str, steps: u64) -> VmConfig {
+    VmConfig {
+        mem_bytes: 64 << 20,
+        vcpus,
+        workload: workload.parse().unwrap(),
+        steps,
+        report_every: 0,
+        verify_at_end: true,
+        serial: SerialOutput::Discard,
+    }
+}
+
+/// Starts a destination on an ephemeral port; returns its address and the thread building it.
+fn destination(
+    secret: &'static [u8],
+) -> (
+    String,
+    std::thread::JoinHandle<Result<Vm, tsubame_vmm::Error>>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        Vm::incoming(
+            "tcp:127.0.0.1:0",
+            secret,
+            None,
+            &SerialOutput::Discard,
+            |a| tx.send(a).unwrap(),
+        )
+    });
+    let addr = rx.recv_timeout(TIMEOUT).expect("destination listening");
+    (format!("tcp:{addr}"), t)
+}
+
+#[test]
+fn postcopy_migration_keeps_the_digest() {
+    for (vcpus, workload) in [
+        (1, "hotcold:ws=32M,write=0.3,seed=61"),
+        (2, "uniform:ws=32M,write=0.3,seed=62"),
+    ] {
+        let cfg = config(vcpus, workload, 1_500_000);
+        let reference = {
+            let vm = Vm::new(&cfg).unwrap();
+            vm.resume().unwrap();
+            assert_eq!(vm.wait_finished(TIMEOUT), WaitOutcome::Reached);
+            vm.digest().unwrap().0
+        };
+        let source = Vm::new(&cfg).unwrap();
+        source.resume().unwrap();
+        assert_eq!(
+            source.wait_steps(300_000 * vcpus as u64, TIMEOUT),
+            WaitOutcome::Reached
+        );
+        let (uri, dest) = destination(SECRET);
+        let status = source.migrate(&uri, SECRET, &Default::default()).unwrap();
+        let dest = dest.join().unwrap().unwrap();
+        dest.resume().unwrap();
+        assert!(
+            source.resume().is_err(),
+            "a migrated VM must not run at the source again"
+        );
+        assert_eq!(
+            dest.wait_finished(TIMEOUT),
+            WaitOutcome::Reached,
+            "{:?}",
+            dest.status()
+        );
+        assert_eq!(
+            dest.digest().unwrap().0,
+            reference,
+            "{workload} on {vcpus} vCPUs"
+        );
+        let m = dest.migration_status().unwrap();
+        eprintln!("source: {status:?}\ndestination: {m}");
+        // The source learns that the destination has everything.
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while source.migrated_away().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no Complete from the destination"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let done = source.migrated_away().unwrap();
+        assert!(done.error.is_none(), "{done:?}");
+        assert_eq!(
+            done.pages_demand + done.pages_pushed - done.pages_duplicate,
+            done.total_pages,
+            "every page sent, and only demand replies twice"
+        );
+        eprintln!("source done: {done:?}");
+    }
+}
+
+#[test]
+fn wrong_secret_moves_nothing() {
+    let source = Vm::new(&config(1, "uniform:ws=8M,seed=63", 0)).unwrap();
+    source.resume().unwrap();
+    let (uri, dest) = destination(b"the right secret");
+    let err = source
+        .migrate(&uri, b"a wrong secret", &Default::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("shared secret"), "{err}");
+    // The source VM keeps running here and can still be migrated.
+    assert_eq!(source.run_state(), tsubame_vmm::VmRunState::Running);
+    assert!(source.migration_status().is_none());
+    source
+        .migrate(&uri, b"the right secret", &Default::default())
+        .unwrap();
+    let dest = dest.join().unwrap().unwrap();
+    dest.resume().unwrap();
+    assert_eq!(dest.run_state(), tsubame_vmm::VmRunState::Running);
+}
