@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job: build Tsubame and run a 1 GiB, 2-vCPU VM whose guest runs a hot/cold workload at
-# CPL3, with live progress, then print the memory digest (the determinism oracle).
+# The main job: build Tsubame, then migrate a running 1 GiB, 2-vCPU VM postcopy from one tsubame
+# process to another on this machine, print what happened (downtime, pages on demand and
+# pushed, fault latency), and check the memory digest against a run that never migrated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release -q -p tsubame-tools
-exec target/release/tsubame run --mem 1G --vcpus 2 \
-    --workload hotcold:ws=512M,write=0.3,seed=7 --steps 10000000 --report-every 2500000 "$@"
+exec target/release/tsubame demo "$@"

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod check;
 mod ctl;
+mod demo;
 mod run;
 
 /// Tsubame: a postcopy-first VMM and page-server system for Linux/KVM.
@@ -30,6 +31,7 @@ enum Command {
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     GuestImage(GuestImageArgs),
+    Demo(demo::DemoArgs),
 }
 
 /// Write the built-in guest image, configured with a workload, for `qemu-system-x86_64 -kernel`.
@@ -68,6 +70,7 @@ fn main() {
         Command::Check(a) => check::check(&a),
         Command::Bench(b) => bench::bench(b),
         Command::GuestImage(a) => guest_image(&a).map(|()| 0),
+        Command::Demo(a) => demo::demo(&a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -77,7 +77,8 @@ pub struct RunArgs {
     /// Start paused: the guest runs only after `tsubame ctl SOCK cont`.
     #[arg(long, requires = "control")]
     pub paused: bool,
-    /// Keep running (and serving the control socket) after the workload finished, until `quit`.
+    /// Keep running (and serving the control socket) after the workload finished or the VM
+    /// migrated away, until `quit`.
     #[arg(long, requires = "control")]
     pub hold: bool,
     /// No live progress, only the summary.
@@ -206,8 +207,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
     let mut next_report = Instant::now() + interval;
     let mut finished_at = None;
     loop {
-        if let Some(m) = vm.migrated_away() {
-            return migrated_summary(&m, a.json);
+        if vm.migrated_away().is_some() && !a.hold {
+            break;
         }
         let state = vm.run_state();
         if matches!(state, VmRunState::Finished | VmRunState::GuestError) {
@@ -239,6 +240,9 @@ pub fn run(a: RunArgs) -> Result<i32> {
     }
     if tty && !a.quiet {
         eprintln!();
+    }
+    if let Some(m) = vm.migrated_away() {
+        return migrated_summary(&m, a.json);
     }
     summary(&vm, started, finished_at, a.json)
 }

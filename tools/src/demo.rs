@@ -1,0 +1,249 @@
+//! `tsubame demo`: the main job. Two `tsubame` processes on this machine, a source running a
+//! workload and a destination listening; the VM migrates postcopy mid-run, finishes at the
+//! destination, and its memory digest is checked against a run that never migrated.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tsubame_vmm::control::ControlClient;
+use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+
+/// Migrate a running VM postcopy between two local processes and check its memory.
+///
+/// Starts a destination (`tsubame run --incoming`) and a source VM, lets the guest run, migrates
+/// it with `tsubame ctl SOCK migrate`, lets it finish at the destination, and compares the final
+/// memory digest with a run that never migrated.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G", value_parser = crate::run::parse_mem)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// Workload (see `tsubame run --help`).
+    #[arg(long, default_value = "hotcold:ws=512M,write=0.3,seed=7")]
+    pub workload: String,
+    /// Steps per vCPU.
+    #[arg(long, default_value_t = 3_000_000)]
+    pub steps: u64,
+    /// Migrate after this share of the steps.
+    #[arg(long, default_value_t = 0.3)]
+    pub migrate_at: f64,
+}
+
+/// A child `tsubame run`, with its stderr forwarded line by line.
+struct Host {
+    name: &'static str,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    forwarder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Host {
+    fn start(name: &'static str, args: &[String]) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {name}"))?;
+        let (tx, lines) = mpsc::channel();
+        let err = child.stderr.take().expect("piped");
+        let forwarder = std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            name,
+            child,
+            lines,
+            forwarder: Some(forwarder),
+        })
+    }
+
+    /// Waits for a stderr line containing `marker`, echoing the others.
+    fn wait_line(&self, marker: &str) -> Result<String> {
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(Duration::from_secs(120))
+                .with_context(|| format!("the {} stopped before saying '{marker}'", self.name))?;
+            if l.contains(marker) {
+                return Ok(l);
+            }
+            println!("  [{}] {l}", self.name);
+        }
+    }
+
+    fn finish(mut self) -> Result<String> {
+        let mut out = String::new();
+        if let Some(mut s) = self.child.stdout.take() {
+            std::io::Read::read_to_string(&mut s, &mut out)?;
+        }
+        let status = self.child.wait()?;
+        if let Some(t) = self.forwarder.take() {
+            let _ = t.join(); // the child's stderr is closed: every line is in the channel
+        }
+        for l in self.lines.try_iter() {
+            println!("  [{}] {l}", self.name);
+        }
+        if !status.success() {
+            bail!("the {} exited with {status}", self.name);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+pub fn demo(a: &DemoArgs) -> Result<i32> {
+    crate::check::require_kvm()?;
+    crate::check::require_userfaultfd()?;
+    let dir = std::env::temp_dir().join(format!("tsubame-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("source.sock");
+    let secret = "tsubame-demo";
+    let mem = format!("{}M", a.mem >> 20);
+    println!(
+        "Tsubame demo: a {mem} VM with {} vCPUs runs {} for {} steps per vCPU,",
+        a.vcpus, a.workload, a.steps
+    );
+    println!(
+        "migrating postcopy from one tsubame process to another after {:.0}% of them.\n",
+        a.migrate_at * 100.0
+    );
+
+    let dest = Host::start(
+        "destination",
+        &[
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--secret",
+            secret,
+            "--serial",
+            "none",
+            "--quiet",
+            "--json",
+        ]
+        .map(String::from),
+    )?;
+    let uri = dest
+        .wait_line("waiting for an incoming migration on")?
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    println!("destination: listening on {uri}");
+    let src_args: Vec<String> = [
+        "--mem",
+        &mem,
+        "--vcpus",
+        &a.vcpus.to_string(),
+        "--workload",
+        &a.workload,
+        "--steps",
+        &a.steps.to_string(),
+        "--control",
+        sock.to_str().unwrap_or_default(),
+        "--secret",
+        secret,
+        "--serial",
+        "none",
+        "--quiet",
+        "--hold",
+    ]
+    .map(String::from)
+    .to_vec();
+    let source = Host::start("source", &src_args)?;
+    source.wait_line("control socket ready")?;
+    let mut ctl = ControlClient::connect(&sock)?;
+    let at = (a.steps as f64 * a.migrate_at) as u64 * u64::from(a.vcpus);
+    let t0 = Instant::now();
+    ctl.execute("wait", json!({"for": "steps", "steps": at}))?;
+    println!(
+        "source:      guest at {at} steps after {:.2} s; migrating",
+        t0.elapsed().as_secs_f64()
+    );
+    let m = ctl.execute("migrate", json!({"uri": uri}))?;
+    println!(
+        "switchover:  vCPUs paused, {} KiB of vCPU/device state sent in {} µs (source side of the downtime)",
+        m["state_bytes"].as_u64().unwrap_or(0) / 1024,
+        m["downtime_us"]
+    );
+    let t_switch = Instant::now();
+    let m = loop {
+        let m = ctl.execute("query-migrate", json!({}))?;
+        if m["phase"] != "postcopy" {
+            break m;
+        }
+        // Poll the source's counters for the operator: the migration itself never waits on this.
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if m["phase"] != "completed" {
+        bail!("migration failed: {}", m["error"]);
+    }
+    println!(
+        "postcopy:    every page at the destination after {:.0} ms: {} on demand, {} pushed ({} zero), {:.1} MiB sent",
+        m["total_ms"].as_f64().unwrap_or(0.0),
+        m["pages_demand"], m["pages_pushed"], m["zero_pages"],
+        m["bytes_sent"].as_f64().unwrap_or(0.0) / f64::from(1 << 20)
+    );
+    ctl.execute("quit", json!({}))?;
+    drop(ctl);
+    source.finish()?;
+    let out: Value =
+        serde_json::from_str(&dest.finish()?).context("parsing the destination's summary")?;
+    let p = &out["demand_paging"];
+    println!(
+        "destination: guest finished {} steps {:.2} s after the switchover; {} faults, fault-to-install p50 {:.0} µs, p99 {:.0} µs",
+        out["progress"]["steps"],
+        t_switch.elapsed().as_secs_f64(),
+        p["faults"],
+        p["demand_p50_us"].as_f64().unwrap_or(0.0),
+        p["demand_p99_us"].as_f64().unwrap_or(0.0)
+    );
+
+    println!("reference:   running the same workload without migrating ...");
+    let vm = Vm::new(&VmConfig {
+        mem_bytes: a.mem,
+        vcpus: a.vcpus as usize,
+        workload: a.workload.parse()?,
+        steps: a.steps,
+        report_every: 0,
+        verify_at_end: true,
+        serial: SerialOutput::Discard,
+    })?;
+    vm.resume()?;
+    if vm.wait_finished(Duration::from_secs(3600)) != WaitOutcome::Reached {
+        bail!("the reference run failed: {:?}", vm.status());
+    }
+    let reference = vm.digest()?.0.to_string();
+    let migrated = out["digest"].as_str().unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    if migrated == reference {
+        println!("digest check: OK, {migrated} with and without migration");
+        Ok(0)
+    } else {
+        println!("digest check: FAILED: migrated {migrated}, reference {reference}");
+        Ok(1)
+    }
+}
