@@ -298,15 +298,26 @@ fn write_frame(
         len: u32::MAX,
         max: Message::max_payload(kind).unwrap_or(0),
     })?;
-    let mut h = [0u8; HEADER_LEN];
-    h[0..2].copy_from_slice(&MAGIC.to_le_bytes());
-    h[2..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..12].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&h)?;
-    w.write_all(head)?;
-    w.write_all(tail)?;
+    // One write for the header and small payloads: on a TCP_NODELAY connection every write
+    // can leave as its own segment, and demand requests and replies are latency-critical.
+    let mut frame = Vec::with_capacity(HEADER_LEN + head.len() + tail.len().min(SMALL_TAIL));
+    frame.extend_from_slice(&MAGIC.to_le_bytes());
+    frame.extend_from_slice(&kind.to_le_bytes());
+    frame.extend_from_slice(&[0u8; 4]); // flags, reserved
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(head);
+    if tail.len() <= SMALL_TAIL {
+        frame.extend_from_slice(tail);
+        w.write_all(&frame)?;
+    } else {
+        w.write_all(&frame)?;
+        w.write_all(tail)?;
+    }
     Ok(())
 }
+
+/// Payload tails up to this size are copied into the frame buffer (one page and a bit).
+const SMALL_TAIL: usize = 16 << 10;
 
 /// A cursor over a payload that turns running out of bytes into a `Malformed` error.
 struct Cursor<'a> {
