@@ -26,7 +26,7 @@ fn destination(extra: &[&str]) -> (VmProcess, String) {
     (p, uri)
 }
 
-fn migrate(name: &str, vcpus: &str, workload: &str) {
+fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str) {
     let dir = Scratch::new(name);
     let common = [
         "--mem",
@@ -48,9 +48,13 @@ fn migrate(name: &str, vcpus: &str, workload: &str) {
         .unwrap();
     assert_eq!(w["outcome"], "reached", "{w}");
     let m = source
-        .ctl("migrate", json!({"uri": uri, "secret": SECRET}))
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "prepage": prepage}),
+        )
         .unwrap();
     assert_eq!(m["phase"], "postcopy", "{m}");
+    assert_eq!(m["prepage"], prepage, "{m}");
 
     // The source exits once the destination has every page.
     let (status, _) = source.wait().unwrap();
@@ -71,18 +75,18 @@ fn migrate(name: &str, vcpus: &str, workload: &str) {
 }
 
 #[test]
-fn hotcold_1_vcpu() {
-    migrate("mig1", "1", "hotcold:ws=32M,write=0.3,seed=71");
+fn hotcold_1_vcpu_hot_first() {
+    migrate("mig1", "1", "hotcold:ws=32M,write=0.3,seed=71", "hot");
 }
 
 #[test]
-fn uniform_2_vcpus() {
-    migrate("mig2", "2", "uniform:ws=32M,write=0.3,seed=72");
+fn uniform_2_vcpus_bubble() {
+    migrate("mig2", "2", "uniform:ws=32M,write=0.3,seed=72", "bubble");
 }
 
 #[test]
-fn sequential_2_vcpus() {
-    migrate("mig3", "2", "seq:ws=32M,write=0.5,seed=73");
+fn sequential_2_vcpus_address_order() {
+    migrate("mig3", "2", "seq:ws=32M,write=0.5,seed=73", "address");
 }
 
 #[test]

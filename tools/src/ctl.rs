@@ -13,7 +13,8 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///
 /// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
-/// migrate uri=tcp:HOST:PORT [secret=S] [max_bandwidth=BYTES_PER_S], query-migrate, quit, query-commands.
+/// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot] [max_bandwidth=BYTES_PER_S]
+/// [profile_ms=N], query-migrate, quit, query-commands.
 ///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status

@@ -393,8 +393,14 @@ impl CommandHandler for VmCommands {
                         )
                     })?,
                 };
+                let prepage = match args.get("prepage").and_then(Value::as_str) {
+                    Some(p) => p.parse().map_err(CommandError::invalid)?,
+                    None => crate::migration::Prepage::default(),
+                };
                 let options = crate::migration::MigrateOptions {
                     max_bandwidth: arg_u64(args, "max_bandwidth")?,
+                    prepage,
+                    profile: arg_u64(args, "profile_ms")?.map(Duration::from_millis),
                 };
                 to_value(&vm.migrate(uri, &secret, &options).map_err(failed)?)
             }

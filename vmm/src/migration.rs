@@ -249,8 +249,40 @@ pub struct MigrationStatus {
     pub zero_pages: u64,
     pub bytes_sent: u64,
     pub total_pages: u64,
+    pub prepage: Prepage,
+    /// `hot`: pages the profile found written (pushed first).
+    pub hot_pages: u64,
     /// Switchover -> `Complete` from the destination.
     pub total_ms: Option<f64>,
+}
+
+/// The order of the background push (prepaging policy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Prepage {
+    /// Guest-physical address order.
+    #[default]
+    Address,
+    /// Around each demand fault first, outward from the faulting page (Yabusame's bubbling),
+    /// then address order.
+    Bubble,
+    /// The pages the guest wrote during a short profile before switchover first (KVM dirty
+    /// log), then address order.
+    Hot,
+}
+
+impl std::str::FromStr for Prepage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "address" => Ok(Self::Address),
+            "bubble" => Ok(Self::Bubble),
+            "hot" => Ok(Self::Hot),
+            _ => Err(format!(
+                "unknown prepaging policy '{s}': use address, bubble or hot"
+            )),
+        }
+    }
 }
 
 /// Options of an outgoing migration.
@@ -258,7 +290,13 @@ pub struct MigrationStatus {
 pub struct MigrateOptions {
     /// Cap on the background push, in bytes per second (demand replies are never held back).
     pub max_bandwidth: Option<u64>,
+    pub prepage: Prepage,
+    /// `Hot`: how long to record the guest's writes before switchover (default 100 ms).
+    pub profile: Option<Duration>,
 }
+
+/// Pages around a demand fault that `Prepage::Bubble` pushes, on each side.
+const BUBBLE: u64 = 64;
 
 /// An outgoing migration: the source's page server.
 #[derive(Debug)]
@@ -273,6 +311,7 @@ pub struct Outgoing {
     zero_pages: AtomicU64,
     bytes_sent: AtomicU64,
     total_pages: u64,
+    prepage: Mutex<(Prepage, u64)>,
     outcome: Mutex<(Phase, Option<String>, Option<Duration>)>,
 }
 
@@ -309,6 +348,7 @@ impl Outgoing {
             zero_pages: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             total_pages: layout.total_pages(),
+            prepage: Mutex::new((Prepage::Address, 0)),
             outcome: Mutex::new((Phase::Postcopy, None, None)),
         });
         Ok((out, urgent, bulk))
@@ -324,21 +364,31 @@ impl Outgoing {
         bulk: TcpStream,
         paused_at: Instant,
         options: &MigrateOptions,
+        hot: Vec<u64>,
     ) -> Result<(), MigrationError> {
+        *self.prepage.lock().expect("migration lock") = (options.prepage, hot.len() as u64);
         let json =
             serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
         self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
         Message::VmState(json).write_to(&mut urgent)?;
         *self.downtime.lock().expect("migration lock") = paused_at.elapsed();
         let sent = Arc::new(AtomicBitmap::new(memory.layout().total_pages()));
+        // Bubble: the demand thread tells the push thread where the guest faults.
+        let (fault_tx, faults) = crossbeam::channel::unbounded();
+        let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
         let (me, mem, s) = (self.clone(), memory.clone(), sent.clone());
         std::thread::Builder::new()
             .name("migrate-urgent".into())
-            .spawn(move || me.serve_demand(&mem, &s, urgent))?;
-        let (me, rate) = (self.clone(), options.max_bandwidth);
+            .spawn(move || me.serve_demand(&mem, &s, urgent, fault_tx.as_ref()))?;
+        let me = self.clone();
+        let order = PushOrder {
+            rate: options.max_bandwidth,
+            hot,
+            faults,
+        };
         std::thread::Builder::new()
             .name("migrate-bulk".into())
-            .spawn(move || me.push_all(&memory, &sent, bulk, rate))?;
+            .spawn(move || me.push_all(&memory, &sent, bulk, &order))?;
         Ok(())
     }
 
@@ -437,7 +487,13 @@ impl Outgoing {
         Ok(())
     }
 
-    fn serve_demand(&self, memory: &GuestMemory, sent: &AtomicBitmap, urgent: TcpStream) {
+    fn serve_demand(
+        &self,
+        memory: &GuestMemory,
+        sent: &AtomicBitmap,
+        urgent: TcpStream,
+        faults: Option<&crossbeam::channel::Sender<u64>>,
+    ) {
         let result = (|| -> Result<(), MigrationError> {
             let mut reader = BufReader::new(urgent.try_clone()?);
             let mut writer = urgent;
@@ -446,6 +502,9 @@ impl Outgoing {
                     Message::PageRequest { gfn, count } => {
                         self.send_pages(&mut writer, memory, sent, gfn, u64::from(count), true)?;
                         writer.flush()?;
+                        if let Some(f) = faults {
+                            let _ = f.send(gfn);
+                        }
                     }
                     Message::Complete => return Ok(()),
                     Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
@@ -465,38 +524,52 @@ impl Outgoing {
         }
     }
 
-    #[allow(clippy::cast_precision_loss)] // pacing arithmetic in seconds
     fn push_all(
         &self,
         memory: &GuestMemory,
         sent: &AtomicBitmap,
         bulk: TcpStream,
-        rate: Option<u64>,
+        order: &PushOrder,
     ) {
         const RUN: u64 = 256;
-        let t0 = Instant::now();
         let result = (|| -> Result<(), MigrationError> {
-            let mut w = BufWriter::with_capacity(1 << 20, bulk);
-            let mut pushed_bytes = 0u64;
+            let mut push = Pusher {
+                out: self,
+                memory,
+                sent,
+                w: BufWriter::with_capacity(1 << 20, bulk),
+                rate: order.rate,
+                pushed_bytes: 0,
+                t0: Instant::now(),
+            };
+            // Hot pages first, in runs of consecutive gfns.
+            let mut i = 0;
+            while i < order.hot.len() {
+                let mut j = i + 1;
+                while j < order.hot.len()
+                    && order.hot[j] == order.hot[j - 1] + 1
+                    && j - i < RUN as usize
+                {
+                    j += 1;
+                }
+                push.send(order.hot[i], (j - i) as u64)?;
+                i = j;
+            }
             for r in &memory.layout().regions.clone() {
                 let mut gfn = r.first_gfn();
                 while gfn < r.first_gfn() + r.pages() {
-                    let n = RUN.min(r.first_gfn() + r.pages() - gfn);
-                    self.send_pages(&mut w, memory, sent, gfn, n, false)?;
-                    gfn += n;
-                    if let Some(rate) = rate.filter(|r| *r > 0) {
-                        // Pace the push: n pages may leave only after n*4K/rate seconds.
-                        pushed_bytes += n * PAGE_SIZE;
-                        let due = Duration::from_secs_f64(pushed_bytes as f64 / rate as f64);
-                        if let Some(wait) = due.checked_sub(t0.elapsed()) {
-                            w.flush()?;
-                            std::thread::sleep(wait);
-                        }
+                    // Bubble: around each new fault first, outward from it.
+                    for g in order.faults.try_iter() {
+                        push.send(g + 1, BUBBLE)?;
+                        push.send(g.saturating_sub(BUBBLE), BUBBLE.min(g))?;
                     }
+                    let n = RUN.min(r.first_gfn() + r.pages() - gfn);
+                    push.send(gfn, n)?;
+                    gfn += n;
                 }
             }
-            Message::PushDone.write_to(&mut w)?;
-            w.flush()?;
+            Message::PushDone.write_to(&mut push.w)?;
+            push.w.flush()?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -507,6 +580,7 @@ impl Outgoing {
     /// `query-migrate` on the source.
     pub fn status(&self) -> MigrationStatus {
         let o = self.outcome.lock().expect("migration lock").clone();
+        let (prepage, hot_pages) = *self.prepage.lock().expect("migration lock");
         MigrationStatus {
             role: "source",
             phase: o.0,
@@ -521,8 +595,52 @@ impl Outgoing {
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             total_pages: self.total_pages,
+            prepage,
+            hot_pages,
             total_ms: o.2.map(|d| d.as_secs_f64() * 1e3),
         }
+    }
+}
+
+/// What the push sends first, and how fast.
+struct PushOrder {
+    rate: Option<u64>,
+    /// Sorted gfns to push before anything else.
+    hot: Vec<u64>,
+    /// Demand faults, for bubbling (empty unless `Prepage::Bubble`).
+    faults: crossbeam::channel::Receiver<u64>,
+}
+
+/// The push thread's writer, with optional pacing.
+struct Pusher<'a> {
+    out: &'a Outgoing,
+    memory: &'a GuestMemory,
+    sent: &'a AtomicBitmap,
+    w: BufWriter<TcpStream>,
+    rate: Option<u64>,
+    pushed_bytes: u64,
+    t0: Instant,
+}
+
+impl Pusher<'_> {
+    /// Pushes the pages of `[gfn, gfn + n)` not sent yet, then waits if over the rate.
+    #[allow(clippy::cast_precision_loss)] // pacing arithmetic in seconds
+    fn send(&mut self, gfn: u64, n: u64) -> Result<(), MigrationError> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.out
+            .send_pages(&mut self.w, self.memory, self.sent, gfn, n, false)?;
+        if let Some(rate) = self.rate.filter(|r| *r > 0) {
+            // n pages may leave only after n * 4 KiB / rate seconds.
+            self.pushed_bytes += n * PAGE_SIZE;
+            let due = Duration::from_secs_f64(self.pushed_bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.t0.elapsed()) {
+                self.w.flush()?;
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -148,7 +148,6 @@ pub struct Vm {
     /// Serves guest pages on demand (lazy restore, incoming migration); outlives the vCPU
     /// threads, which may wait on a fault while they stop.
     paging: Option<DemandPaging>,
-    #[allow(dead_code)] // owns the VM fd the vCPUs belong to
     kvm: KvmVm,
     devices: Arc<Devices>,
     memory: Arc<GuestMemory>,
@@ -303,14 +302,35 @@ impl Vm {
             return Err(MigrationError::AlreadyMigrating.into());
         }
         let (out, urgent, bulk) = Outgoing::connect(uri, secret, self.memory.layout())?;
+        let hot = if options.prepage == migration::Prepage::Hot {
+            self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?
+        } else {
+            Vec::new()
+        };
         let mut paused = self.operator_paused.lock().expect("vm lock");
         let t0 = Instant::now();
         self.pause_vcpus()?;
         *paused = true;
         let state = self.capture_state()?;
-        out.switch_over(&state, self.memory.clone(), urgent, bulk, t0, options)?;
+        out.switch_over(&state, self.memory.clone(), urgent, bulk, t0, options, hot)?;
         *outgoing = Some(out.clone());
         Ok(out.status())
+    }
+
+    /// The gfns the running guest writes during `window` (KVM dirty log), sorted: the access
+    /// profile of hot-first prepaging.
+    fn profile_writes(&self, window: Duration) -> Result<Vec<u64>, Error> {
+        self.kvm.set_dirty_logging(&self.memory, true)?;
+        let profile = (|| {
+            self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
+                                                      // The profile is a measurement over wall-clock time: the guest runs meanwhile.
+            std::thread::sleep(window);
+            self.kvm.take_dirty_pages(&self.memory)
+        })();
+        self.kvm.set_dirty_logging(&self.memory, false)?;
+        let mut gfns = profile?;
+        gfns.sort_unstable();
+        Ok(gfns)
     }
 
     /// `query-migrate`: the outgoing migration (source) or the incoming one (destination).

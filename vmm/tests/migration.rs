@@ -45,9 +45,11 @@ fn destination(
 
 #[test]
 fn postcopy_migration_keeps_the_digest() {
-    for (vcpus, workload) in [
-        (1, "hotcold:ws=32M,write=0.3,seed=61"),
-        (2, "uniform:ws=32M,write=0.3,seed=62"),
+    use tsubame_vmm::migration::{MigrateOptions, Prepage};
+    for (vcpus, workload, prepage) in [
+        (1, "hotcold:ws=32M,write=0.3,seed=61", Prepage::Address),
+        (2, "uniform:ws=32M,write=0.3,seed=62", Prepage::Bubble),
+        (2, "hotcold:ws=32M,write=0.3,seed=64", Prepage::Hot),
     ] {
         let cfg = config(vcpus, workload, 1_500_000);
         let reference = {
@@ -63,7 +65,18 @@ fn postcopy_migration_keeps_the_digest() {
             WaitOutcome::Reached
         );
         let (uri, dest) = destination(SECRET);
-        let status = source.migrate(&uri, SECRET, &Default::default()).unwrap();
+        let options = MigrateOptions {
+            prepage,
+            ..Default::default()
+        };
+        let status = source.migrate(&uri, SECRET, &options).unwrap();
+        assert_eq!(status.prepage, prepage);
+        if prepage == Prepage::Hot {
+            assert!(
+                status.hot_pages > 0,
+                "the profile saw the guest write nothing: {status:?}"
+            );
+        }
         let dest = dest.join().unwrap().unwrap();
         dest.resume().unwrap();
         assert!(

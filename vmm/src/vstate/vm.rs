@@ -4,7 +4,9 @@
 //! No in-kernel irqchip: the built-in guest runs with interrupts off, and without an irqchip a
 //! `hlt` exits to the VMM, which is how a broken guest stops.
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::memory::GuestMemory;
@@ -20,6 +22,11 @@ pub enum VmError {
     Cpuid(kvm_ioctls::Error),
     #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
     MsrList(kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG on memory slot {slot} failed: {source}")]
+    DirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot add memory slot {slot} (gpa {gpa:#x}, {size} bytes): {source}")]
     MemorySlot {
         slot: u32,
@@ -68,24 +75,61 @@ impl KvmVm {
             .copied()
             .filter(|m| supported.as_slice().contains(m))
             .collect();
+        let vm = Self { fd, cpuid, msrs };
+        vm.set_slots(memory, 0)?;
+        Ok(vm)
+    }
+
+    /// (Re)registers every region of `memory` as a memory slot with `flags`.
+    fn set_slots(&self, memory: &GuestMemory, flags: u32) -> Result<(), VmError> {
         for (slot, range) in memory.host_ranges().iter().enumerate() {
             let slot = u32::try_from(slot).expect("few regions");
             let region = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: range.layout.gpa,
                 memory_size: range.layout.size,
                 userspace_addr: range.hva.as_ptr() as u64,
             };
             // SAFETY: the host range is a live mapping owned by `memory`, which the caller keeps
             // alive as long as this VM (the Vm object owns both and drops the VM first).
-            unsafe { fd.set_user_memory_region(region) }.map_err(|source| VmError::MemorySlot {
-                slot,
-                gpa: range.layout.gpa,
-                size: range.layout.size,
-                source,
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
+                VmError::MemorySlot {
+                    slot,
+                    gpa: range.layout.gpa,
+                    size: range.layout.size,
+                    source,
+                }
             })?;
         }
-        Ok(Self { fd, cpuid, msrs })
+        Ok(())
+    }
+
+    /// Starts or stops KVM's dirty-page logging on all of guest memory. Exact for CPL3 writes on
+    /// these hosts; used to record which pages a running guest writes.
+    pub fn set_dirty_logging(&self, memory: &GuestMemory, on: bool) -> Result<(), VmError> {
+        self.set_slots(memory, if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })
+    }
+
+    /// The gfns written since logging started or since the last call (which resets the log).
+    pub fn take_dirty_pages(&self, memory: &GuestMemory) -> Result<Vec<u64>, VmError> {
+        let mut gfns = Vec::new();
+        for (slot, range) in memory.host_ranges().iter().enumerate() {
+            let slot = u32::try_from(slot).expect("few regions");
+            let size = usize::try_from(range.layout.size).expect("slot size fits usize");
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot, size)
+                .map_err(|source| VmError::DirtyLog { slot, source })?;
+            for (w, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    gfns.push(range.layout.first_gfn() + w as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(gfns)
     }
 }
