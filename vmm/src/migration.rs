@@ -298,6 +298,15 @@ pub struct MigrateOptions {
 /// Pages around a demand fault that `Prepage::Bubble` pushes, on each side.
 const BUBBLE: u64 = 64;
 
+/// The two authenticated connections of a migration.
+#[derive(Debug)]
+pub struct Channels {
+    /// vCPU state, demand requests and their pages.
+    pub urgent: TcpStream,
+    /// The background push.
+    pub bulk: TcpStream,
+}
+
 /// An outgoing migration: the source's page server.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -322,7 +331,7 @@ impl Outgoing {
         uri: &str,
         secret: &[u8],
         layout: &MemoryLayout,
-    ) -> Result<(Arc<Self>, TcpStream, TcpStream), MigrationError> {
+    ) -> Result<(Arc<Self>, Channels), MigrationError> {
         let addr = parse_uri(uri)?;
         let session = u64::from_le_bytes(protocol::nonce()?[..8].try_into().expect("8 bytes"));
         let wire = wire_layout(layout);
@@ -351,7 +360,7 @@ impl Outgoing {
             prepage: Mutex::new((Prepage::Address, 0)),
             outcome: Mutex::new((Phase::Postcopy, None, None)),
         });
-        Ok((out, urgent, bulk))
+        Ok((out, Channels { urgent, bulk }))
     }
 
     /// Sends the paused VM's state, then serves its memory on two threads until the
@@ -360,13 +369,13 @@ impl Outgoing {
         self: &Arc<Self>,
         state: &VmState,
         memory: Arc<GuestMemory>,
-        mut urgent: TcpStream,
-        bulk: TcpStream,
+        channels: Channels,
         paused_at: Instant,
         options: &MigrateOptions,
         hot: Vec<u64>,
     ) -> Result<(), MigrationError> {
         *self.prepage.lock().expect("migration lock") = (options.prepage, hot.len() as u64);
+        let Channels { mut urgent, bulk } = channels;
         let json =
             serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
         self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
@@ -548,7 +557,7 @@ impl Outgoing {
                 let mut j = i + 1;
                 while j < order.hot.len()
                     && order.hot[j] == order.hot[j - 1] + 1
-                    && j - i < RUN as usize
+                    && ((j - i) as u64) < RUN
                 {
                     j += 1;
                 }

@@ -301,7 +301,7 @@ impl Vm {
         if outgoing.is_some() {
             return Err(MigrationError::AlreadyMigrating.into());
         }
-        let (out, urgent, bulk) = Outgoing::connect(uri, secret, self.memory.layout())?;
+        let (out, channels) = Outgoing::connect(uri, secret, self.memory.layout())?;
         let hot = if options.prepage == migration::Prepage::Hot {
             self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?
         } else {
@@ -312,7 +312,7 @@ impl Vm {
         self.pause_vcpus()?;
         *paused = true;
         let state = self.capture_state()?;
-        out.switch_over(&state, self.memory.clone(), urgent, bulk, t0, options, hot)?;
+        out.switch_over(&state, self.memory.clone(), channels, t0, options, hot)?;
         *outgoing = Some(out.clone());
         Ok(out.status())
     }
