@@ -296,41 +296,18 @@ impl FaultEngine {
         }
         let pages = data.len() as u64 / PAGE_SIZE;
         let (_, idx, hva) = self.locate(gfn, pages)?;
-        let len = pages * PAGE_SIZE;
         let fd = self.uffd.raw_fd();
-        let mut off = 0;
-        let mut installed = 0;
-        while off < len {
+        let installed = self.fill(gfn, hva, pages, |off, len| {
             let at = usize::try_from(off).expect("offset");
-            // SAFETY: data[at..] is valid for len - off bytes; the destination lies in a range
-            // registered on this uffd (locate checked it).
-            let r = unsafe { sys::copy(fd, hva + off, data[at..].as_ptr(), len - off, true) };
-            match r.map_err(|source| UffdError::Copy {
+            // SAFETY: data[at..] is valid for len bytes (off + len = data.len()); the
+            // destination lies in a range registered on this uffd (locate checked it).
+            let r = unsafe { sys::copy(fd, hva + off, data[at..].as_ptr(), len, true) };
+            r.map_err(|source| UffdError::Copy {
                 gfn: gfn + off / PAGE_SIZE,
-                len: len - off,
+                len,
                 source,
-            })? {
-                InstallOutcome::Installed => {
-                    installed += (len - off) / PAGE_SIZE;
-                    off = len;
-                }
-                InstallOutcome::Partial { done } => {
-                    installed += done / PAGE_SIZE;
-                    off += done / PAGE_SIZE * PAGE_SIZE;
-                }
-                InstallOutcome::AlreadyPresent => {
-                    // The page at `off` is there already: keep it, wake its waiters, go on.
-                    self.counters
-                        .already_present
-                        .fetch_add(1, Ordering::Relaxed);
-                    sys::wake(fd, hva + off, PAGE_SIZE).map_err(|source| UffdError::Wake {
-                        gfn: gfn + off / PAGE_SIZE,
-                        source,
-                    })?;
-                    off += PAGE_SIZE;
-                }
-            }
-        }
+            })
+        })?;
         self.counters
             .pages_copied
             .fetch_add(installed, Ordering::Relaxed);
@@ -342,17 +319,35 @@ impl FaultEngine {
     pub fn install_zero(&self, gfn: u64, pages: u64) -> Result<u64, UffdError> {
         let (_, idx, hva) = self.locate(gfn, pages)?;
         let fd = self.uffd.raw_fd();
+        let installed = self.fill(gfn, hva, pages, |off, len| {
+            sys::zeropage(fd, hva + off, len, true).map_err(|source| UffdError::Zero {
+                gfn: gfn + off / PAGE_SIZE,
+                len,
+                source,
+            })
+        })?;
+        self.counters
+            .pages_zeroed
+            .fetch_add(installed, Ordering::Relaxed);
+        self.mark_present(gfn, idx, pages);
+        Ok(installed)
+    }
+
+    /// Runs an install ioctl (`op(offset, len)`) over `pages` pages at `hva` until each page is
+    /// installed or found present: a partial install continues after what was done; a page
+    /// already there is kept, its waiters woken, and skipped. Returns the pages `op` installed.
+    fn fill(
+        &self,
+        gfn: u64,
+        hva: u64,
+        pages: u64,
+        mut op: impl FnMut(u64, u64) -> Result<InstallOutcome, UffdError>,
+    ) -> Result<u64, UffdError> {
         let len = pages * PAGE_SIZE;
         let mut off = 0;
         let mut installed = 0;
         while off < len {
-            match sys::zeropage(fd, hva + off, len - off, true).map_err(|source| {
-                UffdError::Zero {
-                    gfn: gfn + off / PAGE_SIZE,
-                    len: len - off,
-                    source,
-                }
-            })? {
+            match op(off, len - off)? {
                 InstallOutcome::Installed => {
                     installed += (len - off) / PAGE_SIZE;
                     off = len;
@@ -365,18 +360,16 @@ impl FaultEngine {
                     self.counters
                         .already_present
                         .fetch_add(1, Ordering::Relaxed);
-                    sys::wake(fd, hva + off, PAGE_SIZE).map_err(|source| UffdError::Wake {
-                        gfn: gfn + off / PAGE_SIZE,
-                        source,
+                    sys::wake(self.uffd.raw_fd(), hva + off, PAGE_SIZE).map_err(|source| {
+                        UffdError::Wake {
+                            gfn: gfn + off / PAGE_SIZE,
+                            source,
+                        }
                     })?;
                     off += PAGE_SIZE;
                 }
             }
         }
-        self.counters
-            .pages_zeroed
-            .fetch_add(installed, Ordering::Relaxed);
-        self.mark_present(gfn, idx, pages);
         Ok(installed)
     }
 

@@ -5,22 +5,12 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+mod common;
+use common::{config, TIMEOUT};
 
-const TIMEOUT: Duration = Duration::from_secs(120);
+use tsubame_vmm::{SerialOutput, Vm, WaitOutcome};
+
 const SECRET: &[u8] = b"test secret";
-
-fn config(vcpus: usize, workload: &str, steps: u64) -> VmConfig {
-    VmConfig {
-        mem_bytes: 64 << 20,
-        vcpus,
-        workload: workload.parse().unwrap(),
-        steps,
-        report_every: 0,
-        verify_at_end: true,
-        serial: SerialOutput::Discard,
-    }
-}
 
 /// Starts a destination on an ephemeral port; returns its address and the thread building it.
 fn destination(

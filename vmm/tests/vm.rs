@@ -4,25 +4,13 @@
 //! (The same across processes, through the CLI, is in tests/tests/restore.rs.)
 
 use std::path::PathBuf;
-use std::time::Duration;
+
+mod common;
+use common::{config, TIMEOUT};
 
 use tsubame_vmm::devices::CpuStatus;
 use tsubame_vmm::guest::read_config;
 use tsubame_vmm::{Digest, SerialOutput, Vm, VmConfig, VmRunState, WaitOutcome};
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn config(vcpus: usize, workload: &str, steps: u64) -> VmConfig {
-    VmConfig {
-        mem_bytes: 64 << 20,
-        vcpus,
-        workload: workload.parse().unwrap(),
-        steps,
-        report_every: 0,
-        verify_at_end: true,
-        serial: SerialOutput::Discard,
-    }
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tsubame-vmtest-{}", std::process::id()));
