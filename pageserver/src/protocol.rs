@@ -233,10 +233,7 @@ impl Message {
                 p.extend_from_slice(&gfn.to_le_bytes());
                 p.extend_from_slice(&count.to_le_bytes());
             }
-            Self::Pages { gfn, data } => {
-                // Header and gfn first, then the page data straight from the caller's buffer.
-                return write_frame(w, 6, &gfn.to_le_bytes(), data);
-            }
+            Self::Pages { gfn, data } => return write_pages(w, *gfn, data),
             Self::ZeroPages { gfn, count } => {
                 p.extend_from_slice(&gfn.to_le_bytes());
                 p.extend_from_slice(&count.to_le_bytes());
@@ -285,6 +282,22 @@ impl Message {
         })?;
         decode(kind, name, p)
     }
+}
+
+/// Writes a `Pages` frame for `data` (whole pages from `gfn`) without copying it into a
+/// message first: the page server sends straight from its read buffer.
+pub fn write_pages(w: &mut impl Write, gfn: u64, data: &[u8]) -> Result<(), ProtocolError> {
+    let pages = data.len() / PAGE_SIZE;
+    if data.is_empty() || data.len() % PAGE_SIZE != 0 || pages > MAX_PAGES_PER_FRAME as usize {
+        return Err(ProtocolError::Malformed {
+            kind: "Pages",
+            why: format!(
+                "{} bytes is not 1 to {MAX_PAGES_PER_FRAME} whole pages",
+                data.len()
+            ),
+        });
+    }
+    write_frame(w, 6, &gfn.to_le_bytes(), data)
 }
 
 fn write_frame(
@@ -586,6 +599,19 @@ mod tests {
             Message::read_from(&mut &frame(9, 0, &[])[..6]),
             Err(ProtocolError::Closed)
         ));
+    }
+
+    #[test]
+    fn oversized_page_batches_are_not_sent() {
+        let mut out = Vec::new();
+        assert!(write_pages(&mut out, 0, &[0; PAGE_SIZE + 1]).is_err());
+        assert!(write_pages(
+            &mut out,
+            0,
+            &vec![0; (MAX_PAGES_PER_FRAME as usize + 1) * PAGE_SIZE]
+        )
+        .is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

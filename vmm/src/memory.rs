@@ -274,6 +274,11 @@ unsafe impl Send for GuestMemory {}
 // SAFETY: as above: no method gives out references into guest RAM.
 unsafe impl Sync for GuestMemory {}
 
+/// Whether `page` is all zero bytes (written so that it vectorises).
+pub fn is_zero(page: &[u8]) -> bool {
+    page.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
 /// A 128-bit XXH3 digest of guest memory, printed as 32 hex digits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Digest(pub u128);

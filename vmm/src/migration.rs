@@ -27,7 +27,7 @@ use tsubame_pageserver::protocol::{
 };
 use tsubame_uffd::{AtomicBitmap, FaultEngine, PageSource, SourceError};
 
-use crate::memory::{GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::{is_zero, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE};
 use crate::paging::DemandPaging;
 use crate::snapshot::VmState;
 
@@ -428,71 +428,66 @@ impl Outgoing {
             &self.pages_pushed
         };
         let layout = memory.layout();
-        let mut buf = vec![0u8; PAGE_BYTES];
-        let mut run: Vec<u8> = Vec::new(); // data pages waiting to go, starting at run_gfn
-        let mut run_gfn = gfn;
-        let mut zero_run: (u64, u64) = (0, 0); // (first gfn, count)
-        let flush_data =
-            |w: &mut dyn Write, run: &mut Vec<u8>, at: u64| -> Result<(), MigrationError> {
-                if !run.is_empty() {
-                    self.bytes_sent
-                        .fetch_add(run.len() as u64, Ordering::Relaxed);
-                    Message::Pages {
-                        gfn: at,
-                        data: std::mem::take(run),
-                    }
-                    .write_to(&mut &mut *w)?;
-                }
-                Ok(())
-            };
-        let flush_zero = |w: &mut dyn Write, z: &mut (u64, u64)| -> Result<(), MigrationError> {
-            if z.1 > 0 {
-                self.zero_pages.fetch_add(z.1, Ordering::Relaxed);
-                Message::ZeroPages {
-                    gfn: z.0,
-                    count: z.1,
-                }
-                .write_to(&mut &mut *w)?;
-                z.1 = 0;
-            }
-            Ok(())
-        };
-        for g in gfn..gfn + count {
-            let Some(idx) = layout.page_index(g) else {
+        let max_run = u64::from(MAX_PAGES_PER_FRAME);
+        let mut buf = Vec::new();
+        let mut take = Vec::new();
+        let mut g = gfn;
+        while g < gfn + count {
+            let Some(first) = layout.page_index(g) else {
+                g += 1; // not RAM (a hole between regions)
                 continue;
             };
-            let already = sent.test_and_set(idx);
-            if already && !demand {
-                flush_data(w, &mut run, run_gfn)?;
-                flush_zero(w, &mut zero_run)?;
-                continue;
+            // A run of consecutive pages inside one region, read from guest memory at once.
+            let mut n = 1;
+            while g + n < gfn + count && n < max_run && layout.page_index(g + n) == Some(first + n)
+            {
+                n += 1;
             }
-            if already {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
+            take.clear();
+            for k in 0..n {
+                let already = sent.test_and_set(first + k);
+                if already && demand {
+                    self.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                take.push(!already || demand);
             }
-            counter.fetch_add(1, Ordering::Relaxed);
+            let len = usize::try_from(n).expect("run fits usize") * PAGE_BYTES;
+            buf.resize(len, 0);
             memory
                 .read(g * PAGE_SIZE, &mut buf)
                 .map_err(|e| MigrationError::BadState(e.to_string()))?;
-            if buf.iter().all(|&b| b == 0) {
-                flush_data(w, &mut run, run_gfn)?;
-                if zero_run.1 == 0 {
-                    zero_run.0 = g;
+            let page = |k: usize| &buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES];
+            // Taken pages go out as runs of zero markers and runs of data, straight from buf.
+            let mut k = 0;
+            while k < take.len() {
+                if !take[k] {
+                    k += 1;
+                    continue;
                 }
-                zero_run.1 += 1;
-            } else {
-                flush_zero(w, &mut zero_run)?;
-                if run.is_empty() {
-                    run_gfn = g;
+                let zero = is_zero(page(k));
+                let mut j = k + 1;
+                while j < take.len() && take[j] && is_zero(page(j)) == zero {
+                    j += 1;
                 }
-                run.extend_from_slice(&buf);
-                if run.len() as u64 >= u64::from(MAX_PAGES_PER_FRAME) * PAGE_SIZE {
-                    flush_data(w, &mut run, run_gfn)?;
+                let (at, pages) = (g + k as u64, (j - k) as u64);
+                counter.fetch_add(pages, Ordering::Relaxed);
+                if zero {
+                    self.zero_pages.fetch_add(pages, Ordering::Relaxed);
+                    Message::ZeroPages {
+                        gfn: at,
+                        count: pages,
+                    }
+                    .write_to(w)?;
+                } else {
+                    let data = &buf[k * PAGE_BYTES..j * PAGE_BYTES];
+                    self.bytes_sent
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    protocol::write_pages(w, at, data)?;
                 }
+                k = j;
             }
+            g += n;
         }
-        flush_data(w, &mut run, run_gfn)?;
-        flush_zero(w, &mut zero_run)?;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::DevicesState;
-use crate::memory::{GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::{is_zero, GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
 use tsubame_uffd::{FaultEngine, PageSource, SourceError};
 
 use crate::vstate::vcpu::VcpuState;
@@ -64,10 +64,6 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
         path: path.display().to_string(),
         source,
     }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
 }
 
 /// Writes `state` and all of `memory` to `path`. The vCPUs must be paused.
