@@ -25,6 +25,7 @@ pub enum BenchCommand {
 ///
 /// Example: tsubame bench guest --mem 1G --workload uniform:ws=512M,write=0.3 --steps 5000000
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct GuestBenchArgs {
     /// Guest RAM.
     #[arg(long, default_value = "1G", value_parser = crate::run::parse_mem)]

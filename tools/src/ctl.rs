@@ -23,6 +23,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct CtlArgs {
     /// The VM's control socket (`tsubame run --control SOCKET`).
     pub socket: PathBuf,

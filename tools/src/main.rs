@@ -39,6 +39,7 @@ enum Command {
 /// Example: tsubame guest-image --mem 256M --workload hotcold:ws=64M --steps 1000000 -o guest.elf
 ///          qemu-system-x86_64 -accel kvm -m 256M -kernel guest.elf -display none -serial stdio
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 struct GuestImageArgs {
     /// Guest RAM QEMU will be given (-m), e.g. 256M or 1G: decides where the working set lives.
     #[arg(long, default_value = "256M", value_parser = run::parse_mem)]

@@ -23,7 +23,9 @@ use tsubame_vmm::{SerialOutput, Vm, VmConfig, VmRunState};
 ///   tsubame run --mem 1G --vcpus 2 --workload hotcold:ws=512M,write=0.3,seed=7 --steps 5000000
 ///   tsubame run --mem 256M --workload uniform:ws=64M --control /tmp/vm.sock --hold
 ///   tsubame run --restore /tmp/vm.snap --control /tmp/vm.sock
+///   TSUBAME_SECRET=... tsubame run --incoming tcp:0.0.0.0:4444   (destination of a migration)
 #[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
 pub struct RunArgs {
     /// Guest RAM, e.g. 256M, 1G, 8G (binary units) [default: 256M].
     #[arg(long, value_parser = parse_mem, conflicts_with = "restore")]
