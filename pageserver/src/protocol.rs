@@ -145,6 +145,20 @@ pub enum ProtocolError {
     Peer(String),
 }
 
+impl ProtocolError {
+    /// What receiving `got` where `expected` was due means: the peer's own `Error` message, or
+    /// a protocol violation.
+    pub fn unexpected(expected: &'static str, got: Message) -> Self {
+        match got {
+            Message::Error { message } => Self::Peer(message),
+            m => Self::Unexpected {
+                expected,
+                got: m.name(),
+            },
+        }
+    }
+}
+
 const KINDS: [&str; 11] = [
     "invalid",
     "Challenge",

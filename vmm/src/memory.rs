@@ -279,6 +279,33 @@ pub fn is_zero(page: &[u8]) -> bool {
     page.iter().fold(0u8, |acc, &b| acc | b) == 0
 }
 
+/// Splits `buf` (whole pages) into maximal runs of consecutive pages that `wanted` selects and
+/// that are all zero or all data, and calls `each(first, end, zero)` (page indices into `buf`)
+/// for each run in order: zero runs travel as markers, data runs as one copy.
+pub fn for_each_page_run<E>(
+    buf: &[u8],
+    wanted: impl Fn(usize) -> bool,
+    mut each: impl FnMut(usize, usize, bool) -> Result<(), E>,
+) -> Result<(), E> {
+    let pages = buf.len() / PAGE_BYTES;
+    let page = |k: usize| &buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES];
+    let mut k = 0;
+    while k < pages {
+        if !wanted(k) {
+            k += 1;
+            continue;
+        }
+        let zero = is_zero(page(k));
+        let mut j = k + 1;
+        while j < pages && wanted(j) && is_zero(page(j)) == zero {
+            j += 1;
+        }
+        each(k, j, zero)?;
+        k = j;
+    }
+    Ok(())
+}
+
 /// A 128-bit XXH3 digest of guest memory, printed as 32 hex digits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Digest(pub u128);
@@ -362,5 +389,23 @@ mod tests {
             m.digest().to_string().parse::<Digest>().unwrap(),
             m.digest()
         );
+    }
+
+    #[test]
+    fn page_runs_split_zero_and_data() {
+        let mut buf = vec![0u8; 6 * PAGE_BYTES];
+        buf[2 * PAGE_BYTES] = 1; // page 2 holds data
+        buf[3 * PAGE_BYTES + 9] = 1; // page 3 holds data
+        let mut runs = Vec::new();
+        for_each_page_run(
+            &buf,
+            |k| k != 5,
+            |a, b, zero| {
+                runs.push((a, b, zero));
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap();
+        assert_eq!(runs, vec![(0, 2, true), (2, 4, false), (4, 5, true)]);
     }
 }

@@ -27,7 +27,9 @@ use tsubame_pageserver::protocol::{
 };
 use tsubame_uffd::{AtomicBitmap, FaultEngine, PageSource, SourceError};
 
-use crate::memory::{is_zero, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::{
+    for_each_page_run, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE,
+};
 use crate::paging::DemandPaging;
 use crate::snapshot::VmState;
 
@@ -100,14 +102,7 @@ fn handshake_source(
 ) -> Result<(), MigrationError> {
     let (version, nonce_d) = match Message::read_from(s)? {
         Message::Challenge { version, nonce } => (version, nonce),
-        Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
-        m => {
-            return Err(ProtocolError::Unexpected {
-                expected: "Challenge",
-                got: m.name(),
-            }
-            .into())
-        }
+        m => return Err(ProtocolError::unexpected("Challenge", m).into()),
     };
     if version != PROTOCOL_VERSION {
         return Err(ProtocolError::Version {
@@ -133,12 +128,7 @@ fn handshake_source(
             Ok(())
         }
         Message::Accept { .. } => Err(ProtocolError::Auth.into()),
-        Message::Error { message } => Err(ProtocolError::Peer(message).into()),
-        m => Err(ProtocolError::Unexpected {
-            expected: "Accept",
-            got: m.name(),
-        }
-        .into()),
+        m => Err(ProtocolError::unexpected("Accept", m).into()),
     }
 }
 
@@ -456,36 +446,29 @@ impl Outgoing {
             memory
                 .read(g * PAGE_SIZE, &mut buf)
                 .map_err(|e| MigrationError::BadState(e.to_string()))?;
-            let page = |k: usize| &buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES];
             // Taken pages go out as runs of zero markers and runs of data, straight from buf.
-            let mut k = 0;
-            while k < take.len() {
-                if !take[k] {
-                    k += 1;
-                    continue;
-                }
-                let zero = is_zero(page(k));
-                let mut j = k + 1;
-                while j < take.len() && take[j] && is_zero(page(j)) == zero {
-                    j += 1;
-                }
-                let (at, pages) = (g + k as u64, (j - k) as u64);
-                counter.fetch_add(pages, Ordering::Relaxed);
-                if zero {
-                    self.zero_pages.fetch_add(pages, Ordering::Relaxed);
-                    Message::ZeroPages {
-                        gfn: at,
-                        count: pages,
+            for_each_page_run(
+                &buf,
+                |k| take[k],
+                |a, b, zero| {
+                    let (at, pages) = (g + a as u64, (b - a) as u64);
+                    counter.fetch_add(pages, Ordering::Relaxed);
+                    if zero {
+                        self.zero_pages.fetch_add(pages, Ordering::Relaxed);
+                        Message::ZeroPages {
+                            gfn: at,
+                            count: pages,
+                        }
+                        .write_to(w)?;
+                    } else {
+                        let data = &buf[a * PAGE_BYTES..b * PAGE_BYTES];
+                        self.bytes_sent
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        protocol::write_pages(w, at, data)?;
                     }
-                    .write_to(w)?;
-                } else {
-                    let data = &buf[k * PAGE_BYTES..j * PAGE_BYTES];
-                    self.bytes_sent
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    protocol::write_pages(w, at, data)?;
-                }
-                k = j;
-            }
+                    Ok::<(), MigrationError>(())
+                },
+            )?;
             g += n;
         }
         Ok(())
@@ -511,14 +494,7 @@ impl Outgoing {
                         }
                     }
                     Message::Complete => return Ok(()),
-                    Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
-                    m => {
-                        return Err(ProtocolError::Unexpected {
-                            expected: "PageRequest",
-                            got: m.name(),
-                        }
-                        .into())
-                    }
+                    m => return Err(ProtocolError::unexpected("PageRequest", m).into()),
                 }
             }
         })();
@@ -719,14 +695,7 @@ pub fn incoming(
     let (_, bulk) = bulk.expect("checked above");
     let json = match Message::read_from(&mut urgent)? {
         Message::VmState(j) => j,
-        Message::Error { message } => return Err(ProtocolError::Peer(message).into()),
-        m => {
-            return Err(ProtocolError::Unexpected {
-                expected: "VmState",
-                got: m.name(),
-            }
-            .into())
-        }
+        m => return Err(ProtocolError::unexpected("VmState", m).into()),
     };
     let state_received = Instant::now();
     let state: VmState =

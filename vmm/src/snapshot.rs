@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::DevicesState;
-use crate::memory::{is_zero, GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
+use crate::memory::{for_each_page_run, is_zero, GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
 use tsubame_uffd::{FaultEngine, PageSource, SourceError};
 
 use crate::vstate::vcpu::VcpuState;
@@ -249,26 +249,19 @@ impl SnapshotPages {
         self.file
             .read_exact_at(&mut buf, off)
             .map_err(|e| err(e.to_string()))?;
-        let mut i = 0u64;
-        while i < pages {
-            let page =
-                |k: u64| &buf[usize::try_from(k * PAGE_SIZE).expect("in buf")..][..PAGE_BYTES];
-            let zero = is_zero(page(i));
-            let mut j = i + 1;
-            while j < pages && is_zero(page(j)) == zero {
-                j += 1;
-            }
-            let r = if zero {
-                engine.install_zero(gfn + i, j - i)
-            } else {
-                let from = usize::try_from(i * PAGE_SIZE).expect("in buf");
-                let to = usize::try_from(j * PAGE_SIZE).expect("in buf");
-                engine.install(gfn + i, &buf[from..to])
-            };
-            r.map_err(|e| err(e.to_string()))?;
-            i = j;
-        }
-        Ok(())
+        for_each_page_run(
+            &buf,
+            |_| true,
+            |a, b, zero| {
+                let at = gfn + a as u64;
+                let r = if zero {
+                    engine.install_zero(at, (b - a) as u64)
+                } else {
+                    engine.install(at, &buf[a * PAGE_BYTES..b * PAGE_BYTES])
+                };
+                r.map(drop).map_err(|e| err(e.to_string()))
+            },
+        )
     }
 
     /// Pushes every page not yet present, in address order, 2 MiB (512 pages) at a time:
