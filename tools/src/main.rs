@@ -10,6 +10,7 @@ mod bench;
 mod check;
 mod ctl;
 mod demo;
+mod linkem;
 mod run;
 
 /// Tsubame: a postcopy-first VMM and page-server system for Linux/KVM.
@@ -32,6 +33,7 @@ enum Command {
     Bench(bench::BenchCommand),
     GuestImage(GuestImageArgs),
     Demo(demo::DemoArgs),
+    Linkem(linkem::LinkemArgs),
 }
 
 /// Write the built-in guest image, configured with a workload, for `qemu-system-x86_64 -kernel`.
@@ -72,6 +74,7 @@ fn main() {
         Command::Bench(b) => bench::bench(b),
         Command::GuestImage(a) => guest_image(&a).map(|()| 0),
         Command::Demo(a) => demo::demo(&a),
+        Command::Linkem(a) => linkem::linkem(&a),
     };
     match result {
         Ok(code) => std::process::exit(code),

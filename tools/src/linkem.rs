@@ -1,0 +1,815 @@
+//! `tsubame linkem`: a user-space TCP link emulator (these hosts have no `tc netem`), used to give
+//! benchmarks wide-area links with a one-way delay and a bandwidth limit.
+//!
+//! Design. An acceptor thread takes connections on the listening socket; for each one a setup
+//! thread connects to the target (a failure closes only that connection) and then runs the pair as
+//! two independent directions, each made of a reader thread, a bounded queue and a writer thread:
+//!
+//! ```text
+//!   client ──read──> [reader] ──(release, bytes)──> queue ──> [writer] ──write──> server
+//!   client <──write── [writer] <── queue <──(release, bytes)── [reader] <──read── server
+//! ```
+//!
+//! The reader stamps each chunk with its release time. With a rate, the chunk is serialised onto
+//! the emulated wire of its direction, which is free again at `wire_free` (`start = max(now,
+//! wire_free)`, `wire_free = start + len × 8 / rate`), and leaves `delay` after its last bit went
+//! onto the wire, so delay and rate compose like a real pipe. The wire is shared by all
+//! connections of the link (one wire per direction, like `tc netem rate` on an interface), so two
+//! connections together get the rate, and a chunk of one waits behind what the other already put
+//! on the wire (a FIFO bottleneck queue). Without a rate the release time is simply `read time +
+//! delay`. The writer sleeps on the queue's condition variable until shortly before the head
+//! chunk's release time (with a 1 ns timer slack) and spins the rest; how early it wakes is
+//! learned from how late its timed waits return ([`WakeMargin`]), so chunks leave a few
+//! microseconds late, not a timer tick late. Chunks are at most 64 KiB and at most ~1 ms of
+//! serialisation time, so a slow link releases bytes smoothly rather than in bursts.
+//!
+//! Each queue (one per connection and direction) holds at most `buffer` bytes (default
+//! max(4 MiB, 2 × rate × delay)); when it is full the reader stops reading, so TCP backpressure
+//! reaches the sender and nothing is dropped. Without `--rate` the throughput of one connection
+//! in one direction is therefore at most `buffer / delay`.
+//! EOF on one side becomes `shutdown(SHUT_WR)` on the other once the queued bytes are written
+//! (half-close); an error on any socket closes both sockets of the pair and is logged.
+//!
+//! [`spawn`] runs a link in-process and returns a [`LinkHandle`]; dropping it (or
+//! [`LinkHandle::stop`]) closes the listener and every connection and joins all threads.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use log::{debug, info, warn};
+use nix::sys::signal::{SigSet, Signal};
+
+/// Emulate a wide-area TCP link: one-way delay and bandwidth in each direction.
+///
+/// Accepts any number of TCP connections on --listen and forwards each one to --connect. Each
+/// direction delays every byte by --delay and, with --rate, serialises it at that bandwidth, so a
+/// request/response round trip costs 2 x delay plus serialisation, like a real link. The rate is
+/// per direction and shared by all connections, as on one physical link. When a connection's
+/// buffer is full, linkem stops reading it (TCP backpressure) instead of dropping.
+/// Prints one line on stderr once it listens; runs until SIGINT or SIGTERM.
+///
+/// Examples:
+///   tsubame linkem --listen 127.0.0.1:5444 --connect 127.0.0.1:4444 --delay 16ms --rate 1Gbit
+///   tsubame linkem --listen 127.0.0.1:0 --connect 10.0.0.2:4444 --delay 500us   (prints the port)
+///   tsubame ctl /tmp/src.sock migrate uri=tcp:127.0.0.1:5444   (migrate through the link)
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct LinkemArgs {
+    /// Address to accept connections on, HOST:PORT; port 0 picks a free port (printed).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Address each accepted connection is forwarded to, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: String,
+    /// One-way delay added in each direction: 0, 500us, 4ms, 1.5ms, 1s.
+    #[arg(long, value_parser = parse_delay)]
+    pub delay: Duration,
+    /// Bandwidth of each direction, shared by all connections: 100Mbit, 1Gbit, 10Gbit
+    /// (bits/s), or 500MB (bytes/s); decimal multiples. Unlimited when not given.
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<u64>,
+    /// Bytes queued per connection and direction before linkem stops reading, e.g. 4M, 64M
+    /// [default: max(4M, 2 x rate x delay)]. Without --rate it bounds throughput to
+    /// buffer / delay.
+    #[arg(long, value_parser = parse_buffer)]
+    pub buffer: Option<usize>,
+}
+
+/// What a link does to the bytes that cross it, per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkParams {
+    /// One-way delay added to every byte.
+    pub delay: Duration,
+    /// Bandwidth of each direction in bits per second, shared by all connections; `None` =
+    /// unlimited.
+    pub rate: Option<u64>,
+    /// Bytes queued per connection and direction before reading stops; `None` = max(4 MiB,
+    /// 2 × rate × delay).
+    pub buffer: Option<usize>,
+}
+
+impl LinkParams {
+    /// The queue bound of one connection in one direction (at least 4 KiB).
+    pub fn buffer_bytes(&self) -> usize {
+        let buffer = self.buffer.unwrap_or_else(|| {
+            let bdp = self.rate.map_or(0, |bps| {
+                let bytes = u128::from(bps) / 8 * self.delay.as_nanos() / 1_000_000_000;
+                usize::try_from(bytes.saturating_mul(2)).unwrap_or(usize::MAX)
+            });
+            bdp.max(DEFAULT_BUFFER)
+        });
+        buffer.max(MIN_BUFFER)
+    }
+
+    /// The largest chunk read at once: 64 KiB, or ~1 ms of serialisation at the rate, and never
+    /// more than the buffer.
+    fn chunk_bytes(&self) -> usize {
+        let by_rate = self.rate.map_or(MAX_CHUNK, |bps| {
+            usize::try_from(bps / 8 / 1000).unwrap_or(MAX_CHUNK)
+        });
+        by_rate.clamp(MIN_CHUNK, MAX_CHUNK).min(self.buffer_bytes())
+    }
+
+    /// Serialisation time of `len` bytes at the rate (zero when unlimited), rounded up.
+    fn serialisation(&self, len: usize) -> Duration {
+        self.rate.map_or(Duration::ZERO, |bps| {
+            let bits = u128::try_from(len).unwrap_or(u128::MAX).saturating_mul(8);
+            let nanos = bits.saturating_mul(1_000_000_000).div_ceil(u128::from(bps));
+            Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        })
+    }
+}
+
+impl fmt::Display for LinkParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} one-way delay", format_delay(self.delay))?;
+        if let Some(bps) = self.rate {
+            write!(f, ", rate {}", format_rate(bps))?;
+        }
+        Ok(())
+    }
+}
+
+const DEFAULT_BUFFER: usize = 4 << 20;
+const MIN_BUFFER: usize = 4 << 10;
+const MAX_CHUNK: usize = 64 << 10;
+const MIN_CHUNK: usize = 1500;
+/// How long a connection to the target may take before the client's connection is closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_DELAY: Duration = Duration::from_secs(60);
+
+/// Parses a one-way delay: `0`, or a number with a unit `ns`, `us`, `ms` or `s` (e.g. `500us`,
+/// `4ms`, `1.5ms`, `1s`).
+pub fn parse_delay(s: &str) -> Result<Duration, String> {
+    let bad = || {
+        format!("'{s}' is not a delay; write 0 or a number with a unit: 500us, 4ms, 1.5ms or 1s")
+    };
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let (num, unit_ns) = [
+        ("ns", 1.0),
+        ("us", 1e3),
+        ("µs", 1e3),
+        ("ms", 1e6),
+        ("s", 1e9),
+    ]
+    .into_iter()
+    .find_map(|(unit, ns)| t.strip_suffix(unit).map(|n| (n, ns)))
+    .ok_or_else(bad)?;
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(bad());
+    }
+    let nanos = (v * unit_ns).round();
+    #[allow(clippy::cast_precision_loss)] // a 60 s bound in nanoseconds is exact in f64
+    if nanos > MAX_DELAY.as_nanos() as f64 {
+        return Err(format!(
+            "delay '{s}' is longer than {}s",
+            MAX_DELAY.as_secs()
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // finite, 0..=60e9
+    Ok(Duration::from_nanos(nanos as u64))
+}
+
+/// Parses a bandwidth into bits per second: a number with `bit`, `Kbit`, `Mbit`, `Gbit`
+/// (bits/s) or `B`, `KB`, `MB`, `GB` (bytes/s), decimal multiples, e.g. `100Mbit`, `1Gbit`,
+/// `500MB`, `1.5Gbit`.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "'{s}' is not a rate; write a number with a unit: 100Mbit, 1Gbit, 10Gbit (bits/s) \
+             or 500MB (bytes/s)"
+        )
+    };
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (rest, unit_bits) = if let Some(r) = lower.strip_suffix("bit") {
+        (&t[..r.len()], 1.0)
+    } else if let Some(r) = t.strip_suffix('B') {
+        (r, 8.0)
+    } else {
+        return Err(bad());
+    };
+    let (num, mult) = match rest.chars().last() {
+        Some('k' | 'K') => (&rest[..rest.len() - 1], 1e3),
+        Some('m' | 'M') => (&rest[..rest.len() - 1], 1e6),
+        Some('g' | 'G') => (&rest[..rest.len() - 1], 1e9),
+        Some('t' | 'T') => (&rest[..rest.len() - 1], 1e12),
+        _ => (rest, 1.0),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| bad())?;
+    let bps = (v * mult * unit_bits).round();
+    if !bps.is_finite() || bps < 8000.0 {
+        return Err(format!(
+            "rate '{s}' is too low: at least 8Kbit (1KB); leave --rate out for an unlimited link"
+        ));
+    }
+    if bps > 1e13 {
+        return Err(format!("rate '{s}' is above 10Tbit"));
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // finite, 8e3..=1e13
+    Ok(bps as u64)
+}
+
+fn parse_buffer(s: &str) -> Result<usize, String> {
+    let v = tsubame_vmm::guest::parse_size(s)?;
+    let v = usize::try_from(v).map_err(|_| format!("buffer '{s}' is too large"))?;
+    if v < MIN_BUFFER {
+        return Err(format!("buffer '{s}' is too small: at least 4K"));
+    }
+    Ok(v)
+}
+
+fn format_delay(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        "0ms".into()
+    } else if ns % 1_000_000 == 0 {
+        format!("{}ms", ns / 1_000_000)
+    } else if ns % 1000 == 0 && ns > 1_000_000 {
+        #[allow(clippy::cast_precision_loss)] // whole microseconds below 60 s are exact in f64
+        let ms = ns as f64 / 1e6;
+        format!("{ms}ms")
+    } else if ns % 1000 == 0 {
+        format!("{}us", ns / 1000)
+    } else {
+        format!("{ns}ns")
+    }
+}
+
+fn format_rate(bps: u64) -> String {
+    for (div, unit) in [(1_000_000_000, "Gbit"), (1_000_000, "Mbit"), (1000, "Kbit")] {
+        if bps % div == 0 {
+            return format!("{}{unit}", bps / div);
+        }
+    }
+    format!("{bps}bit")
+}
+
+fn resolve(what: &str, s: &str) -> Result<SocketAddr> {
+    s.to_socket_addrs()
+        .with_context(|| {
+            format!("{what} {s}: not an address; write HOST:PORT, e.g. 127.0.0.1:4444")
+        })?
+        .next()
+        .ok_or_else(|| anyhow!("{what} {s}: the name has no address"))
+}
+
+/// `tsubame linkem`: forward until SIGINT or SIGTERM.
+pub fn linkem(a: &LinkemArgs) -> Result<i32> {
+    let listen = resolve("--listen", &a.listen)?;
+    let connect = resolve("--connect", &a.connect)?;
+    let params = LinkParams {
+        delay: a.delay,
+        rate: a.rate,
+        buffer: a.buffer,
+    };
+    // Block the signals before any thread exists, so every thread inherits the mask and only
+    // the sigwait below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals
+        .thread_block()
+        .context("blocking SIGINT and SIGTERM")?;
+    let (bound, link) = spawn(listen, connect, params)?;
+    eprintln!("tsubame linkem: forwarding {bound} -> {connect} with {params}");
+    let signal = signals.wait().context("waiting for SIGINT or SIGTERM")?;
+    link.stop();
+    eprintln!("tsubame linkem: stopped by {signal}");
+    Ok(0)
+}
+
+/// A running link; dropping it (or [`LinkHandle::stop`]) closes the listener and every
+/// connection and joins all its threads. That takes a moment, except while a connection to the
+/// target is still being set up (up to the 5 s connect timeout).
+#[derive(Debug)]
+pub struct LinkHandle {
+    shared: Arc<Shared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl LinkHandle {
+    /// Stops the link: no new connections, every open one is closed (queued bytes are dropped).
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        let Some(acceptor) = self.acceptor.take() else {
+            return; // stopped already
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // shutdown(2) on a listening socket makes a blocked accept() fail with EINVAL on Linux.
+        if let Err(e) = nix::sys::socket::shutdown(
+            self.shared.listener.as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        ) {
+            warn!("linkem: shutting down the listening socket: {e}");
+        }
+        if acceptor.join().is_err() {
+            warn!("linkem: the acceptor thread panicked");
+        }
+    }
+}
+
+impl Drop for LinkHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Starts a link that accepts on `listen` and forwards every connection to `connect`. Returns
+/// the bound address (useful with port 0) and the handle that keeps it running.
+pub fn spawn(
+    listen: SocketAddr,
+    connect: SocketAddr,
+    params: LinkParams,
+) -> Result<(SocketAddr, LinkHandle)> {
+    let listener = TcpListener::bind(listen).with_context(|| {
+        format!("cannot listen on {listen}: pick another address or port (port 0 picks a free one)")
+    })?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    let shared = Arc::new(Shared {
+        listener,
+        connect,
+        params,
+        stopping: AtomicBool::new(false),
+        conns: Mutex::new(Vec::new()),
+        next_id: AtomicU64::new(1),
+        wire_free: [Mutex::new(Instant::now()), Mutex::new(Instant::now())],
+    });
+    let acceptor = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("linkem-accept".into())
+            .spawn(move || accept_loop(&shared))
+            .context("starting the linkem acceptor thread")?
+    };
+    Ok((
+        bound,
+        LinkHandle {
+            shared,
+            acceptor: Some(acceptor),
+        },
+    ))
+}
+
+#[derive(Debug)]
+struct Shared {
+    listener: TcpListener,
+    connect: SocketAddr,
+    params: LinkParams,
+    stopping: AtomicBool,
+    /// Established pairs, to close them on stop.
+    conns: Mutex<Vec<Weak<Conn>>>,
+    next_id: AtomicU64,
+    /// When the emulated wire of each direction ([`Dir`] as index) has serialised everything
+    /// reserved on it so far: all connections share the link's bandwidth, as on a real link.
+    wire_free: [Mutex<Instant>; 2],
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking forwarding thread must not take the others down with it.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn accept_loop(shared: &Arc<Shared>) {
+    let mut setups: Vec<JoinHandle<()>> = Vec::new();
+    loop {
+        match shared.listener.accept() {
+            Ok((client, peer)) => {
+                if shared.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                setups.retain(|h| !h.is_finished());
+                let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let s = Arc::clone(shared);
+                match std::thread::Builder::new()
+                    .name(format!("linkem-{id}"))
+                    .spawn(move || run_connection(&s, id, client, peer))
+                {
+                    Ok(h) => setups.push(h),
+                    Err(e) => warn!("linkem: connection {id} from {peer}: no thread for it: {e}"),
+                }
+            }
+            Err(_) if shared.stopping.load(Ordering::SeqCst) => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                // E.g. EMFILE: back off instead of spinning on the same error.
+                warn!("linkem: accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    for conn in lock(&shared.conns).iter().filter_map(Weak::upgrade) {
+        conn.abort();
+    }
+    for h in setups {
+        let _ = h.join();
+    }
+}
+
+/// One forwarded connection: the client's socket, the target's socket and a queue per direction.
+#[derive(Debug)]
+struct Conn {
+    id: u64,
+    client: TcpStream,
+    server: TcpStream,
+    /// client -> server
+    up: Queue,
+    /// server -> client
+    down: Queue,
+    aborted: AtomicBool,
+}
+
+impl Conn {
+    /// Closes both sockets and wakes every thread of the pair.
+    fn abort(&self) {
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.client.shutdown(Shutdown::Both);
+        let _ = self.server.shutdown(Shutdown::Both);
+        self.up.abort();
+        self.down.abort();
+    }
+
+    /// Logs why the pair ends (unless it is ending already) and aborts it.
+    fn fail(&self, what: &str, e: &io::Error) {
+        if !self.aborted.load(Ordering::SeqCst) {
+            // A reset or a write to a closed socket is how a peer that does not read to the end
+            // says goodbye: worth a line at info level, not a warning.
+            let level = match e.kind() {
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => log::Level::Info,
+                _ => log::Level::Warn,
+            };
+            log::log!(
+                level,
+                "linkem: connection {}: {what}: {e}; closing it",
+                self.id
+            );
+        }
+        self.abort();
+    }
+}
+
+fn run_connection(shared: &Arc<Shared>, id: u64, client: TcpStream, peer: SocketAddr) {
+    let server = match TcpStream::connect_timeout(&shared.connect, CONNECT_TIMEOUT) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(
+                "linkem: connection {id} from {peer}: cannot connect to {}: {e}; closing it",
+                shared.connect
+            );
+            return;
+        }
+    };
+    for s in [&client, &server] {
+        if let Err(e) = s.set_nodelay(true) {
+            warn!("linkem: connection {id}: setting TCP_NODELAY: {e}");
+        }
+    }
+    info!("linkem: connection {id}: {peer} -> {}", shared.connect);
+    let conn = Arc::new(Conn {
+        id,
+        client,
+        server,
+        up: Queue::new(),
+        down: Queue::new(),
+        aborted: AtomicBool::new(false),
+    });
+    {
+        let mut conns = lock(&shared.conns);
+        conns.retain(|w| w.strong_count() > 0);
+        conns.push(Arc::downgrade(&conn));
+    }
+    // Registered before this check, so a stop either sees the connection or is seen here.
+    if shared.stopping.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut workers = Vec::with_capacity(4);
+    for (name, dir, writer) in [
+        ("up-rd", Dir::Up, false),
+        ("up-wr", Dir::Up, true),
+        ("dn-rd", Dir::Down, false),
+        ("dn-wr", Dir::Down, true),
+    ] {
+        let c = Arc::clone(&conn);
+        let s = Arc::clone(shared);
+        let spawned = std::thread::Builder::new()
+            .name(format!("lk{id}-{name}"))
+            .spawn(move || {
+                if writer {
+                    write_loop(&c, dir);
+                } else {
+                    read_loop(&c, dir, &s.params, &s.wire_free[dir as usize]);
+                }
+            });
+        match spawned {
+            Ok(h) => workers.push(h),
+            Err(e) => {
+                conn.fail("starting a forwarding thread", &e);
+                break;
+            }
+        }
+    }
+    drop(conn);
+    for w in workers {
+        let _ = w.join();
+    }
+    debug!("linkem: connection {id} closed");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Dir {
+    Up = 0,
+    Down = 1,
+}
+
+impl Conn {
+    /// (source socket, destination socket, queue) of a direction.
+    fn dir(&self, d: Dir) -> (&TcpStream, &TcpStream, &Queue) {
+        match d {
+            Dir::Up => (&self.client, &self.server, &self.up),
+            Dir::Down => (&self.server, &self.client, &self.down),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Chunk {
+    release: Instant,
+    data: Vec<u8>,
+}
+
+/// The bytes in flight in one direction.
+#[derive(Debug)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when the queue gets its first chunk, EOF, or is aborted (the writer waits).
+    ready: Condvar,
+    /// Signalled when bytes leave the queue, or it is aborted (the reader waits).
+    space: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    chunks: VecDeque<Chunk>,
+    /// Bytes read and not yet written, including the chunk being written.
+    bytes: usize,
+    eof: bool,
+    aborted: bool,
+}
+
+impl Queue {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            space: Condvar::new(),
+        }
+    }
+
+    fn abort(&self) {
+        lock(&self.state).aborted = true;
+        self.ready.notify_all();
+        self.space.notify_all();
+    }
+}
+
+fn read_loop(conn: &Conn, dir: Dir, params: &LinkParams, wire_free: &Mutex<Instant>) {
+    let (mut src, _, queue) = conn.dir(dir);
+    let capacity = params.buffer_bytes();
+    let chunk = params.chunk_bytes();
+    let mut buf = vec![0u8; chunk];
+    loop {
+        {
+            let mut st = lock(&queue.state);
+            while !st.aborted && st.bytes + chunk > capacity {
+                st = queue
+                    .space
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            if st.aborted {
+                return;
+            }
+        }
+        let n = match src.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return conn.fail("reading", &e),
+        };
+        let now = Instant::now();
+        let release = if params.rate.is_some() && n > 0 {
+            // Reserve the chunk's serialisation time on the wire, after what is already on it.
+            let mut free = lock(wire_free);
+            *free = (*free).max(now) + params.serialisation(n);
+            *free + params.delay
+        } else {
+            now + params.delay
+        };
+        let mut st = lock(&queue.state);
+        let was_empty = st.chunks.is_empty();
+        if n == 0 {
+            st.eof = true;
+        } else {
+            st.bytes += n;
+            st.chunks.push_back(Chunk {
+                release,
+                data: buf[..n].to_vec(),
+            });
+        }
+        drop(st);
+        if was_empty {
+            queue.ready.notify_one();
+        }
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn write_loop(conn: &Conn, dir: Dir) {
+    let (_, mut dst, queue) = conn.dir(dir);
+    // Timers of this thread fire on time rather than up to 50 us late (the default slack).
+    if let Err(e) = nix::sys::prctl::set_timerslack(1) {
+        debug!("linkem: PR_SET_TIMERSLACK: {e}");
+    }
+    let mut margin = WakeMargin::new();
+    loop {
+        let chunk = {
+            let mut st = lock(&queue.state);
+            loop {
+                if st.aborted {
+                    return;
+                }
+                let now = Instant::now();
+                match st.chunks.front() {
+                    Some(c) if c.release <= now + margin.get() => break,
+                    Some(c) => {
+                        let wake = c.release - margin.get();
+                        let (guard, timeout) = queue
+                            .ready
+                            .wait_timeout(st, wake - now)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        st = guard;
+                        if timeout.timed_out() {
+                            margin.observe(Instant::now().saturating_duration_since(wake));
+                        }
+                    }
+                    None if st.eof => {
+                        drop(st);
+                        debug!("linkem: connection {}: {dir:?} half-closed", conn.id);
+                        if let Err(e) = dst.shutdown(Shutdown::Write) {
+                            conn.fail("passing on the half-close", &e);
+                        }
+                        return;
+                    }
+                    None => {
+                        st = queue
+                            .ready
+                            .wait(st)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                }
+            }
+            st.chunks.pop_front().expect("the head chunk checked above")
+        };
+        while Instant::now() < chunk.release {
+            std::hint::spin_loop();
+        }
+        if let Err(e) = dst.write_all(&chunk.data) {
+            return conn.fail("writing", &e);
+        }
+        lock(&queue.state).bytes -= chunk.data.len();
+        queue.space.notify_one();
+    }
+}
+
+/// How long before a release time the writer stops sleeping and starts spinning. Learned from
+/// how late this thread's timed waits really return (idle states and, in a VM, the host's timer
+/// make that 5-150 us), so the spin absorbs the wake-up latency without burning more CPU than
+/// it must.
+#[derive(Debug)]
+struct WakeMargin {
+    late_ns: u64,
+}
+
+impl WakeMargin {
+    const MIN: u64 = 20_000;
+    const MAX: u64 = 1_000_000;
+
+    fn new() -> Self {
+        Self { late_ns: 50_000 }
+    }
+
+    /// 1.5 x the average lateness plus 20 us.
+    fn get(&self) -> Duration {
+        Duration::from_nanos((self.late_ns * 3 / 2 + Self::MIN).min(Self::MAX))
+    }
+
+    /// Records how late a timed wait returned (a moving average over ~8 waits).
+    fn observe(&mut self, late: Duration) {
+        let late = u64::try_from(late.as_nanos())
+            .unwrap_or(u64::MAX)
+            .min(Self::MAX);
+        self.late_ns = (self.late_ns * 7 + late) / 8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_parse() {
+        assert_eq!(parse_delay("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_delay("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_delay("4ms"), Ok(Duration::from_millis(4)));
+        assert_eq!(parse_delay("1.5ms"), Ok(Duration::from_micros(1500)));
+        assert_eq!(parse_delay("1s"), Ok(Duration::from_secs(1)));
+        for bad in ["5", "5 parsecs", "-1ms", "ms", "1h", "nanms", "100s"] {
+            assert!(parse_delay(bad).is_err(), "{bad}");
+        }
+        assert!(parse_delay("5 parsecs").unwrap_err().contains("500us, 4ms"));
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("100Mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("1Gbit"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("10gbit"), Ok(10_000_000_000));
+        assert_eq!(parse_rate("1.5Gbit"), Ok(1_500_000_000));
+        assert_eq!(parse_rate("500MB"), Ok(4_000_000_000));
+        for bad in ["1G", "100Mb", "fast", "0Mbit", "1bit", "Gbit"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stopping_closes_open_connections() {
+        let target = TcpListener::bind("127.0.0.1:0").unwrap();
+        let params = LinkParams {
+            delay: Duration::from_secs(1),
+            rate: None,
+            buffer: None,
+        };
+        let (addr, link) = spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            target.local_addr().unwrap(),
+            params,
+        )
+        .unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(b"still in flight").unwrap();
+        let (mut server, _) = target.accept().unwrap();
+        // Joins every thread, although the writer waits for a release a second away.
+        link.stop();
+        let mut buf = [0u8; 32];
+        assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
+        assert!(matches!(server.read(&mut buf), Ok(0) | Err(_)));
+        assert!(TcpStream::connect(addr).is_err(), "still accepting");
+    }
+
+    #[test]
+    fn params_size_the_queue_and_chunks() {
+        let p = LinkParams {
+            delay: Duration::from_millis(64),
+            rate: Some(10_000_000_000),
+            buffer: None,
+        };
+        // 2 x 1.25 GB/s x 64 ms
+        assert_eq!(p.buffer_bytes(), 160_000_000);
+        assert_eq!(p.chunk_bytes(), MAX_CHUNK);
+        assert_eq!(p.serialisation(1250), Duration::from_micros(1));
+        let slow = LinkParams {
+            delay: Duration::from_millis(4),
+            rate: Some(80_000_000),
+            buffer: None,
+        };
+        assert_eq!(slow.buffer_bytes(), DEFAULT_BUFFER);
+        assert_eq!(slow.chunk_bytes(), 10_000);
+        let odd = LinkParams {
+            delay: Duration::from_micros(1500),
+            ..slow
+        };
+        assert_eq!(odd.to_string(), "1.5ms one-way delay, rate 80Mbit");
+        assert_eq!(
+            slow.to_string(),
+            "4ms one-way delay, rate 80Mbit".to_string()
+        );
+    }
+}
