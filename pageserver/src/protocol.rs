@@ -21,7 +21,11 @@
 //!    |               mac_s, layout} ------------------->  |  checks version, mac_s, layout
 //!    |  <------ Accept{mac_d} ----------------------------|  (or Error, then close)
 //!    |  checks mac_d: only now does any memory move        |
-//!  urgent:  ------- VmState{json} ----------------------> |  restore, resume vCPUs
+//!  bulk:    ------- Pages / ZeroPages ... RoundDone{1} -> |  optional precopy rounds while the
+//!           <------ RoundDone{1} (on urgent) ------------ |  VM still runs at the source; later
+//!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
+//!  bulk:    ------- Discard ... PrecopyDone ------------> |  switchover: pages dirtied since the
+//!  urgent:  ------- VmState{json} ----------------------> |  last round dropped; restore, resume
 //!           <------ PageRequest{gfn, count} ------------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages -------> |  UFFDIO_COPY
 //!  bulk:    ------- Pages / ZeroPages ... PushDone -----> |
@@ -37,7 +41,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 const MAGIC: u16 = 0x5354; // "TS"
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
@@ -51,6 +55,8 @@ pub const MAX_STATE: u32 = 16 << 20;
 const MAX_TEXT: u32 = 4096;
 /// Most memory regions in a layout.
 const MAX_REGIONS: u32 = 64;
+/// The frame kind of `Pages`, the one decoded separately.
+const PAGES: u16 = 6;
 
 /// Which connection of a migration this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +110,20 @@ pub enum Message {
     Error {
         message: String,
     },
+    /// The destination's copies of these pages are stale (the guest wrote them after they were
+    /// sent in a precopy round): drop them; newer copies follow or are fetched on demand.
+    Discard {
+        gfn: u64,
+        count: u64,
+    },
+    /// Source: precopy round `round` is all sent. Destination (on the urgent channel): all of
+    /// it is installed.
+    RoundDone {
+        round: u32,
+    },
+    /// Everything before this on the bulk channel belongs to the precopy phase (including the
+    /// switchover's discards); the destination resumes the VM only after applying it.
+    PrecopyDone,
 }
 
 /// Why a frame was rejected.
@@ -159,7 +179,7 @@ impl ProtocolError {
     }
 }
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 14] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -171,6 +191,9 @@ const KINDS: [&str; 11] = [
     "PushDone",
     "Complete",
     "Error",
+    "Discard",
+    "RoundDone",
+    "PrecopyDone",
 ];
 
 impl Message {
@@ -181,11 +204,14 @@ impl Message {
             Self::Accept { .. } => 3,
             Self::VmState(_) => 4,
             Self::PageRequest { .. } => 5,
-            Self::Pages { .. } => 6,
+            Self::Pages { .. } => PAGES,
             Self::ZeroPages { .. } => 7,
             Self::PushDone => 8,
             Self::Complete => 9,
             Self::Error { .. } => 10,
+            Self::Discard { .. } => 11,
+            Self::RoundDone { .. } => 12,
+            Self::PrecopyDone => 13,
         }
     }
 
@@ -202,10 +228,12 @@ impl Message {
             3 => 32,
             4 => MAX_STATE,
             5 => 12,
-            6 => 8 + MAX_PAGES_PER_FRAME * 4096,
+            PAGES => 8 + MAX_PAGES_PER_FRAME * 4096,
             7 => 16,
-            8 | 9 => 0,
+            8 | 9 | 13 => 0,
             10 => MAX_TEXT,
+            11 => 16,
+            12 => 4,
             _ => return None,
         })
     }
@@ -248,11 +276,12 @@ impl Message {
                 p.extend_from_slice(&count.to_le_bytes());
             }
             Self::Pages { gfn, data } => return write_pages(w, *gfn, data),
-            Self::ZeroPages { gfn, count } => {
+            Self::ZeroPages { gfn, count } | Self::Discard { gfn, count } => {
                 p.extend_from_slice(&gfn.to_le_bytes());
                 p.extend_from_slice(&count.to_le_bytes());
             }
-            Self::PushDone | Self::Complete => {}
+            Self::RoundDone { round } => p.extend_from_slice(&round.to_le_bytes()),
+            Self::PushDone | Self::Complete | Self::PrecopyDone => {}
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
@@ -263,6 +292,13 @@ impl Message {
 
     /// Reads and decodes one frame.
     pub fn read_from(r: &mut impl Read) -> Result<Self, ProtocolError> {
+        Self::read_reusing(r, Vec::new())
+    }
+
+    /// Reads one message like [`Message::read_from`], reading the payload into `buf` (the
+    /// `data` of a previous `Pages`, say) instead of a fresh allocation. A `Pages` payload is
+    /// read straight into the buffer it is returned in: no copy after the socket's.
+    pub fn read_reusing(r: &mut impl Read, mut buf: Vec<u8>) -> Result<Self, ProtocolError> {
         let mut h = [0u8; HEADER_LEN];
         match r.read_exact(&mut h) {
             Ok(()) => {}
@@ -289,12 +325,36 @@ impl Message {
                 max,
             });
         }
-        let mut p = vec![0u8; len as usize];
-        r.read_exact(&mut p).map_err(|e| match e.kind() {
+        let closed = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::UnexpectedEof => ProtocolError::Closed,
             _ => e.into(),
-        })?;
-        decode(kind, name, p)
+        };
+        if kind == PAGES {
+            // gfn, then the pages themselves into `buf`.
+            let data_len = (len as usize)
+                .checked_sub(8)
+                .ok_or(ProtocolError::Malformed {
+                    kind: name,
+                    why: "8 more bytes expected".into(),
+                })?;
+            if data_len == 0 || data_len % PAGE_SIZE != 0 {
+                return Err(ProtocolError::Malformed {
+                    kind: name,
+                    why: "page data is not a whole number of pages".into(),
+                });
+            }
+            let mut gfn = [0u8; 8];
+            r.read_exact(&mut gfn).map_err(closed)?;
+            resize_for_overwrite(&mut buf, data_len);
+            r.read_exact(&mut buf).map_err(closed)?;
+            return Ok(Message::Pages {
+                gfn: u64::from_le_bytes(gfn),
+                data: buf,
+            });
+        }
+        resize_for_overwrite(&mut buf, len as usize);
+        r.read_exact(&mut buf).map_err(closed)?;
+        decode(kind, name, buf)
     }
 }
 
@@ -311,7 +371,7 @@ pub fn write_pages(w: &mut impl Write, gfn: u64, data: &[u8]) -> Result<(), Prot
             ),
         });
     }
-    write_frame(w, 6, &gfn.to_le_bytes(), data)
+    write_frame(w, PAGES, &gfn.to_le_bytes(), data)
 }
 
 fn write_frame(
@@ -389,6 +449,16 @@ impl Cursor<'_> {
     }
 }
 
+/// Sets `buf` to `len` bytes that are about to be overwritten, zeroing only what it grows by.
+fn resize_for_overwrite(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
+}
+
+/// Decodes every payload but `Pages` (read separately, straight into its buffer).
 fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, ProtocolError> {
     let bad = |why: &str| ProtocolError::Malformed {
         kind: name,
@@ -443,14 +513,6 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
             }
             Message::PageRequest { gfn, count }
         }
-        6 => {
-            let gfn = c.u64()?;
-            let data = c.p.to_vec();
-            if data.is_empty() || data.len() % PAGE_SIZE != 0 {
-                return Err(bad("page data is not a whole number of pages"));
-            }
-            return Ok(Message::Pages { gfn, data });
-        }
         7 => {
             let (gfn, count) = (c.u64()?, c.u64()?);
             if count == 0 {
@@ -458,6 +520,15 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
             }
             Message::ZeroPages { gfn, count }
         }
+        11 => {
+            let (gfn, count) = (c.u64()?, c.u64()?);
+            if count == 0 {
+                return Err(bad("zero page count"));
+            }
+            Message::Discard { gfn, count }
+        }
+        12 => Message::RoundDone { round: c.u32()? },
+        13 => Message::PrecopyDone,
         8 => Message::PushDone,
         9 => Message::Complete,
         10 => {
@@ -569,6 +640,9 @@ mod tests {
                 count: 100,
             },
             Message::PushDone,
+            Message::Discard { gfn: 9, count: 3 },
+            Message::RoundDone { round: 2 },
+            Message::PrecopyDone,
             Message::Complete,
             Message::Error {
                 message: "layout mismatch".into(),

@@ -26,7 +26,7 @@ fn destination(extra: &[&str]) -> (VmProcess, String) {
     (p, uri)
 }
 
-fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str) {
+fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_rounds: u32) {
     let dir = Scratch::new(name);
     let common = [
         "--mem",
@@ -50,11 +50,19 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str) {
     let m = source
         .ctl(
             "migrate",
-            json!({"uri": uri, "secret": SECRET, "prepage": prepage}),
+            json!({"uri": uri, "secret": SECRET, "prepage": prepage,
+                   "precopy_rounds": precopy_rounds}),
         )
         .unwrap();
     assert_eq!(m["phase"], "postcopy", "{m}");
     assert_eq!(m["prepage"], prepage, "{m}");
+    assert_eq!(m["precopy_rounds"], precopy_rounds, "{m}");
+    if precopy_rounds > 0 {
+        assert!(
+            m["pages_precopy"].as_u64() >= m["total_pages"].as_u64(),
+            "round 1 sends every page: {m}"
+        );
+    }
 
     // The source exits once the destination has every page.
     let (status, _) = source.wait().unwrap();
@@ -76,17 +84,32 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str) {
 
 #[test]
 fn hotcold_1_vcpu_hot_first() {
-    migrate("mig1", "1", "hotcold:ws=32M,write=0.3,seed=71", "hot");
+    migrate("mig1", "1", "hotcold:ws=32M,write=0.3,seed=71", "hot", 0);
+}
+
+#[test]
+fn hotcold_2_vcpus_hybrid_hot_first() {
+    migrate("mig4", "2", "hotcold:ws=32M,write=0.3,seed=74", "hot", 2);
+}
+
+#[test]
+fn uniform_1_vcpu_hybrid_bubble() {
+    migrate("mig5", "1", "uniform:ws=32M,write=0.3,seed=75", "bubble", 1);
+}
+
+#[test]
+fn sequential_1_vcpu_hybrid_address_order() {
+    migrate("mig6", "1", "seq:ws=32M,write=0.5,seed=76", "address", 3);
 }
 
 #[test]
 fn uniform_2_vcpus_bubble() {
-    migrate("mig2", "2", "uniform:ws=32M,write=0.3,seed=72", "bubble");
+    migrate("mig2", "2", "uniform:ws=32M,write=0.3,seed=72", "bubble", 0);
 }
 
 #[test]
 fn sequential_2_vcpus_address_order() {
-    migrate("mig3", "2", "seq:ws=32M,write=0.5,seed=73", "address");
+    migrate("mig3", "2", "seq:ws=32M,write=0.5,seed=73", "address", 0);
 }
 
 #[test]
@@ -219,4 +242,68 @@ fn losing_the_source_never_gives_the_guest_zero_pages() {
             .contains("still remote and their source failed"),
         "{e}"
     );
+}
+
+#[test]
+fn losing_the_destination_during_precopy_keeps_the_vm_at_the_source() {
+    let dir = Scratch::new("lostdst");
+    let common = [
+        "--mem",
+        "64M",
+        "--workload",
+        "uniform:ws=32M,write=0.3,seed=77",
+        "--steps",
+        "1500000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 200_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    // Precopy at 8 MB/s: round 1 alone takes seconds; the destination dies during it.
+    let (dest, uri) = destination(&[]);
+    let err = std::thread::scope(|s| {
+        let m = s.spawn(|| {
+            source.ctl(
+                "migrate",
+                json!({"uri": uri, "secret": SECRET, "precopy_rounds": 2,
+                       "max_bandwidth": 8_000_000}),
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let q = source.ctl("query-migrate", json!({})).unwrap();
+            if q["phase"] == "precopy" && q["pages_precopy"].as_u64() > Some(500) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no precopy: {q}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        drop(dest); // SIGKILL
+        m.join().unwrap().unwrap_err()
+    });
+    assert!(
+        err.to_string().contains("during precopy round 1 of 2")
+            && err.to_string().contains("keeps running here"),
+        "{err}"
+    );
+    // Nothing was lost: the VM runs on here and migrates again, to a new destination.
+    let s = source.ctl("query-status", json!({})).unwrap();
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(
+        source.ctl("query-migrate", json!({})).unwrap()["phase"],
+        "none"
+    );
+    let (dest, uri) = destination(&[]);
+    source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "precopy_rounds": 1}),
+        )
+        .unwrap();
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination: {status}\n{out}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["digest"], reference["digest"], "{summary}");
 }

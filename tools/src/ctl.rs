@@ -13,14 +13,15 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///
 /// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
-/// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot] [max_bandwidth=BYTES_PER_S]
-/// [profile_ms=N], query-migrate, quit, query-commands.
+/// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot] [precopy_rounds=N]
+///   [max_bandwidth=BYTES_PER_S] [profile_ms=N], query-migrate, quit, query-commands.
 ///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status
 ///   tsubame ctl /tmp/vm.sock wait for=steps steps=1000000
 ///   tsubame ctl /tmp/vm.sock save path=/tmp/vm.snap
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444
+///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 precopy_rounds=2 prepage=hot
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]

@@ -62,6 +62,13 @@ impl AtomicBitmap {
         }
     }
 
+    /// Clears `count` bits from `first`.
+    pub fn clear_range(&self, first: u64, count: u64) {
+        for b in first..first + count {
+            self.clear(b);
+        }
+    }
+
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
         self.words

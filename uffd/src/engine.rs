@@ -128,6 +128,8 @@ pub struct FaultStats {
     pub pages_zeroed: u64,
     /// Installs that found the page already there.
     pub already_present: u64,
+    /// Installed pages dropped again as stale ([`FaultEngine::forget`]).
+    pub pages_discarded: u64,
     /// Fault read -> page installed, for faults that waited on an install.
     pub latency: LatencyHistogram,
     /// Faults per faulting thread id (as the kernel reports it).
@@ -141,6 +143,7 @@ struct Counters {
     pages_copied: AtomicU64,
     pages_zeroed: AtomicU64,
     already_present: AtomicU64,
+    pages_discarded: AtomicU64,
 }
 
 /// The fault engine of one VM's memory.
@@ -257,6 +260,7 @@ impl FaultEngine {
             pages_copied: c.pages_copied.load(Ordering::Relaxed),
             pages_zeroed: c.pages_zeroed.load(Ordering::Relaxed),
             already_present: c.already_present.load(Ordering::Relaxed),
+            pages_discarded: c.pages_discarded.load(Ordering::Relaxed),
             latency: self.latency.lock().expect("engine lock").clone(),
             faults_by_thread: self.by_thread.lock().expect("engine lock").clone(),
         }
@@ -313,6 +317,30 @@ impl FaultEngine {
             .fetch_add(installed, Ordering::Relaxed);
         self.mark_present(gfn, idx, pages);
         Ok(installed)
+    }
+
+    /// Drops the installed pages `[gfn, gfn + pages)` (`MADV_DONTNEED`): they are missing again,
+    /// and the next touch faults and requests them. For copies that went stale, such as pages a
+    /// precopy round sent before the guest wrote them again. Call it only while nothing touches
+    /// these pages (the destination's vCPUs have not started): a running thread could read a
+    /// page between its drop and its re-install and see it fault, which is harmless, but an
+    /// install racing the drop would be lost.
+    pub fn forget(&self, gfn: u64, pages: u64) -> Result<(), UffdError> {
+        let (_, idx, hva) = self.locate(gfn, pages)?;
+        let len = usize::try_from(pages * PAGE_SIZE).expect("range fits usize");
+        let addr = std::ptr::NonNull::new(hva as *mut std::ffi::c_void)
+            .ok_or(UffdError::OutOfRange { gfn, pages })?;
+        // SAFETY: [hva, hva + len) lies inside a range registered with this engine (locate
+        // checked it), a private anonymous mapping the owner keeps alive; dropping its pages
+        // only makes them missing again, which is what the engine's bitmaps record next.
+        unsafe { nix::sys::mman::madvise(addr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+            .map_err(|source| UffdError::Discard { gfn, pages, source })?;
+        self.present.clear_range(idx, pages);
+        self.requested.clear_range(idx, pages);
+        self.counters
+            .pages_discarded
+            .fetch_add(pages, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Installs `pages` zero pages from `gfn` (pages never written at the source).

@@ -49,6 +49,8 @@ pub enum UffdError {
     Copy { gfn: u64, len: u64, source: Errno },
     #[error("UFFDIO_ZEROPAGE of {len} bytes at gfn {gfn:#x} failed: {source}")]
     Zero { gfn: u64, len: u64, source: Errno },
+    #[error("cannot drop the stale pages at gfn {gfn:#x} (+{pages}): {source}")]
+    Discard { gfn: u64, pages: u64, source: Errno },
     #[error("UFFDIO_WAKE at gfn {gfn:#x} failed: {source}")]
     Wake { gfn: u64, source: Errno },
     #[error("gfn {gfn:#x} (+{pages} pages) is outside the registered guest memory")]

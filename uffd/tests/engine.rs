@@ -162,6 +162,34 @@ fn install_never_overwrites_a_present_page() {
     assert!(engine.install(FIRST_GFN, &[0u8; 100]).is_err());
 }
 
+#[test]
+fn forgotten_pages_are_missing_again_and_fault_in_fresh() {
+    let m = Mapping::new(4);
+    let engine = engine_over(&m, 4);
+    // A precopy round installed an old version of every page.
+    let old: Vec<u8> = (0..4).flat_map(|p| page_data(FIRST_GFN + p + 50)).collect();
+    assert_eq!(engine.install(FIRST_GFN, &old).unwrap(), 4);
+    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 52) * 1000);
+    // Pages 1 and 2 went stale: after forget, a touch faults them in from the source.
+    engine.forget(FIRST_GFN + 1, 2).unwrap();
+    assert_eq!(engine.present_pages(), 2);
+    assert!(!engine.is_present(FIRST_GFN + 1));
+    engine
+        .start(Arc::new(MemorySource {
+            requests: AtomicU64::new(0),
+            zero_gfn: u64::MAX,
+        }))
+        .unwrap();
+    assert_eq!(m.read_u64(1, 3), (FIRST_GFN + 1) * 1000 + 3);
+    assert_eq!(m.read_u64(2, 3), (FIRST_GFN + 2) * 1000 + 3);
+    assert_eq!(m.read_u64(3, 3), (FIRST_GFN + 53) * 1000 + 3, "kept");
+    let s = engine.stats();
+    assert_eq!((s.pages_discarded, s.requests), (2, 2));
+    assert_eq!(engine.present_pages(), 4);
+    assert!(engine.forget(FIRST_GFN + 3, 2).is_err(), "out of range");
+    engine.stop();
+}
+
 /// A source that fails until told otherwise, then serves.
 struct FlakySource {
     healthy: Mutex<bool>,

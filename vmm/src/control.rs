@@ -401,6 +401,14 @@ impl CommandHandler for VmCommands {
                     max_bandwidth: arg_u64(args, "max_bandwidth")?,
                     prepage,
                     profile: arg_u64(args, "profile_ms")?.map(Duration::from_millis),
+                    precopy_rounds: arg_u64(args, "precopy_rounds")?
+                        .map(|n| {
+                            u32::try_from(n).map_err(|_| {
+                                CommandError::invalid("precopy_rounds must be a small number")
+                            })
+                        })
+                        .transpose()?
+                        .unwrap_or(0),
                 };
                 to_value(&vm.migrate(uri, &secret, &options).map_err(failed)?)
             }

@@ -1,23 +1,38 @@
-//! Postcopy migration between two Tsubame processes over TCP.
+//! Postcopy (and hybrid) migration between two Tsubame processes over TCP.
 //!
 //! The source ([`Outgoing`]) connects twice to the destination (urgent and bulk channels) and
-//! authenticates both connections; only then does it pause the vCPUs and send their state on the
-//! urgent channel. From then on it is the page server of the VM: it answers demand requests on
-//! the urgent channel and pushes every other page in address order on the bulk channel, skipping
-//! pages already sent (a shared "sent" bitmap), zero pages as markers. A demand request is always
-//! answered, even for a page the push has queued: waiting behind the bulk stream would defeat the
-//! urgent channel (such duplicates are counted). When the destination says
-//! `Complete` (every page is local there), the source is done.
+//! authenticates both connections; nothing about the VM changes until both are accepted.
 //!
-//! The destination ([`incoming`]) creates the VM with empty RAM under userfaultfd
-//! ([`DemandPaging`]), restores the vCPUs and resumes them at once. A fault sends a
-//! `PageRequest` on the urgent channel; receiver threads install pages from both channels.
-//! If the source goes away, faulting vCPUs wait and the error is reported: pages never become
-//! zero behind the guest's back. The message sequence is in `tsubame_pageserver::protocol`.
+//! *Precopy rounds* (optional, hybrid migration) come first, while the guest keeps running: with
+//! KVM's dirty log on, round 1 sends every page on the bulk channel, each later round drops the
+//! destination's stale copies of the pages written since (`Discard`) and sends them again. Each
+//! round ends with `RoundDone`, which the destination acknowledges once it has installed it, so
+//! the bulk channel is empty when the next round (or the switchover) starts. Rounds never have to
+//! converge: whatever the guest wrote after the last one simply goes postcopy.
+//!
+//! *Switchover*: the source pauses the vCPUs, tells the destination to drop the pages written
+//! since the last round, ends the precopy phase (`PrecopyDone`) and sends the vCPU and device
+//! state on the urgent channel. From then on it is the page server of the VM: it answers demand
+//! requests on the urgent channel and pushes every other page on the bulk channel (address
+//! order, around faults, or hot pages first: [`Prepage`]), skipping pages already sent (a
+//! "sent" bitmap), zero pages as markers. A demand request is always answered, even for a page
+//! the push has queued: waiting behind the bulk stream would defeat the urgent channel (such
+//! duplicates are counted). When the destination says `Complete` (every page is local there),
+//! the source is done. Anything that fails before the state is sent leaves the VM running at the
+//! source.
+//!
+//! The destination ([`incoming`], [`Incoming::receive`]) creates the memory (empty, under
+//! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
+//! precopy pages are installed while the source still runs the guest and the switchover only
+//! restores vCPUs. It resumes the VM once the state has arrived and the bulk channel has passed
+//! `PrecopyDone`. A fault sends a `PageRequest` on the urgent channel; receiver threads install
+//! pages from both channels. If the source goes away, faulting vCPUs wait and the error is
+//! reported: pages never become zero behind the guest's back. The message sequence is in
+//! `tsubame_pageserver::protocol`.
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,8 +69,14 @@ pub enum MigrationError {
     Protocol(#[from] ProtocolError),
     #[error("the destination sent a VM state that does not parse: {0}")]
     BadState(String),
+    #[error("the migration failed during {stage}: {reason}; the VM keeps running here, and may be migrated again")]
+    Aborted { stage: String, reason: String },
     #[error("this VM is already migrating or migrated")]
     AlreadyMigrating,
+    #[error(
+        "the migration source went away before the VM arrived: {0}; the VM keeps running there"
+    )]
+    Lost(String),
     #[error("network I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -216,6 +237,8 @@ fn handshake_destination(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// Precopy rounds: the VM still runs here while its memory is copied.
+    Precopy,
     /// State sent; the source serves pages until the destination has them all.
     Postcopy,
     Completed,
@@ -229,6 +252,16 @@ pub struct MigrationStatus {
     pub phase: Phase,
     pub error: Option<String>,
     pub destination: String,
+    /// Precopy rounds asked for, and the one running or last run (0: none yet).
+    pub precopy_rounds: u32,
+    pub precopy_round: u32,
+    /// Pages sent by the precopy rounds (a page written again is sent again).
+    pub pages_precopy: u64,
+    /// Pages the guest wrote after the last precopy round: dropped at the destination at
+    /// switchover and served postcopy.
+    pub pages_stale: u64,
+    /// Migration start -> vCPUs paused (precopy and profiling).
+    pub precopy_ms: Option<f64>,
     /// Pause of the vCPUs -> state sent (the source's share of the downtime).
     pub downtime_us: u64,
     pub state_bytes: u64,
@@ -242,6 +275,8 @@ pub struct MigrationStatus {
     pub prepage: Prepage,
     /// `hot`: pages the profile found written (pushed first).
     pub hot_pages: u64,
+    /// Switchover -> the background push sent its last page.
+    pub push_ms: Option<f64>,
     /// Switchover -> `Complete` from the destination.
     pub total_ms: Option<f64>,
 }
@@ -257,7 +292,7 @@ pub enum Prepage {
     /// then address order.
     Bubble,
     /// The pages the guest wrote during a short profile before switchover first (KVM dirty
-    /// log), then address order.
+    /// log; with precopy rounds, the pages written since the last round), then address order.
     Hot,
 }
 
@@ -278,31 +313,74 @@ impl std::str::FromStr for Prepage {
 /// Options of an outgoing migration.
 #[derive(Clone, Debug, Default)]
 pub struct MigrateOptions {
-    /// Cap on the background push, in bytes per second (demand replies are never held back).
+    /// Cap on the background push and the precopy rounds, in bytes per second (demand replies
+    /// are never held back).
     pub max_bandwidth: Option<u64>,
     pub prepage: Prepage,
-    /// `Hot`: how long to record the guest's writes before switchover (default 100 ms).
+    /// `Hot` without precopy rounds: how long to record the guest's writes before switchover
+    /// (default 100 ms).
     pub profile: Option<Duration>,
+    /// Precopy rounds before switchover (hybrid migration): the first copies all memory while
+    /// the guest runs, each later one the pages written since the previous round. 0: pure
+    /// postcopy.
+    pub precopy_rounds: u32,
 }
 
 /// Pages around a demand fault that `Prepage::Bubble` pushes, on each side.
 const BUBBLE: u64 = 64;
 
+/// Pages per push step: 256 KiB runs keep the destination's socket buffer and `UFFDIO_COPY`
+/// source in its L2 cache (measured faster here than 1 MiB runs).
+const PUSH_RUN: u64 = 64;
+
+/// How a run of pages is being sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SendKind {
+    /// A demand reply: always sent, even if the push already did.
+    Demand,
+    /// Background push after switchover: pages not sent yet.
+    Push,
+    /// A precopy round: pages not sent yet (a page written again has its bit cleared).
+    Precopy,
+}
+
 /// The two authenticated connections of a migration.
 #[derive(Debug)]
 pub struct Channels {
-    /// vCPU state, demand requests and their pages.
+    /// vCPU state, demand requests and their pages; the destination's acknowledgements.
     pub urgent: TcpStream,
-    /// The background push.
-    pub bulk: TcpStream,
+    /// Precopy rounds and the background push.
+    pub bulk: BufWriter<TcpStream>,
 }
 
-/// An outgoing migration: the source's page server.
+/// Runs of consecutive gfns in a sorted list, at most `max` pages each.
+fn gfn_runs(gfns: &[u64], max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut rest = gfns;
+    std::iter::from_fn(move || {
+        let (&first, _) = rest.split_first()?;
+        let mut n = 1;
+        while n < rest.len() && rest[n] == first + n as u64 && (n as u64) < max {
+            n += 1;
+        }
+        rest = &rest[n..];
+        Some((first, n as u64))
+    })
+}
+
+/// An outgoing migration: precopy rounds, then the source's page server.
 #[derive(Debug)]
 pub struct Outgoing {
     destination: String,
     started: Instant,
-    downtime: Mutex<Duration>,
+    /// Pages the destination has been sent (and not told to drop since).
+    sent: AtomicBitmap,
+    precopy_rounds: u32,
+    precopy_round: AtomicU32,
+    pages_precopy: AtomicU64,
+    pages_stale: AtomicU64,
+    /// Start -> pause; pause -> state sent; switchover -> push done.
+    switched_at: Mutex<Option<(Instant, Duration, Duration)>>,
+    push_done: Mutex<Option<Duration>>,
     state_bytes: AtomicU64,
     pages_demand: AtomicU64,
     pages_pushed: AtomicU64,
@@ -321,6 +399,7 @@ impl Outgoing {
         uri: &str,
         secret: &[u8],
         layout: &MemoryLayout,
+        precopy_rounds: u32,
     ) -> Result<(Arc<Self>, Channels), MigrationError> {
         let addr = parse_uri(uri)?;
         let session = u64::from_le_bytes(protocol::nonce()?[..8].try_into().expect("8 bytes"));
@@ -335,11 +414,17 @@ impl Outgoing {
             Ok(s)
         };
         let urgent = connect(Channel::Urgent)?;
-        let bulk = connect(Channel::Bulk)?;
+        let bulk = BufWriter::with_capacity(1 << 20, connect(Channel::Bulk)?);
         let out = Arc::new(Self {
             destination: addr.to_string(),
             started: Instant::now(),
-            downtime: Mutex::new(Duration::ZERO),
+            sent: AtomicBitmap::new(layout.total_pages()),
+            precopy_rounds,
+            precopy_round: AtomicU32::new(0),
+            pages_precopy: AtomicU64::new(0),
+            pages_stale: AtomicU64::new(0),
+            switched_at: Mutex::new(None),
+            push_done: Mutex::new(None),
             state_bytes: AtomicU64::new(0),
             pages_demand: AtomicU64::new(0),
             pages_pushed: AtomicU64::new(0),
@@ -348,13 +433,74 @@ impl Outgoing {
             bytes_sent: AtomicU64::new(0),
             total_pages: layout.total_pages(),
             prepage: Mutex::new((Prepage::Address, 0)),
-            outcome: Mutex::new((Phase::Postcopy, None, None)),
+            outcome: Mutex::new((Phase::Precopy, None, None)),
         });
         Ok((out, Channels { urgent, bulk }))
     }
 
-    /// Sends the paused VM's state, then serves its memory on two threads until the
-    /// destination has every page. `paused_at` is when the vCPUs were paused.
+    /// Runs the precopy rounds while the guest keeps running: round 1 sends every page, each
+    /// later round the pages `dirty()` reports written since the previous call (after telling
+    /// the destination to drop their old copies). Each round ends with `RoundDone`, and the
+    /// next starts once the destination has installed all of it, so the bulk channel is empty
+    /// at switchover. The caller starts the dirty log before round 1. Stops early when a round
+    /// finds nothing written.
+    pub fn precopy(
+        &self,
+        memory: &GuestMemory,
+        channels: &mut Channels,
+        rate: Option<u64>,
+        mut dirty: impl FnMut() -> Result<Vec<u64>, MigrationError>,
+    ) -> Result<(), MigrationError> {
+        let mut push = Pusher::new(self, memory, rate);
+        for round in 1..=self.precopy_rounds {
+            self.precopy_round.store(round, Ordering::Relaxed);
+            let w = &mut channels.bulk;
+            if round == 1 {
+                for r in &memory.layout().regions {
+                    let end = r.first_gfn() + r.pages();
+                    let mut gfn = r.first_gfn();
+                    while gfn < end {
+                        let n = PUSH_RUN.min(end - gfn);
+                        push.send(w, gfn, n, SendKind::Precopy)?;
+                        gfn += n;
+                    }
+                }
+            } else {
+                let written = dirty()?;
+                if written.is_empty() {
+                    break;
+                }
+                for (gfn, n) in gfn_runs(&written, PUSH_RUN) {
+                    self.unsend(memory, gfn, n);
+                    Message::Discard { gfn, count: n }.write_to(w)?;
+                    push.send(w, gfn, n, SendKind::Precopy)?;
+                }
+            }
+            Message::RoundDone { round }.write_to(w)?;
+            w.flush()?;
+            match Message::read_from(&mut channels.urgent)? {
+                Message::RoundDone { round: r } if r == round => {}
+                m => return Err(ProtocolError::unexpected("RoundDone", m).into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the "sent" bits of `[gfn, gfn + n)`, pages inside one region.
+    fn unsend(&self, memory: &GuestMemory, gfn: u64, n: u64) {
+        if let Some(first) = memory.layout().page_index(gfn) {
+            for k in 0..n {
+                self.sent.clear(first + k);
+            }
+        }
+    }
+
+    /// Switchover with the vCPUs paused since `paused_at`: tells the destination to drop the
+    /// `stale` pages (written since the last precopy round; sorted), ends the precopy phase,
+    /// sends the VM state, then serves the memory on two threads until the destination has
+    /// every page. An error before the state is sent leaves the destination without a VM: the
+    /// caller may resume the VM here.
+    #[allow(clippy::too_many_arguments)]
     pub fn switch_over(
         self: &Arc<Self>,
         state: &VmState,
@@ -363,22 +509,39 @@ impl Outgoing {
         paused_at: Instant,
         options: &MigrateOptions,
         hot: Vec<u64>,
+        stale: &[u64],
     ) -> Result<(), MigrationError> {
         *self.prepage.lock().expect("migration lock") = (options.prepage, hot.len() as u64);
-        let Channels { mut urgent, bulk } = channels;
+        let Channels {
+            mut urgent,
+            mut bulk,
+        } = channels;
+        for (gfn, n) in gfn_runs(stale, u64::MAX) {
+            self.unsend(&memory, gfn, n);
+            Message::Discard { gfn, count: n }.write_to(&mut bulk)?;
+        }
+        self.pages_stale
+            .store(stale.len() as u64, Ordering::Relaxed);
+        Message::PrecopyDone.write_to(&mut bulk)?;
+        bulk.flush()?;
         let json =
             serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
         self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
         Message::VmState(json).write_to(&mut urgent)?;
-        *self.downtime.lock().expect("migration lock") = paused_at.elapsed();
-        let sent = Arc::new(AtomicBitmap::new(memory.layout().total_pages()));
+        let now = Instant::now();
+        *self.switched_at.lock().expect("migration lock") = Some((
+            now,
+            paused_at.duration_since(self.started),
+            now.duration_since(paused_at),
+        ));
+        self.outcome.lock().expect("migration lock").0 = Phase::Postcopy;
         // Bubble: the demand thread tells the push thread where the guest faults.
         let (fault_tx, faults) = crossbeam::channel::unbounded();
         let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
-        let (me, mem, s) = (self.clone(), memory.clone(), sent.clone());
+        let (me, mem) = (self.clone(), memory.clone());
         std::thread::Builder::new()
             .name("migrate-urgent".into())
-            .spawn(move || me.serve_demand(&mem, &s, urgent, fault_tx.as_ref()))?;
+            .spawn(move || me.serve_demand(&mem, urgent, fault_tx.as_ref()))?;
         let me = self.clone();
         let order = PushOrder {
             rate: options.max_bandwidth,
@@ -387,39 +550,63 @@ impl Outgoing {
         };
         std::thread::Builder::new()
             .name("migrate-bulk".into())
-            .spawn(move || me.push_all(&memory, &sent, bulk, &order))?;
+            .spawn(move || me.push_all(&memory, bulk, &order))?;
         Ok(())
+    }
+
+    /// Whether the VM state went out: from then on the VM runs at the destination.
+    pub fn switched_over(&self) -> bool {
+        self.switched_at.lock().expect("migration lock").is_some()
+    }
+
+    /// Records a failure before switchover (the VM stays here) and returns the error to
+    /// report, saying where it happened.
+    pub fn abort(&self, e: &dyn std::fmt::Display) -> MigrationError {
+        self.finish(Phase::Failed, Some(e.to_string()));
+        let round = self.precopy_round.load(Ordering::Relaxed);
+        MigrationError::Aborted {
+            stage: if round == 0 {
+                "the switchover".into()
+            } else {
+                format!("precopy round {round} of {}", self.precopy_rounds)
+            },
+            reason: e.to_string(),
+        }
     }
 
     fn finish(&self, phase: Phase, error: Option<String>) {
         let mut o = self.outcome.lock().expect("migration lock");
-        if o.0 == Phase::Postcopy {
-            *o = (phase, error, Some(self.started.elapsed()));
+        if matches!(o.0, Phase::Precopy | Phase::Postcopy) {
+            let since_switch = self
+                .switched_at
+                .lock()
+                .expect("migration lock")
+                .map(|(at, ..)| at.elapsed());
+            *o = (phase, error, since_switch);
         }
     }
 
-    /// Sends pages `[gfn, gfn + count)`: zero runs as markers, data runs as pages. The push
-    /// (`demand == false`) skips pages already sent. A demand reply always goes out: the
-    /// destination faulted, so it does not have the page yet, and a page the push marked may
-    /// still sit in its queue, behind up to megabytes of bulk data; such a page is sent twice
-    /// and counted in `duplicates`.
+    /// Sends pages `[gfn, gfn + count)`: zero runs as markers, data runs as pages. The push and
+    /// precopy rounds skip pages already sent. A demand reply always goes out: the destination
+    /// faulted, so it does not have the page yet, and a page the push marked may still sit in
+    /// its queue, behind up to megabytes of bulk data; such a page is sent twice and counted in
+    /// `duplicates`.
     fn send_pages(
         &self,
         w: &mut impl Write,
         memory: &GuestMemory,
-        sent: &AtomicBitmap,
+        buf: &mut Vec<u8>,
         gfn: u64,
         count: u64,
-        demand: bool,
+        kind: SendKind,
     ) -> Result<(), MigrationError> {
-        let counter = if demand {
-            &self.pages_demand
-        } else {
-            &self.pages_pushed
+        let counter = match kind {
+            SendKind::Demand => &self.pages_demand,
+            SendKind::Push => &self.pages_pushed,
+            SendKind::Precopy => &self.pages_precopy,
         };
         let layout = memory.layout();
         let max_run = u64::from(MAX_PAGES_PER_FRAME);
-        let mut buf = Vec::new();
         let mut take = Vec::new();
         let mut g = gfn;
         while g < gfn + count {
@@ -435,20 +622,27 @@ impl Outgoing {
             }
             take.clear();
             for k in 0..n {
-                let already = sent.test_and_set(first + k);
-                if already && demand {
+                let already = self.sent.test_and_set(first + k);
+                if already && kind == SendKind::Demand {
                     self.duplicates.fetch_add(1, Ordering::Relaxed);
                 }
-                take.push(!already || demand);
+                take.push(!already || kind == SendKind::Demand);
+            }
+            if !take.iter().any(|t| *t) {
+                g += n;
+                continue;
             }
             let len = usize::try_from(n).expect("run fits usize") * PAGE_BYTES;
-            buf.resize(len, 0);
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            let buf = &mut buf[..len];
             memory
-                .read(g * PAGE_SIZE, &mut buf)
+                .read(g * PAGE_SIZE, buf)
                 .map_err(|e| MigrationError::BadState(e.to_string()))?;
             // Taken pages go out as runs of zero markers and runs of data, straight from buf.
             for_each_page_run(
-                &buf,
+                buf,
                 |k| take[k],
                 |a, b, zero| {
                     let (at, pages) = (g + a as u64, (b - a) as u64);
@@ -477,17 +671,24 @@ impl Outgoing {
     fn serve_demand(
         &self,
         memory: &GuestMemory,
-        sent: &AtomicBitmap,
         urgent: TcpStream,
         faults: Option<&crossbeam::channel::Sender<u64>>,
     ) {
         let result = (|| -> Result<(), MigrationError> {
             let mut reader = BufReader::new(urgent.try_clone()?);
             let mut writer = urgent;
+            let mut buf = Vec::new();
             loop {
                 match Message::read_from(&mut reader)? {
                     Message::PageRequest { gfn, count } => {
-                        self.send_pages(&mut writer, memory, sent, gfn, u64::from(count), true)?;
+                        self.send_pages(
+                            &mut writer,
+                            memory,
+                            &mut buf,
+                            gfn,
+                            u64::from(count),
+                            SendKind::Demand,
+                        )?;
                         writer.flush()?;
                         if let Some(f) = faults {
                             let _ = f.send(gfn);
@@ -504,52 +705,40 @@ impl Outgoing {
         }
     }
 
-    fn push_all(
-        &self,
-        memory: &GuestMemory,
-        sent: &AtomicBitmap,
-        bulk: TcpStream,
-        order: &PushOrder,
-    ) {
-        const RUN: u64 = 256;
+    fn push_all(&self, memory: &GuestMemory, mut w: BufWriter<TcpStream>, order: &PushOrder) {
         let result = (|| -> Result<(), MigrationError> {
-            let mut push = Pusher {
-                out: self,
-                memory,
-                sent,
-                w: BufWriter::with_capacity(1 << 20, bulk),
-                rate: order.rate,
-                pushed_bytes: 0,
-                t0: Instant::now(),
-            };
+            let mut push = Pusher::new(self, memory, order.rate);
             // Hot pages first, in runs of consecutive gfns.
-            let mut i = 0;
-            while i < order.hot.len() {
-                let mut j = i + 1;
-                while j < order.hot.len()
-                    && order.hot[j] == order.hot[j - 1] + 1
-                    && ((j - i) as u64) < RUN
-                {
-                    j += 1;
-                }
-                push.send(order.hot[i], (j - i) as u64)?;
-                i = j;
+            for (gfn, n) in gfn_runs(&order.hot, PUSH_RUN) {
+                push.send(&mut w, gfn, n, SendKind::Push)?;
             }
-            for r in &memory.layout().regions.clone() {
+            for r in &memory.layout().regions {
+                let end = r.first_gfn() + r.pages();
                 let mut gfn = r.first_gfn();
-                while gfn < r.first_gfn() + r.pages() {
+                while gfn < end {
                     // Bubble: around each new fault first, outward from it.
                     for g in order.faults.try_iter() {
-                        push.send(g + 1, BUBBLE)?;
-                        push.send(g.saturating_sub(BUBBLE), BUBBLE.min(g))?;
+                        push.send(&mut w, g + 1, BUBBLE, SendKind::Push)?;
+                        push.send(
+                            &mut w,
+                            g.saturating_sub(BUBBLE),
+                            BUBBLE.min(g),
+                            SendKind::Push,
+                        )?;
                     }
-                    let n = RUN.min(r.first_gfn() + r.pages() - gfn);
-                    push.send(gfn, n)?;
+                    let n = PUSH_RUN.min(end - gfn);
+                    push.send(&mut w, gfn, n, SendKind::Push)?;
                     gfn += n;
                 }
             }
-            Message::PushDone.write_to(&mut push.w)?;
-            push.w.flush()?;
+            Message::PushDone.write_to(&mut w)?;
+            w.flush()?;
+            let at = self
+                .switched_at
+                .lock()
+                .expect("migration lock")
+                .map(|s| s.0);
+            *self.push_done.lock().expect("migration lock") = at.map(|t| t.elapsed());
             Ok(())
         })();
         if let Err(e) = result {
@@ -561,13 +750,21 @@ impl Outgoing {
     pub fn status(&self) -> MigrationStatus {
         let o = self.outcome.lock().expect("migration lock").clone();
         let (prepage, hot_pages) = *self.prepage.lock().expect("migration lock");
+        let switched = *self.switched_at.lock().expect("migration lock");
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         MigrationStatus {
             role: "source",
             phase: o.0,
             error: o.1,
             destination: self.destination.clone(),
-            downtime_us: u64::try_from(self.downtime.lock().expect("migration lock").as_micros())
-                .unwrap_or(u64::MAX),
+            precopy_rounds: self.precopy_rounds,
+            precopy_round: self.precopy_round.load(Ordering::Relaxed),
+            pages_precopy: self.pages_precopy.load(Ordering::Relaxed),
+            pages_stale: self.pages_stale.load(Ordering::Relaxed),
+            precopy_ms: switched.map(|s| ms(s.1)),
+            downtime_us: switched
+                .map(|s| u64::try_from(s.2.as_micros()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
             state_bytes: self.state_bytes.load(Ordering::Relaxed),
             pages_demand: self.pages_demand.load(Ordering::Relaxed),
             pages_pushed: self.pages_pushed.load(Ordering::Relaxed),
@@ -577,7 +774,8 @@ impl Outgoing {
             total_pages: self.total_pages,
             prepage,
             hot_pages,
-            total_ms: o.2.map(|d| d.as_secs_f64() * 1e3),
+            push_ms: self.push_done.lock().expect("migration lock").map(ms),
+            total_ms: o.2.map(ms),
         }
     }
 }
@@ -591,32 +789,48 @@ struct PushOrder {
     faults: crossbeam::channel::Receiver<u64>,
 }
 
-/// The push thread's writer, with optional pacing.
+/// Sends runs of pages for the precopy rounds and the push, with optional pacing.
 struct Pusher<'a> {
     out: &'a Outgoing,
     memory: &'a GuestMemory,
-    sent: &'a AtomicBitmap,
-    w: BufWriter<TcpStream>,
+    buf: Vec<u8>,
     rate: Option<u64>,
     pushed_bytes: u64,
     t0: Instant,
 }
 
-impl Pusher<'_> {
-    /// Pushes the pages of `[gfn, gfn + n)` not sent yet, then waits if over the rate.
+impl<'a> Pusher<'a> {
+    fn new(out: &'a Outgoing, memory: &'a GuestMemory, rate: Option<u64>) -> Self {
+        Self {
+            out,
+            memory,
+            buf: Vec::new(),
+            rate: rate.filter(|r| *r > 0),
+            pushed_bytes: 0,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Sends the pages of `[gfn, gfn + n)` not sent yet, then waits if over the rate.
     #[allow(clippy::cast_precision_loss)] // pacing arithmetic in seconds
-    fn send(&mut self, gfn: u64, n: u64) -> Result<(), MigrationError> {
+    fn send(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        gfn: u64,
+        n: u64,
+        kind: SendKind,
+    ) -> Result<(), MigrationError> {
         if n == 0 {
             return Ok(());
         }
         self.out
-            .send_pages(&mut self.w, self.memory, self.sent, gfn, n, false)?;
-        if let Some(rate) = self.rate.filter(|r| *r > 0) {
+            .send_pages(w, self.memory, &mut self.buf, gfn, n, kind)?;
+        if let Some(rate) = self.rate {
             // n pages may leave only after n * 4 KiB / rate seconds.
             self.pushed_bytes += n * PAGE_SIZE;
             let due = Duration::from_secs_f64(self.pushed_bytes as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(self.t0.elapsed()) {
-                self.w.flush()?;
+                w.flush()?;
                 std::thread::sleep(wait);
             }
         }
@@ -638,14 +852,11 @@ impl PageSource for NetworkSource {
     }
 }
 
-/// An accepted, authenticated incoming migration, up to the VM state.
+/// An accepted, authenticated incoming migration: both channels, before any memory.
 pub struct Incoming {
     pub layout: MemoryLayout,
-    pub state: VmState,
     urgent: TcpStream,
     bulk: TcpStream,
-    /// When the VM state arrived.
-    pub state_received: Instant,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -657,8 +868,8 @@ impl std::fmt::Debug for Incoming {
 }
 
 /// Listens on `uri`, calls `ready` with the bound address, and accepts connections until an
-/// authenticated urgent + bulk pair of one session has sent the VM state. Refused connections
-/// (wrong secret, other version, other layout) are logged and the destination keeps waiting.
+/// authenticated urgent + bulk pair of one session is there. Refused connections (wrong secret,
+/// other version, other layout) are logged and the destination keeps waiting.
 pub fn incoming(
     uri: &str,
     secret: &[u8],
@@ -691,37 +902,111 @@ pub fn incoming(
             }
         }
     }
-    let (_, mut urgent, layout) = urgent.expect("checked above");
+    let (_, urgent, layout) = urgent.expect("checked above");
     let (_, bulk) = bulk.expect("checked above");
-    let json = match Message::read_from(&mut urgent)? {
-        Message::VmState(j) => j,
-        m => return Err(ProtocolError::unexpected("VmState", m).into()),
-    };
-    let state_received = Instant::now();
-    let state: VmState =
-        serde_json::from_slice(&json).map_err(|e| MigrationError::BadState(e.to_string()))?;
-    if state.layout != layout {
-        return Err(MigrationError::BadState(
-            "the state's memory layout differs from the handshake's".into(),
-        ));
-    }
     Ok(Incoming {
         layout,
-        state,
         urgent,
         bulk,
-        state_received,
     })
 }
 
+/// What the receiver threads share.
+struct Receiver {
+    engine: Arc<FaultEngine>,
+    /// The urgent channel's write half: demand requests, round acknowledgements, `Complete`.
+    writer: Arc<Mutex<TcpStream>>,
+    push_done: AtomicBool,
+    completed: AtomicBool,
+    done: Box<dyn Fn() + Send + Sync>,
+    /// Told once the bulk channel passed `PrecopyDone` (or failed first).
+    precopy_done: Mutex<Option<crossbeam::channel::Sender<Result<(), String>>>>,
+}
+
+impl Receiver {
+    /// Reads one channel until it closes, installing what arrives.
+    fn run(&self, stream: TcpStream) {
+        // Small enough that page payloads bypass it: they are read straight into `spare`, the
+        // buffer `UFFDIO_COPY` installs from (one copy after the socket).
+        let mut r = BufReader::with_capacity(64 << 10, stream);
+        let mut spare = Vec::new();
+        loop {
+            let result = match Message::read_reusing(&mut r, std::mem::take(&mut spare)) {
+                Ok(m) => self.handle(m, &mut spare),
+                Err(e) => {
+                    if !self.completed.load(Ordering::Acquire) {
+                        self.fail(format!("lost the migration source: {e}"));
+                    }
+                    return;
+                }
+            };
+            if let Err(e) = result {
+                self.fail(e);
+                return;
+            }
+            if self.push_done.load(Ordering::Acquire)
+                && self.engine.present_pages() == self.engine.total_pages()
+                && !self.completed.swap(true, Ordering::AcqRel)
+            {
+                (self.done)();
+                let _ = Message::Complete.write_to(&mut *self.writer.lock().expect("urgent lock"));
+            }
+        }
+    }
+
+    fn handle(&self, m: Message, spare: &mut Vec<u8>) -> Result<(), String> {
+        let installing = |e: tsubame_uffd::UffdError| format!("installing pages: {e}");
+        match m {
+            Message::Pages { gfn, data } => {
+                let r = self.engine.install(gfn, &data).map(drop);
+                *spare = data;
+                r.map_err(installing)
+            }
+            Message::ZeroPages { gfn, count } => self
+                .engine
+                .install_zero(gfn, count)
+                .map(drop)
+                .map_err(installing),
+            Message::Discard { gfn, count } => self
+                .engine
+                .forget(gfn, count)
+                .map_err(|e| format!("dropping stale pages: {e}")),
+            Message::RoundDone { round } => Message::RoundDone { round }
+                .write_to(&mut *self.writer.lock().expect("urgent lock"))
+                .map_err(|e| format!("acknowledging precopy round {round}: {e}")),
+            Message::PrecopyDone => {
+                if let Some(tx) = self.precopy_done.lock().expect("rx lock").take() {
+                    let _ = tx.send(Ok(()));
+                }
+                Ok(())
+            }
+            Message::PushDone => {
+                self.push_done.store(true, Ordering::Release);
+                Ok(())
+            }
+            m => Err(format!("unexpected {} from the source", m.name())),
+        }
+    }
+
+    fn fail(&self, why: String) {
+        if let Some(tx) = self.precopy_done.lock().expect("rx lock").take() {
+            let _ = tx.send(Err(why.clone()));
+        }
+        self.engine.report_source_error(SourceError(why));
+    }
+}
+
 impl Incoming {
-    /// Starts demand paging over the two channels: the engine requests faulting pages from the
-    /// source, receiver threads install what arrives, and `Complete` is sent once every page
-    /// is local. Returns the paging and the VM state to restore.
-    pub fn start_paging(
+    /// Receives the VM into `memory`: starts demand paging and the bulk receiver at once
+    /// (precopy rounds arrive while the VM still runs at the source), then waits for the VM
+    /// state on the urgent channel and for the end of the precopy phase on the bulk channel,
+    /// and starts the urgent receiver. Afterwards a fault sends a `PageRequest`, receiver threads
+    /// install pages from both channels, and `Complete` goes out once every page is local.
+    /// Returns the paging, the VM state to restore, and when the state arrived.
+    pub fn receive(
         self,
         memory: &GuestMemory,
-    ) -> Result<(DemandPaging, VmState), crate::Error> {
+    ) -> Result<(DemandPaging, VmState, Instant), crate::Error> {
         let mut paging = DemandPaging::new(memory, "migration")?;
         let engine = paging.engine().clone();
         let writer = Arc::new(Mutex::new(
@@ -730,68 +1015,56 @@ impl Incoming {
         engine.start(Arc::new(NetworkSource {
             urgent: writer.clone(),
         }))?;
-        let push_done = Arc::new(AtomicBool::new(false));
-        let completed = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(paging.completion());
-        for (name, stream) in [
-            ("migrate-urgent-rx", self.urgent),
-            ("migrate-bulk-rx", self.bulk),
-        ] {
-            paging.own_socket(stream.try_clone().map_err(MigrationError::Io)?);
-            let (engine, writer, push_done, completed, done) = (
-                engine.clone(),
-                writer.clone(),
-                push_done.clone(),
-                completed.clone(),
-                done.clone(),
-            );
-            paging.spawn(name, move || {
-                let mut r = BufReader::with_capacity(1 << 20, stream);
-                let check_complete = || {
-                    if push_done.load(Ordering::Acquire)
-                        && engine.present_pages() == engine.total_pages()
-                        && !completed.swap(true, Ordering::AcqRel)
-                    {
-                        done();
-                        let _ =
-                            Message::Complete.write_to(&mut *writer.lock().expect("urgent lock"));
-                    }
-                };
-                loop {
-                    let installed = match Message::read_from(&mut r) {
-                        Ok(Message::Pages { gfn, data }) => engine.install(gfn, &data).map(drop),
-                        Ok(Message::ZeroPages { gfn, count }) => {
-                            engine.install_zero(gfn, count).map(drop)
-                        }
-                        Ok(Message::PushDone) => {
-                            push_done.store(true, Ordering::Release);
-                            Ok(())
-                        }
-                        Ok(m) => {
-                            engine.report_source_error(SourceError(format!(
-                                "unexpected {} from the source",
-                                m.name()
-                            )));
-                            return;
-                        }
-                        Err(e) => {
-                            if !completed.load(Ordering::Acquire) {
-                                engine.report_source_error(SourceError(format!(
-                                    "lost the migration source: {e}"
-                                )));
-                            }
-                            return;
-                        }
-                    };
-                    if let Err(e) = installed {
-                        engine.report_source_error(SourceError(format!(
-                            "installing pages from the source: {e}"
-                        )));
-                    }
-                    check_complete();
-                }
-            })?;
+        let (tx, precopy_done) = crossbeam::channel::bounded(1);
+        let rx = Arc::new(Receiver {
+            engine,
+            writer,
+            push_done: AtomicBool::new(false),
+            completed: AtomicBool::new(false),
+            done: Box::new(paging.completion()),
+            precopy_done: Mutex::new(Some(tx)),
+        });
+        for s in [&self.urgent, &self.bulk] {
+            paging.own_socket(s.try_clone().map_err(MigrationError::Io)?);
         }
-        Ok((paging, self.state))
+        let bulk_rx = rx.clone();
+        let bulk = self.bulk;
+        paging.spawn("migrate-bulk-rx", move || bulk_rx.run(bulk))?;
+
+        let mut urgent = self.urgent;
+        let json = match Message::read_from(&mut urgent)
+            .map_err(|e| MigrationError::Lost(e.to_string()))?
+        {
+            Message::VmState(j) => j,
+            m => return Err(MigrationError::from(ProtocolError::unexpected("VmState", m)).into()),
+        };
+        let state_received = Instant::now();
+        let state: VmState =
+            serde_json::from_slice(&json).map_err(|e| MigrationError::BadState(e.to_string()))?;
+        if state.layout != self.layout {
+            return Err(MigrationError::BadState(
+                "the state's memory layout differs from the handshake's".into(),
+            )
+            .into());
+        }
+        match precopy_done.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(MigrationError::Lost(why).into()),
+            Err(_) => return Err(MigrationError::Lost("the bulk receiver stopped".into()).into()),
+        }
+        paging.spawn("migrate-urgent-rx", move || rx.run(urgent))?;
+        Ok((paging, state, state_received))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gfn_runs;
+
+    #[test]
+    fn gfn_runs_split_at_gaps_and_at_max() {
+        let runs: Vec<_> = gfn_runs(&[1, 2, 3, 7, 8, 20], 2).collect();
+        assert_eq!(runs, [(1, 2), (3, 1), (7, 2), (20, 1)]);
+        assert_eq!(gfn_runs(&[], 4).count(), 0);
     }
 }

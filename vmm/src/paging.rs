@@ -27,6 +27,8 @@ pub struct PagingStats {
     pub demand_requests: u64,
     pub pages_copied: u64,
     pub pages_zeroed: u64,
+    /// Pages installed by a precopy round and dropped again because the guest rewrote them.
+    pub pages_discarded: u64,
     /// Fault read -> page installed.
     pub demand_p50_us: Option<f64>,
     pub demand_p99_us: Option<f64>,
@@ -44,7 +46,9 @@ pub struct DemandPaging {
     workers: Vec<JoinHandle<()>>,
     /// Connections the workers read; shut down on drop so that they stop.
     sockets: Vec<TcpStream>,
-    all_present: Arc<Mutex<Option<Duration>>>,
+    /// When every page was local.
+    all_present: Arc<Mutex<Option<Instant>>>,
+    /// When the VM started to depend on the engine (see [`DemandPaging::restart_clock`]).
     started: Instant,
 }
 
@@ -91,13 +95,19 @@ impl DemandPaging {
     }
 
     /// A function that records "every page is local now".
-    pub fn completion(&self) -> impl Fn() + Send + 'static {
-        let (cell, t0) = (self.all_present.clone(), self.started);
+    pub fn completion(&self) -> impl Fn() + Send + Sync + 'static {
+        let cell = self.all_present.clone();
         move || {
             cell.lock()
                 .expect("paging lock")
-                .get_or_insert(t0.elapsed());
+                .get_or_insert_with(Instant::now);
         }
+    }
+
+    /// Counts `all_present_ms` from now: for an incoming migration, from the switchover
+    /// rather than from the precopy rounds.
+    pub fn restart_clock(&mut self) {
+        self.started = Instant::now();
     }
 
     /// Starts a named worker thread that feeds the engine.
@@ -127,6 +137,7 @@ impl DemandPaging {
             demand_requests: s.requests,
             pages_copied: s.pages_copied,
             pages_zeroed: s.pages_zeroed,
+            pages_discarded: s.pages_discarded,
             demand_p50_us: s.latency.percentile(0.5).map(us),
             demand_p99_us: s.latency.percentile(0.99).map(us),
             demand_max_us: us(s.latency.max()),
@@ -134,7 +145,7 @@ impl DemandPaging {
                 .all_present
                 .lock()
                 .expect("paging lock")
-                .map(|d| d.as_secs_f64() * 1e3),
+                .map(|t| t.saturating_duration_since(self.started).as_secs_f64() * 1e3),
             source_error: self.engine.source_error().map(|e| e.to_string()),
         }
     }

@@ -246,6 +246,17 @@ impl Vm {
         serial: &SerialOutput,
     ) -> Result<Self, Error> {
         let kvm = KvmVm::new(&memory)?;
+        Self::assemble_with(kvm, memory, paging, state, serial)
+    }
+
+    /// [`Vm::assemble`] with a KVM VM already created over `memory`.
+    fn assemble_with(
+        kvm: KvmVm,
+        memory: Arc<GuestMemory>,
+        paging: Option<DemandPaging>,
+        state: VmState,
+        serial: &SerialOutput,
+    ) -> Result<Self, Error> {
         let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
         devices.restore(&state.devices);
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -268,9 +279,10 @@ impl Vm {
         })
     }
 
-    /// The destination of a postcopy migration: listens on `uri` (`tcp:HOST:PORT`), calls
-    /// `ready` once listening, accepts an authenticated migration, and returns the VM with empty
-    /// RAM under userfaultfd, paused, ready to resume at once. `expect` (e.g. from `--mem`) must
+    /// The destination of a migration: listens on `uri` (`tcp:HOST:PORT`), calls `ready` once
+    /// listening, accepts an authenticated migration, creates memory (empty, under
+    /// userfaultfd) and the KVM VM at once, takes in the precopy rounds if any, and returns the
+    /// VM paused once its state arrived, ready to resume. `expect` (e.g. from `--mem`) must
     /// match the source's layout if given.
     pub fn incoming(
         uri: &str,
@@ -280,41 +292,111 @@ impl Vm {
         ready: impl FnOnce(std::net::SocketAddr),
     ) -> Result<Self, Error> {
         let inc = migration::incoming(uri, secret, expect, ready)?;
-        let received = inc.state_received;
         let memory = Arc::new(GuestMemory::new(&inc.layout)?);
-        let (paging, state) = inc.start_paging(&memory)?;
-        let mut vm = Self::assemble(memory, Some(paging), state, serial)?;
+        // Before the state arrives: off the switchover's critical path.
+        let kvm = KvmVm::new(&memory)?;
+        let (mut paging, state, received) = inc.receive(&memory)?;
+        paging.restart_clock();
+        let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, serial)?;
         vm.incoming_restore = Some(received.elapsed());
         Ok(vm)
     }
 
-    /// Migrates this VM postcopy to the destination at `uri`: authenticates, pauses, sends the
-    /// vCPU and device state, and from then on serves the VM's memory to the destination (the
-    /// VM never runs here again). A refused connection leaves the VM running here.
+    /// Migrates this VM to the destination at `uri`: authenticates, runs the precopy rounds
+    /// `options` asks for while the guest keeps running, pauses, sends the vCPU and device
+    /// state, and from then on serves the VM's memory to the destination (the VM never runs
+    /// here again). Anything that fails before the state is sent leaves the VM running here.
     pub fn migrate(
         &self,
         uri: &str,
         secret: &[u8],
         options: &MigrateOptions,
     ) -> Result<MigrationStatus, Error> {
-        let mut outgoing = self.outgoing.lock().expect("vm lock");
-        if outgoing.is_some() {
-            return Err(MigrationError::AlreadyMigrating.into());
-        }
-        let (out, channels) = Outgoing::connect(uri, secret, self.memory.layout())?;
-        let hot = if options.prepage == migration::Prepage::Hot {
-            self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?
-        } else {
-            Vec::new()
+        let (out, channels) = {
+            let mut outgoing = self.outgoing.lock().expect("vm lock");
+            if outgoing.is_some() {
+                return Err(MigrationError::AlreadyMigrating.into());
+            }
+            let (out, channels) =
+                Outgoing::connect(uri, secret, self.memory.layout(), options.precopy_rounds)?;
+            *outgoing = Some(out.clone());
+            (out, channels)
         };
+        match self.precopy_and_switch(&out, channels, options) {
+            Ok(()) => Ok(out.status()),
+            Err(e) if !out.switched_over() => {
+                *self.outgoing.lock().expect("vm lock") = None;
+                Err(out.abort(&e).into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn precopy_and_switch(
+        &self,
+        out: &Arc<Outgoing>,
+        mut channels: migration::Channels,
+        options: &MigrateOptions,
+    ) -> Result<(), Error> {
+        let mut hot = Vec::new();
+        let mut stale = Vec::new();
+        if options.precopy_rounds > 0 {
+            self.kvm.set_dirty_logging(&self.memory, true)?;
+            let copied = (|| -> Result<(), Error> {
+                self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
+                out.precopy(&self.memory, &mut channels, options.max_bandwidth, || {
+                    let mut d = self.kvm.take_dirty_pages(&self.memory).map_err(|e| {
+                        MigrationError::BadState(format!("reading the dirty log: {e}"))
+                    })?;
+                    d.sort_unstable();
+                    Ok(d)
+                })?;
+                Ok(())
+            })();
+            if let Err(e) = copied {
+                let _ = self.kvm.set_dirty_logging(&self.memory, false);
+                return Err(e);
+            }
+        } else if options.prepage == migration::Prepage::Hot {
+            hot = self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?;
+        }
         let mut paused = self.operator_paused.lock().expect("vm lock");
+        let was_paused = *paused;
         let t0 = Instant::now();
         self.pause_vcpus()?;
         *paused = true;
-        let state = self.capture_state()?;
-        out.switch_over(&state, self.memory.clone(), channels, t0, options, hot)?;
-        *outgoing = Some(out.clone());
-        Ok(out.status())
+        let switched = (|| -> Result<(), Error> {
+            if options.precopy_rounds > 0 {
+                // Written since the last round: dropped at the destination, sent postcopy.
+                // (The log stays on until after the switchover: turning it off rebuilds the
+                // memory slots, which would only lengthen the downtime.)
+                stale = self.kvm.take_dirty_pages(&self.memory)?;
+                stale.sort_unstable();
+                if options.prepage == migration::Prepage::Hot {
+                    hot.clone_from(&stale);
+                }
+            }
+            let state = self.capture_state()?;
+            out.switch_over(
+                &state,
+                self.memory.clone(),
+                channels,
+                t0,
+                options,
+                hot,
+                &stale,
+            )?;
+            Ok(())
+        })();
+        if options.precopy_rounds > 0 {
+            let _ = self.kvm.set_dirty_logging(&self.memory, false);
+        }
+        if switched.is_err() && !out.switched_over() && !was_paused {
+            // The destination never got the VM: it goes on here.
+            self.resume_vcpus()?;
+            *paused = false;
+        }
+        switched
     }
 
     /// The gfns the running guest writes during `window` (KVM dirty log), sorted: the access
@@ -363,7 +445,12 @@ impl Vm {
             .expect("vm lock")
             .as_ref()
             .map(|o| o.status())
-            .filter(|s| s.phase != migration::Phase::Postcopy)
+            .filter(|s| {
+                matches!(
+                    s.phase,
+                    migration::Phase::Completed | migration::Phase::Failed
+                )
+            })
     }
 
     /// Demand-paging statistics (lazy restore, incoming migration).
@@ -418,6 +505,9 @@ impl Vm {
     /// Resumes (or first starts) every vCPU.
     pub fn resume(&self) -> Result<(), Error> {
         if let Some(out) = self.outgoing.lock().expect("vm lock").as_ref() {
+            if !out.switched_over() {
+                return Err(MigrationError::AlreadyMigrating.into());
+            }
             return Err(Error::MigratedAway {
                 destination: out.status().destination,
             });

@@ -1,4 +1,4 @@
-//! Postcopy migration over TCP loopback between two VMs in this process (the multi-process
+//! Postcopy (and hybrid) migration over TCP loopback between two VMs in this process (the multi-process
 //! version, through the CLI, is tests/tests/migration.rs). The oracle: the migrated VM's memory
 //! after N steps equals a run that never migrated.
 
@@ -36,10 +36,12 @@ fn destination(
 #[test]
 fn postcopy_migration_keeps_the_digest() {
     use tsubame_vmm::migration::{MigrateOptions, Prepage};
-    for (vcpus, workload, prepage) in [
-        (1, "hotcold:ws=32M,write=0.3,seed=61", Prepage::Address),
-        (2, "uniform:ws=32M,write=0.3,seed=62", Prepage::Bubble),
-        (2, "hotcold:ws=32M,write=0.3,seed=64", Prepage::Hot),
+    for (vcpus, workload, prepage, precopy_rounds) in [
+        (1, "hotcold:ws=32M,write=0.3,seed=61", Prepage::Address, 0),
+        (2, "uniform:ws=32M,write=0.3,seed=62", Prepage::Bubble, 0),
+        (2, "hotcold:ws=32M,write=0.3,seed=64", Prepage::Hot, 0),
+        (1, "uniform:ws=32M,write=0.5,seed=65", Prepage::Address, 2),
+        (2, "hotcold:ws=32M,write=0.3,seed=66", Prepage::Hot, 3),
     ] {
         let cfg = config(vcpus, workload, 1_500_000);
         let reference = {
@@ -57,10 +59,21 @@ fn postcopy_migration_keeps_the_digest() {
         let (uri, dest) = destination(SECRET);
         let options = MigrateOptions {
             prepage,
+            precopy_rounds,
             ..Default::default()
         };
         let status = source.migrate(&uri, SECRET, &options).unwrap();
         assert_eq!(status.prepage, prepage);
+        if precopy_rounds > 0 {
+            assert!(
+                status.pages_precopy >= status.total_pages && status.precopy_round >= 1,
+                "round 1 sends every page: {status:?}"
+            );
+            assert!(
+                status.pages_stale > 0,
+                "a guest writing throughout leaves stale pages: {status:?}"
+            );
+        }
         if prepage == Prepage::Hot {
             assert!(
                 status.hot_pages > 0,
@@ -97,11 +110,18 @@ fn postcopy_migration_keeps_the_digest() {
         }
         let done = source.migrated_away().unwrap();
         assert!(done.error.is_none(), "{done:?}");
-        assert_eq!(
-            done.pages_demand + done.pages_pushed - done.pages_duplicate,
-            done.total_pages,
-            "every page sent, and only demand replies twice"
-        );
+        if precopy_rounds == 0 {
+            assert_eq!(
+                done.pages_demand + done.pages_pushed - done.pages_duplicate,
+                done.total_pages,
+                "every page sent, and only demand replies twice"
+            );
+        } else {
+            assert!(
+                done.pages_demand + done.pages_pushed - done.pages_duplicate >= done.pages_stale,
+                "every stale page sent again: {done:?}"
+            );
+        }
         eprintln!("source done: {done:?}");
     }
 }
