@@ -1,6 +1,10 @@
 //! `tsubame ctl`: a client of a VM's control socket.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{Map, Value};
@@ -95,7 +99,13 @@ fn scalar(v: &Value) -> String {
 pub fn ctl(a: CtlArgs) -> Result<i32> {
     let args = parse_args(&a.args)?;
     let mut client = ControlClient::connect(&a.socket)?;
-    match client.execute(&a.command, args) {
+    let progress = (a.command == "migrate" && !a.json && std::io::stderr().is_terminal())
+        .then(|| MigrationProgress::start(a.socket.clone()));
+    let reply = client.execute(&a.command, args);
+    if let Some(p) = progress {
+        p.finish();
+    }
+    match reply {
         Ok(v) => {
             if a.json {
                 println!("{v}");
@@ -116,6 +126,110 @@ pub fn ctl(a: CtlArgs) -> Result<i32> {
             Ok(1)
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// A progress bar on stderr that follows `query-migrate` (on a second connection) while
+/// `migrate` runs and, after its reply, until the destination has every page.
+struct MigrationProgress {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl MigrationProgress {
+    fn start(socket: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:40}] {pos}/{len} pages  {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let Ok(mut c) = ControlClient::connect(&socket) else {
+                return;
+            };
+            loop {
+                let returned = flag.load(Ordering::Acquire);
+                match c.execute("query-migrate", Value::Object(Map::new())) {
+                    Ok(m) if show(&bar, &m) => break,
+                    // `migrate` returned with no migration under way: it failed to start.
+                    Ok(m) if returned && m["phase"] == "none" => {
+                        bar.finish_and_clear();
+                        return;
+                    }
+                    Ok(_) => {}
+                    // The source exits once the destination has every page.
+                    Err(_) => {
+                        bar.finish_with_message(
+                            "the source process exited (it does once the migration is over)",
+                        );
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bar.finish();
+        });
+        Self { stop, thread }
+    }
+
+    /// Called once `migrate` replied: the bar keeps following the postcopy phase until the
+    /// migration is over (or goes away if it never started).
+    fn finish(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.thread.join();
+    }
+}
+
+/// Draws one `query-migrate` reply; returns whether the migration is over.
+fn show(bar: &indicatif::ProgressBar, m: &Value) -> bool {
+    let n = |k: &str| m[k].as_u64().unwrap_or(0);
+    let phase = m["phase"].as_str().unwrap_or("none");
+    match phase {
+        "precopy" => {
+            bar.set_prefix(format!(
+                "precopy {}/{}",
+                n("precopy_round"),
+                n("precopy_rounds")
+            ));
+            bar.set_length(n("total_pages"));
+            bar.set_position(n("pages_precopy").min(n("total_pages")));
+            bar.set_message(format!("{} MiB sent", n("bytes_sent") >> 20));
+        }
+        "postcopy" | "completed" => {
+            // What postcopy has to move: everything, or what the precopy rounds left stale.
+            let todo = if n("precopy_rounds") > 0 {
+                n("pages_stale")
+            } else {
+                n("total_pages")
+            };
+            let done = n("pages_demand") + n("pages_pushed") - n("pages_duplicate");
+            bar.set_prefix("postcopy");
+            bar.set_length(todo.max(1));
+            bar.set_position(done.min(todo));
+            bar.set_message(format!(
+                "{} on demand, downtime {} µs, {} MiB sent",
+                n("pages_demand"),
+                n("downtime_us"),
+                n("bytes_sent") >> 20
+            ));
+        }
+        _ => {}
+    }
+    match phase {
+        "completed" => {
+            bar.set_prefix("completed");
+            true
+        }
+        "failed" => {
+            bar.abandon_with_message(format!("failed: {}", m["error"]));
+            true
+        }
+        _ => false,
     }
 }
 
