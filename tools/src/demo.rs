@@ -2,15 +2,14 @@
 //! workload and a destination listening; the VM migrates postcopy mid-run, finishes at the
 //! destination, and its memory digest is checked against a run that never migrated.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tsubame_vmm::control::ControlClient;
 use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+
+use crate::host::Host;
 
 /// Migrate a running VM postcopy between two local processes and check its memory.
 ///
@@ -34,80 +33,6 @@ pub struct DemoArgs {
     /// Migrate after this share of the steps.
     #[arg(long, default_value_t = 0.3)]
     pub migrate_at: f64,
-}
-
-/// A child `tsubame run`, with its stderr forwarded line by line.
-struct Host {
-    name: &'static str,
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    forwarder: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Host {
-    fn start(name: &'static str, args: &[String]) -> Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("run")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting the {name}"))?;
-        let (tx, lines) = mpsc::channel();
-        let err = child.stderr.take().expect("piped");
-        let forwarder = std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Self {
-            name,
-            child,
-            lines,
-            forwarder: Some(forwarder),
-        })
-    }
-
-    /// Waits for a stderr line containing `marker`, echoing the others.
-    fn wait_line(&self, marker: &str) -> Result<String> {
-        loop {
-            let l = self
-                .lines
-                .recv_timeout(Duration::from_secs(120))
-                .with_context(|| format!("the {} stopped before saying '{marker}'", self.name))?;
-            if l.contains(marker) {
-                return Ok(l);
-            }
-            println!("  [{}] {l}", self.name);
-        }
-    }
-
-    fn finish(mut self) -> Result<String> {
-        let mut out = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            std::io::Read::read_to_string(&mut s, &mut out)?;
-        }
-        let status = self.child.wait()?;
-        if let Some(t) = self.forwarder.take() {
-            let _ = t.join(); // the child's stderr is closed: every line is in the channel
-        }
-        for l in self.lines.try_iter() {
-            println!("  [{}] {l}", self.name);
-        }
-        if !status.success() {
-            bail!("the {} exited with {status}", self.name);
-        }
-        Ok(out)
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[allow(

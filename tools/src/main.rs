@@ -10,6 +10,7 @@ mod bench;
 mod check;
 mod ctl;
 mod demo;
+mod host;
 mod linkem;
 mod run;
 

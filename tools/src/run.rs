@@ -264,6 +264,7 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             "progress": p,
             "digest": digest.to_string(),
             "demand_paging": vm.paging_stats(),
+            "migration": vm.migration_status(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

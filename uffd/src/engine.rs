@@ -401,20 +401,23 @@ impl FaultEngine {
         Ok(installed)
     }
 
+    /// Records the installed pages: their waiters' latency first, then the bitmaps, so that a
+    /// page counted present has its latency recorded.
     fn mark_present(&self, gfn: u64, idx: u64, pages: u64) {
-        self.present.set_range(idx, pages);
-        self.requested.set_range(idx, pages);
         let now = Instant::now();
-        let mut pending = self.pending.lock().expect("engine lock");
-        if pending.is_empty() {
-            return;
-        }
-        let mut lat = self.latency.lock().expect("engine lock");
-        for g in gfn..gfn + pages {
-            if let Some(t) = pending.remove(&g) {
-                lat.record(now.duration_since(t));
+        {
+            let mut pending = self.pending.lock().expect("engine lock");
+            if !pending.is_empty() {
+                let mut lat = self.latency.lock().expect("engine lock");
+                for g in gfn..gfn + pages {
+                    if let Some(t) = pending.remove(&g) {
+                        lat.record(now.duration_since(t));
+                    }
+                }
             }
         }
+        self.requested.set_range(idx, pages);
+        self.present.set_range(idx, pages);
     }
 
     fn fault_loop(&self, source: &dyn PageSource) {

@@ -74,18 +74,26 @@ impl DemandPaging {
         })
     }
 
-    /// Lazy restore: pages fault in from the snapshot at `path`; a `prefetch` thread pushes the
-    /// rest in address order.
-    pub fn from_snapshot(memory: &GuestMemory, path: &Path, ram_start: u64) -> Result<Self, Error> {
+    /// Lazy restore: pages fault in from the snapshot at `path`; with `prefetch`, a `prefetch`
+    /// thread pushes the rest in address order (without, pages move only when touched: the
+    /// demand path alone, for measurements).
+    pub fn from_snapshot(
+        memory: &GuestMemory,
+        path: &Path,
+        ram_start: u64,
+        prefetch: bool,
+    ) -> Result<Self, Error> {
         let mut paging = Self::new(memory, "snapshot")?;
         let pages = Arc::new(SnapshotPages::open(path, ram_start, memory.layout())?);
         paging.engine.start(pages.clone())?;
-        let engine = paging.engine.clone();
-        let done = paging.completion();
-        paging.spawn("prefetch", move || match pages.prefetch_all(&engine) {
-            Ok(()) => done(),
-            Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
-        })?;
+        if prefetch {
+            let engine = paging.engine.clone();
+            let done = paging.completion();
+            paging.spawn("prefetch", move || match pages.prefetch_all(&engine) {
+                Ok(()) => done(),
+                Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
+            })?;
+        }
         Ok(paging)
     }
 

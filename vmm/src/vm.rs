@@ -209,17 +209,24 @@ impl Vm {
 
     /// Rebuilds a VM from a snapshot written by [`Vm::save`], paused, with all its RAM read in.
     pub fn restore(path: &Path, serial: &SerialOutput) -> Result<Self, Error> {
-        Self::restore_with(path, serial, false)
+        Self::restore_with(path, serial, None)
     }
 
     /// Rebuilds a VM from a snapshot, paused, with empty RAM under userfaultfd: pages are read
     /// from the snapshot when first touched, and a `prefetch` thread pushes the rest in address
     /// order. The vCPUs can run before any RAM has been read (postcopy from a file).
     pub fn restore_lazy(path: &Path, serial: &SerialOutput) -> Result<Self, Error> {
-        Self::restore_with(path, serial, true)
+        Self::restore_with(path, serial, Some(true))
     }
 
-    fn restore_with(path: &Path, serial: &SerialOutput, lazy: bool) -> Result<Self, Error> {
+    /// [`Vm::restore_lazy`] without the prefetch thread: a page is read only when the guest
+    /// touches it. This isolates the demand path (the local floor of `tsubame bench fault`).
+    pub fn restore_on_demand_only(path: &Path, serial: &SerialOutput) -> Result<Self, Error> {
+        Self::restore_with(path, serial, Some(false))
+    }
+
+    /// `lazy`: None reads all RAM now; Some(prefetch) restores lazily.
+    fn restore_with(path: &Path, serial: &SerialOutput, lazy: Option<bool>) -> Result<Self, Error> {
         let (state, ram_start) = snapshot::read_state(path)?;
         let layout = MemoryLayout::for_size(state.layout.total_bytes())?;
         if layout != state.layout {
@@ -229,8 +236,10 @@ impl Vm {
             });
         }
         let memory = Arc::new(GuestMemory::new(&layout)?);
-        let paging = if lazy {
-            Some(DemandPaging::from_snapshot(&memory, path, ram_start)?)
+        let paging = if let Some(prefetch) = lazy {
+            Some(DemandPaging::from_snapshot(
+                &memory, path, ram_start, prefetch,
+            )?)
         } else {
             snapshot::read_memory(path, ram_start, &memory)?;
             None

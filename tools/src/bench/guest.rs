@@ -1,6 +1,4 @@
-//! `tsubame bench`: measurements printed as a table and written as JSON.
-//!
-//! `bench guest` answers "does the guest workload run at native speed?": it runs the built-in
+//! `tsubame bench guest`: does the guest workload run at native speed? It runs the built-in
 //! workload in a VM and the same algorithm (uniform pattern: verify a random page against the
 //! version table, rewrite it with the write ratio) natively in this process on a buffer of one
 //! vCPU's share of the working set, in the same run, and reports both rates and their ratio.
@@ -15,11 +13,7 @@ use tsubame_vmm::devices::CpuStatus;
 use tsubame_vmm::guest::WorkloadSpec;
 use tsubame_vmm::{SerialOutput, Vm, VmConfig};
 
-/// Benchmarks.
-#[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
-    Guest(GuestBenchArgs),
-}
+use super::machine_info;
 
 /// Measure the built-in guest workload against the same work done natively on the host.
 ///
@@ -42,31 +36,6 @@ pub struct GuestBenchArgs {
     /// Also write the results here as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-}
-
-pub fn bench(cmd: BenchCommand) -> Result<i32> {
-    match cmd {
-        BenchCommand::Guest(a) => bench_guest(&a),
-    }
-}
-
-fn machine_info() -> serde_json::Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    json!({
-        "cpu": cpu,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "kernel": kernel.trim(),
-        "tsubame": env!("CARGO_PKG_VERSION"),
-    })
 }
 
 /// The guest's algorithm (vmm/guest/workload.c, uniform pattern), natively in this process:
@@ -132,7 +101,7 @@ fn native_reference(ws_bytes: u64, seed: u64, write_ratio: f64, steps: u64) -> f
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn bench_guest(a: &GuestBenchArgs) -> Result<i32> {
+pub fn bench_guest(a: &GuestBenchArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     let vm = Vm::new(&VmConfig {
         mem_bytes: a.mem,

@@ -1,0 +1,77 @@
+//! The benchmark commands as smoke tests: they run end to end on a small guest and write
+//! their results. (Their numbers are measurements, never asserted: these machines are noisy.)
+
+use tsubame_tests::{tsubame, Scratch};
+
+#[test]
+fn bench_migrate_quick_writes_runs_and_a_summary() {
+    let dir = Scratch::new("bench-migrate");
+    let out = dir.path("results");
+    let o = tsubame(&[
+        "bench",
+        "migrate",
+        "--quick",
+        "--configs",
+        "postcopy-address,hybrid-1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["configs"].as_array().unwrap().len(), 2, "{summary}");
+    assert!(summary["loopback"]["throughput_gb_per_s"].as_f64() > Some(0.0));
+    for config in ["postcopy-address", "hybrid-1"] {
+        let run: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out.join(format!("run-{config}-d0-r1.json"))).unwrap(),
+        )
+        .unwrap();
+        let r = &run["run"];
+        assert_eq!(
+            r["digest_ok"], true,
+            "{config}: migration changed the result"
+        );
+        assert!(r["result"]["total_ms"].as_f64() > Some(0.0), "{r}");
+        assert!(!r["result"]["progress"].as_array().unwrap().is_empty());
+        assert!(run["machine"]["cpus"].as_u64() > Some(0));
+    }
+}
+
+#[test]
+fn bench_fault_measures_every_path() {
+    let dir = Scratch::new("bench-fault");
+    let json = dir.path("fault.json");
+    let o = tsubame(&[
+        "bench",
+        "fault",
+        "--mem",
+        "256M",
+        "--ws",
+        "64M",
+        "--pages",
+        "300",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for key in [
+        "guest_floor_stall_us",
+        "guest_network_stall_us",
+        "guest_stall_bar_us",
+    ] {
+        assert!(r[key].as_f64().is_some_and(f64::is_finite), "{key}: {r}");
+    }
+    assert!(r["loopback"]["rtt_p50_us"].as_f64() > Some(0.0), "{r}");
+    assert!(r["engine"]["faults"].as_u64() > Some(300), "{r}");
+}

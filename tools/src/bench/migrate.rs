@@ -1,0 +1,283 @@
+//! `tsubame bench migrate`: whole migrations of one guest, each configuration side by side, in
+//! one run: Tsubame postcopy with each prepaging policy, Tsubame hybrid (precopy rounds, then
+//! postcopy), and QEMU (postcopy, precopy) on the same built-in guest, over plain loopback or
+//! through `linkem` with a one-way delay. The raw loopback TCP throughput is measured in the
+//! same run. Every run writes a JSON file (machine info, configuration, result, the guest's
+//! progress samples); `summary.json` and the printed table give medians and ratios.
+//!
+//! The guest runs a sequential workload that writes every page of its working set, four
+//! passes: it migrates early in its second pass, so all of the working set is in use and its pre-migration
+//! speed (pages local) is the baseline for "time to full speed".
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+
+use super::raw;
+use super::tsubame::{self, MigrationResult, MigrationSetup};
+
+/// Run whole migrations of one guest with Tsubame and QEMU, side by side.
+///
+/// Examples:
+///   tsubame bench migrate --quick
+///   tsubame bench migrate --mem 1G --ws 700M --reps 3 --delays 0,16 --out bench/results
+///   tsubame bench migrate --configs postcopy-address,hybrid-2 --reps 5
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct MigrateBenchArgs {
+    /// Guest RAM.
+    #[arg(long, default_value = "1G", value_parser = crate::run::parse_mem)]
+    pub mem: u64,
+    /// Working set the guest writes (all of it, before migrating).
+    #[arg(long, default_value = "700M", value_parser = crate::run::parse_mem)]
+    pub ws: u64,
+    /// Repetitions of each configuration.
+    #[arg(long, default_value_t = 1)]
+    pub reps: u32,
+    /// Configurations, comma-separated: postcopy-address, postcopy-bubble, postcopy-hot,
+    /// hybrid-N (N precopy rounds, then postcopy, address order).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "postcopy-address,postcopy-bubble,postcopy-hot,hybrid-2"
+    )]
+    pub configs: Vec<String>,
+    /// One-way link delays in ms, comma-separated (0: plain loopback, else through linkem).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub delays: Vec<f64>,
+    /// Link rate (e.g. 1Gbit) for the delayed links; default unlimited.
+    #[arg(long, value_parser = crate::linkem::parse_rate)]
+    pub rate: Option<u64>,
+    /// Where to write the JSON files.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// A small guest (256 MiB, 128 MiB working set), one repetition: a smoke test.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// One configuration of one run.
+#[derive(Clone, Debug, Serialize)]
+struct Row {
+    config: String,
+    delay_ms: f64,
+    rep: u32,
+    result: MigrationResult,
+    digest_ok: bool,
+}
+
+fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
+    let (prepage, rounds) = match config {
+        "postcopy-address" => ("address", 0),
+        "postcopy-bubble" => ("bubble", 0),
+        "postcopy-hot" => ("hot", 0),
+        c if c.starts_with("hybrid-") => (
+            "address",
+            c["hybrid-".len()..]
+                .parse()
+                .with_context(|| format!("'{c}': write hybrid-N with N precopy rounds"))?,
+        ),
+        c => bail!(
+            "unknown configuration '{c}': use postcopy-address, postcopy-bubble, postcopy-hot or hybrid-N"
+        ),
+    };
+    Ok(MigrationSetup {
+        mem_bytes: a.mem,
+        vcpus: 1,
+        workload: a.workload.clone(),
+        steps: a.steps,
+        migrate_at_steps: a.migrate_at,
+        prepage: prepage.into(),
+        precopy_rounds: rounds,
+        delay_ms,
+        rate_bits: a.rate,
+    })
+}
+
+/// The resolved arguments.
+struct Args {
+    mem: u64,
+    workload: String,
+    steps: u64,
+    migrate_at: u64,
+    rate: Option<u64>,
+}
+
+fn reference_digest(a: &Args) -> Result<String> {
+    let vm = Vm::new(&VmConfig {
+        mem_bytes: a.mem,
+        vcpus: 1,
+        workload: a.workload.parse()?,
+        steps: a.steps,
+        report_every: 0,
+        verify_at_end: true,
+        serial: SerialOutput::Discard,
+    })?;
+    vm.resume()?;
+    if vm.wait_finished(std::time::Duration::from_secs(3600)) != WaitOutcome::Reached {
+        bail!("the reference run failed: {:?}", vm.status());
+    }
+    Ok(vm.digest()?.0.to_string())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn write_json(path: &Path, v: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+#[allow(clippy::cast_precision_loss)]
+pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
+    crate::check::require_kvm()?;
+    crate::check::require_userfaultfd()?;
+    let (mem, ws, reps) = if a.quick {
+        (256 << 20, 128 << 20, 1)
+    } else {
+        (a.mem, a.ws, a.reps)
+    };
+    let ws_pages = ws / 4096;
+    let args = Args {
+        mem,
+        workload: format!("seq:ws={}M,write=1.0,seed=5", ws >> 20),
+        steps: 4 * ws_pages,
+        migrate_at: ws_pages + ws_pages / 5,
+        rate: a.rate,
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let scratch = std::env::temp_dir().join(format!("tsubame-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    println!(
+        "migration benchmark: {} MiB guest, {}, migrating at step {} of {}; {} repetition(s)",
+        mem >> 20,
+        args.workload,
+        args.migrate_at,
+        args.steps,
+        reps
+    );
+    let lo = raw::loopback(5_000, 1 << 30).context("measuring loopback TCP")?;
+    println!(
+        "  raw loopback TCP: {:.2} GB/s, 4 KiB round trip p50 {:.1} µs",
+        lo.throughput_gb_per_s, lo.rtt_p50_us
+    );
+    println!("  reference run (never migrated) ...");
+    let reference = reference_digest(&args)?;
+    let mut rows = Vec::new();
+    for &delay in &a.delays {
+        for rep in 1..=reps {
+            for config in &a.configs {
+                let setup = setup_for(config, &args, delay)?;
+                let tag = format!("{config}-d{delay}-r{rep}");
+                let result = tsubame::migrate(&setup, &scratch, &tag)
+                    .with_context(|| format!("run {tag}"))?;
+                let digest_ok = result.digest.as_deref() == Some(reference.as_str());
+                println!(
+                    "  {tag:<28} total {:>7.0} ms  downtime {:>6.0} µs  demand p50 {:>5.0} µs p99 {:>6.0} µs  \
+                     push {:>5.2} GB/s  full speed after {:>6} ms  digest {}",
+                    result.total_ms,
+                    result.downtime_us,
+                    result.demand_p50_us,
+                    result.demand_p99_us,
+                    result.push_gb_per_s,
+                    result
+                        .time_to_full_speed_ms
+                        .map_or("-".into(), |t| format!("{t:.0}")),
+                    if digest_ok { "OK" } else { "WRONG" }
+                );
+                let row = Row {
+                    config: config.clone(),
+                    delay_ms: delay,
+                    rep,
+                    result,
+                    digest_ok,
+                };
+                write_json(
+                    &a.out.join(format!("run-{tag}.json")),
+                    &json!({
+                        "benchmark": "migrate",
+                        "machine": super::machine_info(),
+                        "setup": setup,
+                        "run": row,
+                    }),
+                )?;
+                rows.push(row);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let summary = summarize(&rows, &lo);
+    write_json(
+        &a.out.join("summary.json"),
+        &json!({
+            "benchmark": "migrate",
+            "machine": super::machine_info(),
+            "guest": {"mem_bytes": mem, "workload": args.workload, "steps": args.steps,
+                      "migrate_at_steps": args.migrate_at},
+            "loopback": lo,
+            "configs": summary,
+        }),
+    )?;
+    println!("  results in {}", a.out.display());
+    Ok(i32::from(rows.iter().any(|r| !r.digest_ok)))
+}
+
+/// Medians per (configuration, delay), printed as a table.
+fn summarize(rows: &[Row], lo: &raw::Loopback) -> Vec<Value> {
+    let mut keys: Vec<(String, f64)> = Vec::new();
+    for r in rows {
+        if !keys.iter().any(|k| k.0 == r.config && k.1 == r.delay_ms) {
+            keys.push((r.config.clone(), r.delay_ms));
+        }
+    }
+    println!(
+        "\n  {:<18} {:>6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
+        "median",
+        "delay",
+        "total ms",
+        "downtime",
+        "p50 µs",
+        "p99 µs",
+        "push GB/s",
+        "vs loopback",
+        "full speed"
+    );
+    keys.iter()
+        .map(|(config, delay)| {
+            let of = |f: &dyn Fn(&MigrationResult) -> f64| {
+                median(
+                    rows.iter()
+                        .filter(|r| &r.config == config && r.delay_ms == *delay)
+                        .map(|r| f(&r.result))
+                        .collect(),
+                )
+            };
+            let total = of(&|r| r.total_ms);
+            let downtime = of(&|r| r.downtime_us);
+            let p50 = of(&|r| r.demand_p50_us);
+            let p99 = of(&|r| r.demand_p99_us);
+            let push = of(&|r| r.push_gb_per_s);
+            let full = of(&|r| r.time_to_full_speed_ms.unwrap_or(f64::NAN));
+            println!(
+                "  {config:<18} {delay:>6} {total:>9.0} {downtime:>8.0}µs {p50:>9.0} {p99:>9.0} {push:>10.2} {:>11.2} {full:>10.0}",
+                push / lo.throughput_gb_per_s
+            );
+            json!({
+                "config": config, "delay_ms": delay,
+                "total_ms": total, "downtime_us": downtime,
+                "demand_p50_us": p50, "demand_p99_us": p99,
+                "push_gb_per_s": push,
+                "push_vs_loopback": push / lo.throughput_gb_per_s,
+                "time_to_full_speed_ms": full,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,49 @@
+//! `tsubame bench`: measurements printed as a table and written as JSON.
+//!
+//! - `bench guest`: the guest workload against the same work done natively.
+//! - `bench fault`: the demand path alone (fault -> request -> page -> install), against the
+//!   physical limits measured in the same run.
+//! - `bench migrate`: whole migrations of one guest, each configuration, side by side.
+
+use serde_json::json;
+
+mod fault;
+mod guest;
+mod migrate;
+mod raw;
+mod tsubame;
+
+/// Benchmarks.
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    Guest(guest::GuestBenchArgs),
+    Fault(fault::FaultBenchArgs),
+    Migrate(migrate::MigrateBenchArgs),
+}
+
+pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
+    match cmd {
+        BenchCommand::Guest(a) => guest::bench_guest(&a),
+        BenchCommand::Fault(a) => fault::bench_fault(&a),
+        BenchCommand::Migrate(a) => migrate::bench_migrate(&a),
+    }
+}
+
+pub fn machine_info() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel.trim(),
+        "tsubame": env!("CARGO_PKG_VERSION"),
+    })
+}

@@ -1,0 +1,233 @@
+//! The physical limits the benchmarks compare against, measured in the same run: TCP over
+//! loopback (4 KiB request/response round trip, bulk throughput), and the local demand-paging
+//! floors (a host thread, and a guest, whose pages an in-process userfaultfd handler serves).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use tsubame_uffd::{FaultEngine, PageSource, SourceError};
+use tsubame_vmm::memory::{GuestMemory, MemoryLayout};
+use tsubame_vmm::paging::DemandPaging;
+use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
+
+/// TCP over loopback.
+#[derive(Clone, Debug, Serialize)]
+pub struct Loopback {
+    /// A 16-byte request answered by 4 KiB, one at a time (what a demand fault costs on the wire).
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    /// One connection, 1 MiB writes.
+    pub throughput_gb_per_s: f64,
+}
+
+fn pair() -> Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let c = TcpStream::connect(l.local_addr()?)?;
+    let (s, _) = l.accept()?;
+    c.set_nodelay(true)?;
+    s.set_nodelay(true)?;
+    Ok((c, s))
+}
+
+/// Percentile `p` (0..1) of sorted durations, in microseconds.
+#[allow(clippy::cast_precision_loss)]
+pub fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_nanos() as f64 / 1e3
+}
+
+/// Measures loopback TCP: `round_trips` 4 KiB round trips and `bytes` of bulk transfer.
+#[allow(clippy::cast_precision_loss)]
+pub fn loopback(round_trips: usize, bytes: u64) -> Result<Loopback> {
+    let (mut c, mut s) = pair()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut req = [0u8; 16];
+        let page = [7u8; 4096];
+        loop {
+            if s.read_exact(&mut req).is_err() {
+                return Ok(()); // client done
+            }
+            s.write_all(&page)?;
+        }
+    });
+    let mut page = [0u8; 4096];
+    let mut rtts = Vec::with_capacity(round_trips);
+    for _ in 0..round_trips {
+        let t = Instant::now();
+        c.write_all(&[1u8; 16])?;
+        c.read_exact(&mut page)?;
+        rtts.push(t.elapsed());
+    }
+    drop(c);
+    server.join().expect("loopback server")?;
+    rtts.sort_unstable();
+
+    let (mut c, mut s) = pair()?;
+    let sink = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(got),
+                k => got += k as u64,
+            }
+        }
+    });
+    let chunk = vec![9u8; 1 << 20];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        c.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+    }
+    c.shutdown(std::net::Shutdown::Write)?;
+    let got = sink.join().expect("loopback sink")?;
+    let secs = t.elapsed().as_secs_f64();
+    if got != sent {
+        bail!("loopback lost data: sent {sent}, received {got}");
+    }
+    Ok(Loopback {
+        rtt_p50_us: percentile_us(&rtts, 0.5),
+        rtt_p99_us: percentile_us(&rtts, 0.99),
+        throughput_gb_per_s: sent as f64 / secs / 1e9,
+    })
+}
+
+/// Local demand paging with no network: what a fault costs when the page is in this process.
+#[derive(Clone, Debug, Serialize)]
+pub struct LocalFloor {
+    /// A host thread reading one word of each missing page in turn (fault -> handler thread ->
+    /// `UFFDIO_COPY` -> wake).
+    pub host_thread_us_per_page: f64,
+    /// The fault engine's own view of those faults (fault read -> installed).
+    pub host_engine_p50_us: f64,
+    pub host_engine_p99_us: f64,
+}
+
+/// Installs a page of its gfn's byte value at once, from the fault thread.
+struct Filled;
+
+impl PageSource for Filled {
+    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+        #[allow(clippy::cast_possible_truncation)]
+        let page = [gfn as u8; 4096];
+        engine
+            .install(gfn, &page)
+            .map(drop)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+}
+
+/// The host-thread floor over `pages` pages.
+#[allow(clippy::cast_precision_loss)]
+pub fn host_floor(pages: u64) -> Result<LocalFloor> {
+    let layout = MemoryLayout::for_size(pages * 4096)?;
+    let memory = GuestMemory::new(&layout)?;
+    let paging = DemandPaging::new(&memory, "benchmark")?;
+    paging.engine().start(Arc::new(Filled))?;
+    let mut word = [0u8; 8];
+    let t = Instant::now();
+    for p in 0..pages {
+        memory.read(p * 4096, &mut word)?;
+        #[allow(clippy::cast_possible_truncation)]
+        if word[0] != p as u8 {
+            bail!("page {p} came in wrong");
+        }
+    }
+    let per_page = t.elapsed().as_secs_f64() * 1e6 / pages as f64;
+    let stats = paging.stats();
+    Ok(LocalFloor {
+        host_thread_us_per_page: per_page,
+        host_engine_p50_us: stats.demand_p50_us.unwrap_or(0.0),
+        host_engine_p99_us: stats.demand_p99_us.unwrap_or(0.0),
+    })
+}
+
+/// A guest that first-touches pages served by an in-process userfaultfd handler: a VM with a
+/// sequential workload runs one pass over its working set, is saved, and is restored with
+/// demand paging only (no prefetch, the pages come from the snapshot file when touched).
+/// Returns (guest steps/s with every page local, guest µs per step when each step faults).
+#[allow(clippy::cast_precision_loss)]
+pub fn guest_floor(
+    mem_bytes: u64,
+    workload: &str,
+    dir: &Path,
+    skip: u64,
+    pages: u64,
+) -> Result<(f64, f64)> {
+    let vm = Vm::new(&VmConfig {
+        mem_bytes,
+        vcpus: 1,
+        workload: workload.parse()?,
+        steps: 0,
+        report_every: 0,
+        verify_at_end: false,
+        serial: SerialOutput::Discard,
+    })?;
+    vm.resume()?;
+    let ws = vm_working_set(&vm)?;
+    if vm.wait_steps(ws + 1000, Duration::from_secs(600)) != WaitOutcome::Reached {
+        bail!("the guest did not finish its first pass: {:?}", vm.status());
+    }
+    let (t0, s0) = (Instant::now(), vm.progress().steps);
+    std::thread::sleep(Duration::from_millis(300));
+    let local_rate = (vm.progress().steps - s0) as f64 / t0.elapsed().as_secs_f64();
+    vm.pause()?;
+    let snap = dir.join("floor.snap");
+    vm.save(&snap).context("saving the floor VM")?;
+    drop(vm);
+    let vm = Vm::restore_on_demand_only(&snap, &SerialOutput::Discard)?;
+    vm.resume()?;
+    let steps = || {
+        let p = vm.progress();
+        (!p.memory_pending).then_some(p.steps)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let start = loop {
+        if let Some(s) = steps() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("the restored guest made no progress");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let (ta, sa) = loop {
+        match steps() {
+            Some(s) if s >= start + skip => break (Instant::now(), s),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let (tb, sb) = loop {
+        match steps() {
+            Some(s) if s >= sa + pages => break (Instant::now(), s),
+            _ if Instant::now() > deadline => bail!("the restored guest stalled"),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
+    };
+    let _ = std::fs::remove_file(&snap);
+    Ok((local_rate, (tb - ta).as_secs_f64() * 1e6 / (sb - sa) as f64))
+}
+
+fn vm_working_set(vm: &Vm) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = vm.progress();
+        if p.working_set_pages > 0 {
+            return Ok(p.working_set_pages);
+        }
+        if Instant::now() > deadline {
+            bail!("the guest never reported its working set");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
