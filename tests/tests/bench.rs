@@ -28,7 +28,7 @@ fn bench_migrate_quick_writes_runs_and_a_summary() {
     assert!(summary["loopback"]["throughput_gb_per_s"].as_f64() > Some(0.0));
     for config in ["postcopy-address", "hybrid-1"] {
         let run: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(out.join(format!("run-{config}-d0-r1.json"))).unwrap(),
+            &std::fs::read(out.join(format!("run-{config}-m256-d0-r1.json"))).unwrap(),
         )
         .unwrap();
         let r = &run["run"];
@@ -39,6 +39,16 @@ fn bench_migrate_quick_writes_runs_and_a_summary() {
         assert!(r["result"]["total_ms"].as_f64() > Some(0.0), "{r}");
         assert!(!r["result"]["progress"].as_array().unwrap().is_empty());
         assert!(run["machine"]["cpus"].as_u64() > Some(0));
+    }
+    for figure in ["progress-m256-d0", "fault-cdf-m256-d0"] {
+        for ext in ["png", "svg"] {
+            let f = out.join(format!("{figure}.{ext}"));
+            assert!(
+                std::fs::metadata(&f).is_ok_and(|m| m.len() > 1000),
+                "{} missing: {text}",
+                f.display()
+            );
+        }
     }
 }
 

@@ -114,6 +114,23 @@ impl LatencyHistogram {
     pub fn max(&self) -> Duration {
         Duration::from_nanos(self.max_ns)
     }
+
+    /// The cumulative distribution: (latency, share of recorded latencies at or below it), one
+    /// point per non-empty bucket, at the bucket's upper edge (the maximum for the last).
+    #[allow(clippy::cast_precision_loss)]
+    pub fn cdf(&self) -> Vec<(Duration, f64)> {
+        let mut seen = 0;
+        let mut out = Vec::new();
+        for (b, n) in self.buckets.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            seen += n;
+            let edge = Self::bucket_floor(b + 1).min(self.max_ns);
+            out.push((Duration::from_nanos(edge), seen as f64 / self.count as f64));
+        }
+        out
+    }
 }
 
 /// A snapshot of the engine's counters.
@@ -520,6 +537,12 @@ mod tests {
         assert!((45_000..=50_000).contains(&p50), "p50 {p50}");
         assert!((90_000..=99_000).contains(&p99), "p99 {p99}");
         assert_eq!(h.max(), Duration::from_micros(100));
+        let cdf = h.cdf();
+        assert_eq!(
+            cdf.last().map(|c| (c.0, c.1)),
+            Some((Duration::from_micros(100), 1.0))
+        );
+        assert!(cdf.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
         assert!(LatencyHistogram::default().percentile(0.5).is_none());
     }
 

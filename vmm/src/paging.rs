@@ -33,6 +33,8 @@ pub struct PagingStats {
     pub demand_p50_us: Option<f64>,
     pub demand_p99_us: Option<f64>,
     pub demand_max_us: f64,
+    /// (µs, share at or below) points of the fault-read -> installed distribution.
+    pub demand_cdf: Vec<(f64, f64)>,
     /// When every page was local, counted from the start of demand paging.
     pub all_present_ms: Option<f64>,
     pub source_error: Option<String>,
@@ -149,6 +151,12 @@ impl DemandPaging {
             demand_p50_us: s.latency.percentile(0.5).map(us),
             demand_p99_us: s.latency.percentile(0.99).map(us),
             demand_max_us: us(s.latency.max()),
+            demand_cdf: s
+                .latency
+                .cdf()
+                .into_iter()
+                .map(|(d, share)| (us(d), share))
+                .collect(),
             all_present_ms: self
                 .all_present
                 .lock()

@@ -77,6 +77,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         workload: workload.clone(),
         steps: 0,
         migrate_at_steps: ws_pages + 1000,
+        baseline_from_steps: ws_pages,
         prepage: "none".into(),
         precopy_rounds: 0,
         delay_ms: 0.0,

@@ -5,9 +5,10 @@
 //! same run. Every run writes a JSON file (machine info, configuration, result, the guest's
 //! progress samples); `summary.json` and the printed table give medians and ratios.
 //!
-//! The guest runs a sequential workload that writes every page of its working set, four
-//! passes: it migrates early in its second pass, so all of the working set is in use and its pre-migration
-//! speed (pages local) is the baseline for "time to full speed".
+//! The guest runs a sequential workload that writes every page of its working set, eight
+//! passes: it migrates halfway through its second pass, so all of the working set is in use,
+//! and its speed over the 40% of the pass before (pages local) is the baseline for "time to
+//! full speed".
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +17,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
 
-use super::raw;
 use super::tsubame::{self, MigrationResult, MigrationSetup};
+use super::{plot, raw};
 
 /// Run whole migrations of one guest with Tsubame and QEMU, side by side.
 ///
@@ -34,6 +35,10 @@ pub struct MigrateBenchArgs {
     /// Working set the guest writes (all of it, before migrating).
     #[arg(long, default_value = "700M", value_parser = crate::run::parse_mem)]
     pub ws: u64,
+    /// Guest sizes to sweep, comma-separated (e.g. 256M,1G,4G), each with a working set of 70%
+    /// of it; overrides --mem and --ws. Draws total time against guest size.
+    #[arg(long, value_delimiter = ',', value_parser = crate::run::parse_mem)]
+    pub sizes: Vec<u64>,
     /// Repetitions of each configuration.
     #[arg(long, default_value_t = 1)]
     pub reps: u32,
@@ -62,6 +67,7 @@ pub struct MigrateBenchArgs {
 /// One configuration of one run.
 #[derive(Clone, Debug, Serialize)]
 struct Row {
+    mem_bytes: u64,
     config: String,
     delay_ms: f64,
     rep: u32,
@@ -90,6 +96,7 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         workload: a.workload.clone(),
         steps: a.steps,
         migrate_at_steps: a.migrate_at,
+        baseline_from_steps: a.baseline_from,
         prepage: prepage.into(),
         precopy_rounds: rounds,
         delay_ms,
@@ -103,6 +110,7 @@ struct Args {
     workload: String,
     steps: u64,
     migrate_at: u64,
+    baseline_from: u64,
     rate: Option<u64>,
 }
 
@@ -140,76 +148,91 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
 pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     crate::check::require_userfaultfd()?;
-    let (mem, ws, reps) = if a.quick {
-        (256 << 20, 128 << 20, 1)
+    let (sizes, reps): (Vec<(u64, u64)>, u32) = if a.quick {
+        (vec![(256 << 20, 128 << 20)], 1)
+    } else if a.sizes.is_empty() {
+        (vec![(a.mem, a.ws)], a.reps)
     } else {
-        (a.mem, a.ws, a.reps)
-    };
-    let ws_pages = ws / 4096;
-    let args = Args {
-        mem,
-        workload: format!("seq:ws={}M,write=1.0,seed=5", ws >> 20),
-        steps: 4 * ws_pages,
-        migrate_at: ws_pages + ws_pages / 5,
-        rate: a.rate,
+        (
+            a.sizes
+                .iter()
+                .map(|&m| (m, m / 10 * 7 / 4096 * 4096))
+                .collect(),
+            a.reps,
+        )
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let scratch = std::env::temp_dir().join(format!("tsubame-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
-    println!(
-        "migration benchmark: {} MiB guest, {}, migrating at step {} of {}; {} repetition(s)",
-        mem >> 20,
-        args.workload,
-        args.migrate_at,
-        args.steps,
-        reps
-    );
     let lo = raw::loopback(5_000, 1 << 30).context("measuring loopback TCP")?;
     println!(
-        "  raw loopback TCP: {:.2} GB/s, 4 KiB round trip p50 {:.1} µs",
+        "migration benchmark: raw loopback TCP {:.2} GB/s, 4 KiB round trip p50 {:.1} µs",
         lo.throughput_gb_per_s, lo.rtt_p50_us
     );
-    println!("  reference run (never migrated) ...");
-    let reference = reference_digest(&args)?;
     let mut rows = Vec::new();
-    for &delay in &a.delays {
-        for rep in 1..=reps {
-            for config in &a.configs {
-                let setup = setup_for(config, &args, delay)?;
-                let tag = format!("{config}-d{delay}-r{rep}");
-                let result = tsubame::migrate(&setup, &scratch, &tag)
-                    .with_context(|| format!("run {tag}"))?;
-                let digest_ok = result.digest.as_deref() == Some(reference.as_str());
-                println!(
-                    "  {tag:<28} total {:>7.0} ms  downtime {:>6.0} µs  demand p50 {:>5.0} µs p99 {:>6.0} µs  \
-                     push {:>5.2} GB/s  full speed after {:>6} ms  digest {}",
-                    result.total_ms,
-                    result.downtime_us,
-                    result.demand_p50_us,
-                    result.demand_p99_us,
-                    result.push_gb_per_s,
-                    result
-                        .time_to_full_speed_ms
-                        .map_or("-".into(), |t| format!("{t:.0}")),
-                    if digest_ok { "OK" } else { "WRONG" }
-                );
-                let row = Row {
-                    config: config.clone(),
-                    delay_ms: delay,
-                    rep,
-                    result,
-                    digest_ok,
-                };
-                write_json(
-                    &a.out.join(format!("run-{tag}.json")),
-                    &json!({
-                        "benchmark": "migrate",
-                        "machine": super::machine_info(),
-                        "setup": setup,
-                        "run": row,
-                    }),
-                )?;
-                rows.push(row);
+    let mut guests = Vec::new();
+    for &(mem, ws) in &sizes {
+        let ws_pages = ws / 4096;
+        let args = Args {
+            mem,
+            workload: format!("seq:ws={}M,write=1.0,seed=5", ws >> 20),
+            steps: 8 * ws_pages,
+            migrate_at: ws_pages + ws_pages / 2,
+            baseline_from: ws_pages + ws_pages / 10,
+            rate: a.rate,
+        };
+        println!(
+            "  {} MiB guest, {}, migrating at step {} of {}; {reps} repetition(s); reference run ...",
+            mem >> 20,
+            args.workload,
+            args.migrate_at,
+            args.steps,
+        );
+        let reference = reference_digest(&args)?;
+        guests.push(
+            json!({"mem_bytes": mem, "workload": args.workload, "steps": args.steps,
+                           "migrate_at_steps": args.migrate_at}),
+        );
+        for &delay in &a.delays {
+            for rep in 1..=reps {
+                for config in &a.configs {
+                    let setup = setup_for(config, &args, delay)?;
+                    let tag = format!("{config}-m{}-d{delay}-r{rep}", mem >> 20);
+                    let result = tsubame::migrate(&setup, &scratch, &tag)
+                        .with_context(|| format!("run {tag}"))?;
+                    let digest_ok = result.digest.as_deref() == Some(reference.as_str());
+                    println!(
+                        "  {tag:<34} total {:>7.0} ms  downtime {:>6.0} µs  demand p50 {:>5.0} µs p99 {:>6.0} µs  \
+                         push {:>5.2} GB/s  full speed after {:>6} ms  digest {}",
+                        result.total_ms,
+                        result.downtime_us,
+                        result.demand_p50_us,
+                        result.demand_p99_us,
+                        result.push_gb_per_s,
+                        result
+                            .time_to_full_speed_ms
+                            .map_or("-".into(), |t| format!("{t:.0}")),
+                        if digest_ok { "OK" } else { "WRONG" }
+                    );
+                    let row = Row {
+                        mem_bytes: mem,
+                        config: config.clone(),
+                        delay_ms: delay,
+                        rep,
+                        result,
+                        digest_ok,
+                    };
+                    write_json(
+                        &a.out.join(format!("run-{tag}.json")),
+                        &json!({
+                            "benchmark": "migrate",
+                            "machine": super::machine_info(),
+                            "setup": setup,
+                            "run": row,
+                        }),
+                    )?;
+                    rows.push(row);
+                }
             }
         }
     }
@@ -220,14 +243,180 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
         &json!({
             "benchmark": "migrate",
             "machine": super::machine_info(),
-            "guest": {"mem_bytes": mem, "workload": args.workload, "steps": args.steps,
-                      "migrate_at_steps": args.migrate_at},
+            "guests": guests,
             "loopback": lo,
             "configs": summary,
         }),
     )?;
-    println!("  results in {}", a.out.display());
+    let figures = figures(&rows, &a.out)?;
+    println!(
+        "  results in {} ({} figures)",
+        a.out.display(),
+        figures.len()
+    );
     Ok(i32::from(rows.iter().any(|r| !r.digest_ok)))
+}
+
+/// The figures: guest progress around the switchover and the demand-latency CDF per (size,
+/// delay); total time against delay and against guest size when several were run.
+fn figures(rows: &[Row], out: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    let mut groups: Vec<(u64, f64)> = Vec::new();
+    for r in rows {
+        if !groups.contains(&(r.mem_bytes, r.delay_ms)) {
+            groups.push((r.mem_bytes, r.delay_ms));
+        }
+    }
+    for &(mem, delay) in &groups {
+        let first: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.mem_bytes == mem && r.delay_ms == delay && r.rep == 1)
+            .collect();
+        let progress = plot::Chart {
+            title: format!(
+                "Guest progress, {} MiB guest, {delay} ms one-way delay",
+                mem >> 20
+            ),
+            x_label: "time from switchover (s)".into(),
+            y_label: "guest steps since switchover (thousands)".into(),
+            series: first
+                .iter()
+                .map(|r| plot::Series {
+                    label: r.config.clone(),
+                    points: progress_around_switchover(&r.result),
+                })
+                .collect(),
+            marks: vec![(0.0, "switchover".into())],
+        };
+        written.extend(plot::line_chart(
+            &out.join(format!("progress-m{}-d{delay}", mem >> 20)),
+            &progress,
+        )?);
+        let cdf = plot::Chart {
+            title: format!(
+                "Demand faults, fault read to page installed ({} MiB, {delay} ms)",
+                mem >> 20
+            ),
+            x_label: "latency (µs)".into(),
+            y_label: "share of demand faults".into(),
+            series: first
+                .iter()
+                .filter(|r| !r.result.demand_cdf.is_empty())
+                .map(|r| plot::Series {
+                    label: r.config.clone(),
+                    points: r
+                        .result
+                        .demand_cdf
+                        .iter()
+                        .copied()
+                        .take_while(|p| p.1 <= 0.995)
+                        .collect(),
+                })
+                .collect(),
+            marks: vec![],
+        };
+        if !cdf.series.is_empty() {
+            written.extend(plot::line_chart(
+                &out.join(format!("fault-cdf-m{}-d{delay}", mem >> 20)),
+                &cdf,
+            )?);
+        }
+    }
+    let configs: Vec<&String> = {
+        let mut c: Vec<&String> = Vec::new();
+        for r in rows {
+            if !c.contains(&&r.config) {
+                c.push(&r.config);
+            }
+        }
+        c
+    };
+    let sweep = |x: &dyn Fn(&Row) -> f64, keep: &dyn Fn(&Row) -> bool| -> Vec<plot::Series> {
+        configs
+            .iter()
+            .map(|c| {
+                let mut xs: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| &&r.config == c && keep(r))
+                    .map(x)
+                    .collect();
+                xs.sort_by(f64::total_cmp);
+                xs.dedup();
+                plot::Series {
+                    label: (*c).clone(),
+                    points: xs
+                        .iter()
+                        .map(|&v| {
+                            let totals = rows
+                                .iter()
+                                .filter(|r| &&r.config == c && keep(r) && x(r) == v)
+                                .map(|r| r.result.total_with_precopy_ms)
+                                .collect();
+                            (v, median(totals))
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    };
+    let mems: Vec<u64> = groups.iter().map(|g| g.0).collect();
+    let smallest_delay = groups.iter().map(|g| g.1).fold(f64::INFINITY, f64::min);
+    if groups
+        .iter()
+        .map(|g| g.1.to_bits())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+        > 1
+    {
+        let biggest = mems.iter().copied().max().unwrap_or(0);
+        written.extend(plot::line_chart(
+            &out.join("total-vs-delay"),
+            &plot::Chart {
+                title: format!(
+                    "Total migration time against link delay ({} MiB guest)",
+                    biggest >> 20
+                ),
+                x_label: "one-way delay (ms)".into(),
+                y_label: "total time incl. precopy (ms)".into(),
+                series: sweep(&|r| r.delay_ms, &|r| r.mem_bytes == biggest),
+                marks: vec![],
+            },
+        )?);
+    }
+    if mems.iter().collect::<std::collections::HashSet<_>>().len() > 1 {
+        written.extend(plot::line_chart(
+            &out.join("total-vs-size"),
+            &plot::Chart {
+                title: format!(
+                    "Total migration time against guest size ({smallest_delay} ms delay)"
+                ),
+                x_label: "guest RAM (MiB)".into(),
+                y_label: "total time incl. precopy (ms)".into(),
+                series: sweep(&|r| (r.mem_bytes >> 20) as f64, &|r| {
+                    r.delay_ms == smallest_delay
+                }),
+                marks: vec![],
+            },
+        )?);
+    }
+    Ok(written)
+}
+
+/// A run's progress samples as (s from switchover, thousands of steps since switchover).
+#[allow(clippy::cast_precision_loss)]
+fn progress_around_switchover(r: &MigrationResult) -> Vec<(f64, f64)> {
+    let at = r
+        .progress
+        .iter()
+        .filter(|p| p.0 <= r.switchover_s)
+        .map(|p| p.1)
+        .next_back()
+        .unwrap_or(0);
+    r.progress
+        .iter()
+        .filter(|p| p.0 >= r.switchover_s - 0.5)
+        .map(|p| (p.0 - r.switchover_s, (p.1 as f64 - at as f64) / 1e3))
+        .collect()
 }
 
 /// Medians per (configuration, delay), printed as a table.

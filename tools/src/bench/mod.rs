@@ -10,6 +10,7 @@ use serde_json::json;
 mod fault;
 mod guest;
 mod migrate;
+mod plot;
 mod raw;
 mod tsubame;
 

@@ -32,6 +32,9 @@ pub struct MigrationSetup {
     pub steps: u64,
     /// Migrate once the guest has done this many steps (all vCPUs together).
     pub migrate_at_steps: u64,
+    /// The guest's speed before migrating (its baseline) is measured from this step on, up to
+    /// `migrate_at_steps` (pages local).
+    pub baseline_from_steps: u64,
     pub prepage: String,
     pub precopy_rounds: u32,
     /// One-way delay of the emulated link (0: plain loopback).
@@ -69,6 +72,8 @@ pub struct MigrationResult {
     pub demand_p50_us: f64,
     pub demand_p99_us: f64,
     pub demand_max_us: f64,
+    /// (µs, share) points of the engine's latency distribution.
+    pub demand_cdf: Vec<(f64, f64)>,
     /// Guest steps/s before the migration (the source, pages local).
     pub baseline_steps_per_s: f64,
     /// Switchover -> the guest runs at 90% of its baseline again (50 ms windows).
@@ -283,10 +288,10 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         pair.dest_sock.clone(),
         Duration::from_millis(2),
     );
-    // The baseline: the guest's rate over the last 300 ms before migrating.
-    wait_steps(&mut ctl, setup.migrate_at_steps)?;
+    // The baseline: the guest's rate just before migrating.
+    wait_steps(&mut ctl, setup.baseline_from_steps)?;
     let before = sampler.steps_now();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_steps(&mut ctl, setup.migrate_at_steps)?;
     let after = sampler.steps_now();
     let baseline = match (before, after) {
         (Some(a), Some(b)) if b.0 > a.0 => {
@@ -374,6 +379,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         demand_p50_us: f(&paging["demand_p50_us"]),
         demand_p99_us: f(&paging["demand_p99_us"]),
         demand_max_us: f(&paging["demand_max_us"]),
+        demand_cdf: serde_json::from_value(paging["demand_cdf"].clone()).unwrap_or_default(),
         baseline_steps_per_s: baseline,
         time_to_full_speed_ms: time_to_full_speed(&samples, switched, baseline, 0.05, 0.9)
             .map(|s| s * 1e3),
