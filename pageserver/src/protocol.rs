@@ -55,6 +55,8 @@ pub const MAX_STATE: u32 = 16 << 20;
 const MAX_TEXT: u32 = 4096;
 /// Most memory regions in a layout.
 const MAX_REGIONS: u32 = 64;
+/// Largest vCPU count a Hello may announce.
+pub const MAX_VCPUS: u32 = 256;
 /// The frame kind of `Pages`, the one decoded separately.
 const PAGES: u16 = 6;
 
@@ -86,6 +88,8 @@ pub enum Message {
         nonce: [u8; 32],
         mac: [u8; 32],
         layout: Vec<Region>,
+        /// vCPUs of the VM: the destination creates them before the state arrives.
+        vcpus: u32,
     },
     Accept {
         mac: [u8; 32],
@@ -224,7 +228,7 @@ impl Message {
     fn max_payload(kind: u16) -> Option<u32> {
         Some(match kind {
             1 => 36,
-            2 => 4 + 1 + 8 + 32 + 32 + 4 + 16 * MAX_REGIONS,
+            2 => 4 + 1 + 8 + 32 + 32 + 4 + 16 * MAX_REGIONS + 4,
             3 => 32,
             4 => MAX_STATE,
             5 => 12,
@@ -253,6 +257,7 @@ impl Message {
                 nonce,
                 mac,
                 layout,
+                vcpus,
             } => {
                 p.extend_from_slice(&version.to_le_bytes());
                 p.push(*channel as u8);
@@ -268,6 +273,7 @@ impl Message {
                     p.extend_from_slice(&r.gpa.to_le_bytes());
                     p.extend_from_slice(&r.size.to_le_bytes());
                 }
+                p.extend_from_slice(&vcpus.to_le_bytes());
             }
             Self::Accept { mac } => p.extend_from_slice(mac),
             Self::VmState(s) => p.extend_from_slice(s),
@@ -495,6 +501,10 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
                 }
                 layout.push(Region { gpa, size });
             }
+            let vcpus = c.u32()?;
+            if vcpus == 0 || vcpus > MAX_VCPUS {
+                return Err(bad("vCPU count out of range"));
+            }
             Message::Hello {
                 version,
                 channel,
@@ -502,6 +512,7 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
                 nonce,
                 mac,
                 layout,
+                vcpus,
             }
         }
         3 => Message::Accept { mac: c.arr32()? },
@@ -624,6 +635,7 @@ mod tests {
                         size: 1 << 30,
                     },
                 ],
+                vcpus: 2,
             },
             Message::Accept { mac: [3; 32] },
             Message::VmState(b"{\"a\":1}".to_vec()),

@@ -120,6 +120,7 @@ fn handshake_source(
     channel: Channel,
     session: u64,
     layout: &[Region],
+    vcpus: u32,
 ) -> Result<(), MigrationError> {
     let (version, nonce_d) = match Message::read_from(s)? {
         Message::Challenge { version, nonce } => (version, nonce),
@@ -140,6 +141,7 @@ fn handshake_source(
         nonce: nonce_s,
         mac: protocol::source_mac(secret, &nonce_d, &nonce_s, channel, session),
         layout: layout.to_vec(),
+        vcpus,
     }
     .write_to(s)?;
     match Message::read_from(s)? {
@@ -153,12 +155,12 @@ fn handshake_source(
     }
 }
 
-/// Destination side of the handshake; returns (channel, session, layout).
+/// Destination side of the handshake; returns (channel, session, layout, vCPUs).
 fn handshake_destination(
     s: &mut TcpStream,
     secret: &[u8],
     expect: Option<&MemoryLayout>,
-) -> Result<(Channel, u64, MemoryLayout), MigrationError> {
+) -> Result<(Channel, u64, MemoryLayout, u32), MigrationError> {
     let nonce_d = protocol::nonce()?;
     Message::Challenge {
         version: PROTOCOL_VERSION,
@@ -172,7 +174,7 @@ fn handshake_destination(
         .write_to(s);
         Err(MigrationError::from(e))
     };
-    let (version, channel, session, nonce_s, mac, layout) = match Message::read_from(s)? {
+    let (version, channel, session, nonce_s, mac, layout, vcpus) = match Message::read_from(s)? {
         Message::Hello {
             version,
             channel,
@@ -180,7 +182,8 @@ fn handshake_destination(
             nonce,
             mac,
             layout,
-        } => (version, channel, session, nonce, mac, layout),
+            vcpus,
+        } => (version, channel, session, nonce, mac, layout, vcpus),
         m => {
             return refuse(
                 s,
@@ -230,7 +233,7 @@ fn handshake_destination(
         mac: protocol::destination_mac(secret, &nonce_s, &nonce_d),
     }
     .write_to(s)?;
-    Ok((channel, session, layout))
+    Ok((channel, session, layout, vcpus))
 }
 
 /// Where a migration is.
@@ -406,6 +409,7 @@ impl Outgoing {
         uri: &str,
         secret: &[u8],
         layout: &MemoryLayout,
+        vcpus: u32,
         precopy_rounds: u32,
     ) -> Result<(Arc<Self>, Channels), MigrationError> {
         let addr = parse_uri(uri)?;
@@ -417,7 +421,7 @@ impl Outgoing {
                 source,
             })?;
             s.set_nodelay(true)?;
-            handshake_source(&mut s, secret, channel, session, &wire)?;
+            handshake_source(&mut s, secret, channel, session, &wire, vcpus)?;
             Ok(s)
         };
         let urgent = connect(Channel::Urgent)?;
@@ -953,6 +957,8 @@ impl PageSource for NetworkSource {
 /// An accepted, authenticated incoming migration: both channels, before any memory.
 pub struct Incoming {
     pub layout: MemoryLayout,
+    /// vCPUs of the incoming VM (from the handshake).
+    pub vcpus: u32,
     urgent: TcpStream,
     bulk: TcpStream,
 }
@@ -980,14 +986,16 @@ pub fn incoming(
         source,
     })?;
     ready(listener.local_addr()?);
-    let mut urgent: Option<(u64, TcpStream, MemoryLayout)> = None;
+    let mut urgent: Option<(u64, TcpStream, MemoryLayout, u32)> = None;
     let mut bulk: Option<(u64, TcpStream)> = None;
     loop {
         let (mut s, peer) = listener.accept()?;
         s.set_nodelay(true)?;
         match handshake_destination(&mut s, secret, expect) {
-            Ok((Channel::Urgent, session, layout)) => urgent = Some((session, s, layout)),
-            Ok((Channel::Bulk, session, _)) => bulk = Some((session, s)),
+            Ok((Channel::Urgent, session, layout, vcpus)) => {
+                urgent = Some((session, s, layout, vcpus));
+            }
+            Ok((Channel::Bulk, session, ..)) => bulk = Some((session, s)),
             Err(e) => {
                 log::warn!("refused a migration connection from {peer}: {e}");
                 eprintln!("tsubame: refused a migration connection from {peer}: {e}");
@@ -1000,10 +1008,11 @@ pub fn incoming(
             }
         }
     }
-    let (_, urgent, layout) = urgent.expect("checked above");
+    let (_, urgent, layout, vcpus) = urgent.expect("checked above");
     let (_, bulk) = bulk.expect("checked above");
     Ok(Incoming {
         layout,
+        vcpus,
         urgent,
         bulk,
     })
@@ -1024,9 +1033,6 @@ struct Receiver {
 impl Receiver {
     /// Reads one channel until it closes, installing what arrives.
     fn run(&self, stream: impl std::io::Read, channel: Channel) {
-        if channel == Channel::Bulk {
-            lower_priority();
-        }
         // Small enough that page payloads bypass it: they are read straight into `spare`, the
         // buffer `UFFDIO_COPY` installs from (one copy after the socket).
         let mut r = BufReader::with_capacity(64 << 10, stream);
@@ -1083,6 +1089,9 @@ impl Receiver {
                 if let Some(tx) = self.precopy_done.lock().expect("rx lock").take() {
                     let _ = tx.send(Ok(()));
                 }
+                // The VM resumes now: from here on the bulk stream yields to demand faults.
+                // (Not before: the switchover waits for this very message.)
+                lower_priority();
                 Ok(())
             }
             Message::PushDone => {
@@ -1146,17 +1155,22 @@ impl Incoming {
         let state_received = Instant::now();
         let state: VmState =
             serde_json::from_slice(&json).map_err(|e| MigrationError::BadState(e.to_string()))?;
-        if state.layout != self.layout {
+        if state.layout != self.layout || state.vcpus.len() != self.vcpus as usize {
             return Err(MigrationError::BadState(
-                "the state's memory layout differs from the handshake's".into(),
+                "the state's memory layout or vCPU count differs from the handshake's".into(),
             )
             .into());
         }
+        let parsed = state_received.elapsed();
         match precopy_done.recv() {
             Ok(Ok(())) => {}
             Ok(Err(why)) => return Err(MigrationError::Lost(why).into()),
             Err(_) => return Err(MigrationError::Lost("the bulk receiver stopped".into()).into()),
         }
+        log::debug!(
+            "switchover: state parsed after {parsed:?}, precopy phase ended after {:?}",
+            state_received.elapsed()
+        );
         paging.spawn("migrate-urgent-rx", move || rx.run(urgent, Channel::Urgent))?;
         Ok((paging, state, state_received))
     }

@@ -255,24 +255,26 @@ impl Vm {
         serial: &SerialOutput,
     ) -> Result<Self, Error> {
         let kvm = KvmVm::new(&memory)?;
-        Self::assemble_with(kvm, memory, paging, state, serial)
+        let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
+        let vcpus = (0..state.vcpus.len())
+            .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::assemble_with(kvm, memory, paging, state, devices, vcpus)
     }
 
-    /// [`Vm::assemble`] with a KVM VM already created over `memory`.
+    /// [`Vm::assemble`] with the KVM VM, devices and vCPUs (one per saved vCPU) already
+    /// created: loads their state.
     fn assemble_with(
         kvm: KvmVm,
         memory: Arc<GuestMemory>,
         paging: Option<DemandPaging>,
         state: VmState,
-        serial: &SerialOutput,
+        devices: Arc<Devices>,
+        vcpus: Vec<VcpuHandle>,
     ) -> Result<Self, Error> {
-        let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
         devices.restore(&state.devices);
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for (index, s) in state.vcpus.into_iter().enumerate() {
-            let handle = VcpuHandle::spawn(Vcpu::new(&kvm, index)?, devices.clone())?;
+        for (handle, s) in vcpus.iter().zip(state.vcpus) {
             handle.restore(s)?;
-            vcpus.push(handle);
         }
         Ok(Self {
             vcpus,
@@ -302,11 +304,20 @@ impl Vm {
     ) -> Result<Self, Error> {
         let inc = migration::incoming(uri, secret, expect, ready)?;
         let memory = Arc::new(GuestMemory::new(&inc.layout)?);
-        // Before the state arrives: off the switchover's critical path.
+        // Before the state arrives, off the switchover's critical path: the KVM VM, its vCPUs
+        // and their threads; the switchover only loads their state.
         let kvm = KvmVm::new(&memory)?;
+        let devices = Arc::new(Devices::new(serial.open()?, inc.vcpus as usize));
+        let vcpus = (0..inc.vcpus as usize)
+            .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
         let (mut paging, state, received) = inc.receive(&memory)?;
         paging.restart_clock();
-        let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, serial)?;
+        let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, devices, vcpus)?;
+        log::debug!(
+            "switchover: VM assembled {:?} after the state arrived",
+            received.elapsed()
+        );
         vm.incoming_restore = Some(received.elapsed());
         Ok(vm)
     }
@@ -326,8 +337,14 @@ impl Vm {
             if outgoing.is_some() {
                 return Err(MigrationError::AlreadyMigrating.into());
             }
-            let (out, channels) =
-                Outgoing::connect(uri, secret, self.memory.layout(), options.precopy_rounds)?;
+            let vcpus = u32::try_from(self.vcpus.len()).expect("few vCPUs");
+            let (out, channels) = Outgoing::connect(
+                uri,
+                secret,
+                self.memory.layout(),
+                vcpus,
+                options.precopy_rounds,
+            )?;
             *outgoing = Some(out.clone());
             (out, channels)
         };
