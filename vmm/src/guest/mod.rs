@@ -9,6 +9,7 @@
 
 pub mod abi;
 pub mod qemu;
+pub mod qemu_migration;
 mod workload;
 
 pub use workload::{parse_size, Pattern, WorkloadError, WorkloadSpec};

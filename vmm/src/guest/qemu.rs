@@ -337,8 +337,10 @@ fn serial_arg(path: &Path) -> OsString {
 }
 
 /// A spawned QEMU: a thread reports its exit without reaping it, so that killing it by pid can
-/// never hit a reused pid; another thread drains stderr.
-struct RunningQemu {
+/// never hit a reused pid; another thread drains stderr. Killed and reaped on drop.
+/// (Crate-visible for [`super::qemu_migration`], which runs two of them.)
+#[derive(Debug)]
+pub(crate) struct RunningQemu {
     child: Child,
     exited: mpsc::Receiver<()>,
     stderr: Option<std::thread::JoinHandle<String>>,
@@ -346,7 +348,7 @@ struct RunningQemu {
 }
 
 impl RunningQemu {
-    fn new(mut child: Child) -> Result<Self, QemuError> {
+    pub(crate) fn new(mut child: Child) -> Result<Self, QemuError> {
         let pid = child.id();
         let wait_err = |source| QemuError::Wait { pid, source };
         let raw =
@@ -394,7 +396,7 @@ impl RunningQemu {
         Ok(qemu)
     }
 
-    fn wait(&mut self) -> Result<ExitStatus, QemuError> {
+    pub(crate) fn wait(&mut self) -> Result<ExitStatus, QemuError> {
         let pid = self.child.id();
         let status = self
             .child
@@ -405,17 +407,27 @@ impl RunningQemu {
     }
 
     /// Kills QEMU (it has nothing to save) and reaps it.
-    fn stop(&mut self) -> Result<(), QemuError> {
+    pub(crate) fn stop(&mut self) -> Result<(), QemuError> {
         // Fails only if QEMU has already exited, which is what we want anyway.
         let _ = self.child.kill();
         self.wait().map(|_| ())
     }
 
-    fn take_stderr(&mut self) -> String {
+    /// What QEMU wrote to stderr; waits for QEMU to close it, so stop QEMU first.
+    pub(crate) fn take_stderr(&mut self) -> String {
         self.stderr
             .take()
             .and_then(|h| h.join().ok())
             .unwrap_or_default()
+    }
+
+    /// Whether QEMU has exited (without reaping it).
+    pub(crate) fn has_exited(&self) -> bool {
+        self.reaped || !matches!(self.exited.try_recv(), Err(mpsc::TryRecvError::Empty))
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
