@@ -12,7 +12,7 @@ fn bench_migrate_quick_writes_runs_and_a_summary() {
         "migrate",
         "--quick",
         "--configs",
-        "postcopy-address,hybrid-1",
+        "postcopy-address,hybrid-1,qemu-postcopy",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -24,9 +24,9 @@ fn bench_migrate_quick_writes_runs_and_a_summary() {
     );
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["configs"].as_array().unwrap().len(), 2, "{summary}");
+    assert_eq!(summary["configs"].as_array().unwrap().len(), 3, "{summary}");
     assert!(summary["loopback"]["throughput_gb_per_s"].as_f64() > Some(0.0));
-    for config in ["postcopy-address", "hybrid-1"] {
+    for config in ["postcopy-address", "hybrid-1", "qemu-postcopy"] {
         let run: serde_json::Value = serde_json::from_slice(
             &std::fs::read(out.join(format!("run-{config}-m256-d0-r1.json"))).unwrap(),
         )

@@ -42,12 +42,13 @@ pub struct MigrateBenchArgs {
     /// Repetitions of each configuration.
     #[arg(long, default_value_t = 1)]
     pub reps: u32,
-    /// Configurations, comma-separated: postcopy-address, postcopy-bubble, postcopy-hot,
-    /// hybrid-N (N precopy rounds, then postcopy, address order).
+    /// Configurations, comma-separated: Tsubame's postcopy-address, postcopy-bubble,
+    /// postcopy-hot, hybrid-N (N precopy rounds, then postcopy, address order); QEMU's
+    /// qemu-postcopy, qemu-postcopy-preempt, qemu-precopy.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "postcopy-address,postcopy-bubble,postcopy-hot,hybrid-2"
+        default_value = "postcopy-address,postcopy-bubble,postcopy-hot,hybrid-2,qemu-postcopy,qemu-postcopy-preempt,qemu-precopy"
     )]
     pub configs: Vec<String>,
     /// One-way link delays in ms, comma-separated (0: plain loopback, else through linkem).
@@ -80,6 +81,7 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         "postcopy-address" => ("address", 0),
         "postcopy-bubble" => ("bubble", 0),
         "postcopy-hot" => ("hot", 0),
+        c if c.starts_with("qemu-") => ("address", 0), // unused by QEMU runs
         c if c.starts_with("hybrid-") => (
             "address",
             c["hybrid-".len()..]
@@ -87,7 +89,8 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
                 .with_context(|| format!("'{c}': write hybrid-N with N precopy rounds"))?,
         ),
         c => bail!(
-            "unknown configuration '{c}': use postcopy-address, postcopy-bubble, postcopy-hot or hybrid-N"
+            "unknown configuration '{c}': use postcopy-address, postcopy-bubble, postcopy-hot, \
+             hybrid-N, qemu-postcopy, qemu-postcopy-preempt or qemu-precopy"
         ),
     };
     Ok(MigrationSetup {
@@ -114,7 +117,10 @@ struct Args {
     rate: Option<u64>,
 }
 
-fn reference_digest(a: &Args) -> Result<String> {
+/// The never-migrated run's digests: all of RAM (Tsubame runs compare with it) and the
+/// workload's memory (QEMU runs compare with it: QEMU's firmware writes RAM a Tsubame VM
+/// does not have).
+fn reference_digests(a: &Args) -> Result<(String, String)> {
     let vm = Vm::new(&VmConfig {
         mem_bytes: a.mem,
         vcpus: 1,
@@ -128,7 +134,8 @@ fn reference_digest(a: &Args) -> Result<String> {
     if vm.wait_finished(std::time::Duration::from_secs(3600)) != WaitOutcome::Reached {
         bail!("the reference run failed: {:?}", vm.status());
     }
-    Ok(vm.digest()?.0.to_string())
+    let workload = tsubame_vmm::guest::qemu_migration::workload_digest(vm.memory())?;
+    Ok((vm.digest()?.0.to_string(), workload.to_string()))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -188,7 +195,7 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
             args.migrate_at,
             args.steps,
         );
-        let reference = reference_digest(&args)?;
+        let (reference, reference_workload) = reference_digests(&args)?;
         guests.push(
             json!({"mem_bytes": mem, "workload": args.workload, "steps": args.steps,
                            "migrate_at_steps": args.migrate_at}),
@@ -198,9 +205,22 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
                 for config in &a.configs {
                     let setup = setup_for(config, &args, delay)?;
                     let tag = format!("{config}-m{}-d{delay}-r{rep}", mem >> 20);
-                    let result = tsubame::migrate(&setup, &scratch, &tag)
+                    let (result, qemu, digest_ok) = if let Some(mode) = config.strip_prefix("qemu-")
+                    {
+                        let (r, q) = super::qemu::migrate(
+                            &setup,
+                            mode.parse().map_err(anyhow::Error::msg)?,
+                            &scratch,
+                        )
                         .with_context(|| format!("run {tag}"))?;
-                    let digest_ok = result.digest.as_deref() == Some(reference.as_str());
+                        let ok = r.digest.as_deref() == Some(reference_workload.as_str());
+                        (r, Some(q), ok)
+                    } else {
+                        let r = tsubame::migrate(&setup, &scratch, &tag)
+                            .with_context(|| format!("run {tag}"))?;
+                        let ok = r.digest.as_deref() == Some(reference.as_str());
+                        (r, None, ok)
+                    };
                     println!(
                         "  {tag:<34} total {:>7.0} ms  downtime {:>6.0} µs  demand p50 {:>5.0} µs p99 {:>6.0} µs  \
                          push {:>5.2} GB/s  full speed after {:>6} ms  digest {}",
@@ -229,6 +249,7 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
                             "machine": super::machine_info(),
                             "setup": setup,
                             "run": row,
+                            "qemu": qemu,
                         }),
                     )?;
                     rows.push(row);
@@ -419,53 +440,61 @@ fn progress_around_switchover(r: &MigrationResult) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Medians per (configuration, delay), printed as a table.
+/// Medians per (guest size, configuration, delay), printed as a table, with each
+/// configuration's ratio to QEMU postcopy on the same guest and link.
 fn summarize(rows: &[Row], lo: &raw::Loopback) -> Vec<Value> {
-    let mut keys: Vec<(String, f64)> = Vec::new();
+    let mut keys: Vec<(u64, String, f64)> = Vec::new();
     for r in rows {
-        if !keys.iter().any(|k| k.0 == r.config && k.1 == r.delay_ms) {
-            keys.push((r.config.clone(), r.delay_ms));
+        let k = (r.mem_bytes, r.config.clone(), r.delay_ms);
+        if !keys.contains(&k) {
+            keys.push(k);
         }
     }
+    let med = |mem: u64, config: &str, delay: f64, f: &dyn Fn(&MigrationResult) -> f64| {
+        median(
+            rows.iter()
+                .filter(|r| r.mem_bytes == mem && r.config == config && r.delay_ms == delay)
+                .map(|r| f(&r.result))
+                .collect(),
+        )
+    };
+    // migrate -> every page at the destination, precopy included: comparable across systems.
+    let total = |r: &MigrationResult| r.total_with_precopy_ms;
+    let full = |r: &MigrationResult| r.time_to_full_speed_ms.unwrap_or(f64::NAN);
+    let demand = |r: &MigrationResult| r.blocktime_per_request_us.unwrap_or(r.demand_p50_us);
     println!(
-        "\n  {:<18} {:>6} {:>9} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
-        "median",
-        "delay",
-        "total ms",
-        "downtime",
-        "p50 µs",
-        "p99 µs",
-        "push GB/s",
-        "vs loopback",
-        "full speed"
+        "\n  {:<22} {:>5} {:>6} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} | vs qemu-postcopy: {:>5} {:>6} {:>6} {:>6}",
+        "median", "MiB", "delay", "total ms", "downtime", "demand", "p99 µs", "push GB/s",
+        "/loopback", "full speed", "total", "down", "demand", "full"
     );
     keys.iter()
-        .map(|(config, delay)| {
-            let of = |f: &dyn Fn(&MigrationResult) -> f64| {
-                median(
-                    rows.iter()
-                        .filter(|r| &r.config == config && r.delay_ms == *delay)
-                        .map(|r| f(&r.result))
-                        .collect(),
-                )
-            };
-            let total = of(&|r| r.total_ms);
-            let downtime = of(&|r| r.downtime_us);
-            let p50 = of(&|r| r.demand_p50_us);
-            let p99 = of(&|r| r.demand_p99_us);
-            let push = of(&|r| r.push_gb_per_s);
-            let full = of(&|r| r.time_to_full_speed_ms.unwrap_or(f64::NAN));
+        .map(|(mem, config, delay)| {
+            let m = |f: &dyn Fn(&MigrationResult) -> f64| med(*mem, config, *delay, f);
+            let q = |f: &dyn Fn(&MigrationResult) -> f64| med(*mem, "qemu-postcopy", *delay, f);
+            let (t, d, dm, p99, push, fs) = (
+                m(&total),
+                m(&|r| r.downtime_us),
+                m(&demand),
+                m(&|r| r.demand_p99_us),
+                m(&|r| r.push_gb_per_s),
+                m(&full),
+            );
+            let ratios = (t / q(&total), d / q(&|r| r.downtime_us), dm / q(&demand), fs / q(&full));
             println!(
-                "  {config:<18} {delay:>6} {total:>9.0} {downtime:>8.0}µs {p50:>9.0} {p99:>9.0} {push:>10.2} {:>11.2} {full:>10.0}",
-                push / lo.throughput_gb_per_s
+                "  {config:<22} {:>5} {delay:>6} {t:>9.0} {d:>8.0}µs {dm:>7.0}µs {p99:>8.0} {push:>9.2} {:>9.2} {fs:>10.0} | {:>24.2} {:>6.2} {:>6.2} {:>6.2}",
+                mem >> 20,
+                push / lo.throughput_gb_per_s,
+                ratios.0, ratios.1, ratios.2, ratios.3
             );
             json!({
-                "config": config, "delay_ms": delay,
-                "total_ms": total, "downtime_us": downtime,
-                "demand_p50_us": p50, "demand_p99_us": p99,
+                "mem_bytes": mem, "config": config, "delay_ms": delay,
+                "total_ms": t, "downtime_us": d,
+                "demand_us": dm, "demand_p99_us": p99,
                 "push_gb_per_s": push,
                 "push_vs_loopback": push / lo.throughput_gb_per_s,
-                "time_to_full_speed_ms": full,
+                "time_to_full_speed_ms": fs,
+                "vs_qemu_postcopy": {"total": ratios.0, "downtime": ratios.1,
+                                     "demand": ratios.2, "time_to_full_speed": ratios.3},
             })
         })
         .collect()

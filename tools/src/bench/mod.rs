@@ -11,6 +11,7 @@ mod fault;
 mod guest;
 mod migrate;
 mod plot;
+mod qemu;
 mod raw;
 mod tsubame;
 

@@ -74,6 +74,8 @@ pub struct MigrationResult {
     pub demand_max_us: f64,
     /// (µs, share) points of the engine's latency distribution.
     pub demand_cdf: Vec<(f64, f64)>,
+    /// QEMU only: its postcopy blocktime divided by its page requests.
+    pub blocktime_per_request_us: Option<f64>,
     /// Guest steps/s before the migration (the source, pages local).
     pub baseline_steps_per_s: f64,
     /// Switchover -> the guest runs at 90% of its baseline again (50 ms windows).
@@ -380,6 +382,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         demand_p99_us: f(&paging["demand_p99_us"]),
         demand_max_us: f(&paging["demand_max_us"]),
         demand_cdf: serde_json::from_value(paging["demand_cdf"].clone()).unwrap_or_default(),
+        blocktime_per_request_us: None,
         baseline_steps_per_s: baseline,
         time_to_full_speed_ms: time_to_full_speed(&samples, switched, baseline, 0.05, 0.9)
             .map(|s| s * 1e3),
