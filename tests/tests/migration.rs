@@ -54,7 +54,8 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_round
                    "precopy_rounds": precopy_rounds}),
         )
         .unwrap();
-    assert_eq!(m["phase"], "postcopy", "{m}");
+    // After a precopy phase little may be left: the postcopy can be over already.
+    assert!(m["phase"] == "postcopy" || m["phase"] == "completed", "{m}");
     assert_eq!(m["prepage"], prepage, "{m}");
     assert_eq!(m["precopy_rounds"], precopy_rounds, "{m}");
     if precopy_rounds > 0 {

@@ -291,10 +291,11 @@ pub struct MigrationStatus {
 #[serde(rename_all = "kebab-case")]
 pub enum Prepage {
     /// Guest-physical address order.
-    #[default]
     Address,
-    /// Around each demand fault first, outward from the faulting page (Yabusame's bubbling),
-    /// then address order.
+    /// Around each demand fault first (Yabusame's bubbling): the pages just before it, then
+    /// the scan continues from the faulting page onward, wrapping around. The default: a guest
+    /// walking through memory gets its pages pushed ahead of it rather than behind.
+    #[default]
     Bubble,
     /// The pages the guest wrote during a short profile before switchover first (KVM dirty
     /// log; with precopy rounds, the pages written since the last round), then address order.
@@ -335,8 +336,9 @@ pub struct MigrateOptions {
     pub precopy_rounds: u32,
 }
 
-/// Pages around a demand fault that `Prepage::Bubble` pushes, on each side.
-const BUBBLE: u64 = 64;
+/// Pages before a demand fault that `Prepage::Bubble` pushes at once (the scan then continues
+/// after the fault).
+const BUBBLE: u64 = 16;
 
 /// Pages per push step: 256 KiB runs keep the destination's socket buffer and `UFFDIO_COPY`
 /// source in its L2 cache (measured faster here than 1 MiB runs).
@@ -740,23 +742,39 @@ impl Outgoing {
             for (gfn, n) in gfn_runs(&order.hot, PUSH_RUN) {
                 push.send(&mut w, gfn, n, SendKind::Push)?;
             }
-            for r in &memory.layout().regions {
-                let end = r.first_gfn() + r.pages();
-                let mut gfn = r.first_gfn();
-                while gfn < end {
-                    // Bubble: around each new fault first, outward from it.
-                    for g in order.faults.try_iter() {
-                        push.send(&mut w, g + 1, BUBBLE, SendKind::Push)?;
-                        push.send(
-                            &mut w,
-                            g.saturating_sub(BUBBLE),
-                            BUBBLE.min(g),
-                            SendKind::Push,
-                        )?;
+            // Then a scan in address order, wrapping around. Bubble: each demand fault moves
+            // the scan to just past the faulting page (after the few pages before it), so the
+            // push streams ahead of a guest walking through memory instead of behind it; one
+            // full lap after the last move, every page has been sent (the "sent" bitmap makes
+            // passing over sent pages cheap).
+            let regions: Vec<(u64, u64)> = memory
+                .layout()
+                .regions
+                .iter()
+                .map(|r| (r.first_gfn(), r.first_gfn() + r.pages()))
+                .collect();
+            let (mut region, mut gfn) = (0, regions[0].0);
+            let mut lap_left = self.total_pages;
+            while lap_left > 0 {
+                for g in order.faults.try_iter() {
+                    push.send(
+                        &mut w,
+                        g.saturating_sub(BUBBLE),
+                        BUBBLE.min(g),
+                        SendKind::Push,
+                    )?;
+                    if let Some(r) = regions.iter().position(|r| (r.0..r.1).contains(&(g + 1))) {
+                        (region, gfn, lap_left) = (r, g + 1, self.total_pages);
                     }
-                    let n = PUSH_RUN.min(end - gfn);
-                    push.send(&mut w, gfn, n, SendKind::Push)?;
-                    gfn += n;
+                }
+                let end = regions[region].1;
+                let n = PUSH_RUN.min(end - gfn);
+                push.send(&mut w, gfn, n, SendKind::Push)?;
+                lap_left = lap_left.saturating_sub(n);
+                gfn += n;
+                if gfn == end {
+                    region = (region + 1) % regions.len();
+                    gfn = regions[region].0;
                 }
             }
             Message::PushDone.write_to(&mut w)?;
