@@ -26,6 +26,7 @@
 //!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
 //!  bulk:    ------- Discard ... PrecopyDone ------------> |  switchover: pages dirtied since the
 //!  urgent:  ------- VmState{json} ----------------------> |  last round dropped; restore, resume
+//!           <------ Resumed ----------------------------- |  the source starts its push
 //!           <------ PageRequest{gfn, count} ------------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages -------> |  UFFDIO_COPY
 //!  bulk:    ------- Pages / ZeroPages ... PushDone -----> |
@@ -128,6 +129,9 @@ pub enum Message {
     /// Everything before this on the bulk channel belongs to the precopy phase (including the
     /// switchover's discards); the destination resumes the VM only after applying it.
     PrecopyDone,
+    /// Destination (on the urgent channel): the VM is assembled and resumes; the source starts
+    /// its background push now, so the push does not compete with the switchover for CPUs.
+    Resumed,
 }
 
 /// Why a frame was rejected.
@@ -183,7 +187,7 @@ impl ProtocolError {
     }
 }
 
-const KINDS: [&str; 14] = [
+const KINDS: [&str; 15] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -198,6 +202,7 @@ const KINDS: [&str; 14] = [
     "Discard",
     "RoundDone",
     "PrecopyDone",
+    "Resumed",
 ];
 
 impl Message {
@@ -216,6 +221,7 @@ impl Message {
             Self::Discard { .. } => 11,
             Self::RoundDone { .. } => 12,
             Self::PrecopyDone => 13,
+            Self::Resumed => 14,
         }
     }
 
@@ -234,7 +240,7 @@ impl Message {
             5 => 12,
             PAGES => 8 + MAX_PAGES_PER_FRAME * 4096,
             7 => 16,
-            8 | 9 | 13 => 0,
+            8 | 9 | 13 | 14 => 0,
             10 => MAX_TEXT,
             11 => 16,
             12 => 4,
@@ -287,7 +293,7 @@ impl Message {
                 p.extend_from_slice(&count.to_le_bytes());
             }
             Self::RoundDone { round } => p.extend_from_slice(&round.to_le_bytes()),
-            Self::PushDone | Self::Complete | Self::PrecopyDone => {}
+            Self::PushDone | Self::Complete | Self::PrecopyDone | Self::Resumed => {}
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
@@ -540,6 +546,7 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
         }
         12 => Message::RoundDone { round: c.u32()? },
         13 => Message::PrecopyDone,
+        14 => Message::Resumed,
         8 => Message::PushDone,
         9 => Message::Complete,
         10 => {
@@ -655,6 +662,7 @@ mod tests {
             Message::Discard { gfn: 9, count: 3 },
             Message::RoundDone { round: 2 },
             Message::PrecopyDone,
+            Message::Resumed,
             Message::Complete,
             Message::Error {
                 message: "layout mismatch".into(),

@@ -267,6 +267,9 @@ pub struct MigrationStatus {
     pub precopy_ms: Option<f64>,
     /// Pause of the vCPUs -> state sent (the source's share of the downtime).
     pub downtime_us: u64,
+    /// When the vCPUs paused, µs since the Unix epoch (0: not yet). With the destination's
+    /// `resumed_unix_us` on the same host, the whole downtime, network included.
+    pub paused_unix_us: u64,
     pub state_bytes: u64,
     pub pages_demand: u64,
     pub pages_pushed: u64,
@@ -391,6 +394,9 @@ pub struct Outgoing {
     pages_stale: AtomicU64,
     /// Start -> pause; pause -> state sent; switchover -> push done.
     switched_at: Mutex<Option<(Instant, Duration, Duration)>>,
+    /// Wall-clock time of the pause (µs since the Unix epoch), to compare with the
+    /// destination's resume time on the same host.
+    paused_unix_us: AtomicU64,
     push_done: Mutex<Option<Duration>>,
     state_bytes: AtomicU64,
     pages_demand: AtomicU64,
@@ -437,6 +443,7 @@ impl Outgoing {
             pages_precopy: AtomicU64::new(0),
             pages_stale: AtomicU64::new(0),
             switched_at: Mutex::new(None),
+            paused_unix_us: AtomicU64::new(0),
             push_done: Mutex::new(None),
             state_bytes: AtomicU64::new(0),
             pages_demand: AtomicU64::new(0),
@@ -543,21 +550,29 @@ impl Outgoing {
         self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
         Message::VmState(json).write_to(&mut urgent)?;
         let now = Instant::now();
+        let since_pause = now.duration_since(paused_at);
+        self.paused_unix_us.store(
+            unix_us().saturating_sub(u64::try_from(since_pause.as_micros()).unwrap_or(0)),
+            Ordering::Relaxed,
+        );
         *self.switched_at.lock().expect("migration lock") = Some((
             now,
             paused_at.duration_since(self.started),
             now.duration_since(paused_at),
         ));
         self.outcome.lock().expect("migration lock").0 = Phase::Postcopy;
-        // Bubble: the demand thread tells the push thread where the guest faults.
+        // Bubble: the demand thread tells the push thread where the guest faults. It also
+        // opens the gate when the destination has resumed (or asked for a page).
         let (fault_tx, faults) = crossbeam::channel::unbounded();
         let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
+        let (gate_tx, gate) = crossbeam::channel::bounded(1);
         let (me, mem) = (self.clone(), memory.clone());
         std::thread::Builder::new()
             .name("migrate-urgent".into())
-            .spawn(move || me.serve_demand(&mem, urgent, fault_tx.as_ref()))?;
+            .spawn(move || me.serve_demand(&mem, urgent, fault_tx.as_ref(), &gate_tx))?;
         let me = self.clone();
         let order = PushOrder {
+            gate,
             demand_only: options.prepage == Prepage::None,
             rate: options.max_bandwidth,
             hot,
@@ -692,6 +707,7 @@ impl Outgoing {
         memory: &GuestMemory,
         urgent: TcpStream,
         faults: Option<&crossbeam::channel::Sender<u64>>,
+        gate: &crossbeam::channel::Sender<()>,
     ) {
         let result = (|| -> Result<(), MigrationError> {
             let served_at = Arc::new(AtomicU64::new(0));
@@ -703,7 +719,11 @@ impl Outgoing {
             let mut buf = Vec::new();
             loop {
                 match Message::read_from(&mut reader)? {
+                    Message::Resumed => {
+                        let _ = gate.try_send(());
+                    }
                     Message::PageRequest { gfn, count } => {
+                        let _ = gate.try_send(());
                         served_at.store(now_ns(), Ordering::Relaxed);
                         self.send_pages(
                             &mut writer,
@@ -731,6 +751,8 @@ impl Outgoing {
 
     fn push_all(&self, memory: &GuestMemory, mut w: BufWriter<TcpStream>, order: &PushOrder) {
         lower_priority();
+        // Until the destination runs the VM (bounded, in case its message is lost).
+        let _ = order.gate.recv_timeout(Duration::from_millis(500));
         let result = (|| -> Result<(), MigrationError> {
             let mut push = Pusher::new(self, memory, order.rate);
             if order.demand_only {
@@ -811,6 +833,7 @@ impl Outgoing {
             downtime_us: switched
                 .map(|s| u64::try_from(s.2.as_micros()).unwrap_or(u64::MAX))
                 .unwrap_or(0),
+            paused_unix_us: self.paused_unix_us.load(Ordering::Relaxed),
             state_bytes: self.state_bytes.load(Ordering::Relaxed),
             pages_demand: self.pages_demand.load(Ordering::Relaxed),
             pages_pushed: self.pages_pushed.load(Ordering::Relaxed),
@@ -829,6 +852,9 @@ impl Outgoing {
 
 /// What the push sends first, and how fast.
 struct PushOrder {
+    /// Opens when the destination has resumed the VM (or faulted): pushing during the
+    /// switchover would take CPU time from it on a shared machine.
+    gate: crossbeam::channel::Receiver<()>,
     /// `Prepage::None`: push nothing.
     demand_only: bool,
     rate: Option<u64>,
@@ -911,6 +937,13 @@ fn lower_priority() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Wall-clock microseconds since the Unix epoch.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Nanoseconds since a process-wide origin: a timestamp that fits an atomic.
@@ -1189,7 +1222,12 @@ impl Incoming {
             "switchover: state parsed after {parsed:?}, precopy phase ended after {:?}",
             state_received.elapsed()
         );
+        let writer = rx.writer.clone();
         paging.spawn("migrate-urgent-rx", move || rx.run(urgent, Channel::Urgent))?;
+        paging.on_resume(move || {
+            // The source starts its push on this; if it is gone, the receivers report it.
+            let _ = Message::Resumed.write_to(&mut *writer.lock().expect("urgent lock"));
+        });
         Ok((paging, state, state_received))
     }
 }

@@ -35,6 +35,8 @@ pub struct PagingStats {
     pub demand_max_us: f64,
     /// (µs, share at or below) points of the fault-read -> installed distribution.
     pub demand_cdf: Vec<(f64, f64)>,
+    /// When the VM first resumed, µs since the Unix epoch (0: not yet).
+    pub resumed_unix_us: u64,
     /// When every page was local, counted from the start of demand paging.
     pub all_present_ms: Option<f64>,
     pub source_error: Option<String>,
@@ -52,6 +54,19 @@ pub struct DemandPaging {
     all_present: Arc<Mutex<Option<Instant>>>,
     /// When the VM started to depend on the engine (see [`DemandPaging::restart_clock`]).
     started: Instant,
+    /// Called once when the VM first resumes (an incoming migration tells its source).
+    resumed: Mutex<Option<ResumeHook>>,
+    /// When the VM first resumed, µs since the Unix epoch (0: not yet).
+    resumed_unix_us: std::sync::atomic::AtomicU64,
+}
+
+/// What runs when the VM first resumes.
+struct ResumeHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for ResumeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResumeHook")
+    }
 }
 
 impl DemandPaging {
@@ -73,6 +88,8 @@ impl DemandPaging {
             sockets: Vec::new(),
             all_present: Arc::new(Mutex::new(None)),
             started: Instant::now(),
+            resumed: Mutex::new(None),
+            resumed_unix_us: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -111,6 +128,24 @@ impl DemandPaging {
             cell.lock()
                 .expect("paging lock")
                 .get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Runs `f` when the VM first resumes ([`DemandPaging::resumed`]).
+    pub fn on_resume(&mut self, f: impl FnOnce() + Send + 'static) {
+        *self.resumed.get_mut().expect("paging lock") = Some(ResumeHook(Box::new(f)));
+    }
+
+    /// The VM resumes: runs the [`DemandPaging::on_resume`] hook, the first time only.
+    pub fn resumed(&self) {
+        let _ = self.resumed_unix_us.compare_exchange(
+            0,
+            crate::migration::unix_us(),
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some(hook) = self.resumed.lock().expect("paging lock").take() {
+            (hook.0)();
         }
     }
 
@@ -157,6 +192,9 @@ impl DemandPaging {
                 .into_iter()
                 .map(|(d, share)| (us(d), share))
                 .collect(),
+            resumed_unix_us: self
+                .resumed_unix_us
+                .load(std::sync::atomic::Ordering::Relaxed),
             all_present_ms: self
                 .all_present
                 .lock()

@@ -541,6 +541,9 @@ impl Vm {
         let mut paused = self.operator_paused.lock().expect("vm lock");
         self.resume_vcpus()?;
         *paused = false;
+        if let Some(p) = &self.paging {
+            p.resumed();
+        }
         Ok(())
     }
 
