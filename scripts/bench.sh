@@ -12,7 +12,7 @@ out=bench/results
 mkdir -p "$out"
 "$t" bench fault --json "$out/fault.json"
 "$t" bench migrate --mem 1G --ws 700M --reps 3 --delays 0,16 --out "$out/main"
-"$t" bench migrate --sizes 256M,1G,2G,4G --configs postcopy-hot,hybrid-2,qemu-postcopy \
+"$t" bench migrate --sizes 256M,1G,2G,4G,8G --configs postcopy-hot,hybrid-2,qemu-postcopy \
     --out "$out/sizes"
 for f in "$out"/main/*.png "$out"/main/*.svg "$out"/sizes/total-vs-size.*; do
     cp "$f" bench/

@@ -174,7 +174,7 @@ fn refused_migrations_leave_the_source_running() {
 #[test]
 fn losing_the_source_never_gives_the_guest_zero_pages() {
     let dir = Scratch::new("lost");
-    // Every page of a 48 MiB working set written, then a push capped at 4 MB/s: the source is
+    // Every page of a 40 MiB working set written, then a push capped at 4 MB/s: the source is
     // killed long before it could have sent everything.
     let source = VmProcess::start(
         &dir.path("src.sock"),
@@ -182,7 +182,7 @@ fn losing_the_source_never_gives_the_guest_zero_pages() {
             "--mem",
             "64M",
             "--workload",
-            "seq:ws=48M,write=1.0,seed=74",
+            "seq:ws=40M,write=1.0,seed=74",
             "--steps",
             "2000000",
         ],

@@ -192,6 +192,30 @@ pub struct RunOptions {
     pub verify_at_end: bool,
 }
 
+/// Where the guest's data may live in `layout`: RAM from [`abi::DATA_GPA`] on, except the top
+/// [`FIRMWARE_RESERVE`] of the region below 4 GiB. Under QEMU, SeaBIOS keeps data there (its
+/// tables in the last 128 KiB, scratch memory around 16 MiB below the top); a working set
+/// reaching it would find foreign data. The same spans serve every VM, so that a guest's
+/// memory is laid out alike under Tsubame and QEMU.
+fn data_spans(layout: &MemoryLayout) -> Vec<(u64, u64)> {
+    layout
+        .regions
+        .iter()
+        .filter_map(|r| {
+            let start = r.gpa.max(abi::DATA_GPA);
+            let end = if r.end() <= 1 << 32 {
+                r.end().saturating_sub(FIRMWARE_RESERVE)
+            } else {
+                r.end()
+            };
+            (start < end).then_some((start, end))
+        })
+        .collect()
+}
+
+/// RAM at the top of the region below 4 GiB that the guest keeps no data in.
+pub const FIRMWARE_RESERVE: u64 = 17 << 20;
+
 /// Builds the config block for `spec` in a guest with `layout`.
 ///
 /// The version table (4 bytes per working-set page) sits at [`abi::DATA_GPA`]; the working set
@@ -207,12 +231,10 @@ pub fn config_block(
             max: abi::MAX_CPUS,
         });
     }
-    // Pages available from DATA_GPA on, across regions.
-    let avail: u64 = layout
-        .regions
-        .iter()
-        .map(|r| r.end().saturating_sub(r.gpa.max(abi::DATA_GPA)) / PAGE_SIZE)
-        .sum();
+    // Where data may go: RAM from DATA_GPA on, minus the firmware's zone below the top of the
+    // low region.
+    let spans = data_spans(layout);
+    let avail: u64 = spans.iter().map(|(a, b)| (b - a) / PAGE_SIZE).sum();
     // ws pages + ceil(ws/1024) table pages must fit: largest ws is floor(avail*1024/1025).
     let max_ws = avail * 1024 / 1025;
     let ws_pages = match spec.ws_bytes {
@@ -229,12 +251,11 @@ pub fn config_block(
     let mut skip = table_pages; // pages taken by the version table at the start
     let mut need = ws_pages;
     let mut ranges = Vec::new();
-    for r in &layout.regions {
-        let start = r.gpa.max(abi::DATA_GPA);
-        if start >= r.end() || need == 0 {
-            continue;
+    for &(start, end) in &spans {
+        if need == 0 {
+            break;
         }
-        let mut pages = (r.end() - start) / PAGE_SIZE;
+        let mut pages = (end - start) / PAGE_SIZE;
         let s = skip.min(pages);
         skip -= s;
         pages -= s;
@@ -317,11 +338,18 @@ mod tests {
         };
         let cfg = config_block(&spec, &layout, &run).unwrap();
         assert_eq!(cfg.working_set_pages(), (3u64 << 30) / PAGE_SIZE);
+        // Low RAM up to the firmware's reserve, then high RAM.
         assert_eq!(cfg.ranges.len(), 2);
         assert_eq!(cfg.ranges[1].base, 4 << 30);
         for r in &cfg.ranges {
             assert!(layout.contains(r.base, r.pages * PAGE_SIZE));
         }
+        let low = &cfg.ranges[0];
+        assert_eq!(
+            low.base + low.pages * PAGE_SIZE,
+            (3 << 30) - FIRMWARE_RESERVE,
+            "data stops short of the firmware's reserve"
+        );
         // the table does not overlap the data
         assert!(
             cfg.ranges[0].base
