@@ -304,13 +304,13 @@ impl Message {
 
     /// Reads and decodes one frame.
     pub fn read_from(r: &mut impl Read) -> Result<Self, ProtocolError> {
-        Self::read_reusing(r, Vec::new())
+        Self::read_reusing(r, &mut Vec::new())
     }
 
-    /// Reads one message like [`Message::read_from`], reading the payload into `buf` (the
-    /// `data` of a previous `Pages`, say) instead of a fresh allocation. A `Pages` payload is
-    /// read straight into the buffer it is returned in: no copy after the socket's.
-    pub fn read_reusing(r: &mut impl Read, mut buf: Vec<u8>) -> Result<Self, ProtocolError> {
+    /// Reads one message like [`Message::read_from`]. A `Pages` payload is read straight into
+    /// `spare` (the `data` of a previous `Pages`, say), which the message then owns: no copy
+    /// after the socket's and no allocation per frame. Other messages leave `spare` alone.
+    pub fn read_reusing(r: &mut impl Read, spare: &mut Vec<u8>) -> Result<Self, ProtocolError> {
         let mut h = [0u8; HEADER_LEN];
         match r.read_exact(&mut h) {
             Ok(()) => {}
@@ -357,16 +357,17 @@ impl Message {
             }
             let mut gfn = [0u8; 8];
             r.read_exact(&mut gfn).map_err(closed)?;
-            resize_for_overwrite(&mut buf, data_len);
-            r.read_exact(&mut buf).map_err(closed)?;
+            let mut data = std::mem::take(spare);
+            resize_for_overwrite(&mut data, data_len);
+            r.read_exact(&mut data).map_err(closed)?;
             return Ok(Message::Pages {
                 gfn: u64::from_le_bytes(gfn),
-                data: buf,
+                data,
             });
         }
-        resize_for_overwrite(&mut buf, len as usize);
-        r.read_exact(&mut buf).map_err(closed)?;
-        decode(kind, name, buf)
+        let mut p = vec![0u8; len as usize];
+        r.read_exact(&mut p).map_err(closed)?;
+        decode(kind, name, p)
     }
 }
 
@@ -617,6 +618,42 @@ mod tests {
         m.write_to(&mut buf).unwrap();
         let back = Message::read_from(&mut buf.as_slice()).unwrap();
         assert_eq!(&back, m);
+    }
+
+    #[test]
+    fn page_payloads_land_in_the_spare_buffer_and_others_leave_it() {
+        let mut wire = Vec::new();
+        write_pages(&mut wire, 5, &[7u8; 2 * PAGE_SIZE]).unwrap();
+        Message::ZeroPages { gfn: 9, count: 3 }
+            .write_to(&mut wire)
+            .unwrap();
+        write_pages(&mut wire, 6, &[8u8; PAGE_SIZE]).unwrap();
+        let mut r = wire.as_slice();
+        let mut spare = Vec::with_capacity(4 * PAGE_SIZE);
+        let ptr = spare.as_ptr();
+        let Message::Pages { gfn: 5, data } = Message::read_reusing(&mut r, &mut spare).unwrap()
+        else {
+            panic!("expected Pages")
+        };
+        assert_eq!(
+            (data.len(), data.as_ptr()),
+            (2 * PAGE_SIZE, ptr),
+            "read in place"
+        );
+        spare = data;
+        assert!(matches!(
+            Message::read_reusing(&mut r, &mut spare).unwrap(),
+            Message::ZeroPages { gfn: 9, count: 3 }
+        ));
+        assert_eq!(
+            spare.as_ptr(),
+            ptr,
+            "a ZeroPages frame keeps the spare buffer"
+        );
+        let Message::Pages { data, .. } = Message::read_reusing(&mut r, &mut spare).unwrap() else {
+            panic!("expected Pages")
+        };
+        assert_eq!((data.len(), data.as_ptr(), data[0]), (PAGE_SIZE, ptr, 8));
     }
 
     #[test]

@@ -1089,7 +1089,7 @@ impl Receiver {
         let mut r = BufReader::with_capacity(64 << 10, stream);
         let mut spare = Vec::new();
         loop {
-            let result = match Message::read_reusing(&mut r, std::mem::take(&mut spare)) {
+            let result = match Message::read_reusing(&mut r, &mut spare) {
                 Ok(m) => self.handle(m, &mut spare),
                 Err(e) => {
                     // The source closes the bulk channel after `PushDone`: expected.
