@@ -148,19 +148,7 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
     );
 
     println!("reference:   running the same workload without migrating ...");
-    let vm = Vm::new(&VmConfig {
-        mem_bytes: a.mem,
-        vcpus: a.vcpus as usize,
-        workload: a.workload.parse()?,
-        steps: a.steps,
-        report_every: 0,
-        verify_at_end: true,
-        serial: SerialOutput::Discard,
-    })?;
-    vm.resume()?;
-    if vm.wait_finished(Duration::from_secs(3600)) != WaitOutcome::Reached {
-        bail!("the reference run failed: {:?}", vm.status());
-    }
+    let vm = run_reference(a.mem, a.vcpus as usize, &a.workload, a.steps)?;
     let reference = vm.digest()?.0.to_string();
     let migrated = out["digest"].as_str().unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
@@ -171,4 +159,23 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
         println!("digest check: FAILED: migrated {migrated}, reference {reference}");
         Ok(1)
     }
+}
+
+/// Runs `workload` for `steps` steps per vCPU in this process, never migrating, and returns the
+/// finished VM: the reference whose memory a migrated run must end with.
+pub fn run_reference(mem_bytes: u64, vcpus: usize, workload: &str, steps: u64) -> Result<Vm> {
+    let vm = Vm::new(&VmConfig {
+        mem_bytes,
+        vcpus,
+        workload: workload.parse()?,
+        steps,
+        report_every: 0,
+        verify_at_end: true,
+        serial: SerialOutput::Discard,
+    })?;
+    vm.resume()?;
+    if vm.wait_finished(Duration::from_secs(3600)) != WaitOutcome::Reached {
+        bail!("the reference run failed: {:?}", vm.status());
+    }
+    Ok(vm)
 }

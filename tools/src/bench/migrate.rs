@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tsubame_vmm::{SerialOutput, Vm, VmConfig, WaitOutcome};
 
 use super::tsubame::{self, MigrationResult, MigrationSetup};
 use super::{plot, raw};
@@ -121,19 +120,7 @@ struct Args {
 /// workload's memory (QEMU runs compare with it: QEMU's firmware writes RAM a Tsubame VM
 /// does not have).
 fn reference_digests(a: &Args) -> Result<(String, String)> {
-    let vm = Vm::new(&VmConfig {
-        mem_bytes: a.mem,
-        vcpus: 1,
-        workload: a.workload.parse()?,
-        steps: a.steps,
-        report_every: 0,
-        verify_at_end: true,
-        serial: SerialOutput::Discard,
-    })?;
-    vm.resume()?;
-    if vm.wait_finished(std::time::Duration::from_secs(3600)) != WaitOutcome::Reached {
-        bail!("the reference run failed: {:?}", vm.status());
-    }
+    let vm = crate::demo::run_reference(a.mem, 1, &a.workload, a.steps)?;
     let workload = tsubame_vmm::guest::qemu_migration::workload_digest(vm.memory())?;
     Ok((vm.digest()?.0.to_string(), workload.to_string()))
 }
