@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tsubame_vmm::control::ControlClient;
+use tsubame_vmm::guest::qemu_migration;
 
 use crate::host::Host;
 use crate::linkem::{self, LinkParams};
@@ -237,16 +238,9 @@ impl Sampler {
     }
 }
 
-/// Steps/s over `[from, to]` from samples (linear between the nearest samples).
-#[allow(clippy::cast_precision_loss)]
-fn rate_between(samples: &[(f64, u64)], from: f64, to: f64) -> Option<f64> {
-    let a = samples.iter().find(|s| s.0 >= from)?;
-    let b = samples.iter().rev().find(|s| s.0 <= to)?;
-    (b.0 > a.0).then(|| (b.1.saturating_sub(a.1)) as f64 / (b.0 - a.0))
-}
-
 /// The first time after `switchover` (seconds, same clock as the samples) at which the guest
-/// runs at `share` of `baseline` steps/s over a `window`, as seconds after the switchover.
+/// runs at `share` of `baseline` steps/s over a `window`, as seconds after the switchover: the
+/// same measure for Tsubame's runs and QEMU's.
 pub fn time_to_full_speed(
     samples: &[(f64, u64)],
     switchover: f64,
@@ -254,11 +248,7 @@ pub fn time_to_full_speed(
     window: f64,
     share: f64,
 ) -> Option<f64> {
-    samples
-        .iter()
-        .filter(|s| s.0 >= switchover)
-        .find(|s| rate_between(samples, s.0, s.0 + window).is_some_and(|r| r >= share * baseline))
-        .map(|s| s.0 - switchover)
+    qemu_migration::time_to_rate(samples, switchover, share * baseline, window)
 }
 
 fn wait_steps(ctl: &mut ControlClient, steps: u64) -> Result<()> {
@@ -482,7 +472,7 @@ mod tests {
         assert!((0.49..=0.51).contains(&t), "{t}");
         assert!(time_to_full_speed(&samples, 1.0, 5000.0, 0.05, 0.9).is_none());
         assert_eq!(
-            rate_between(&samples, 0.0, 0.5).map(f64::round),
+            qemu_migration::step_rate(&samples, 0.0, 0.5).map(f64::round),
             Some(1000.0)
         );
     }
