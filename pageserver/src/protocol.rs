@@ -30,8 +30,16 @@
 //!           <------ PageRequest{gfn, count} ------------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages -------> |  UFFDIO_COPY
 //!  bulk:    ------- Pages / ZeroPages ... PushDone -----> |
+//!           <------ Installed{bytes} (bulk) ------------- |  flow control: see below
 //!  urgent:  <------ Complete ---------------------------- |  every page is local: source exits
 //! ```
+//!
+//! Flow control: the destination tells the source, on the bulk connection's return direction,
+//! how many bytes of the bulk stream (frames after the handshake) it has read and installed
+//! (`Installed`, every so often and whenever it has nothing buffered). The source keeps at most
+//! a window of unacknowledged bulk bytes in flight, so pushed pages never queue for long in
+//! socket buffers: a guest that faults on a page queued there would otherwise wait behind the
+//! whole queue, or fetch it a second time on demand.
 //!
 //! `mac_s = HMAC-SHA256(secret, "tsubame-source" | nonce_d | nonce_s | channel | session)` and
 //! `mac_d = HMAC-SHA256(secret, "tsubame-destination" | nonce_s | nonce_d)`.
@@ -42,7 +50,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 const MAGIC: u16 = 0x5354; // "TS"
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
@@ -132,6 +140,11 @@ pub enum Message {
     /// Destination (on the urgent channel): the VM is assembled and resumes; the source starts
     /// its background push now, so the push does not compete with the switchover for CPUs.
     Resumed,
+    /// Destination (on the bulk channel's return direction): it has read and installed this
+    /// many bytes of the bulk stream since the handshake (flow control).
+    Installed {
+        bytes: u64,
+    },
 }
 
 /// Why a frame was rejected.
@@ -187,7 +200,7 @@ impl ProtocolError {
     }
 }
 
-const KINDS: [&str; 15] = [
+const KINDS: [&str; 16] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -203,6 +216,7 @@ const KINDS: [&str; 15] = [
     "RoundDone",
     "PrecopyDone",
     "Resumed",
+    "Installed",
 ];
 
 impl Message {
@@ -222,6 +236,7 @@ impl Message {
             Self::RoundDone { .. } => 12,
             Self::PrecopyDone => 13,
             Self::Resumed => 14,
+            Self::Installed { .. } => 15,
         }
     }
 
@@ -244,6 +259,7 @@ impl Message {
             10 => MAX_TEXT,
             11 => 16,
             12 => 4,
+            15 => 8,
             _ => return None,
         })
     }
@@ -293,6 +309,7 @@ impl Message {
                 p.extend_from_slice(&count.to_le_bytes());
             }
             Self::RoundDone { round } => p.extend_from_slice(&round.to_le_bytes()),
+            Self::Installed { bytes } => p.extend_from_slice(&bytes.to_le_bytes()),
             Self::PushDone | Self::Complete | Self::PrecopyDone | Self::Resumed => {}
             Self::Error { message } => {
                 let m = message.as_bytes();
@@ -311,6 +328,30 @@ impl Message {
     /// `spare` (the `data` of a previous `Pages`, say), which the message then owns: no copy
     /// after the socket's and no allocation per frame. Other messages leave `spare` alone.
     pub fn read_reusing(r: &mut impl Read, spare: &mut Vec<u8>) -> Result<Self, ProtocolError> {
+        let mut data = std::mem::take(spare);
+        let got = Self::read_into(r, |len| {
+            resize_for_overwrite(&mut data, len);
+            &mut data[..]
+        });
+        match got {
+            Ok(Received::Pages { gfn, .. }) => Ok(Message::Pages { gfn, data }),
+            other => {
+                *spare = data;
+                other.map(|r| match r {
+                    Received::Message(m) => m,
+                    Received::Pages { .. } => unreachable!("handled above"),
+                })
+            }
+        }
+    }
+
+    /// Reads one frame; a `Pages` payload goes straight into the buffer `pages` returns for
+    /// its length in bytes (a whole number of pages, checked before), e.g. memory the pages
+    /// are then installed from without another copy.
+    pub fn read_into<'b>(
+        r: &mut impl Read,
+        pages: impl FnOnce(usize) -> &'b mut [u8],
+    ) -> Result<Received, ProtocolError> {
         let mut h = [0u8; HEADER_LEN];
         match r.read_exact(&mut h) {
             Ok(()) => {}
@@ -357,18 +398,27 @@ impl Message {
             }
             let mut gfn = [0u8; 8];
             r.read_exact(&mut gfn).map_err(closed)?;
-            let mut data = std::mem::take(spare);
-            resize_for_overwrite(&mut data, data_len);
-            r.read_exact(&mut data).map_err(closed)?;
-            return Ok(Message::Pages {
+            let buf = pages(data_len);
+            assert_eq!(buf.len(), data_len, "the page buffer must fit the payload");
+            r.read_exact(buf).map_err(closed)?;
+            return Ok(Received::Pages {
                 gfn: u64::from_le_bytes(gfn),
-                data,
+                len: data_len,
             });
         }
         let mut p = vec![0u8; len as usize];
         r.read_exact(&mut p).map_err(closed)?;
-        decode(kind, name, p)
+        decode(kind, name, p).map(Received::Message)
     }
+}
+
+/// A frame read by [`Message::read_into`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A `Pages` frame: `len` bytes of pages from `gfn`, now in the caller's buffer.
+    Pages { gfn: u64, len: usize },
+    /// Any other message.
+    Message(Message),
 }
 
 /// Writes a `Pages` frame for `data` (whole pages from `gfn`) without copying it into a
@@ -410,8 +460,18 @@ fn write_frame(
         frame.extend_from_slice(tail);
         w.write_all(&frame)?;
     } else {
-        w.write_all(&frame)?;
-        w.write_all(tail)?;
+        // Header and pages in one vectored write: a buffered writer passes a large one
+        // straight to the socket (one `writev`, no copy into its buffer, no tiny segment).
+        let mut parts = [std::io::IoSlice::new(&frame), std::io::IoSlice::new(tail)];
+        let mut parts = &mut parts[..];
+        while !parts.is_empty() {
+            match w.write_vectored(parts) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     Ok(())
 }
@@ -548,6 +608,7 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
         12 => Message::RoundDone { round: c.u32()? },
         13 => Message::PrecopyDone,
         14 => Message::Resumed,
+        15 => Message::Installed { bytes: c.u64()? },
         8 => Message::PushDone,
         9 => Message::Complete,
         10 => {
@@ -700,6 +761,7 @@ mod tests {
             Message::RoundDone { round: 2 },
             Message::PrecopyDone,
             Message::Resumed,
+            Message::Installed { bytes: 7 << 20 },
             Message::Complete,
             Message::Error {
                 message: "layout mismatch".into(),
@@ -796,7 +858,7 @@ mod tests {
 
         /// A valid header with any kind, flags and payload: same.
         #[test]
-        fn decoder_survives_any_payload(kind in 0u16..16, flags in 0u16..2,
+        fn decoder_survives_any_payload(kind in 0u16..18, flags in 0u16..2,
                                         payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::read_from(&mut frame(kind, flags, &payload).as_slice());
         }

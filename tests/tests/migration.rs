@@ -41,7 +41,8 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_round
     let reference = run_to_end(&common).unwrap();
 
     let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
-    let (dest, uri) = destination(&[]);
+    // Told the size, the destination prepares a staging pool and moves pages in from it.
+    let (dest, uri) = destination(&["--mem", "64M"]);
     let stop_at = 300_000 * vcpus.parse::<u64>().unwrap();
     let w = source
         .ctl("wait", json!({"for": "steps", "steps": stop_at}))
@@ -81,6 +82,12 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_round
     assert_eq!(paging["origin"], "migration");
     assert_eq!(paging["present_pages"], paging["total_pages"], "{paging}");
     assert!(paging["source_error"].is_null(), "{paging}");
+    let n = |k: &str| paging[k].as_u64().unwrap();
+    assert!(n("pages_moved") <= n("staging_pages_used"), "{paging}");
+    assert!(
+        n("staging_pages_used") <= n("staging_pages_prepared"),
+        "{paging}"
+    );
 }
 
 #[test]

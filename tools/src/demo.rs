@@ -57,11 +57,14 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
         a.migrate_at * 100.0
     );
 
+    // Told the VM's size, the destination prepares its memory while it waits.
     let dest = Host::start(
         "destination",
         &[
             "--incoming",
             "tcp:127.0.0.1:0",
+            "--mem",
+            &mem,
             "--secret",
             secret,
             "--serial",

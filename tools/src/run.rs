@@ -64,7 +64,9 @@ pub struct RunArgs {
     /// Be the destination of a postcopy migration: listen on tcp:HOST:PORT (port 0 picks one,
     /// printed on stderr), accept the source's authenticated connections, and run the VM it
     /// sends, with guest pages fetched on demand through userfaultfd. The source starts it with
-    /// `tsubame ctl SOCK migrate uri=tcp:HOST:PORT`. With --mem, the source's memory must match.
+    /// `tsubame ctl SOCK migrate uri=tcp:HOST:PORT`. With --mem, the source's memory must match,
+    /// and the destination faults in a staging area of that size while it waits, which received
+    /// pages are moved from into guest memory (no allocation or copy during the migration).
     #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "workload", "steps", "vcpus", "report_every", "no_verify_at_end"])]
     pub incoming: Option<String>,
     /// Shared secret of migrations (both hosts must have the same one).

@@ -69,6 +69,21 @@ impl AtomicBitmap {
         }
     }
 
+    /// The first clear bit in `[from, to)`, or `to` if they are all set: a word at a time.
+    pub fn next_clear(&self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.bits);
+        let mut b = from;
+        while b < to {
+            let word = self.words[usize::try_from(b / 64).expect("index")].load(Ordering::Acquire);
+            let clear = !word & (u64::MAX << (b % 64));
+            if clear != 0 {
+                return (b / 64 * 64 + u64::from(clear.trailing_zeros())).min(to);
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        to
+    }
+
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
         self.words
@@ -93,6 +108,21 @@ mod tests {
         b.set_range(0, 64);
         assert!(b.get(63) && !b.get(64));
         assert_eq!(b.count_ones(), 65);
+    }
+
+    #[test]
+    fn next_clear_skips_set_words_and_stops_at_the_end() {
+        let b = AtomicBitmap::new(300);
+        b.set_range(0, 200);
+        assert_eq!(b.next_clear(0, 300), 200);
+        assert_eq!(b.next_clear(5, 150), 150);
+        assert_eq!(b.next_clear(250, 300), 250);
+        b.set_range(200, 100);
+        assert_eq!(b.next_clear(10, 300), 300);
+        assert_eq!(b.next_clear(10, 1000), 300);
+        b.clear(64);
+        assert_eq!(b.next_clear(3, 300), 64);
+        assert_eq!(b.next_clear(65, 300), 300);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::bitmap::AtomicBitmap;
+use crate::staging::StagingSlot;
 use crate::sys::{self, InstallOutcome};
 use crate::{UffdError, Userfaultfd, PAGE_SIZE};
 
@@ -140,8 +141,10 @@ pub struct FaultStats {
     pub faults: u64,
     /// Requests passed to the source (faults on pages nobody had asked for yet).
     pub requests: u64,
-    /// Pages installed with data, and as zero pages.
+    /// Pages installed with data (copied in, or moved in from a staging pool), and as zero
+    /// pages.
     pub pages_copied: u64,
+    pub pages_moved: u64,
     pub pages_zeroed: u64,
     /// Installs that found the page already there.
     pub already_present: u64,
@@ -158,6 +161,7 @@ struct Counters {
     faults: AtomicU64,
     requests: AtomicU64,
     pages_copied: AtomicU64,
+    pages_moved: AtomicU64,
     pages_zeroed: AtomicU64,
     already_present: AtomicU64,
     pages_discarded: AtomicU64,
@@ -275,6 +279,7 @@ impl FaultEngine {
             faults: c.faults.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
             pages_copied: c.pages_copied.load(Ordering::Relaxed),
+            pages_moved: c.pages_moved.load(Ordering::Relaxed),
             pages_zeroed: c.pages_zeroed.load(Ordering::Relaxed),
             already_present: c.already_present.load(Ordering::Relaxed),
             pages_discarded: c.pages_discarded.load(Ordering::Relaxed),
@@ -358,6 +363,36 @@ impl FaultEngine {
             .pages_discarded
             .fetch_add(pages, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Installs the pages received into `slot` at `gfn`: moved in (`UFFDIO_MOVE`: no
+    /// allocation, no copy) where the kernel can, copied otherwise. Pages already present
+    /// stay as they are (their staging copies are left in the pool). Returns the pages
+    /// installed.
+    pub fn install_staged(&self, gfn: u64, slot: &mut StagingSlot<'_>) -> Result<u64, UffdError> {
+        if !self.uffd.can_move() {
+            return self.install(gfn, slot.as_mut_slice());
+        }
+        let pages = slot.pages;
+        let (_, idx, hva) = self.locate(gfn, pages)?;
+        let fd = self.uffd.raw_fd();
+        let src = slot.hva;
+        let installed = self.fill(gfn, hva, pages, |off, len| {
+            // SAFETY: the slot's pages are this process's anonymous memory, handed to this
+            // slot only, and nothing uses them after this call (the caller's slot is spent);
+            // the destination lies in a range registered on this uffd (locate checked it).
+            let r = unsafe { sys::move_pages(fd, hva + off, src + off, len, true) };
+            r.map_err(|source| UffdError::Move {
+                gfn: gfn + off / PAGE_SIZE,
+                len,
+                source,
+            })
+        })?;
+        self.counters
+            .pages_moved
+            .fetch_add(installed, Ordering::Relaxed);
+        self.mark_present(gfn, idx, pages);
+        Ok(installed)
     }
 
     /// Installs `pages` zero pages from `gfn` (pages never written at the source).

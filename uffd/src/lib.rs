@@ -9,6 +9,10 @@
 //!     (wakes the faulting thread; EEXIST means another install won: still wake)
 //! ```
 //!
+//! Pages can also be *moved* in (`UFFDIO_MOVE`) from a [`StagingPool`] of memory faulted in
+//! ahead of time: a receiver reads a page batch straight into a pool slot, and installing it
+//! neither allocates nor copies ([`FaultEngine::install_staged`]).
+//!
 //! Requests are deduplicated with a "requested" bitmap; a "present" bitmap records installed
 //! pages. Installing never overwrites a page that is already there (userfaultfd semantics), so a
 //! background push racing a demand fetch is harmless. Fail closed: if the source fails, the
@@ -21,10 +25,12 @@
 
 pub mod bitmap;
 mod engine;
+pub mod staging;
 pub mod sys;
 
 pub use bitmap::AtomicBitmap;
 pub use engine::{FaultEngine, FaultStats, GuestRange, LatencyHistogram, PageSource, SourceError};
+pub use staging::{StagingPool, StagingSlot};
 pub use sys::InstallOutcome;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -47,6 +53,10 @@ pub enum UffdError {
     Register { start: u64, len: u64, source: Errno },
     #[error("UFFDIO_COPY of {len} bytes to gfn {gfn:#x} failed: {source}")]
     Copy { gfn: u64, len: u64, source: Errno },
+    #[error("UFFDIO_MOVE of {len} bytes to gfn {gfn:#x} failed: {source}")]
+    Move { gfn: u64, len: u64, source: Errno },
+    #[error("cannot map a staging area of {bytes} bytes: {source}")]
+    Staging { bytes: u64, source: Errno },
     #[error("UFFDIO_ZEROPAGE of {len} bytes at gfn {gfn:#x} failed: {source}")]
     Zero { gfn: u64, len: u64, source: Errno },
     #[error("cannot drop the stale pages at gfn {gfn:#x} (+{pages}): {source}")]
@@ -67,24 +77,44 @@ pub enum UffdError {
 #[derive(Debug)]
 pub struct Userfaultfd {
     fd: OwnedFd,
+    can_move: bool,
 }
 
 impl Userfaultfd {
     /// Opens a userfaultfd and negotiates the API (with fault thread ids).
     pub fn new() -> Result<Self, UffdError> {
+        // With `UFFDIO_MOVE` where the kernel has it (6.8+); the API handshake happens once
+        // per fd, so a kernel without it gets a fresh fd and the required features only.
+        match Self::with_features(sys::FEATURE_THREAD_ID | sys::FEATURE_MOVE) {
+            Err(UffdError::Api(_) | UffdError::Features { .. }) => {
+                Self::with_features(sys::FEATURE_THREAD_ID)
+            }
+            r => r,
+        }
+    }
+
+    fn with_features(features: u64) -> Result<Self, UffdError> {
         let fd = sys::open_dev_userfaultfd().map_err(UffdError::Open)?;
         let mut api = sys::UffdioApi {
             api: sys::UFFD_API,
-            features: sys::FEATURE_THREAD_ID,
+            features,
             ioctls: 0,
         };
         // SAFETY: api is a valid uffdio_api for the UFFDIO_API ioctl on a fresh uffd.
         unsafe { sys::uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(UffdError::Api)?;
-        let missing = sys::FEATURE_THREAD_ID & !api.features;
+        let missing = features & !api.features;
         if missing != 0 {
             return Err(UffdError::Features { missing });
         }
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            can_move: api.features & sys::FEATURE_MOVE != 0,
+        })
+    }
+
+    /// Whether pages can be moved in (`UFFDIO_MOVE`) rather than copied.
+    pub fn can_move(&self) -> bool {
+        self.can_move
     }
 
     /// Registers `[start, start + len)` (page-aligned host addresses) in missing mode.

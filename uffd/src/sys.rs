@@ -10,6 +10,8 @@ const UFFDIO: u8 = 0xAA;
 
 /// `UFFD_FEATURE_THREAD_ID`: fault messages carry the faulting thread's id.
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
+/// `UFFD_FEATURE_MOVE`: `UFFDIO_MOVE` is available (Linux 6.8).
+pub const FEATURE_MOVE: u64 = 1 << 16;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 pub const REGISTER_MODE_MISSING: u64 = 1;
 /// `UFFDIO_COPY_MODE_DONTWAKE` (same bit for ZEROPAGE).
@@ -60,6 +62,16 @@ pub struct UffdioZeropage {
     pub zeropage: i64,
 }
 
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioMove {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub moved: i64,
+}
+
 /// `struct uffd_msg` (32 bytes); only the page-fault member of its union is decoded.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -85,6 +97,7 @@ nix::ioctl_read!(uffdio_unregister, UFFDIO, 0x01, UffdioRange);
 nix::ioctl_read!(uffdio_wake, UFFDIO, 0x02, UffdioRange);
 nix::ioctl_readwrite!(uffdio_copy, UFFDIO, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_zeropage, UFFDIO, 0x04, UffdioZeropage);
+nix::ioctl_readwrite!(uffdio_move, UFFDIO, 0x05, UffdioMove);
 
 /// Opens a userfaultfd through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`), which works without
 /// `vm.unprivileged_userfaultfd` and is not limited to user-mode faults.
@@ -169,6 +182,33 @@ pub fn zeropage(fd: RawFd, dst: u64, len: u64, wake: bool) -> Result<InstallOutc
     // SAFETY: arg is a valid uffdio_zeropage; the kernel validates the range.
     let r = unsafe { uffdio_zeropage(fd, &mut arg) };
     outcome(r, arg.zeropage, len)
+}
+
+/// `UFFDIO_MOVE`: moves the pages at `src..src+len` (this process's own anonymous memory,
+/// outside any registered range) to the registered range at `dst`, without copying them;
+/// the source range is left unmapped.
+///
+/// # Safety
+/// `src..src+len` must be memory of this process that nothing reads or writes any more: its
+/// pages are taken away.
+pub unsafe fn move_pages(
+    fd: RawFd,
+    dst: u64,
+    src: u64,
+    len: u64,
+    wake: bool,
+) -> Result<InstallOutcome, Errno> {
+    let mut arg = UffdioMove {
+        dst,
+        src,
+        len,
+        mode: if wake { 0 } else { MODE_DONTWAKE },
+        moved: 0,
+    };
+    // SAFETY: arg is a valid uffdio_move; the kernel validates both ranges, and the caller
+    // gives up the source pages.
+    let r = unsafe { uffdio_move(fd, &mut arg) };
+    outcome(r, arg.moved, len)
 }
 
 /// `UFFDIO_WAKE`: wakes threads waiting on faults in `start..start+len`.

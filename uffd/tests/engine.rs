@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
-use tsubame_uffd::{FaultEngine, GuestRange, PageSource, SourceError, PAGE_SIZE};
+use tsubame_uffd::{FaultEngine, GuestRange, PageSource, SourceError, StagingPool, PAGE_SIZE};
 
 /// An anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -202,6 +202,52 @@ fn forgotten_pages_are_missing_again_and_fault_in_fresh() {
     assert_eq!((s.pages_discarded, s.requests), (2, 2));
     assert!(engine.forget(FIRST_GFN + 3, 2).is_err(), "out of range");
     engine.stop();
+}
+
+#[test]
+fn staged_pages_move_in_and_a_waiting_thread_wakes() {
+    let m = Arc::new(Mapping::new(8));
+    let engine = engine_over(&m, 8);
+    let pool = StagingPool::new(6).unwrap();
+    assert!(pool.take(1).is_none(), "nothing prepared yet");
+    pool.prepare();
+    assert_eq!(pool.prepared_pages(), 6);
+    // A thread faults on page 5 before its pages arrive; nobody serves requests.
+    engine.start(Arc::new(SilentSource)).unwrap();
+    let reader = {
+        let m = m.clone();
+        std::thread::spawn(move || m.read_u64(5, 7))
+    };
+    let mut slot = pool.take(4).unwrap();
+    for (p, chunk) in slot
+        .as_mut_slice()
+        .chunks_mut(usize::try_from(PAGE_SIZE).unwrap())
+        .enumerate()
+    {
+        chunk.copy_from_slice(&page_data(FIRST_GFN + 2 + p as u64));
+    }
+    assert_eq!(engine.install_staged(FIRST_GFN + 2, &mut slot).unwrap(), 4);
+    assert_eq!(reader.join().unwrap(), (FIRST_GFN + 5) * 1000 + 7);
+    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 2) * 1000);
+    // A batch overlapping an installed page installs the rest and keeps the present one.
+    let mut slot = pool.take(2).unwrap();
+    slot.as_mut_slice().fill(0xee);
+    assert_eq!(engine.install_staged(FIRST_GFN + 1, &mut slot).unwrap(), 1);
+    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 2) * 1000, "not overwritten");
+    assert_eq!(m.read_u64(1, 0), 0xeeee_eeee_eeee_eeee);
+    assert!(pool.take(1).is_none(), "every slot is handed out once");
+    let s = engine.stats();
+    assert_eq!(s.pages_moved + s.pages_copied, 5);
+    engine.stop();
+}
+
+/// Never answers.
+struct SilentSource;
+
+impl PageSource for SilentSource {
+    fn request(&self, _: u64, _: &FaultEngine) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// A source that fails until told otherwise, then serves.

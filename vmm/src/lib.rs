@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod devices;
+pub mod flow;
 pub mod guest;
 pub mod memory;
 pub mod migration;

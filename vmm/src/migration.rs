@@ -30,7 +30,7 @@
 //! reported: pages never become zero behind the guest's back. The message sequence is in
 //! `tsubame_pageserver::protocol`.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,10 +38,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tsubame_pageserver::protocol::{
-    self, Channel, Message, ProtocolError, Region, MAX_PAGES_PER_FRAME, PROTOCOL_VERSION,
+    self, Channel, Message, ProtocolError, Received, Region, MAX_PAGES_PER_FRAME, PROTOCOL_VERSION,
 };
-use tsubame_uffd::{AtomicBitmap, FaultEngine, PageSource, SourceError};
+use tsubame_uffd::{AtomicBitmap, FaultEngine, PageSource, SourceError, StagingPool};
 
+use crate::flow::{Acknowledger, BulkWriter, Counted};
 use crate::memory::{
     for_each_page_run, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE,
 };
@@ -113,7 +114,8 @@ fn from_wire(l: &[Region]) -> MemoryLayout {
     }
 }
 
-/// Source side of the handshake on a fresh connection.
+/// Source side of the handshake on a fresh connection; returns the round trip it measured
+/// (`Hello` sent -> `Accept` read).
 fn handshake_source(
     s: &mut TcpStream,
     secret: &[u8],
@@ -121,7 +123,7 @@ fn handshake_source(
     session: u64,
     layout: &[Region],
     vcpus: u32,
-) -> Result<(), MigrationError> {
+) -> Result<Duration, MigrationError> {
     let (version, nonce_d) = match Message::read_from(s)? {
         Message::Challenge { version, nonce } => (version, nonce),
         m => return Err(ProtocolError::unexpected("Challenge", m).into()),
@@ -144,11 +146,12 @@ fn handshake_source(
         vcpus,
     }
     .write_to(s)?;
+    let sent = Instant::now();
     match Message::read_from(s)? {
         Message::Accept { mac }
             if protocol::mac_eq(&mac, &protocol::destination_mac(secret, &nonce_s, &nonce_d)) =>
         {
-            Ok(())
+            Ok(sent.elapsed())
         }
         Message::Accept { .. } => Err(ProtocolError::Auth.into()),
         m => Err(ProtocolError::unexpected("Accept", m).into()),
@@ -363,8 +366,8 @@ enum SendKind {
 pub struct Channels {
     /// vCPU state, demand requests and their pages; the destination's acknowledgements.
     pub urgent: TcpStream,
-    /// Precopy rounds and the background push.
-    pub bulk: BufWriter<TcpStream>,
+    /// Precopy rounds and the background push, flow-controlled.
+    pub bulk: BulkWriter,
 }
 
 /// Runs of consecutive gfns in a sorted list, at most `max` pages each.
@@ -423,17 +426,18 @@ impl Outgoing {
         let addr = parse_uri(uri)?;
         let session = u64::from_le_bytes(protocol::nonce()?[..8].try_into().expect("8 bytes"));
         let wire = wire_layout(layout);
-        let connect = |channel| -> Result<TcpStream, MigrationError> {
+        let connect = |channel| -> Result<(TcpStream, Duration), MigrationError> {
             let mut s = TcpStream::connect(addr).map_err(|source| MigrationError::Connect {
                 addr: addr.to_string(),
                 source,
             })?;
             s.set_nodelay(true)?;
-            handshake_source(&mut s, secret, channel, session, &wire, vcpus)?;
-            Ok(s)
+            let rtt = handshake_source(&mut s, secret, channel, session, &wire, vcpus)?;
+            Ok((s, rtt))
         };
-        let urgent = connect(Channel::Urgent)?;
-        let bulk = BufWriter::with_capacity(1 << 20, connect(Channel::Bulk)?);
+        let (urgent, rtt_urgent) = connect(Channel::Urgent)?;
+        let (bulk, rtt_bulk) = connect(Channel::Bulk)?;
+        let bulk = BulkWriter::new(bulk, rtt_urgent.min(rtt_bulk))?;
         let out = Arc::new(Self {
             destination: addr.to_string(),
             started: Instant::now(),
@@ -749,7 +753,7 @@ impl Outgoing {
         }
     }
 
-    fn push_all(&self, memory: &GuestMemory, mut w: BufWriter<TcpStream>, order: &PushOrder) {
+    fn push_all(&self, memory: &GuestMemory, mut w: BulkWriter, order: &PushOrder) {
         lower_priority();
         // Until the destination runs the VM (bounded, in case its message is lost).
         let _ = order.gate.recv_timeout(Duration::from_millis(500));
@@ -757,7 +761,7 @@ impl Outgoing {
             let mut push = Pusher::new(self, memory, order.rate);
             if order.demand_only {
                 Message::PushDone.write_to(&mut w)?;
-                w.flush()?;
+                w.finish()?;
                 return Ok(());
             }
             // Hot pages first, in runs of consecutive gfns.
@@ -769,11 +773,16 @@ impl Outgoing {
             // push streams ahead of a guest walking through memory instead of behind it; one
             // full lap after the last move, every page has been sent (the "sent" bitmap makes
             // passing over sent pages cheap).
-            let regions: Vec<(u64, u64)> = memory
+            // (first gfn, end gfn, index of the first page in the "sent" bitmap)
+            let mut base = 0;
+            let regions: Vec<(u64, u64, u64)> = memory
                 .layout()
                 .regions
                 .iter()
-                .map(|r| (r.first_gfn(), r.first_gfn() + r.pages()))
+                .map(|r| {
+                    base += r.pages();
+                    (r.first_gfn(), r.first_gfn() + r.pages(), base - r.pages())
+                })
                 .collect();
             let (mut region, mut gfn) = (0, regions[0].0);
             let mut lap_left = self.total_pages;
@@ -789,7 +798,12 @@ impl Outgoing {
                         (region, gfn, lap_left) = (r, g + 1, self.total_pages);
                     }
                 }
-                let end = regions[region].1;
+                // Pass over sent pages a bitmap word at a time.
+                let (first, end, base) = regions[region];
+                let unsent = self.sent.next_clear(base + gfn - first, base + end - first);
+                let skipped = unsent - (base + gfn - first);
+                lap_left = lap_left.saturating_sub(skipped);
+                gfn += skipped;
                 let n = PUSH_RUN.min(end - gfn);
                 push.send(&mut w, gfn, n, SendKind::Push)?;
                 lap_left = lap_left.saturating_sub(n);
@@ -800,7 +814,7 @@ impl Outgoing {
                 }
             }
             Message::PushDone.write_to(&mut w)?;
-            w.flush()?;
+            w.finish()?;
             let at = self
                 .switched_at
                 .lock()
@@ -890,7 +904,7 @@ impl<'a> Pusher<'a> {
     #[allow(clippy::cast_precision_loss)] // pacing arithmetic in seconds
     fn send(
         &mut self,
-        w: &mut BufWriter<TcpStream>,
+        w: &mut BulkWriter,
         gfn: u64,
         n: u64,
         kind: SendKind,
@@ -898,8 +912,12 @@ impl<'a> Pusher<'a> {
         if n == 0 {
             return Ok(());
         }
+        w.wait_for_window()?;
         self.out
             .send_pages(w, self.memory, &mut self.buf, gfn, n, kind)?;
+        // Zero markers are tiny: without a flush they would wait in the buffer while a guest
+        // faults on them one by one.
+        w.flush()?;
         if let Some(rate) = self.rate {
             // n pages may leave only after n * 4 KiB / rate seconds.
             self.pushed_bytes += n * PAGE_SIZE;
@@ -927,13 +945,18 @@ const DEMAND_SPIN: Duration = Duration::from_micros(150);
 /// Nice 10 gives it about a tenth of the weight of a normal thread under contention and
 /// costs nothing when a CPU is free.
 fn lower_priority() {
+    set_nice(10);
+}
+
+/// Sets the calling thread's nice value (best effort).
+fn set_nice(nice: i32) {
     let tid = nix::unistd::gettid().as_raw();
     // SAFETY: setpriority has no memory effects; PRIO_PROCESS with a thread id sets that
     // thread's nice value (Linux), here our own thread's.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, u32::try_from(tid).unwrap_or(0), 10) };
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, u32::try_from(tid).unwrap_or(0), nice) };
     if r != 0 {
         log::debug!(
-            "could not lower the bulk thread's priority: {}",
+            "could not set this thread's nice value to {nice}: {}",
             std::io::Error::last_os_error()
         );
     }
@@ -1012,6 +1035,7 @@ pub struct Incoming {
     pub vcpus: u32,
     urgent: TcpStream,
     bulk: TcpStream,
+    staging: Option<Arc<StagingPool>>,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -1025,12 +1049,36 @@ impl std::fmt::Debug for Incoming {
 /// Listens on `uri`, calls `ready` with the bound address, and accepts connections until an
 /// authenticated urgent + bulk pair of one session is there. Refused connections (wrong secret,
 /// other version, other layout) are logged and the destination keeps waiting.
+///
+/// With the layout known ahead (`expect`), a staging pool the size of guest memory is faulted
+/// in on a background thread meanwhile (lowest priority, until the migration completes), so
+/// that received pages are later moved into guest memory instead of allocated and copied
+/// there (see `tsubame_uffd::staging`). It costs the memory the guest's pages would take
+/// anyway; pages that arrive as zero pages leave their share unused until the migration ends.
 pub fn incoming(
     uri: &str,
     secret: &[u8],
     expect: Option<&MemoryLayout>,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<Incoming, MigrationError> {
+    let staging = match expect.map(|l| StagingPool::new(l.total_pages())) {
+        Some(Ok(pool)) => {
+            let pool = Arc::new(pool);
+            let p = pool.clone();
+            std::thread::Builder::new()
+                .name("staging-prepare".into())
+                .spawn(move || {
+                    set_nice(19);
+                    p.prepare();
+                })?;
+            Some(pool)
+        }
+        Some(Err(e)) => {
+            log::warn!("no staging pool, pages will be copied in: {e}");
+            None
+        }
+        None => None,
+    };
     let addr = parse_uri(uri)?;
     let listener = TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
         addr: addr.to_string(),
@@ -1061,11 +1109,19 @@ pub fn incoming(
     }
     let (_, urgent, layout, vcpus) = urgent.expect("checked above");
     let (_, bulk) = bulk.expect("checked above");
+    if let Some(p) = &staging {
+        log::debug!(
+            "migration accepted with {} of {} staging pages prepared",
+            p.prepared_pages(),
+            p.pages()
+        );
+    }
     Ok(Incoming {
         layout,
         vcpus,
         urgent,
         bulk,
+        staging,
     })
 }
 
@@ -1079,18 +1135,54 @@ struct Receiver {
     done: Box<dyn Fn() + Send + Sync>,
     /// Told once the bulk channel passed `PrecopyDone` (or failed first).
     precopy_done: Mutex<Option<crossbeam::channel::Sender<Result<(), String>>>>,
+    /// Memory faulted in ahead of time that page batches are received into and moved from.
+    staging: Option<Arc<StagingPool>>,
 }
 
 impl Receiver {
-    /// Reads one channel until it closes, installing what arrives.
-    fn run(&self, stream: impl std::io::Read, channel: Channel) {
-        // Small enough that page payloads bypass it: they are read straight into `spare`, the
-        // buffer `UFFDIO_COPY` installs from (one copy after the socket).
-        let mut r = BufReader::with_capacity(64 << 10, stream);
+    /// Reads one channel until it closes, installing what arrives; on the bulk channel,
+    /// `acks` acknowledges what has been installed (flow control).
+    fn run(&self, stream: impl std::io::Read, channel: Channel, mut acks: Option<Acknowledger>) {
+        // Small enough that page payloads bypass it: they are read straight into a slot of the
+        // staging pool, whose pages are then moved into guest memory (the only copy is the
+        // socket's), or else into `spare`, the buffer `UFFDIO_COPY` installs from.
+        let mut r = Counted {
+            inner: BufReader::with_capacity(64 << 10, stream),
+            bytes: 0,
+        };
         let mut spare = Vec::new();
         loop {
-            let result = match Message::read_reusing(&mut r, &mut spare) {
-                Ok(m) => self.handle(m, &mut spare),
+            let mut slot = None;
+            let got = Message::read_into(&mut r, |len| {
+                let pages = (len / PAGE_BYTES) as u64;
+                match self.staging.as_deref().and_then(|p| p.take(pages)) {
+                    Some(s) => slot.insert(s).as_mut_slice(),
+                    None => {
+                        spare.resize(len, 0);
+                        &mut spare[..]
+                    }
+                }
+            });
+            let result = match got {
+                Ok(m) => {
+                    let r2 = match (m, slot.as_mut()) {
+                        (Received::Pages { gfn, .. }, Some(slot)) => self
+                            .engine
+                            .install_staged(gfn, slot)
+                            .map(drop)
+                            .map_err(|e| format!("installing pages: {e}")),
+                        (Received::Pages { gfn, len }, None) => self
+                            .engine
+                            .install(gfn, &spare[..len])
+                            .map(drop)
+                            .map_err(|e| format!("installing pages: {e}")),
+                        (Received::Message(m), _) => self.handle(m),
+                    };
+                    if let Some(a) = acks.as_mut() {
+                        a.installed(r.bytes, r.inner.buffer().is_empty());
+                    }
+                    r2
+                }
                 Err(e) => {
                     // The source closes the bulk channel after `PushDone`: expected.
                     let after_push = channel == Channel::Bulk
@@ -1116,14 +1208,14 @@ impl Receiver {
         }
     }
 
-    fn handle(&self, m: Message, spare: &mut Vec<u8>) -> Result<(), String> {
+    fn handle(&self, m: Message) -> Result<(), String> {
         let installing = |e: tsubame_uffd::UffdError| format!("installing pages: {e}");
         match m {
-            Message::Pages { gfn, data } => {
-                let r = self.engine.install(gfn, &data).map(drop);
-                *spare = data;
-                r.map_err(installing)
-            }
+            Message::Pages { gfn, data } => self
+                .engine
+                .install(gfn, &data)
+                .map(drop)
+                .map_err(installing),
             Message::ZeroPages { gfn, count } => self
                 .engine
                 .install_zero(gfn, count)
@@ -1181,20 +1273,34 @@ impl Incoming {
             urgent: writer.clone(),
         }))?;
         let (tx, precopy_done) = crossbeam::channel::bounded(1);
+        let completion = paging.completion();
+        let pool = self.staging.clone();
         let rx = Arc::new(Receiver {
             engine,
             writer,
             push_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
-            done: Box::new(paging.completion()),
+            done: Box::new(move || {
+                completion();
+                if let Some(p) = &pool {
+                    p.stop_preparing();
+                }
+            }),
             precopy_done: Mutex::new(Some(tx)),
+            staging: self.staging.clone(),
         });
+        if let Some(p) = &self.staging {
+            paging.set_staging(p.clone());
+        }
         for s in [&self.urgent, &self.bulk] {
             paging.own_socket(s.try_clone().map_err(MigrationError::Io)?);
         }
         let bulk_rx = rx.clone();
         let bulk = self.bulk;
-        paging.spawn("migrate-bulk-rx", move || bulk_rx.run(bulk, Channel::Bulk))?;
+        let acks = Acknowledger::new(bulk.try_clone().map_err(MigrationError::Io)?);
+        paging.spawn("migrate-bulk-rx", move || {
+            bulk_rx.run(bulk, Channel::Bulk, Some(acks));
+        })?;
 
         let mut urgent = self.urgent;
         let json = match Message::read_from(&mut urgent)
@@ -1223,7 +1329,9 @@ impl Incoming {
             state_received.elapsed()
         );
         let writer = rx.writer.clone();
-        paging.spawn("migrate-urgent-rx", move || rx.run(urgent, Channel::Urgent))?;
+        paging.spawn("migrate-urgent-rx", move || {
+            rx.run(urgent, Channel::Urgent, None)
+        })?;
         paging.on_resume(move || {
             // The source starts its push on this; if it is gone, the receivers report it.
             let _ = Message::Resumed.write_to(&mut *writer.lock().expect("urgent lock"));

@@ -25,8 +25,15 @@ pub struct PagingStats {
     /// Faults the engine read, and pages it requested because of them.
     pub faults: u64,
     pub demand_requests: u64,
+    /// Pages installed with data: copied in (`UFFDIO_COPY`), or moved in from the staging
+    /// pool (`UFFDIO_MOVE`).
     pub pages_copied: u64,
+    pub pages_moved: u64,
     pub pages_zeroed: u64,
+    /// Staging pool (incoming migration with a known layout): pages faulted in ahead of time,
+    /// and pages received into it.
+    pub staging_pages_prepared: u64,
+    pub staging_pages_used: u64,
     /// Pages installed by a precopy round and dropped again because the guest rewrote them.
     pub pages_discarded: u64,
     /// Fault read -> page installed.
@@ -58,6 +65,8 @@ pub struct DemandPaging {
     resumed: Mutex<Option<ResumeHook>>,
     /// When the VM first resumed, µs since the Unix epoch (0: not yet).
     resumed_unix_us: std::sync::atomic::AtomicU64,
+    /// The staging pool pages are received into, if any (for statistics).
+    staging: Option<Arc<tsubame_uffd::StagingPool>>,
 }
 
 /// What runs when the VM first resumes.
@@ -90,6 +99,7 @@ impl DemandPaging {
             started: Instant::now(),
             resumed: Mutex::new(None),
             resumed_unix_us: std::sync::atomic::AtomicU64::new(0),
+            staging: None,
         })
     }
 
@@ -165,6 +175,11 @@ impl DemandPaging {
         Ok(())
     }
 
+    /// Records the staging pool the receivers use (its counters appear in the statistics).
+    pub fn set_staging(&mut self, pool: Arc<tsubame_uffd::StagingPool>) {
+        self.staging = Some(pool);
+    }
+
     /// A connection a worker reads: shut down when paging ends, so the worker stops.
     pub fn own_socket(&mut self, s: TcpStream) {
         self.sockets.push(s);
@@ -181,7 +196,10 @@ impl DemandPaging {
             faults: s.faults,
             demand_requests: s.requests,
             pages_copied: s.pages_copied,
+            pages_moved: s.pages_moved,
             pages_zeroed: s.pages_zeroed,
+            staging_pages_prepared: self.staging.as_ref().map_or(0, |p| p.prepared_pages()),
+            staging_pages_used: self.staging.as_ref().map_or(0, |p| p.used_pages()),
             pages_discarded: s.pages_discarded,
             demand_p50_us: s.latency.percentile(0.5).map(us),
             demand_p99_us: s.latency.percentile(0.99).map(us),

@@ -110,6 +110,9 @@ fn start_pair(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Pair> {
         &[
             s("--incoming"),
             s("tcp:127.0.0.1:0"),
+            // Told the VM's size, the destination prepares its memory while it waits.
+            s("--mem"),
+            format!("{}M", setup.mem_bytes >> 20),
             s("--secret"),
             s(SECRET),
             s("--serial"),

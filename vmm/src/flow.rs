@@ -1,0 +1,270 @@
+//! Flow control of a migration's bulk channel.
+//!
+//! TCP alone keeps the bulk stream moving but not short: on loopback the receive buffer grows
+//! to 32 MiB, and a destination whose receiver is slower than the push (it installs every page
+//! with `UFFDIO_COPY`) ends up with tens of megabytes of pushed pages queued in its socket. A
+//! guest that reaches one of those pages faults on it, and either waits behind the whole
+//! queue or, as here, fetches it a second time on the urgent channel; a guest walking memory
+//! then does so page after page (measured: 36,700 of 36,800 demand pages were duplicates of
+//! queued ones, and the migration took 2-3× as long).
+//!
+//! So the destination acknowledges what it has read and installed (`Installed`, on the bulk
+//! connection's return direction), and the source keeps at most a *window* of unacknowledged
+//! bytes in flight ([`BulkWriter::wait_for_window`]). The window is twice the bandwidth-delay
+//! product, measured: the acknowledged rate over the last few round trips times the round
+//! trip the handshake measured, but never below [`WINDOW_MIN`], enough to keep the receiver
+//! busy on loopback, nor above [`WINDOW_MAX`]. On a long link the window grows like TCP's
+//! slow start: each round trip acknowledges a full window, which doubles it, until the link
+//! is full.
+
+use std::collections::VecDeque;
+use std::io::{BufWriter, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tsubame_pageserver::protocol::{Message, ProtocolError};
+
+/// Smallest window: 1 MiB is about a millisecond of pushing on loopback, enough for the
+/// receiver never to run dry between acknowledgements.
+pub const WINDOW_MIN: u64 = 1 << 20;
+/// Largest window (a 1 Gbit/s link with a 500 ms round trip).
+pub const WINDOW_MAX: u64 = 64 << 20;
+/// The destination acknowledges at least every this many bytes (and whenever it has read all
+/// it was sent).
+pub const ACK_EVERY: u64 = 128 << 10;
+
+/// What the bulk writer and the acknowledgement reader share.
+#[derive(Debug)]
+struct Window {
+    /// Bytes the destination has acknowledged.
+    acked: AtomicU64,
+    /// Current window in bytes.
+    size: AtomicU64,
+    /// The acknowledgement reader stopped: the destination went away (or closed the channel).
+    closed: AtomicBool,
+    lock: Mutex<()>,
+    acked_cv: Condvar,
+}
+
+/// The source's bulk channel: a buffered writer that counts what it sends and, before each
+/// run of pages, waits until the destination has acknowledged enough of it.
+#[derive(Debug)]
+pub struct BulkWriter {
+    w: BufWriter<TcpStream>,
+    written: u64,
+    window: Arc<Window>,
+}
+
+impl BulkWriter {
+    /// Wraps the authenticated bulk connection, and starts a thread reading the destination's
+    /// acknowledgements from it. `rtt` is the connection's round trip (from the handshake).
+    pub fn new(stream: TcpStream, rtt: Duration) -> std::io::Result<Self> {
+        let window = Arc::new(Window {
+            acked: AtomicU64::new(0),
+            size: AtomicU64::new(WINDOW_MIN),
+            closed: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            acked_cv: Condvar::new(),
+        });
+        let (acks, w) = (stream.try_clone()?, window.clone());
+        std::thread::Builder::new()
+            .name("migrate-acks".into())
+            .spawn(move || read_acks(acks, &w, rtt))?;
+        Ok(Self {
+            // Page runs are larger than this and bypass it (one `writev` each, no copy).
+            w: BufWriter::with_capacity(64 << 10, stream),
+            written: 0,
+            window,
+        })
+    }
+
+    /// Waits until fewer than a window of bytes are unacknowledged. Flushes first: what sits
+    /// in the buffer cannot be acknowledged.
+    pub fn wait_for_window(&mut self) -> Result<(), ProtocolError> {
+        let w = &self.window;
+        let open = |w: &Window| {
+            self.written.saturating_sub(w.acked.load(Ordering::Acquire))
+                < w.size.load(Ordering::Relaxed)
+        };
+        if open(w) {
+            return Ok(());
+        }
+        self.w.flush()?;
+        let mut guard = w.lock.lock().expect("window lock");
+        while !open(w) {
+            if w.closed.load(Ordering::Acquire) {
+                return Err(ProtocolError::Closed);
+            }
+            guard = w
+                .acked_cv
+                .wait_timeout(guard, Duration::from_millis(100))
+                .expect("window lock")
+                .0;
+        }
+        Ok(())
+    }
+
+    /// Current window in bytes.
+    pub fn window(&self) -> u64 {
+        self.window.size.load(Ordering::Relaxed)
+    }
+
+    /// Flushes and ends the bulk stream (the destination reads the end of it): the
+    /// acknowledgement reader keeps a handle to the connection, so dropping this one alone
+    /// would not close it.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.w.flush()?;
+        self.w.get_ref().shutdown(Shutdown::Write)
+    }
+}
+
+impl Write for BulkWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Reads `Installed` acknowledgements until the connection ends, and sizes the window.
+fn read_acks(s: TcpStream, w: &Window, rtt: Duration) {
+    let mut r = std::io::BufReader::new(s);
+    // (when, acknowledged bytes) over the last few round trips, for the delivery rate.
+    let mut history: VecDeque<(Instant, u64)> = VecDeque::new();
+    let span = (rtt * 4).max(Duration::from_millis(10));
+    loop {
+        let bytes = match Message::read_from(&mut r) {
+            Ok(Message::Installed { bytes }) => bytes,
+            Ok(m) => {
+                log::warn!("unexpected {} on the bulk channel's return path", m.name());
+                break;
+            }
+            Err(_) => break, // the destination is done or gone: the writers find out
+        };
+        let now = Instant::now();
+        history.push_back((now, bytes));
+        while history
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > span)
+        {
+            history.pop_front();
+        }
+        w.size.store(
+            window_for(&history, rtt).clamp(WINDOW_MIN, WINDOW_MAX),
+            Ordering::Relaxed,
+        );
+        w.acked.store(bytes, Ordering::Release);
+        let _guard = w.lock.lock().expect("window lock");
+        w.acked_cv.notify_all();
+    }
+    w.closed.store(true, Ordering::Release);
+    let _guard = w.lock.lock().expect("window lock");
+    w.acked_cv.notify_all();
+}
+
+/// Twice the bandwidth-delay product: the acknowledged rate over `history` times `rtt`.
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)]
+#[allow(clippy::cast_sign_loss)]
+fn window_for(history: &VecDeque<(Instant, u64)>, rtt: Duration) -> u64 {
+    let (Some(first), Some(last)) = (history.front(), history.back()) else {
+        return 0;
+    };
+    let secs = last.0.duration_since(first.0).as_secs_f64();
+    if secs <= 0.0 {
+        return 0;
+    }
+    let rate = (last.1 - first.1) as f64 / secs;
+    (2.0 * rate * rtt.as_secs_f64()) as u64
+}
+
+/// The destination's side: counts the bulk bytes it has consumed and acknowledges them.
+#[derive(Debug)]
+pub struct Acknowledger {
+    s: TcpStream,
+    acked: u64,
+}
+
+impl Acknowledger {
+    /// Acknowledges on `s` (a handle to the bulk connection).
+    pub fn new(s: TcpStream) -> Self {
+        Self { s, acked: 0 }
+    }
+
+    /// Called after each message is installed: `consumed` bytes of the stream are done, and
+    /// `idle` says the receiver has nothing more buffered (it is about to wait for the source,
+    /// which may be waiting for this). Write errors are left to the reader to discover.
+    pub fn installed(&mut self, consumed: u64, idle: bool) {
+        let due = consumed - self.acked;
+        if due >= ACK_EVERY || (idle && due > 0) {
+            self.acked = consumed;
+            let _ = Message::Installed { bytes: consumed }.write_to(&mut self.s);
+        }
+    }
+}
+
+/// A reader that counts the bytes taken from it (frames consumed, not socket reads).
+#[derive(Debug)]
+pub struct Counted<R> {
+    pub inner: R,
+    pub bytes: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_is_twice_the_measured_bandwidth_delay_product() {
+        let t0 = Instant::now();
+        let h: VecDeque<_> = [(t0, 0), (t0 + Duration::from_millis(100), 100 << 20)].into();
+        // 1000 MiB/s × 10 ms × 2 = 20 MiB.
+        let w = window_for(&h, Duration::from_millis(10));
+        assert!(w.abs_diff(20 << 20) < 1 << 12, "{w}");
+        assert_eq!(window_for(&VecDeque::new(), Duration::from_millis(10)), 0);
+    }
+
+    #[test]
+    fn writer_waits_for_acknowledgements_and_fails_when_the_peer_goes() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut d, _) = l.accept().unwrap();
+        let mut w = BulkWriter::new(c, Duration::from_micros(50)).unwrap();
+        let chunk = vec![7u8; 256 << 10];
+        // A window's worth goes out without any acknowledgement.
+        while w.written < WINDOW_MIN {
+            w.wait_for_window().unwrap();
+            w.write_all(&chunk).unwrap();
+        }
+        let waiter = std::thread::spawn(move || w.wait_for_window().map(|()| w));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !waiter.is_finished(),
+            "the window is full until acknowledged"
+        );
+        let mut ack = Acknowledger::new(d.try_clone().unwrap());
+        let mut sink = vec![0u8; usize::try_from(WINDOW_MIN).unwrap()];
+        d.read_exact(&mut sink).unwrap();
+        ack.installed(WINDOW_MIN, true);
+        let mut w = waiter.join().unwrap().unwrap();
+        // Fill the window again, then the destination goes away: the writer is told.
+        while w.written < 2 * WINDOW_MIN {
+            w.write_all(&chunk).unwrap();
+        }
+        drop((d, ack));
+        assert!(w.wait_for_window().is_err());
+    }
+}
