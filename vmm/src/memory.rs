@@ -40,6 +40,8 @@ pub enum MemoryError {
     Map { size: u64, source: std::io::Error },
     #[error("guest-physical range {gpa:#x}+{len:#x} is outside guest memory")]
     OutOfBounds { gpa: u64, len: u64 },
+    #[error("cannot read /proc/self/pagemap: {source}")]
+    Pagemap { source: std::io::Error },
 }
 
 /// One contiguous range of guest-physical memory.
@@ -226,6 +228,42 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Guest memory at `[gpa, gpa + len)` (inside one region) as bytes, without a copy.
+    ///
+    /// # Safety
+    /// Nothing may write the range while the slice lives: the vCPUs are paused for good (the
+    /// source of a migration after its switchover) and no other thread writes guest memory.
+    pub unsafe fn frozen_slice(&self, gpa: u64, len: usize) -> Result<&[u8], MemoryError> {
+        let src = self.host_ptr(gpa, len as u64)?;
+        // SAFETY: host_ptr checked the bounds; the mapping lives as long as `self`; the caller
+        // guarantees that nothing writes it meanwhile.
+        Ok(unsafe { std::slice::from_raw_parts(src, len) })
+    }
+
+    /// Which of the `pages` pages from `gpa` (inside one region) the kernel has ever populated
+    /// (present, or swapped out), from `/proc/self/pagemap`, into `out`. A page it has not
+    /// reads as zero: it can go as a zero marker without being read, which would map it.
+    pub fn populated(
+        &self,
+        pagemap: &std::fs::File,
+        gpa: u64,
+        pages: usize,
+        out: &mut Vec<bool>,
+    ) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let hva = self.host_ptr(gpa, (pages * PAGE_BYTES) as u64)? as u64;
+        let mut entries = vec![0u8; pages * 8];
+        pagemap
+            .read_exact_at(&mut entries, hva / PAGE_SIZE * 8)
+            .map_err(|source| MemoryError::Pagemap { source })?;
+        out.clear();
+        out.extend(entries.chunks_exact(8).map(|e| {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            e & (1 << 63 | 1 << 62) != 0 // present | swapped
+        }));
+        Ok(())
+    }
+
     /// Copies `buf` into guest memory at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let dst = self.host_ptr(gpa, buf.len() as u64)?;
@@ -285,19 +323,30 @@ pub fn is_zero(page: &[u8]) -> bool {
 pub fn for_each_page_run<E>(
     buf: &[u8],
     wanted: impl Fn(usize) -> bool,
+    each: impl FnMut(usize, usize, bool) -> Result<(), E>,
+) -> Result<(), E> {
+    for_each_page_run_hinted(buf, wanted, |_| false, each)
+}
+
+/// [`for_each_page_run`], with pages that `known_zero` selects taken as zero without reading
+/// them (pages the kernel never populated, for one).
+pub fn for_each_page_run_hinted<E>(
+    buf: &[u8],
+    wanted: impl Fn(usize) -> bool,
+    known_zero: impl Fn(usize) -> bool,
     mut each: impl FnMut(usize, usize, bool) -> Result<(), E>,
 ) -> Result<(), E> {
     let pages = buf.len() / PAGE_BYTES;
-    let page = |k: usize| &buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES];
+    let zero_at = |k: usize| known_zero(k) || is_zero(&buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES]);
     let mut k = 0;
     while k < pages {
         if !wanted(k) {
             k += 1;
             continue;
         }
-        let zero = is_zero(page(k));
+        let zero = zero_at(k);
         let mut j = k + 1;
-        while j < pages && wanted(j) && is_zero(page(j)) == zero {
+        while j < pages && wanted(j) && zero_at(j) == zero {
             j += 1;
         }
         each(k, j, zero)?;

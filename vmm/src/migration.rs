@@ -44,7 +44,7 @@ use tsubame_uffd::{AtomicBitmap, FaultEngine, PageSource, SourceError, StagingPo
 
 use crate::flow::{Acknowledger, BulkWriter, Counted};
 use crate::memory::{
-    for_each_page_run, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE,
+    for_each_page_run_hinted, GuestMemory, MemoryLayout, RegionLayout, PAGE_BYTES, PAGE_SIZE,
 };
 use crate::paging::DemandPaging;
 use crate::snapshot::VmState;
@@ -409,6 +409,8 @@ pub struct Outgoing {
     bytes_sent: AtomicU64,
     bytes_pushed: AtomicU64,
     total_pages: u64,
+    /// `/proc/self/pagemap`, to tell never-populated pages (None: unreadable, pages are read).
+    pagemap: Option<std::fs::File>,
     prepage: Mutex<(Prepage, u64)>,
     outcome: Mutex<(Phase, Option<String>, Option<Duration>)>,
 }
@@ -457,6 +459,9 @@ impl Outgoing {
             bytes_sent: AtomicU64::new(0),
             bytes_pushed: AtomicU64::new(0),
             total_pages: layout.total_pages(),
+            pagemap: std::fs::File::open("/proc/self/pagemap")
+                .inspect_err(|e| log::warn!("zero pages will be found by reading them: {e}"))
+                .ok(),
             prepage: Mutex::new((Prepage::Address, 0)),
             outcome: Mutex::new((Phase::Precopy, None, None)),
         });
@@ -667,17 +672,31 @@ impl Outgoing {
                 continue;
             }
             let len = usize::try_from(n).expect("run fits usize") * PAGE_BYTES;
-            if buf.len() < len {
-                buf.resize(len, 0);
+            let bad = |e: crate::memory::MemoryError| MigrationError::BadState(e.to_string());
+            let buf: &[u8] = if kind == SendKind::Precopy {
+                // The guest runs: take a copy (whatever it writes meanwhile is resent).
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                memory.read(g * PAGE_SIZE, &mut buf[..len]).map_err(bad)?;
+                &buf[..len]
+            } else {
+                // SAFETY: demand replies and the push run after the switchover: the vCPUs are
+                // paused for good, and nothing else writes the source's guest memory.
+                unsafe { memory.frozen_slice(g * PAGE_SIZE, len) }.map_err(bad)?
+            };
+            // Never-populated pages are zero markers without being read (which would map them).
+            let mut populated = Vec::new();
+            if let Some(pm) = &self.pagemap {
+                memory
+                    .populated(pm, g * PAGE_SIZE, len / PAGE_BYTES, &mut populated)
+                    .map_err(bad)?;
             }
-            let buf = &mut buf[..len];
-            memory
-                .read(g * PAGE_SIZE, buf)
-                .map_err(|e| MigrationError::BadState(e.to_string()))?;
-            // Taken pages go out as runs of zero markers and runs of data, straight from buf.
-            for_each_page_run(
+            // Taken pages go out as runs of zero markers and runs of data, straight from memory.
+            for_each_page_run_hinted(
                 buf,
                 |k| take[k],
+                |k| populated.get(k) == Some(&false),
                 |a, b, zero| {
                     let (at, pages) = (g + a as u64, (b - a) as u64);
                     counter.fetch_add(pages, Ordering::Relaxed);
