@@ -182,6 +182,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
         })
         .context("creating the VM")?,
     });
+    // An incoming VM resumes before anything else: this is the migration's downtime.
+    let resume_first = a.incoming.is_some() && !a.paused;
+    if resume_first {
+        vm.resume()?;
+    }
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let _server = match &a.control {
         Some(path) => {
@@ -198,7 +203,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         None => None,
     };
     let started = Instant::now();
-    if !a.paused {
+    if !a.paused && !resume_first {
         vm.resume()?;
     }
     let tty = std::io::stderr().is_terminal();

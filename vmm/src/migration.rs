@@ -554,11 +554,17 @@ impl Outgoing {
             .store(stale.len() as u64, Ordering::Relaxed);
         Message::PrecopyDone.write_to(&mut bulk)?;
         bulk.flush()?;
+        let flushed = paused_at.elapsed();
         let json =
             serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
         self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
+        let encoded = paused_at.elapsed();
         Message::VmState(json).write_to(&mut urgent)?;
         let now = Instant::now();
+        log::debug!(
+            "switchover: bulk flushed after {flushed:?}, state encoded after {encoded:?}, sent after {:?}",
+            now.duration_since(paused_at)
+        );
         let since_pause = now.duration_since(paused_at);
         self.paused_unix_us.store(
             unix_us().saturating_sub(u64::try_from(since_pause.as_micros()).unwrap_or(0)),

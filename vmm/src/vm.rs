@@ -14,7 +14,7 @@ use crate::memory::{Digest, GuestMemory, MemoryLayout};
 use crate::migration::{self, MigrateOptions, MigrationError, MigrationStatus, Outgoing};
 use crate::paging::{DemandPaging, PagingStats};
 use crate::snapshot::{self, VmState};
-use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::vm::KvmVm;
 use crate::Error;
 
@@ -273,9 +273,13 @@ impl Vm {
         vcpus: Vec<VcpuHandle>,
     ) -> Result<Self, Error> {
         devices.restore(&state.devices);
+        // All vCPUs load their state in parallel (in a migration's downtime); every reply is
+        // collected before an error is returned.
         for (handle, s) in vcpus.iter().zip(state.vcpus) {
-            handle.restore(s)?;
+            handle.request_restore(s)?;
         }
+        let restored: Vec<_> = vcpus.iter().map(VcpuHandle::wait_done).collect();
+        restored.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(Self {
             vcpus,
             paging,
@@ -389,7 +393,8 @@ impl Vm {
         let mut paused = self.operator_paused.lock().expect("vm lock");
         let was_paused = *paused;
         let t0 = Instant::now();
-        self.pause_vcpus()?;
+        // Every vCPU pauses and saves its state in one round trip, all in parallel.
+        let saved = self.all_vcpus_states(VcpuHandle::request_pause_and_save);
         *paused = true;
         let switched = (|| -> Result<(), Error> {
             if options.precopy_rounds > 0 {
@@ -402,7 +407,11 @@ impl Vm {
                     hot.clone_from(&stale);
                 }
             }
-            let state = self.capture_state()?;
+            let state = self.state_with(saved?);
+            log::debug!(
+                "switchover: vCPUs paused and state captured after {:?}",
+                t0.elapsed()
+            );
             out.switch_over(
                 &state,
                 self.memory.clone(),
@@ -694,19 +703,33 @@ impl Vm {
 
     /// vCPU and device state of the paused VM.
     fn capture_state(&self) -> Result<VmState, Error> {
-        let vcpus = self
-            .vcpus
-            .iter()
-            .map(VcpuHandle::save)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(VmState {
+        let vcpus = self.all_vcpus_states(VcpuHandle::request_save)?;
+        Ok(self.state_with(vcpus))
+    }
+
+    /// The VM state around `vcpus` (saved while paused).
+    fn state_with(&self, vcpus: Vec<VcpuState>) -> VmState {
+        VmState {
             format: snapshot::STATE_FORMAT.into(),
             version: snapshot::SNAPSHOT_VERSION,
             layout: self.memory.layout().clone(),
             workload: self.workload.clone(),
             vcpus,
             devices: self.devices.save(),
-        })
+        }
+    }
+
+    /// Sends `request` (one that replies with a state) to every vCPU, then collects the states
+    /// in order: the vCPUs work in parallel.
+    fn all_vcpus_states(
+        &self,
+        request: impl Fn(&VcpuHandle) -> Result<(), VcpuError>,
+    ) -> Result<Vec<VcpuState>, Error> {
+        for v in &self.vcpus {
+            request(v)?;
+        }
+        let states: Vec<_> = self.vcpus.iter().map(VcpuHandle::wait_state).collect();
+        Ok(states.into_iter().collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Waits until every vCPU finished, or one failed, or `timeout` passed.

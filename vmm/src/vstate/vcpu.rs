@@ -487,6 +487,8 @@ impl Vcpu {
 #[derive(Debug)]
 enum Request {
     Pause,
+    /// Pause, then save at once: one round trip to the vCPU thread in a migration's downtime.
+    PauseAndSave,
     Resume,
     Save,
     Restore(Box<VcpuState>),
@@ -594,15 +596,25 @@ impl VcpuHandle {
             .map_err(|_| VcpuError::Gone { index: self.index })
     }
 
-    fn call(&self, req: Request) -> Result<Reply, VcpuError> {
-        self.send(req)?;
-        self.reply()
-    }
-
     /// Asks the vCPU to pause without waiting; pair with [`Self::wait_done`]. Pausing all vCPUs
     /// in parallel this way keeps the pause short.
     pub(crate) fn request_pause(&self) -> Result<(), VcpuError> {
         self.send(Request::Pause)
+    }
+
+    /// Asks the vCPU to pause and save its state without waiting; pair with
+    /// [`Self::wait_state`].
+    pub(crate) fn request_pause_and_save(&self) -> Result<(), VcpuError> {
+        self.send(Request::PauseAndSave)
+    }
+
+    /// Waits for the state a [`Self::request_pause_and_save`] asked for.
+    pub(crate) fn wait_state(&self) -> Result<VcpuState, VcpuError> {
+        match self.reply()? {
+            Reply::State(s) => Ok(*s),
+            Reply::Failed(e) => Err(e),
+            Reply::Done => unreachable!("a save replies with a state"),
+        }
     }
 
     /// Asks the vCPU to resume without waiting; pair with [`Self::wait_done`].
@@ -618,21 +630,16 @@ impl VcpuHandle {
         }
     }
 
-    /// Saves the vCPU state; the vCPU must be paused or parked.
-    pub(crate) fn save(&self) -> Result<VcpuState, VcpuError> {
-        match self.call(Request::Save)? {
-            Reply::State(s) => Ok(*s),
-            Reply::Failed(e) => Err(e),
-            Reply::Done => unreachable!("save replies with a state"),
-        }
+    /// Asks the (paused or parked) vCPU to save its state without waiting; pair with
+    /// [`Self::wait_state`].
+    pub(crate) fn request_save(&self) -> Result<(), VcpuError> {
+        self.send(Request::Save)
     }
 
-    /// Restores a saved state into this (paused) vCPU.
-    pub(crate) fn restore(&self, state: VcpuState) -> Result<(), VcpuError> {
-        match self.call(Request::Restore(Box::new(state)))? {
-            Reply::Failed(e) => Err(e),
-            _ => Ok(()),
-        }
+    /// Asks the (paused) vCPU to load a saved state without waiting; pair with
+    /// [`Self::wait_done`].
+    pub(crate) fn request_restore(&self, state: VcpuState) -> Result<(), VcpuError> {
+        self.send(Request::Restore(Box::new(state)))
     }
 }
 
@@ -674,7 +681,7 @@ fn vcpu_loop(
         };
         if let Some(request) = request {
             let reply = match request {
-                Request::Pause => {
+                Request::Pause | Request::PauseAndSave => {
                     if !paused && !parked {
                         vcpu.complete_pending_io();
                     }
@@ -682,7 +689,14 @@ fn vcpu_loop(
                     if !parked {
                         set_state(RunState::Paused);
                     }
-                    Reply::Done
+                    if matches!(request, Request::PauseAndSave) {
+                        match vcpu.save() {
+                            Ok(s) => Reply::State(Box::new(s)),
+                            Err(e) => Reply::Failed(e),
+                        }
+                    } else {
+                        Reply::Done
+                    }
                 }
                 Request::Resume => {
                     paused = false;
