@@ -19,14 +19,19 @@
 //! the push has queued: waiting behind the bulk stream would defeat the urgent channel (such
 //! duplicates are counted). When the destination says `Complete` (every page is local there),
 //! the source is done. Anything that fails before the state is sent leaves the VM running at the
-//! source.
+//! source. The bulk channel is flow-controlled ([`crate::flow`]): the destination acknowledges
+//! what it has installed and the source keeps about two bandwidth-delay products in flight, so
+//! pushed pages never wait long in socket buffers where a guest would fault on them. After the
+//! switchover the source sends straight from guest memory (the vCPUs stay paused), and pages
+//! `/proc/self/pagemap` shows were never populated go as zero markers without being read.
 //!
 //! The destination ([`incoming`], [`Incoming::receive`]) creates the memory (empty, under
 //! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
 //! precopy pages are installed while the source still runs the guest and the switchover only
 //! restores vCPUs. It resumes the VM once the state has arrived and the bulk channel has passed
 //! `PrecopyDone`. A fault sends a `PageRequest` on the urgent channel; receiver threads install
-//! pages from both channels. If the source goes away, faulting vCPUs wait and the error is
+//! pages from both channels: read straight into a slot of the staging pool and moved into guest
+//! memory when the destination prepared one (it knew the layout ahead: `--mem`), else copied. If the source goes away, faulting vCPUs wait and the error is
 //! reported: pages never become zero behind the guest's back. The message sequence is in
 //! `tsubame_pageserver::protocol`.
 
