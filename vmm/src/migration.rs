@@ -268,8 +268,8 @@ pub struct MigrationStatus {
     pub precopy_round: u32,
     /// Pages sent by the precopy rounds (a page written again is sent again).
     pub pages_precopy: u64,
-    /// Pages the guest wrote after the last precopy round: dropped at the destination at
-    /// switchover and served postcopy.
+    /// Pages the guest wrote after the last precopy round: dropped at the destination (just
+    /// before the switchover, and at it) and served postcopy.
     pub pages_stale: u64,
     /// Migration start -> vCPUs paused (precopy and profiling).
     pub precopy_ms: Option<f64>,
@@ -485,7 +485,7 @@ impl Outgoing {
         channels: &mut Channels,
         rate: Option<u64>,
         mut dirty: impl FnMut() -> Result<Vec<u64>, MigrationError>,
-    ) -> Result<(), MigrationError> {
+    ) -> Result<Vec<u64>, MigrationError> {
         let mut push = Pusher::new(self, memory, rate);
         for round in 1..=self.precopy_rounds {
             self.precopy_round.store(round, Ordering::Relaxed);
@@ -511,23 +511,47 @@ impl Outgoing {
                     push.send(w, gfn, n, SendKind::Precopy)?;
                 }
             }
-            Message::RoundDone { round }.write_to(w)?;
-            w.flush()?;
-            match Message::read_from(&mut channels.urgent)? {
-                Message::RoundDone { round: r } if r == round => {}
-                m => return Err(ProtocolError::unexpected("RoundDone", m).into()),
-            }
+            self.end_round(channels, round)?;
         }
-        Ok(())
+        // A last pass drops, while the guest still runs here, what it wrote since the last
+        // round, without sending it again: those pages go postcopy. The discards made at the
+        // switchover, inside the downtime, then cover only the last moments (dropping pages
+        // costs the destination ~1 µs each: tens of milliseconds for a fast writer's last
+        // round otherwise).
+        let written = dirty()?;
+        if !written.is_empty() {
+            for (gfn, n) in gfn_runs(&written, u64::MAX) {
+                let dropped = self.unsend(memory, gfn, n);
+                self.pages_stale.fetch_add(dropped, Ordering::Relaxed);
+                Message::Discard { gfn, count: n }.write_to(&mut channels.bulk)?;
+            }
+            self.end_round(channels, self.precopy_rounds + 1)?;
+        }
+        Ok(written)
     }
 
-    /// Clears the "sent" bits of `[gfn, gfn + n)`, pages inside one region.
-    fn unsend(&self, memory: &GuestMemory, gfn: u64, n: u64) {
-        if let Some(first) = memory.layout().page_index(gfn) {
-            for k in 0..n {
-                self.sent.clear(first + k);
-            }
+    /// Ends round `round` on the bulk channel and waits until the destination has applied it.
+    fn end_round(&self, channels: &mut Channels, round: u32) -> Result<(), MigrationError> {
+        Message::RoundDone { round }.write_to(&mut channels.bulk)?;
+        channels.bulk.flush()?;
+        match Message::read_from(&mut channels.urgent)? {
+            Message::RoundDone { round: r } if r == round => Ok(()),
+            m => Err(ProtocolError::unexpected("RoundDone", m).into()),
         }
+    }
+
+    /// Clears the "sent" bits of `[gfn, gfn + n)`, pages inside one region; returns how many
+    /// were set (pages the destination had been sent).
+    fn unsend(&self, memory: &GuestMemory, gfn: u64, n: u64) -> u64 {
+        let Some(first) = memory.layout().page_index(gfn) else {
+            return 0;
+        };
+        let mut was_sent = 0;
+        for k in 0..n {
+            was_sent += u64::from(self.sent.get(first + k));
+            self.sent.clear(first + k);
+        }
+        was_sent
     }
 
     /// Switchover with the vCPUs paused since `paused_at`: tells the destination to drop the
@@ -552,11 +576,13 @@ impl Outgoing {
             mut bulk,
         } = channels;
         for (gfn, n) in gfn_runs(stale, u64::MAX) {
-            self.unsend(&memory, gfn, n);
-            Message::Discard { gfn, count: n }.write_to(&mut bulk)?;
+            // Pages dropped before the pause and not sent since need no second drop.
+            let dropped = self.unsend(&memory, gfn, n);
+            self.pages_stale.fetch_add(dropped, Ordering::Relaxed);
+            if dropped > 0 {
+                Message::Discard { gfn, count: n }.write_to(&mut bulk)?;
+            }
         }
-        self.pages_stale
-            .store(stale.len() as u64, Ordering::Relaxed);
         Message::PrecopyDone.write_to(&mut bulk)?;
         bulk.flush()?;
         let flushed = paused_at.elapsed();

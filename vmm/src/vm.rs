@@ -370,22 +370,28 @@ impl Vm {
     ) -> Result<(), Error> {
         let mut hot = Vec::new();
         let mut stale = Vec::new();
+        // Written after the last round and dropped at the destination before the pause.
+        let mut dropped_early = Vec::new();
         if options.precopy_rounds > 0 {
             self.kvm.set_dirty_logging(&self.memory, true)?;
-            let copied = (|| -> Result<(), Error> {
+            let copied = (|| -> Result<Vec<u64>, Error> {
                 self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
-                out.precopy(&self.memory, &mut channels, options.max_bandwidth, || {
-                    let mut d = self.kvm.take_dirty_pages(&self.memory).map_err(|e| {
-                        MigrationError::BadState(format!("reading the dirty log: {e}"))
-                    })?;
-                    d.sort_unstable();
-                    Ok(d)
-                })?;
-                Ok(())
+                Ok(
+                    out.precopy(&self.memory, &mut channels, options.max_bandwidth, || {
+                        let mut d = self.kvm.take_dirty_pages(&self.memory).map_err(|e| {
+                            MigrationError::BadState(format!("reading the dirty log: {e}"))
+                        })?;
+                        d.sort_unstable();
+                        Ok(d)
+                    })?,
+                )
             })();
-            if let Err(e) = copied {
-                let _ = self.kvm.set_dirty_logging(&self.memory, false);
-                return Err(e);
+            match copied {
+                Ok(d) => dropped_early = d,
+                Err(e) => {
+                    let _ = self.kvm.set_dirty_logging(&self.memory, false);
+                    return Err(e);
+                }
             }
         } else if options.prepage == migration::Prepage::Hot {
             hot = self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?;
@@ -404,7 +410,10 @@ impl Vm {
                 stale = self.kvm.take_dirty_pages(&self.memory)?;
                 stale.sort_unstable();
                 if options.prepage == migration::Prepage::Hot {
-                    hot.clone_from(&stale);
+                    // Everything written since the last round, sorted and without repeats.
+                    hot = dropped_early.iter().chain(&stale).copied().collect();
+                    hot.sort_unstable();
+                    hot.dedup();
                 }
             }
             let state = self.state_with(saved?);
