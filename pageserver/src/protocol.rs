@@ -27,8 +27,8 @@
 //!  bulk:    ------- Discard ... PrecopyDone ------------> |  switchover: pages dirtied since the
 //!  urgent:  ------- VmState{json} ----------------------> |  last round dropped; restore, resume
 //!           <------ Resumed ----------------------------- |  the source starts its push
-//!           <------ PageRequest{gfn, count} ------------- |  a vCPU faulted
-//!           ------- Pages{gfn, data} / ZeroPages -------> |  UFFDIO_COPY
+//!           <------ PageRequest{gfn, count: 1} ---------- |  a vCPU faulted
+//!           ------- Pages{gfn, data} / ZeroPages -------> |  exactly one reply per request
 //!  bulk:    ------- Pages / ZeroPages ... PushDone -----> |
 //!           <------ Installed{bytes} (bulk) ------------- |  flow control: see below
 //!  urgent:  <------ Complete ---------------------------- |  every page is local: source exits

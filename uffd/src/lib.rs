@@ -5,7 +5,8 @@
 //! ```text
 //!  vCPU / KVM touches a missing page ─► kernel queues a fault on the uffd, the thread sleeps
 //!  fault thread: read fault ─► gfn ─► already present? wake : first request? source.request(gfn)
-//!  the source (now, or later from a network thread) ─► engine.install(gfn, data) ─► UFFDIO_COPY
+//!  the source (now; after the batch, in `flush` on this thread; or from a network thread)
+//!     ─► engine.install(gfn, data) ─► UFFDIO_COPY
 //!     (wakes the faulting thread; EEXIST means another install won: still wake)
 //! ```
 //!

@@ -241,6 +241,46 @@ fn staged_pages_move_in_and_a_waiting_thread_wakes() {
     engine.stop();
 }
 
+/// Answers after the batch: requests are queued, `flush` installs them (on the fault thread).
+struct DeferredSource {
+    queued: Mutex<Vec<u64>>,
+    flushes: AtomicU64,
+}
+
+impl PageSource for DeferredSource {
+    fn request(&self, gfn: u64, _: &FaultEngine) -> Result<(), SourceError> {
+        self.queued.lock().unwrap().push(gfn);
+        Ok(())
+    }
+    fn flush(&self, engine: &FaultEngine) -> Result<(), SourceError> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        for gfn in self.queued.lock().unwrap().drain(..) {
+            engine
+                .install(gfn, &page_data(gfn))
+                .map_err(|e| SourceError(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_source_may_answer_in_flush_on_the_fault_thread() {
+    let m = Arc::new(Mapping::new(3));
+    let engine = engine_over(&m, 3);
+    engine.set_spin(Duration::from_micros(200));
+    let source = Arc::new(DeferredSource {
+        queued: Mutex::new(Vec::new()),
+        flushes: AtomicU64::new(0),
+    });
+    engine.start(source.clone()).unwrap();
+    for p in 0..3 {
+        assert_eq!(m.read_u64(p, 1), (FIRST_GFN + p) * 1000 + 1);
+    }
+    assert!(source.flushes.load(Ordering::Relaxed) >= 1);
+    assert_eq!(engine.stats().requests, 3);
+    engine.stop();
+}
+
 /// Never answers.
 struct SilentSource;
 

@@ -991,9 +991,9 @@ impl<'a> Pusher<'a> {
 /// before it sleeps in the kernel: a guest stalled on demand faults asks again within tens of
 /// microseconds, and a sleeping thread on an idle (virtual) CPU takes about as long to wake
 /// here as the loopback round trip itself. Measured with `tsubame bench fault` on 2 cores:
-/// engine-side demand p50 33 µs with it, 57-65 µs without; spinning on the destination side
-/// as well (fault thread, urgent receiver) made things worse there, with three spinners
-/// competing for two cores.
+/// engine-side demand p50 33 µs with it, 57-65 µs without. The destination's fault thread,
+/// which also reads the replies, spins as long after each fault (a separate urgent receiver
+/// spinning as well made things worse, with three spinners on two cores).
 const DEMAND_SPIN: Duration = Duration::from_micros(150);
 
 /// Makes the calling thread (a bulk one: the push, its receiver) yield the CPU to the demand
@@ -1070,17 +1070,49 @@ impl std::io::Read for SpinRead {
     }
 }
 
-/// Demand requests go to the source on the urgent channel.
+/// Demand requests go to the source on the urgent channel, and the fault thread itself reads
+/// the replies (every request gets exactly one reply frame) and installs them: a reply does not
+/// have to wake another thread first. While a reply is due the thread keeps trying to read for
+/// up to [`DEMAND_SPIN`] before it sleeps: the source answers within about a round trip.
 struct NetworkSource {
     urgent: Arc<Mutex<TcpStream>>,
+    rx: Arc<Receiver>,
+    /// The urgent channel's reader, from when the VM state has been read off it.
+    replies: Mutex<Option<ReplyReader<SpinRead>>>,
+    /// Requests sent since the last `flush`.
+    outstanding: AtomicU64,
+    /// When the last request went out ([`now_ns`]): the reader spins for a while after it.
+    asked_at: Arc<AtomicU64>,
 }
 
 impl PageSource for NetworkSource {
     fn request(&self, gfn: u64, _: &FaultEngine) -> Result<(), SourceError> {
         let mut s = self.urgent.lock().expect("urgent lock");
+        self.asked_at.store(now_ns(), Ordering::Relaxed);
         Message::PageRequest { gfn, count: 1 }
             .write_to(&mut *s)
-            .map_err(|e| SourceError(format!("lost the migration source: {e}")))
+            .map_err(|e| SourceError(format!("lost the migration source: {e}")))?;
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&self, _: &FaultEngine) -> Result<(), SourceError> {
+        let due = self.outstanding.swap(0, Ordering::Relaxed);
+        let mut replies = self.replies.lock().expect("replies lock");
+        let Some(r) = replies.as_mut() else {
+            return Ok(()); // no VM state yet, so no vCPU to fault either
+        };
+        for _ in 0..due {
+            match self.rx.receive_one(r, None) {
+                Ok(()) => {}
+                Err(Stop::Lost(_)) if self.rx.completed.load(Ordering::Acquire) => return Ok(()),
+                Err(Stop::Lost(e)) => {
+                    return Err(SourceError(format!("lost the migration source: {e}")))
+                }
+                Err(Stop::Failed(why)) => return Err(SourceError(why)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1181,6 +1213,34 @@ pub fn incoming(
     })
 }
 
+/// Why a receiver stopped reading.
+enum Stop {
+    /// The connection failed or closed.
+    Lost(ProtocolError),
+    /// What arrived could not be applied.
+    Failed(String),
+}
+
+/// A channel's reader: counts the bytes of the frames taken from it (for acknowledgements), and
+/// a buffer for pages that cannot be received into the staging pool.
+struct ReplyReader<S> {
+    r: Counted<BufReader<S>>,
+    spare: Vec<u8>,
+}
+
+impl<S: std::io::Read> ReplyReader<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            // Small enough that page payloads bypass it (see `Receiver::receive_one`).
+            r: Counted {
+                inner: BufReader::with_capacity(64 << 10, stream),
+                bytes: 0,
+            },
+            spare: Vec::new(),
+        }
+    }
+}
+
 /// What the receiver threads share.
 struct Receiver {
     engine: Arc<FaultEngine>,
@@ -1199,47 +1259,11 @@ impl Receiver {
     /// Reads one channel until it closes, installing what arrives; on the bulk channel,
     /// `acks` acknowledges what has been installed (flow control).
     fn run(&self, stream: impl std::io::Read, channel: Channel, mut acks: Option<Acknowledger>) {
-        // Small enough that page payloads bypass it: they are read straight into a slot of the
-        // staging pool, whose pages are then moved into guest memory (the only copy is the
-        // socket's), or else into `spare`, the buffer `UFFDIO_COPY` installs from.
-        let mut r = Counted {
-            inner: BufReader::with_capacity(64 << 10, stream),
-            bytes: 0,
-        };
-        let mut spare = Vec::new();
+        let mut r = ReplyReader::new(stream);
         loop {
-            let mut slot = None;
-            let got = Message::read_into(&mut r, |len| {
-                let pages = (len / PAGE_BYTES) as u64;
-                match self.staging.as_deref().and_then(|p| p.take(pages)) {
-                    Some(s) => slot.insert(s).as_mut_slice(),
-                    None => {
-                        spare.resize(len, 0);
-                        &mut spare[..]
-                    }
-                }
-            });
-            let result = match got {
-                Ok(m) => {
-                    let r2 = match (m, slot.as_mut()) {
-                        (Received::Pages { gfn, .. }, Some(slot)) => self
-                            .engine
-                            .install_staged(gfn, slot)
-                            .map(drop)
-                            .map_err(|e| format!("installing pages: {e}")),
-                        (Received::Pages { gfn, len }, None) => self
-                            .engine
-                            .install(gfn, &spare[..len])
-                            .map(drop)
-                            .map_err(|e| format!("installing pages: {e}")),
-                        (Received::Message(m), _) => self.handle(m),
-                    };
-                    if let Some(a) = acks.as_mut() {
-                        a.installed(r.bytes, r.inner.buffer().is_empty());
-                    }
-                    r2
-                }
-                Err(e) => {
+            match self.receive_one(&mut r, acks.as_mut()) {
+                Ok(()) => {}
+                Err(Stop::Lost(e)) => {
                     // The source closes the bulk channel after `PushDone`: expected.
                     let after_push = channel == Channel::Bulk
                         && matches!(e, ProtocolError::Closed)
@@ -1249,19 +1273,61 @@ impl Receiver {
                     }
                     return;
                 }
-            };
-            if let Err(e) = result {
-                self.fail(e);
-                return;
-            }
-            if self.push_done.load(Ordering::Acquire)
-                && self.engine.present_pages() == self.engine.total_pages()
-                && !self.completed.swap(true, Ordering::AcqRel)
-            {
-                (self.done)();
-                let _ = Message::Complete.write_to(&mut *self.writer.lock().expect("urgent lock"));
+                Err(Stop::Failed(why)) => {
+                    self.fail(why);
+                    return;
+                }
             }
         }
+    }
+
+    /// Reads one frame and applies it, acknowledges it if `acks` is given, and sends `Complete`
+    /// once every page is local. Page payloads are read straight into a slot of the staging
+    /// pool, whose pages are then moved into guest memory (the only copy is the socket's), or
+    /// else into a buffer `UFFDIO_COPY` installs from.
+    fn receive_one<S: std::io::Read>(
+        &self,
+        r: &mut ReplyReader<S>,
+        acks: Option<&mut Acknowledger>,
+    ) -> Result<(), Stop> {
+        let mut slot = None;
+        let spare = &mut r.spare;
+        let got = Message::read_into(&mut r.r, |len| {
+            let pages = (len / PAGE_BYTES) as u64;
+            match self.staging.as_deref().and_then(|p| p.take(pages)) {
+                Some(s) => slot.insert(s).as_mut_slice(),
+                None => {
+                    spare.resize(len, 0);
+                    &mut spare[..]
+                }
+            }
+        })
+        .map_err(Stop::Lost)?;
+        let applied = match (got, slot.as_mut()) {
+            (Received::Pages { gfn, .. }, Some(slot)) => self
+                .engine
+                .install_staged(gfn, slot)
+                .map(drop)
+                .map_err(|e| format!("installing pages: {e}")),
+            (Received::Pages { gfn, len }, None) => self
+                .engine
+                .install(gfn, &r.spare[..len])
+                .map(drop)
+                .map_err(|e| format!("installing pages: {e}")),
+            (Received::Message(m), _) => self.handle(m),
+        };
+        if let Some(a) = acks {
+            a.installed(r.r.bytes, r.r.inner.buffer().is_empty());
+        }
+        applied.map_err(Stop::Failed)?;
+        if self.push_done.load(Ordering::Acquire)
+            && self.engine.present_pages() == self.engine.total_pages()
+            && !self.completed.swap(true, Ordering::AcqRel)
+        {
+            (self.done)();
+            let _ = Message::Complete.write_to(&mut *self.writer.lock().expect("urgent lock"));
+        }
+        Ok(())
     }
 
     fn handle(&self, m: Message) -> Result<(), String> {
@@ -1325,9 +1391,6 @@ impl Incoming {
         let writer = Arc::new(Mutex::new(
             self.urgent.try_clone().map_err(MigrationError::Io)?,
         ));
-        engine.start(Arc::new(NetworkSource {
-            urgent: writer.clone(),
-        }))?;
         let (tx, precopy_done) = crossbeam::channel::bounded(1);
         let completion = paging.completion();
         let pool = self.staging.clone();
@@ -1348,6 +1411,19 @@ impl Incoming {
         if let Some(p) = &self.staging {
             paging.set_staging(p.clone());
         }
+        let asked_at = Arc::new(AtomicU64::new(0));
+        let source = Arc::new(NetworkSource {
+            urgent: rx.writer.clone(),
+            rx: rx.clone(),
+            replies: Mutex::new(None),
+            outstanding: AtomicU64::new(0),
+            asked_at: asked_at.clone(),
+        });
+        // The fault thread waits for the guest's next fault without sleeping for a while, as
+        // the source's demand server does for the next request: measured with `tsubame bench
+        // fault`, guest stall per page 97-120 µs (median 106) against 111-124 µs (median 120).
+        rx.engine.set_spin(DEMAND_SPIN);
+        rx.engine.start(source.clone())?;
         for s in [&self.urgent, &self.bulk] {
             paging.own_socket(s.try_clone().map_err(MigrationError::Io)?);
         }
@@ -1385,9 +1461,12 @@ impl Incoming {
             state_received.elapsed()
         );
         let writer = rx.writer.clone();
-        paging.spawn("migrate-urgent-rx", move || {
-            rx.run(urgent, Channel::Urgent, None)
-        })?;
+        // From here on only demand replies arrive on the urgent channel: the fault thread reads
+        // them (see `NetworkSource`).
+        *source.replies.lock().expect("replies lock") = Some(ReplyReader::new(SpinRead {
+            s: urgent,
+            busy_since: asked_at,
+        }));
         paging.on_resume(move || {
             // The source starts its push on this; if it is gone, the receivers report it.
             let _ = Message::Resumed.write_to(&mut *writer.lock().expect("urgent lock"));
