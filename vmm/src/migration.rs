@@ -29,9 +29,10 @@
 //! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
 //! precopy pages are installed while the source still runs the guest and the switchover only
 //! restores vCPUs. It resumes the VM once the state has arrived and the bulk channel has passed
-//! `PrecopyDone`. A fault sends a `PageRequest` on the urgent channel; receiver threads install
-//! pages from both channels: read straight into a slot of the staging pool and moved into guest
-//! memory when the destination prepared one (it knew the layout ahead: `--mem`), else copied. If the source goes away, faulting vCPUs wait and the error is
+//! `PrecopyDone`. A fault sends a `PageRequest` on the urgent channel and the fault thread itself
+//! reads and installs the reply; a receiver thread installs the bulk stream. Pages are read
+//! straight into a slot of the staging pool and moved into guest memory when the destination
+//! prepared one (it knew the layout ahead: `--mem`), else copied. If the source goes away, faulting vCPUs wait and the error is
 //! reported: pages never become zero behind the guest's back. The message sequence is in
 //! `tsubame_pageserver::protocol`.
 
@@ -1379,8 +1380,9 @@ impl Incoming {
     /// Receives the VM into `memory`: starts demand paging and the bulk receiver at once
     /// (precopy rounds arrive while the VM still runs at the source), then waits for the VM
     /// state on the urgent channel and for the end of the precopy phase on the bulk channel,
-    /// and starts the urgent receiver. Afterwards a fault sends a `PageRequest`, receiver threads
-    /// install pages from both channels, and `Complete` goes out once every page is local.
+    /// and hands the urgent channel to the fault thread. Afterwards a fault sends a
+    /// `PageRequest` and the fault thread installs the reply, the bulk receiver installs the
+    /// push, and `Complete` goes out once every page is local.
     /// Returns the paging, the VM state to restore, and when the state arrived.
     pub fn receive(
         self,
