@@ -341,24 +341,18 @@ impl FaultEngine {
             return Err(UffdError::Unaligned { len: data.len() });
         }
         let pages = data.len() as u64 / PAGE_SIZE;
-        let (_, idx, hva) = self.locate(gfn, pages)?;
         let fd = self.uffd.raw_fd();
-        let installed = self.fill(gfn, hva, pages, |off, len| {
+        self.fill(gfn, pages, &self.counters.pages_copied, |dst, off, len| {
             let at = usize::try_from(off).expect("offset");
             // SAFETY: data[at..] is valid for len bytes (off + len = data.len()); the
-            // destination lies in a range registered on this uffd (locate checked it).
-            let r = unsafe { sys::copy(fd, hva + off, data[at..].as_ptr(), len, true) };
+            // destination lies in a range registered on this uffd (fill located it).
+            let r = unsafe { sys::copy(fd, dst, data[at..].as_ptr(), len, true) };
             r.map_err(|source| UffdError::Copy {
                 gfn: gfn + off / PAGE_SIZE,
                 len,
                 source,
             })
-        })?;
-        self.counters
-            .pages_copied
-            .fetch_add(installed, Ordering::Relaxed);
-        self.mark_present(gfn, idx, pages);
-        Ok(installed)
+        })
     }
 
     /// Drops the installed pages `[gfn, gfn + pages)` (`MADV_DONTNEED`): they are missing again,
@@ -393,61 +387,55 @@ impl FaultEngine {
         if !self.uffd.can_move() {
             return self.install(gfn, slot.as_mut_slice());
         }
-        let pages = slot.pages;
-        let (_, idx, hva) = self.locate(gfn, pages)?;
         let fd = self.uffd.raw_fd();
         let src = slot.hva;
-        let installed = self.fill(gfn, hva, pages, |off, len| {
-            // SAFETY: the slot's pages are this process's anonymous memory, handed to this
-            // slot only, and nothing uses them after this call (the caller's slot is spent);
-            // the destination lies in a range registered on this uffd (locate checked it).
-            let r = unsafe { sys::move_pages(fd, hva + off, src + off, len, true) };
-            r.map_err(|source| UffdError::Move {
-                gfn: gfn + off / PAGE_SIZE,
-                len,
-                source,
-            })
-        })?;
-        self.counters
-            .pages_moved
-            .fetch_add(installed, Ordering::Relaxed);
-        self.mark_present(gfn, idx, pages);
-        Ok(installed)
+        self.fill(
+            gfn,
+            slot.pages,
+            &self.counters.pages_moved,
+            |dst, off, len| {
+                // SAFETY: the slot's pages are this process's anonymous memory, handed to this
+                // slot only, and nothing uses them after this call (the caller's slot is spent);
+                // the destination lies in a range registered on this uffd (fill located it).
+                let r = unsafe { sys::move_pages(fd, dst, src + off, len, true) };
+                r.map_err(|source| UffdError::Move {
+                    gfn: gfn + off / PAGE_SIZE,
+                    len,
+                    source,
+                })
+            },
+        )
     }
 
     /// Installs `pages` zero pages from `gfn` (pages never written at the source).
     pub fn install_zero(&self, gfn: u64, pages: u64) -> Result<u64, UffdError> {
-        let (_, idx, hva) = self.locate(gfn, pages)?;
         let fd = self.uffd.raw_fd();
-        let installed = self.fill(gfn, hva, pages, |off, len| {
-            sys::zeropage(fd, hva + off, len, true).map_err(|source| UffdError::Zero {
+        self.fill(gfn, pages, &self.counters.pages_zeroed, |dst, off, len| {
+            sys::zeropage(fd, dst, len, true).map_err(|source| UffdError::Zero {
                 gfn: gfn + off / PAGE_SIZE,
                 len,
                 source,
             })
-        })?;
-        self.counters
-            .pages_zeroed
-            .fetch_add(installed, Ordering::Relaxed);
-        self.mark_present(gfn, idx, pages);
-        Ok(installed)
+        })
     }
 
-    /// Runs an install ioctl (`op(offset, len)`) over `pages` pages at `hva` until each page is
-    /// installed or found present: a partial install continues after what was done; a page
-    /// already there is kept, its waiters woken, and skipped. Returns the pages `op` installed.
+    /// Installs `[gfn, gfn + pages)` with an install ioctl, `op(host address, offset, len)`,
+    /// until each page is installed or found present: a partial install continues after what
+    /// was done; a page already there is kept, its waiters woken, and skipped. Adds the pages
+    /// `op` installed to `counter`, records the range present, and returns that count.
     fn fill(
         &self,
         gfn: u64,
-        hva: u64,
         pages: u64,
-        mut op: impl FnMut(u64, u64) -> Result<InstallOutcome, UffdError>,
+        counter: &AtomicU64,
+        mut op: impl FnMut(u64, u64, u64) -> Result<InstallOutcome, UffdError>,
     ) -> Result<u64, UffdError> {
+        let (_, idx, hva) = self.locate(gfn, pages)?;
         let len = pages * PAGE_SIZE;
         let mut off = 0;
         let mut installed = 0;
         while off < len {
-            match op(off, len - off)? {
+            match op(hva + off, off, len - off)? {
                 InstallOutcome::Installed => {
                     installed += (len - off) / PAGE_SIZE;
                     off = len;
@@ -470,6 +458,8 @@ impl FaultEngine {
                 }
             }
         }
+        counter.fetch_add(installed, Ordering::Relaxed);
+        self.mark_present(gfn, idx, pages);
         Ok(installed)
     }
 
