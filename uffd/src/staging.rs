@@ -58,11 +58,6 @@ impl StagingSlot<'_> {
         // the pool), and was handed out to this slot only.
         unsafe { std::slice::from_raw_parts_mut(self.hva as *mut u8, len) }
     }
-
-    /// Pages in the slot.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
 }
 
 impl StagingPool {

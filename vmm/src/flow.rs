@@ -106,11 +106,6 @@ impl BulkWriter {
         Ok(())
     }
 
-    /// Current window in bytes.
-    pub fn window(&self) -> u64 {
-        self.window.size.load(Ordering::Relaxed)
-    }
-
     /// Flushes and ends the bulk stream (the destination reads the end of it): the
     /// acknowledgement reader keeps a handle to the connection, so dropping this one alone
     /// would not close it.

@@ -684,7 +684,7 @@ impl Outgoing {
         };
         let layout = memory.layout();
         let max_run = u64::from(MAX_PAGES_PER_FRAME);
-        let mut take = Vec::new();
+        let (mut take, mut populated) = (Vec::new(), Vec::new());
         let mut g = gfn;
         while g < gfn + count {
             let Some(first) = layout.page_index(g) else {
@@ -724,7 +724,7 @@ impl Outgoing {
                 unsafe { memory.frozen_slice(g * PAGE_SIZE, len) }.map_err(bad)?
             };
             // Never-populated pages are zero markers without being read (which would map them).
-            let mut populated = Vec::new();
+            populated.clear();
             if let Some(pm) = &self.pagemap {
                 memory
                     .populated(pm, g * PAGE_SIZE, len / PAGE_BYTES, &mut populated)
@@ -1257,17 +1257,17 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Reads one channel until it closes, installing what arrives; on the bulk channel,
-    /// `acks` acknowledges what has been installed (flow control).
-    fn run(&self, stream: impl std::io::Read, channel: Channel, mut acks: Option<Acknowledger>) {
+    /// Reads the bulk channel until it closes, installing what arrives; `acks` acknowledges
+    /// what has been installed (flow control). (Demand replies on the urgent channel are read
+    /// by the fault thread: [`NetworkSource`].)
+    fn run_bulk(&self, stream: impl std::io::Read, mut acks: Acknowledger) {
         let mut r = ReplyReader::new(stream);
         loop {
-            match self.receive_one(&mut r, acks.as_mut()) {
+            match self.receive_one(&mut r, Some(&mut acks)) {
                 Ok(()) => {}
                 Err(Stop::Lost(e)) => {
                     // The source closes the bulk channel after `PushDone`: expected.
-                    let after_push = channel == Channel::Bulk
-                        && matches!(e, ProtocolError::Closed)
+                    let after_push = matches!(e, ProtocolError::Closed)
                         && self.push_done.load(Ordering::Acquire);
                     if !self.completed.load(Ordering::Acquire) && !after_push {
                         self.fail(format!("lost the migration source: {e}"));
@@ -1334,11 +1334,7 @@ impl Receiver {
     fn handle(&self, m: Message) -> Result<(), String> {
         let installing = |e: tsubame_uffd::UffdError| format!("installing pages: {e}");
         match m {
-            Message::Pages { gfn, data } => self
-                .engine
-                .install(gfn, &data)
-                .map(drop)
-                .map_err(installing),
+            // (`Pages` never gets here: `receive_one` reads it into its buffer itself.)
             Message::ZeroPages { gfn, count } => self
                 .engine
                 .install_zero(gfn, count)
@@ -1433,7 +1429,7 @@ impl Incoming {
         let bulk = self.bulk;
         let acks = Acknowledger::new(bulk.try_clone().map_err(MigrationError::Io)?);
         paging.spawn("migrate-bulk-rx", move || {
-            bulk_rx.run(bulk, Channel::Bulk, Some(acks));
+            bulk_rx.run_bulk(bulk, acks);
         })?;
 
         let mut urgent = self.urgent;
