@@ -654,6 +654,14 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// The reply to a save request: the vCPU's state, or why it could not be read.
+fn saved(vcpu: &mut Vcpu) -> Reply {
+    match vcpu.save() {
+        Ok(s) => Reply::State(Box::new(s)),
+        Err(e) => Reply::Failed(e),
+    }
+}
+
 fn vcpu_loop(
     mut vcpu: Vcpu,
     devices: &Devices,
@@ -690,10 +698,7 @@ fn vcpu_loop(
                         set_state(RunState::Paused);
                     }
                     if matches!(request, Request::PauseAndSave) {
-                        match vcpu.save() {
-                            Ok(s) => Reply::State(Box::new(s)),
-                            Err(e) => Reply::Failed(e),
-                        }
+                        saved(&mut vcpu)
                     } else {
                         Reply::Done
                     }
@@ -705,10 +710,7 @@ fn vcpu_loop(
                     }
                     Reply::Done
                 }
-                Request::Save => match vcpu.save() {
-                    Ok(s) => Reply::State(Box::new(s)),
-                    Err(e) => Reply::Failed(e),
-                },
+                Request::Save => saved(&mut vcpu),
                 Request::Restore(s) => match vcpu.restore(&s) {
                     Ok(()) => {
                         parked = false;
