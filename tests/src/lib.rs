@@ -30,6 +30,18 @@ pub fn tsubame_bin() -> PathBuf {
     bin
 }
 
+/// A fresh directory under the system temp dir, unique to this process and moment, kept after
+/// the test (QEMU's logs stay there to read).
+pub fn scratch_dir(name: &str) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let dir = std::env::temp_dir().join(format!("tsubame-{name}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 /// A scratch directory removed on drop.
 #[derive(Debug)]
 pub struct Scratch(pub PathBuf);

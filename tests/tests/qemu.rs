@@ -5,10 +5,10 @@
 //! QEMU is the peer Tsubame's migration is measured against, so it must run the same guest. This
 //! test fails (it does not skip) when `qemu-system-x86_64` is missing: CI installs it.
 
-use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use tsubame_tests::scratch_dir;
 use tsubame_vmm::guest::qemu::{
     done_exit_code, find_qemu, qemu_config_block, QemuGuest, QemuOutcome,
 };
@@ -19,17 +19,6 @@ const STEPS: u64 = 2_000_000;
 const REPORT_EVERY: u64 = 500_000;
 /// Booting takes ~4 s here (SeaBIOS runs at emulated CPL0) and the workload ~1.5 s.
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A fresh directory under the system temp dir, unique to this process and moment.
-fn scratch_dir(name: &str) -> Result<PathBuf> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!("tsubame-{name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
-}
 
 #[test]
 fn builtin_guest_runs_to_the_end_under_qemu_kvm() -> Result<()> {

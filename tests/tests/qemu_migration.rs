@@ -9,9 +9,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
+use tsubame_tests::scratch_dir;
 use tsubame_vmm::guest::qemu::find_qemu;
 use tsubame_vmm::guest::qemu_migration::{
     run_unmigrated, workload_digest, MigrateAt, MigrationMode, QemuMigration, QemuMigrationConfig,
@@ -35,17 +36,6 @@ fn qemu_or_skip(test: &str) -> Option<PathBuf> {
         );
     }
     qemu
-}
-
-/// A fresh directory under the system temp dir, unique to this process and moment.
-fn scratch_dir(name: &str) -> Result<PathBuf> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let dir = std::env::temp_dir().join(format!("tsb-{name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
 
 fn config(qemu: PathBuf, dir: &Path, mode: MigrationMode) -> Result<QemuMigrationConfig> {
