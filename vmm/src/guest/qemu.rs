@@ -252,17 +252,7 @@ impl QemuGuest {
         // earlier run is read before that.
         File::create(&self.serial).map_err(serial_err)?;
         let start = Instant::now();
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: self.qemu_binary.clone(),
-                source,
-            })?;
-        let mut qemu = RunningQemu::new(child)?;
+        let mut qemu = RunningQemu::spawn(&mut self.command(), &self.qemu_binary)?;
         let mut serial = SerialWatch::new(&self.serial);
         let deadline = start + timeout;
         let (outcome, status, elapsed) = loop {
@@ -348,7 +338,22 @@ pub(crate) struct RunningQemu {
 }
 
 impl RunningQemu {
-    pub(crate) fn new(mut child: Child) -> Result<Self, QemuError> {
+    /// Starts `cmd` (a QEMU command line for `binary`) with no stdin or stdout and its stderr
+    /// collected.
+    pub(crate) fn spawn(cmd: &mut Command, binary: &Path) -> Result<Self, QemuError> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                binary: binary.to_path_buf(),
+                source,
+            })?;
+        Self::new(child)
+    }
+
+    fn new(mut child: Child) -> Result<Self, QemuError> {
         let pid = child.id();
         let wait_err = |source| QemuError::Wait { pid, source };
         let raw =

@@ -71,7 +71,6 @@ use std::net::Shutdown;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -1117,18 +1116,7 @@ impl QemuVm {
             extra_args,
         };
         let started = Instant::now();
-        let child = guest
-            .command()
-            .current_dir(&prep.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                binary: prep.qemu.clone(),
-                source,
-            })?;
-        let mut process = RunningQemu::new(child)?;
+        let mut process = RunningQemu::spawn(guest.command().current_dir(&prep.dir), &prep.qemu)?;
         let qmp = match Qmp::connect(&qmp_path, CONNECT_TIMEOUT, || !process.has_exited()) {
             Ok(qmp) => qmp,
             Err(source) => {
