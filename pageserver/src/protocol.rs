@@ -21,6 +21,7 @@
 //!    |               mac_s, layout} ------------------->  |  checks version, mac_s, layout
 //!    |  <------ Accept{mac_d} ----------------------------|  (or Error, then close)
 //!    |  checks mac_d: only now does any memory move        |
+//!  urgent:  <------ Ready ------------------------------- |  its VM is created, receivers run
 //!  bulk:    ------- Pages / ZeroPages ... RoundDone{1} -> |  optional precopy rounds while the
 //!           <------ RoundDone{1} (on urgent) ------------ |  VM still runs at the source; later
 //!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
@@ -50,7 +51,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 const MAGIC: u16 = 0x5354; // "TS"
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 12;
@@ -145,6 +146,10 @@ pub enum Message {
     Installed {
         bytes: u64,
     },
+    /// Destination (on the urgent channel, once after the handshake): its VM (memory, vCPUs)
+    /// is created and its receivers run. The source pauses its VM only after this, so the
+    /// downtime never includes the destination's setup.
+    Ready,
 }
 
 /// Why a frame was rejected.
@@ -200,7 +205,7 @@ impl ProtocolError {
     }
 }
 
-const KINDS: [&str; 16] = [
+const KINDS: [&str; 17] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -217,6 +222,7 @@ const KINDS: [&str; 16] = [
     "PrecopyDone",
     "Resumed",
     "Installed",
+    "Ready",
 ];
 
 impl Message {
@@ -237,6 +243,7 @@ impl Message {
             Self::PrecopyDone => 13,
             Self::Resumed => 14,
             Self::Installed { .. } => 15,
+            Self::Ready => 16,
         }
     }
 
@@ -255,7 +262,7 @@ impl Message {
             5 => 12,
             PAGES => 8 + MAX_PAGES_PER_FRAME * 4096,
             7 => 16,
-            8 | 9 | 13 | 14 => 0,
+            8 | 9 | 13 | 14 | 16 => 0,
             10 => MAX_TEXT,
             11 => 16,
             12 => 4,
@@ -310,7 +317,7 @@ impl Message {
             }
             Self::RoundDone { round } => p.extend_from_slice(&round.to_le_bytes()),
             Self::Installed { bytes } => p.extend_from_slice(&bytes.to_le_bytes()),
-            Self::PushDone | Self::Complete | Self::PrecopyDone | Self::Resumed => {}
+            Self::PushDone | Self::Complete | Self::PrecopyDone | Self::Resumed | Self::Ready => {}
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
@@ -609,6 +616,7 @@ fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Message, Protocol
         13 => Message::PrecopyDone,
         14 => Message::Resumed,
         15 => Message::Installed { bytes: c.u64()? },
+        16 => Message::Ready,
         8 => Message::PushDone,
         9 => Message::Complete,
         10 => {
@@ -762,6 +770,7 @@ mod tests {
             Message::PrecopyDone,
             Message::Resumed,
             Message::Installed { bytes: 7 << 20 },
+            Message::Ready,
             Message::Complete,
             Message::Error {
                 message: "layout mismatch".into(),

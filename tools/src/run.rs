@@ -159,9 +159,18 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 .as_ref()
                 .ok_or(tsubame_vmm::migration::MigrationError::NoSecret)?;
             let expect = a.mem.map(tsubame_vmm::MemoryLayout::for_size).transpose()?;
-            Vm::incoming(uri, secret.as_bytes(), expect.as_ref(), &serial, |addr| {
-                eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
-            })
+            // Unless --paused, the VM runs as soon as its state is loaded: this is the
+            // migration's downtime.
+            Vm::incoming(
+                uri,
+                secret.as_bytes(),
+                expect.as_ref(),
+                &serial,
+                !a.paused,
+                |addr| {
+                    eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
+                },
+            )
             .context("receiving the incoming migration")?
         }
         (Some(path), _) if a.lazy => {
@@ -182,11 +191,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         })
         .context("creating the VM")?,
     });
-    // An incoming VM resumes before anything else: this is the migration's downtime.
-    let resume_first = a.incoming.is_some() && !a.paused;
-    if resume_first {
-        vm.resume()?;
-    }
+    let resumed_already = a.incoming.is_some() && !a.paused;
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let _server = match &a.control {
         Some(path) => {
@@ -203,7 +208,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
         None => None,
     };
     let started = Instant::now();
-    if !a.paused && !resume_first {
+    if !a.paused && !resumed_already {
         vm.resume()?;
     }
     let tty = std::io::stderr().is_terminal();

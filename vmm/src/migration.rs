@@ -376,6 +376,32 @@ pub struct Channels {
     pub bulk: BulkWriter,
 }
 
+/// Longest wait for the destination to create its VM after the handshake.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits for the destination's `Ready`: its VM exists and its receivers run.
+fn wait_ready(urgent: &TcpStream) -> Result<(), MigrationError> {
+    urgent.set_read_timeout(Some(READY_TIMEOUT))?;
+    let got = Message::read_from(&mut &*urgent);
+    urgent.set_read_timeout(None)?;
+    match got {
+        Ok(Message::Ready) => Ok(()),
+        Ok(m) => Err(ProtocolError::unexpected("Ready", m).into()),
+        Err(ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(MigrationError::Lost(format!(
+                "the destination did not create its VM within {}s; see its log",
+                READY_TIMEOUT.as_secs()
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs of consecutive gfns in a sorted list, at most `max` pages each.
 fn gfn_runs(gfns: &[u64], max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
     let mut rest = gfns;
@@ -445,6 +471,7 @@ impl Outgoing {
         };
         let (urgent, rtt_urgent) = connect(Channel::Urgent)?;
         let (bulk, rtt_bulk) = connect(Channel::Bulk)?;
+        wait_ready(&urgent)?;
         let bulk = BulkWriter::new(bulk, rtt_urgent.min(rtt_bulk))?;
         let out = Arc::new(Self {
             destination: addr.to_string(),
@@ -1373,6 +1400,15 @@ impl Receiver {
 }
 
 impl Incoming {
+    /// Tells the source that this destination cannot take the VM, and why (best effort: the
+    /// source reports it and keeps its VM).
+    pub fn refuse(&self, why: &str) {
+        let _ = Message::Error {
+            message: why.to_string(),
+        }
+        .write_to(&mut &self.urgent);
+    }
+
     /// Receives the VM into `memory`: starts demand paging and the bulk receiver at once
     /// (precopy rounds arrive while the VM still runs at the source), then waits for the VM
     /// state on the urgent channel and for the end of the precopy phase on the bulk channel,
@@ -1432,8 +1468,11 @@ impl Incoming {
             bulk_rx.run_bulk(bulk, acks);
         })?;
 
-        let mut urgent = self.urgent;
-        let json = match Message::read_from(&mut urgent)
+        let urgent = self.urgent;
+        Message::Ready
+            .write_to(&mut *rx.writer.lock().expect("urgent lock"))
+            .map_err(MigrationError::from)?;
+        let json = match Message::read_from(&mut &urgent)
             .map_err(|e| MigrationError::Lost(e.to_string()))?
         {
             Message::VmState(j) => j,

@@ -146,11 +146,12 @@ impl DemandPaging {
         *self.resumed.get_mut().expect("paging lock") = Some(ResumeHook(Box::new(f)));
     }
 
-    /// The VM resumes: runs the [`DemandPaging::on_resume`] hook, the first time only.
-    pub fn resumed(&self) {
+    /// The VM resumed at `at_unix_us`: runs the [`DemandPaging::on_resume`] hook, the first
+    /// time only.
+    pub fn resumed(&self, at_unix_us: u64) {
         let _ = self.resumed_unix_us.compare_exchange(
             0,
-            crate::migration::unix_us(),
+            at_unix_us,
             std::sync::atomic::Ordering::Relaxed,
             std::sync::atomic::Ordering::Relaxed,
         );

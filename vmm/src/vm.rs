@@ -259,11 +259,11 @@ impl Vm {
         let vcpus = (0..state.vcpus.len())
             .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Self::assemble_with(kvm, memory, paging, state, devices, vcpus)
+        Self::assemble_with(kvm, memory, paging, state, devices, vcpus, false)
     }
 
     /// [`Vm::assemble`] with the KVM VM, devices and vCPUs (one per saved vCPU) already
-    /// created: loads their state.
+    /// created: loads their state, and runs them right away if `resume`.
     fn assemble_with(
         kvm: KvmVm,
         memory: Arc<GuestMemory>,
@@ -271,53 +271,72 @@ impl Vm {
         state: VmState,
         devices: Arc<Devices>,
         vcpus: Vec<VcpuHandle>,
+        resume: bool,
     ) -> Result<Self, Error> {
         devices.restore(&state.devices);
         // All vCPUs load their state in parallel (in a migration's downtime); every reply is
         // collected before an error is returned.
         for (handle, s) in vcpus.iter().zip(state.vcpus) {
-            handle.request_restore(s)?;
+            handle.request_restore(s, resume)?;
         }
         let restored: Vec<_> = vcpus.iter().map(VcpuHandle::wait_done).collect();
         restored.into_iter().collect::<Result<Vec<()>, _>>()?;
-        Ok(Self {
+        let vm = Self {
             vcpus,
             paging,
             kvm,
             devices,
             memory,
             workload: state.workload,
-            operator_paused: Mutex::new(true),
+            operator_paused: Mutex::new(!resume),
             created: Instant::now(),
             outgoing: Mutex::new(None),
             incoming_restore: None,
-        })
+        };
+        if resume {
+            vm.resumed();
+        }
+        Ok(vm)
     }
 
     /// The destination of a migration: listens on `uri` (`tcp:HOST:PORT`), calls `ready` once
     /// listening, accepts an authenticated migration, creates memory (empty, under
-    /// userfaultfd) and the KVM VM at once, takes in the precopy rounds if any, and returns the
-    /// VM paused once its state arrived, ready to resume. `expect` (e.g. from `--mem`) must
-    /// match the source's layout if given.
+    /// userfaultfd) and the KVM VM at once, tells the source it is ready (the source pauses
+    /// its VM only then), takes in the precopy rounds if any, and returns the VM once its
+    /// state arrived: running if `resume` (its vCPUs enter the guest as soon as each has
+    /// loaded its state), else paused. `expect` (e.g. from `--mem`) must match the source's
+    /// layout if given.
     pub fn incoming(
         uri: &str,
         secret: &[u8],
         expect: Option<&MemoryLayout>,
         serial: &SerialOutput,
+        resume: bool,
         ready: impl FnOnce(std::net::SocketAddr),
     ) -> Result<Self, Error> {
         let inc = migration::incoming(uri, secret, expect, ready)?;
-        let memory = Arc::new(GuestMemory::new(&inc.layout)?);
         // Before the state arrives, off the switchover's critical path: the KVM VM, its vCPUs
         // and their threads; the switchover only loads their state.
-        let kvm = KvmVm::new(&memory)?;
-        let devices = Arc::new(Devices::new(serial.open()?, inc.vcpus as usize));
-        let vcpus = (0..inc.vcpus as usize)
-            .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
-            .collect::<Result<Vec<_>, _>>()?;
+        let created = (|| -> Result<_, Error> {
+            let memory = Arc::new(GuestMemory::new(&inc.layout)?);
+            let kvm = KvmVm::new(&memory)?;
+            let devices = Arc::new(Devices::new(serial.open()?, inc.vcpus as usize));
+            let vcpus = (0..inc.vcpus as usize)
+                .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((memory, kvm, devices, vcpus))
+        })();
+        let (memory, kvm, devices, vcpus) = match created {
+            Ok(c) => c,
+            Err(e) => {
+                // The source is waiting for `Ready`: tell it why not (its VM keeps running).
+                inc.refuse(&format!("the destination cannot create the VM: {e}"));
+                return Err(e);
+            }
+        };
         let (mut paging, state, received) = inc.receive(&memory)?;
         paging.restart_clock();
-        let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, devices, vcpus)?;
+        let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, devices, vcpus, resume)?;
         log::debug!(
             "switchover: VM assembled {:?} after the state arrived",
             received.elapsed()
@@ -559,10 +578,17 @@ impl Vm {
         let mut paused = self.operator_paused.lock().expect("vm lock");
         self.resume_vcpus()?;
         *paused = false;
-        if let Some(p) = &self.paging {
-            p.resumed();
-        }
+        self.resumed();
         Ok(())
+    }
+
+    /// Tells demand paging that the VM runs (its first resume ends a migration's downtime), as
+    /// of when the last vCPU thread entered the guest.
+    fn resumed(&self) {
+        if let Some(p) = &self.paging {
+            let at = self.vcpus.iter().map(VcpuHandle::resumed_unix_us).max();
+            p.resumed(at.unwrap_or_else(migration::unix_us));
+        }
     }
 
     /// Runs `f` with every vCPU paused, restoring the operator's run state afterwards.

@@ -12,9 +12,11 @@ use tsubame_vmm::{SerialOutput, Vm, WaitOutcome};
 
 const SECRET: &[u8] = b"test secret";
 
-/// Starts a destination on an ephemeral port; returns its address and the thread building it.
+/// Starts a destination on an ephemeral port (running the VM as soon as it arrives if
+/// `resume`); returns its address and the thread building it.
 fn destination(
     secret: &'static [u8],
+    resume: bool,
 ) -> (
     String,
     std::thread::JoinHandle<Result<Vm, tsubame_vmm::Error>>,
@@ -26,6 +28,7 @@ fn destination(
             secret,
             None,
             &SerialOutput::Discard,
+            resume,
             |a| tx.send(a).unwrap(),
         )
     });
@@ -56,7 +59,7 @@ fn postcopy_migration_keeps_the_digest() {
             source.wait_steps(300_000 * vcpus as u64, TIMEOUT),
             WaitOutcome::Reached
         );
-        let (uri, dest) = destination(SECRET);
+        let (uri, dest) = destination(SECRET, true);
         let options = MigrateOptions {
             prepage,
             precopy_rounds,
@@ -81,7 +84,7 @@ fn postcopy_migration_keeps_the_digest() {
             );
         }
         let dest = dest.join().unwrap().unwrap();
-        dest.resume().unwrap();
+        assert_eq!(dest.run_state(), tsubame_vmm::VmRunState::Running);
         assert!(
             source.resume().is_err(),
             "a migrated VM must not run at the source again"
@@ -130,7 +133,7 @@ fn postcopy_migration_keeps_the_digest() {
 fn wrong_secret_moves_nothing() {
     let source = Vm::new(&config(1, "uniform:ws=8M,seed=63", 0)).unwrap();
     source.resume().unwrap();
-    let (uri, dest) = destination(b"the right secret");
+    let (uri, dest) = destination(b"the right secret", false);
     let err = source
         .migrate(&uri, b"a wrong secret", &Default::default())
         .unwrap_err();

@@ -9,7 +9,7 @@
 //! with `immediate_exit` set), so saved state never sits in the middle of an `out`.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
@@ -491,7 +491,12 @@ enum Request {
     PauseAndSave,
     Resume,
     Save,
-    Restore(Box<VcpuState>),
+    /// Load a saved state; then run at once if `resume` (an incoming migration: one hand-off
+    /// to the vCPU thread in the downtime instead of two).
+    Restore {
+        state: Box<VcpuState>,
+        resume: bool,
+    },
     Exit,
 }
 
@@ -543,6 +548,8 @@ pub struct VcpuHandle {
     requests: Sender<Request>,
     replies: Receiver<Reply>,
     state: Arc<AtomicU8>,
+    /// When the thread last resumed the guest (Unix microseconds; 0: never).
+    resumed_at: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -555,15 +562,27 @@ impl VcpuHandle {
         let (rep_tx, rep_rx) = channel::unbounded();
         let state = Arc::new(AtomicU8::new(RunState::Paused as u8));
         let thread_state = state.clone();
+        let resumed_at = Arc::new(AtomicU64::new(0));
+        let thread_resumed_at = resumed_at.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || vcpu_loop(vcpu, &devices, &req_rx, &rep_tx, &thread_state))
+            .spawn(move || {
+                vcpu_loop(
+                    vcpu,
+                    &devices,
+                    &req_rx,
+                    &rep_tx,
+                    &thread_state,
+                    &thread_resumed_at,
+                );
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(Self {
             index,
             requests: req_tx,
             replies: rep_rx,
             state,
+            resumed_at,
             thread: Some(thread),
         })
     }
@@ -578,14 +597,24 @@ impl VcpuHandle {
         RunState::from_u8(self.state.load(Ordering::Acquire))
     }
 
+    /// When the thread last resumed the guest, in Unix microseconds (0: never): the moment
+    /// the guest runs again, not when the thread that asked hears of it.
+    pub fn resumed_unix_us(&self) -> u64 {
+        self.resumed_at.load(Ordering::Relaxed)
+    }
+
     fn send(&self, req: Request) -> Result<(), VcpuError> {
         self.requests
             .send(req)
             .map_err(|_| VcpuError::Gone { index: self.index })?;
-        if let Some(t) = &self.thread {
-            use std::os::unix::thread::JoinHandleExt;
-            // A thread that already exited makes pthread_kill fail with ESRCH: nothing to kick.
-            let _ = nix::sys::pthread::pthread_kill(t.as_pthread_t(), kick_signal());
+        // Only a thread inside KVM_RUN needs the kick: a paused or parked one looks at its
+        // requests before it enters the guest again.
+        if self.run_state() == RunState::Running {
+            if let Some(t) = &self.thread {
+                use std::os::unix::thread::JoinHandleExt;
+                // A thread that already exited makes pthread_kill fail with ESRCH.
+                let _ = nix::sys::pthread::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
         }
         Ok(())
     }
@@ -636,10 +665,13 @@ impl VcpuHandle {
         self.send(Request::Save)
     }
 
-    /// Asks the (paused) vCPU to load a saved state without waiting; pair with
-    /// [`Self::wait_done`].
-    pub(crate) fn request_restore(&self, state: VcpuState) -> Result<(), VcpuError> {
-        self.send(Request::Restore(Box::new(state)))
+    /// Asks the (paused) vCPU to load a saved state without waiting, and to run right after
+    /// if `resume`; pair with [`Self::wait_done`].
+    pub(crate) fn request_restore(&self, state: VcpuState, resume: bool) -> Result<(), VcpuError> {
+        self.send(Request::Restore {
+            state: Box::new(state),
+            resume,
+        })
     }
 }
 
@@ -668,6 +700,7 @@ fn vcpu_loop(
     requests: &Receiver<Request>,
     replies: &Sender<Reply>,
     state: &AtomicU8,
+    resumed_at: &AtomicU64,
 ) {
     let immediate_exit: *mut u8 = &mut vcpu.fd.get_kvm_run().immediate_exit;
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
@@ -707,13 +740,18 @@ fn vcpu_loop(
                     paused = false;
                     if !parked {
                         set_state(RunState::Running);
+                        resumed_at.store(crate::migration::unix_us(), Ordering::Relaxed);
                     }
                     Reply::Done
                 }
                 Request::Save => saved(&mut vcpu),
-                Request::Restore(s) => match vcpu.restore(&s) {
+                Request::Restore { state: s, resume } => match vcpu.restore(&s) {
                     Ok(()) => {
                         parked = false;
+                        paused = !resume;
+                        if resume {
+                            resumed_at.store(crate::migration::unix_us(), Ordering::Relaxed);
+                        }
                         set_state(if paused {
                             RunState::Paused
                         } else {
