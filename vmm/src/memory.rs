@@ -312,9 +312,13 @@ unsafe impl Send for GuestMemory {}
 // SAFETY: as above: no method gives out references into guest RAM.
 unsafe impl Sync for GuestMemory {}
 
-/// Whether `page` is all zero bytes (written so that it vectorises).
+/// Whether `page` is all zero bytes. Blocks of 256 bytes are each reduced with a fold that
+/// vectorises, and the first non-zero block ends the search: a data page is usually told
+/// apart in its first block, while a full-page fold read all 4 KiB of every page (a tenth of
+/// the push thread's time).
 pub fn is_zero(page: &[u8]) -> bool {
-    page.iter().fold(0u8, |acc, &b| acc | b) == 0
+    page.chunks(256)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Splits `buf` (whole pages) into maximal runs of consecutive pages that `wanted` selects and
@@ -339,14 +343,22 @@ pub fn for_each_page_run_hinted<E>(
     let pages = buf.len() / PAGE_BYTES;
     let zero_at = |k: usize| known_zero(k) || is_zero(&buf[k * PAGE_BYTES..(k + 1) * PAGE_BYTES]);
     let mut k = 0;
+    // Whether page `k` is zero, when the previous run already looked (each page once).
+    let mut looked: Option<bool> = None;
     while k < pages {
         if !wanted(k) {
             k += 1;
+            looked = None;
             continue;
         }
-        let zero = zero_at(k);
+        let zero = looked.take().unwrap_or_else(|| zero_at(k));
         let mut j = k + 1;
-        while j < pages && wanted(j) && zero_at(j) == zero {
+        while j < pages && wanted(j) {
+            let z = zero_at(j);
+            if z != zero {
+                looked = Some(z);
+                break;
+            }
             j += 1;
         }
         each(k, j, zero)?;
@@ -456,5 +468,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(runs, vec![(0, 2, true), (2, 4, false), (4, 5, true)]);
+    }
+
+    #[test]
+    fn is_zero_looks_at_every_byte() {
+        let mut page = vec![0u8; PAGE_BYTES];
+        assert!(is_zero(&page));
+        for at in [0, 255, 256, 2000, PAGE_BYTES - 1] {
+            page[at] = 0x80;
+            assert!(!is_zero(&page), "non-zero byte at {at} missed");
+            page[at] = 0;
+        }
+    }
+
+    #[test]
+    fn hinted_runs_take_known_zero_pages_unread() {
+        let buf = vec![7u8; 5 * PAGE_BYTES]; // every page holds data
+        let mut runs = Vec::new();
+        for_each_page_run_hinted(
+            &buf,
+            |k| k != 4,
+            |k| k == 1 || k == 2,
+            |a, b, zero| {
+                runs.push((a, b, zero));
+                Ok::<(), ()>(())
+            },
+        )
+        .unwrap();
+        assert_eq!(runs, vec![(0, 1, false), (1, 3, true), (3, 4, false)]);
     }
 }
