@@ -1,7 +1,9 @@
 //! Postcopy (and hybrid) migration between two Tsubame processes over TCP.
 //!
 //! The source ([`Outgoing`]) connects twice to the destination (urgent and bulk channels) and
-//! authenticates both connections; nothing about the VM changes until both are accepted.
+//! authenticates both connections; nothing about the VM changes until both are accepted and the
+//! destination has said `Ready` (its VM is created, its receivers run), so that the downtime
+//! never includes the destination's setup.
 //!
 //! *Precopy rounds* (optional, hybrid migration) come first, while the guest keeps running: with
 //! KVM's dirty log on, round 1 sends every page on the bulk channel, each later round drops the
@@ -28,11 +30,13 @@
 //! The destination ([`incoming`], [`Incoming::receive`]) creates the memory (empty, under
 //! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
 //! precopy pages are installed while the source still runs the guest and the switchover only
-//! restores vCPUs. It resumes the VM once the state has arrived and the bulk channel has passed
-//! `PrecopyDone`. A fault sends a `PageRequest` on the urgent channel and the fault thread itself
-//! reads and installs the reply; a receiver thread installs the bulk stream. Pages are read
-//! straight into a slot of the staging pool and moved into guest memory when the destination
-//! prepared one (it knew the layout ahead: `--mem`), else copied. If the source goes away, faulting vCPUs wait and the error is
+//! restores vCPUs. Once the state has arrived and the bulk channel has passed `PrecopyDone`,
+//! each vCPU thread loads its state and enters the guest at once (one hand-off per vCPU in the
+//! downtime), and the downtime ends when the last one does. A fault sends a `PageRequest` on
+//! the urgent channel and the fault thread itself reads and installs the reply; a receiver
+//! thread installs the bulk stream. Pages are read straight into a slot of the staging pool
+//! and moved into guest memory when the destination prepared one (it knew the layout ahead:
+//! `--mem`), else copied. If the source goes away, faulting vCPUs wait and the error is
 //! reported: pages never become zero behind the guest's back. The message sequence is in
 //! `tsubame_pageserver::protocol`.
 

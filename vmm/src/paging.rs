@@ -42,7 +42,8 @@ pub struct PagingStats {
     pub demand_max_us: f64,
     /// (µs, share at or below) points of the fault-read -> installed distribution.
     pub demand_cdf: Vec<(f64, f64)>,
-    /// When the VM first resumed, µs since the Unix epoch (0: not yet).
+    /// When the VM first resumed (its last vCPU entered the guest), µs since the Unix epoch
+    /// (0: not yet).
     pub resumed_unix_us: u64,
     /// When every page was local, counted from the start of demand paging.
     pub all_present_ms: Option<f64>,
@@ -63,7 +64,8 @@ pub struct DemandPaging {
     started: Instant,
     /// Called once when the VM first resumes (an incoming migration tells its source).
     resumed: Mutex<Option<ResumeHook>>,
-    /// When the VM first resumed, µs since the Unix epoch (0: not yet).
+    /// When the VM first resumed (its last vCPU entered the guest), µs since the Unix epoch
+    /// (0: not yet).
     resumed_unix_us: std::sync::atomic::AtomicU64,
     /// The staging pool pages are received into, if any (for statistics).
     staging: Option<Arc<tsubame_uffd::StagingPool>>,
