@@ -755,8 +755,11 @@ impl Outgoing {
                 unsafe { memory.frozen_slice(g * PAGE_SIZE, len) }.map_err(bad)?
             };
             // Never-populated pages are zero markers without being read (which would map them).
+            // Not for a demand reply: one page the guest wants, where reading it costs less
+            // than asking the pagemap (a system call on the fault's critical path); a
+            // never-populated page reads as zeros and still goes as a marker.
             populated.clear();
-            if let Some(pm) = &self.pagemap {
+            if let Some(pm) = self.pagemap.as_ref().filter(|_| kind != SendKind::Demand) {
                 memory
                     .populated(pm, g * PAGE_SIZE, len / PAGE_BYTES, &mut populated)
                     .map_err(bad)?;
