@@ -141,6 +141,17 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
     let out: Value =
         serde_json::from_str(&dest.finish()?).context("parsing the destination's summary")?;
     let p = &out["demand_paging"];
+    // Both stamps are wall-clock microseconds on this one host.
+    let (paused, resumed) = (
+        m["paused_unix_us"].as_u64().unwrap_or(0),
+        p["resumed_unix_us"].as_u64().unwrap_or(0),
+    );
+    if paused > 0 && resumed >= paused {
+        println!(
+            "downtime:    {} µs from the pause at the source to the guest running at the destination",
+            resumed - paused
+        );
+    }
     println!(
         "destination: guest finished {} steps {:.2} s after the switchover; {} faults, fault-to-install p50 {:.0} µs, p99 {:.0} µs",
         out["progress"]["steps"],
