@@ -424,8 +424,8 @@ impl Vm {
         let switched = (|| -> Result<(), Error> {
             if options.precopy_rounds > 0 {
                 // Written since the last round: dropped at the destination, sent postcopy.
-                // (The log stays on until after the switchover: turning it off rebuilds the
-                // memory slots, which would only lengthen the downtime.)
+                // (The log stays on: turning it off rebuilds the memory slots, which would
+                // only lengthen the downtime; see below.)
                 stale = self.kvm.take_dirty_pages(&self.memory)?;
                 stale.sort_unstable();
                 if options.prepage == migration::Prepage::Hot {
@@ -451,7 +451,11 @@ impl Vm {
             )?;
             Ok(())
         })();
-        if options.precopy_rounds > 0 {
+        // The log goes off only if the VM stays here. Once the state is sent the vCPUs never
+        // run here again, and turning it off rebuilds the memory slots: milliseconds of CPU
+        // taken exactly when the destination is resuming (measured: hybrid downtimes of 6 ms
+        // against 1 ms on 2 cores).
+        if options.precopy_rounds > 0 && !out.switched_over() {
             let _ = self.kvm.set_dirty_logging(&self.memory, false);
         }
         if switched.is_err() && !out.switched_over() && !was_paused {
