@@ -27,6 +27,18 @@ fn destination(extra: &[&str]) -> (VmProcess, String) {
 }
 
 fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_rounds: u32) {
+    migrate_to(name, vcpus, workload, prepage, precopy_rounds, true);
+}
+
+/// [`migrate`], with the destination's staging pool on or off.
+fn migrate_to(
+    name: &str,
+    vcpus: &str,
+    workload: &str,
+    prepage: &str,
+    precopy_rounds: u32,
+    staging: bool,
+) {
     let dir = Scratch::new(name);
     let common = [
         "--mem",
@@ -41,8 +53,13 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_round
     let reference = run_to_end(&common).unwrap();
 
     let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
-    // Told the size, the destination prepares a staging pool and moves pages in from it.
-    let (dest, uri) = destination(&["--mem", "64M"]);
+    // Told the size, the destination prepares a staging pool and moves pages in from it,
+    // unless told not to.
+    let (dest, uri) = if staging {
+        destination(&["--mem", "64M"])
+    } else {
+        destination(&["--mem", "64M", "--no-staging-pool"])
+    };
     let stop_at = 300_000 * vcpus.parse::<u64>().unwrap();
     let w = source
         .ctl("wait", json!({"for": "steps", "steps": stop_at}))
@@ -87,6 +104,22 @@ fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_round
     assert!(
         n("staging_pages_used") <= n("staging_pages_prepared"),
         "{paging}"
+    );
+    if !staging {
+        assert_eq!(n("staging_pages_prepared"), 0, "{paging}");
+        assert!(n("pages_copied") > 0, "{paging}");
+    }
+}
+
+#[test]
+fn uniform_1_vcpu_bubble_without_staging_pool() {
+    migrate_to(
+        "mig7",
+        "1",
+        "uniform:ws=32M,write=0.3,seed=77",
+        "bubble",
+        0,
+        false,
     );
 }
 

@@ -69,6 +69,11 @@ pub struct RunArgs {
     /// pages are moved from into guest memory (no allocation or copy during the migration).
     #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "workload", "steps", "vcpus", "report_every", "no_verify_at_end"])]
     pub incoming: Option<String>,
+    /// With --incoming --mem: do not prepare the staging pool. Saves memory the size of the
+    /// guest for the duration of the migration; received pages are then allocated and copied
+    /// into guest memory as they arrive, which is slower where fresh memory is expensive.
+    #[arg(long, requires = "incoming")]
+    pub no_staging_pool: bool,
     /// Shared secret of migrations (both hosts must have the same one).
     #[arg(long, env = "TSUBAME_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
@@ -158,19 +163,16 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 .secret
                 .as_ref()
                 .ok_or(tsubame_vmm::migration::MigrationError::NoSecret)?;
-            let expect = a.mem.map(tsubame_vmm::MemoryLayout::for_size).transpose()?;
-            // Unless --paused, the VM runs as soon as its state is loaded: this is the
-            // migration's downtime.
-            Vm::incoming(
-                uri,
-                secret.as_bytes(),
-                expect.as_ref(),
-                &serial,
-                !a.paused,
-                |addr| {
-                    eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
-                },
-            )
+            let options = tsubame_vmm::migration::IncomingOptions {
+                expect: a.mem.map(tsubame_vmm::MemoryLayout::for_size).transpose()?,
+                staging: !a.no_staging_pool,
+                // Unless --paused, the VM runs as soon as its state is loaded: this is the
+                // migration's downtime.
+                resume: !a.paused,
+            };
+            Vm::incoming(uri, secret.as_bytes(), &options, &serial, |addr| {
+                eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
+            })
             .context("receiving the incoming migration")?
         }
         (Some(path), _) if a.lazy => {

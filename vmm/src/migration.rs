@@ -1169,22 +1169,48 @@ impl std::fmt::Debug for Incoming {
     }
 }
 
+/// How a destination takes in a migration.
+#[derive(Clone, Debug)]
+pub struct IncomingOptions {
+    /// The memory layout the source must have (e.g. from `--mem`); `None` takes the source's.
+    pub expect: Option<MemoryLayout>,
+    /// With `expect`: prepare a staging pool the size of guest memory while waiting (see
+    /// [`incoming`]). Without it, received pages are allocated and copied into guest memory
+    /// during the migration, which is slower where fresh memory is expensive.
+    pub staging: bool,
+    /// Run the VM as soon as its state is loaded; otherwise it arrives paused.
+    pub resume: bool,
+}
+
+impl Default for IncomingOptions {
+    fn default() -> Self {
+        Self {
+            expect: None,
+            staging: true,
+            resume: true,
+        }
+    }
+}
+
 /// Listens on `uri`, calls `ready` with the bound address, and accepts connections until an
 /// authenticated urgent + bulk pair of one session is there. Refused connections (wrong secret,
 /// other version, other layout) are logged and the destination keeps waiting.
 ///
-/// With the layout known ahead (`expect`), a staging pool the size of guest memory is faulted
-/// in on a background thread meanwhile (lowest priority, until the migration completes), so
-/// that received pages are later moved into guest memory instead of allocated and copied
-/// there (see `tsubame_uffd::staging`). It costs the memory the guest's pages would take
-/// anyway; pages that arrive as zero pages leave their share unused until the migration ends.
+/// With the layout known ahead (`options.expect`) and `options.staging`, a staging pool the
+/// size of guest memory is faulted in on a background thread meanwhile (lowest priority, until
+/// the migration completes), so that received pages are later moved into guest memory instead
+/// of allocated and copied there (see `tsubame_uffd::staging`). It costs the memory the
+/// guest's pages would take anyway, but for the whole migration, and pages that arrive as zero
+/// pages leave their share unused until the migration ends.
 pub fn incoming(
     uri: &str,
     secret: &[u8],
-    expect: Option<&MemoryLayout>,
+    options: &IncomingOptions,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<Incoming, MigrationError> {
-    let staging = match expect.map(|l| StagingPool::new(l.total_pages())) {
+    let expect = options.expect.as_ref();
+    let pool_layout = expect.filter(|_| options.staging);
+    let staging = match pool_layout.map(|l| StagingPool::new(l.total_pages())) {
         Some(Ok(pool)) => {
             let pool = Arc::new(pool);
             let p = pool.clone();

@@ -303,18 +303,18 @@ impl Vm {
     /// listening, accepts an authenticated migration, creates memory (empty, under
     /// userfaultfd) and the KVM VM at once, tells the source it is ready (the source pauses
     /// its VM only then), takes in the precopy rounds if any, and returns the VM once its
-    /// state arrived: running if `resume` (its vCPUs enter the guest as soon as each has
-    /// loaded its state), else paused. `expect` (e.g. from `--mem`) must match the source's
-    /// layout if given.
+    /// state arrived: running if `options.resume` (its vCPUs enter the guest as soon as each
+    /// has loaded its state), else paused. `options.expect` (e.g. from `--mem`) must match the
+    /// source's layout if given.
     pub fn incoming(
         uri: &str,
         secret: &[u8],
-        expect: Option<&MemoryLayout>,
+        options: &migration::IncomingOptions,
         serial: &SerialOutput,
-        resume: bool,
         ready: impl FnOnce(std::net::SocketAddr),
     ) -> Result<Self, Error> {
-        let inc = migration::incoming(uri, secret, expect, ready)?;
+        let resume = options.resume;
+        let inc = migration::incoming(uri, secret, options, ready)?;
         // Before the state arrives, off the switchover's critical path: the KVM VM, its vCPUs
         // and their threads; the switchover only loads their state.
         let created = (|| -> Result<_, Error> {

@@ -26,9 +26,11 @@ fn destination(
         Vm::incoming(
             "tcp:127.0.0.1:0",
             secret,
-            None,
+            &tsubame_vmm::migration::IncomingOptions {
+                resume,
+                ..Default::default()
+            },
             &SerialOutput::Discard,
-            resume,
             |a| tx.send(a).unwrap(),
         )
     });
