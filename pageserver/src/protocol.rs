@@ -25,8 +25,9 @@
 //!  bulk:    ------- Pages / ZeroPages ... RoundDone{1} -> |  optional precopy rounds while the
 //!           <------ RoundDone{1} (on urgent) ------------ |  VM still runs at the source; later
 //!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
-//!  bulk:    ------- Discard ... PrecopyDone ------------> |  switchover: pages dirtied since the
-//!  urgent:  ------- VmState{json} ----------------------> |  last round dropped; restore, resume
+//!  urgent:  ------- VmState{json} ----------------------> |  switchover: restore once pages
+//!  bulk:    ------- Discard ... PrecopyDone ------------> |  dirtied since the last round are
+//!                                                         |  dropped, then resume
 //!           <------ Resumed ----------------------------- |  the source starts its push
 //!           <------ PageRequest{gfn, count: 1} ---------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages -------> |  exactly one reply per request

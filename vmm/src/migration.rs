@@ -12,20 +12,23 @@
 //! the bulk channel is empty when the next round (or the switchover) starts. Rounds never have to
 //! converge: whatever the guest wrote after the last one simply goes postcopy.
 //!
-//! *Switchover*: the source pauses the vCPUs, tells the destination to drop the pages written
-//! since the last round, ends the precopy phase (`PrecopyDone`) and sends the vCPU and device
-//! state on the urgent channel. From then on it is the page server of the VM: it answers demand
-//! requests on the urgent channel and pushes every other page on the bulk channel (address
-//! order, around faults, or hot pages first: [`Prepage`]), skipping pages already sent (a
-//! "sent" bitmap), zero pages as markers. A demand request is always answered, even for a page
-//! the push has queued: waiting behind the bulk stream would defeat the urgent channel (such
-//! duplicates are counted). When the destination says `Complete` (every page is local there),
-//! the source is done. Anything that fails before the state is sent leaves the VM running at the
-//! source. The bulk channel is flow-controlled ([`crate::flow`]): the destination acknowledges
-//! what it has installed and the source keeps about two bandwidth-delay products in flight, so
-//! pushed pages never wait long in socket buffers where a guest would fault on them. After the
-//! switchover the source sends straight from guest memory (the vCPUs stay paused), and pages
-//! `/proc/self/pagemap` shows were never populated go as zero markers without being read.
+//! *Switchover*: the source pauses the vCPUs, sends the vCPU and device state on the urgent
+//! channel, then tells the destination to drop the pages written since the last round and ends
+//! the precopy phase (`PrecopyDone`) on the bulk channel; the destination reads the state while
+//! it drops them. Before the pause, discard-only passes have dropped what the guest wrote since
+//! the last round, until a pass is small. From then on it is the page server of the VM: it
+//! answers demand requests on the urgent channel and pushes every other page on the bulk
+//! channel (address order, around faults, or hot pages first: [`Prepage`]), skipping pages
+//! already sent (a "sent" bitmap), zero pages as markers. A demand request is always answered,
+//! even for a page the push has queued: waiting behind the bulk stream would defeat the urgent
+//! channel (such duplicates are counted). When the destination says `Complete` (every page is
+//! local there), the source is done. Anything that fails before `PrecopyDone` is out leaves the
+//! VM running at the source (the destination runs it only after `PrecopyDone`). The bulk channel is flow-controlled ([`crate::flow`]): the
+//! destination acknowledges what it has installed and the source keeps about two
+//! bandwidth-delay products in flight, so pushed pages never wait long in socket buffers where
+//! a guest would fault on them. After the switchover the source sends straight from guest
+//! memory (the vCPUs stay paused), and pages `/proc/self/pagemap` shows were never populated go
+//! as zero markers without being read.
 //!
 //! The destination ([`incoming`], [`Incoming::receive`]) creates the memory (empty, under
 //! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
@@ -380,6 +383,12 @@ pub struct Channels {
     pub bulk: BulkWriter,
 }
 
+/// Drop passes before the pause (see [`Outgoing::precopy`]) stop once one covers at most this
+/// many pages (4 MiB: a few hundred microseconds for the destination to drop)...
+const DROP_PASS_SMALL: usize = 1024;
+/// ...or after this many passes, for a guest that writes faster than the destination drops.
+const DROP_PASSES_MAX: u32 = 8;
+
 /// Longest wait for the destination to create its VM after the handshake.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -545,20 +554,33 @@ impl Outgoing {
             }
             self.end_round(channels, round)?;
         }
-        // A last pass drops, while the guest still runs here, what it wrote since the last
+        // Passes that drop, while the guest still runs here, what it wrote since the last
         // round, without sending it again: those pages go postcopy. The discards made at the
-        // switchover, inside the downtime, then cover only the last moments (dropping pages
-        // costs the destination ~1 µs each: tens of milliseconds for a fast writer's last
-        // round otherwise).
-        let written = dirty()?;
-        if !written.is_empty() {
-            for (gfn, n) in gfn_runs(&written, u64::MAX) {
+        // switchover, inside the downtime, then cover only the last moments: dropping a page
+        // costs the destination about half a microsecond, so a fast writer's last round would
+        // otherwise take tens of milliseconds of downtime. A guest writing while a pass is
+        // dropped leaves the next pass less to do (it writes slower than the destination
+        // drops), so passes repeat until one is small.
+        let mut written = Vec::new();
+        for pass in 1..=DROP_PASSES_MAX {
+            let dirtied = dirty()?;
+            if dirtied.is_empty() {
+                break;
+            }
+            for (gfn, n) in gfn_runs(&dirtied, u64::MAX) {
                 let dropped = self.unsend(memory, gfn, n);
                 self.pages_stale.fetch_add(dropped, Ordering::Relaxed);
                 Message::Discard { gfn, count: n }.write_to(&mut channels.bulk)?;
             }
-            self.end_round(channels, self.precopy_rounds + 1)?;
+            self.end_round(channels, self.precopy_rounds + pass)?;
+            let small = dirtied.len() <= DROP_PASS_SMALL;
+            written.extend(dirtied);
+            if small {
+                break;
+            }
         }
+        written.sort_unstable();
+        written.dedup();
         Ok(written)
     }
 
@@ -586,11 +608,12 @@ impl Outgoing {
         was_sent
     }
 
-    /// Switchover with the vCPUs paused since `paused_at`: tells the destination to drop the
-    /// `stale` pages (written since the last precopy round; sorted), ends the precopy phase,
-    /// sends the VM state, then serves the memory on two threads until the destination has
-    /// every page. An error before the state is sent leaves the destination without a VM: the
-    /// caller may resume the VM here.
+    /// Switchover with the vCPUs paused since `paused_at`: sends the VM state, tells the
+    /// destination to drop the `stale` pages (written since the last precopy round; sorted)
+    /// and ends the precopy phase, then serves the memory on two threads until the destination
+    /// has every page. The state goes first so that the destination reads it while it drops
+    /// the stale pages; it resumes only after `PrecopyDone`. An error before that is flushed
+    /// leaves the destination unable to run the VM: the caller may resume it here.
     #[allow(clippy::too_many_arguments)]
     pub fn switch_over(
         self: &Arc<Self>,
@@ -607,6 +630,12 @@ impl Outgoing {
             mut urgent,
             mut bulk,
         } = channels;
+        let json =
+            serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
+        self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
+        let encoded = paused_at.elapsed();
+        Message::VmState(json).write_to(&mut urgent)?;
+        let sent = paused_at.elapsed();
         for (gfn, n) in gfn_runs(stale, u64::MAX) {
             // Pages dropped before the pause and not sent since need no second drop.
             let dropped = self.unsend(&memory, gfn, n);
@@ -617,15 +646,9 @@ impl Outgoing {
         }
         Message::PrecopyDone.write_to(&mut bulk)?;
         bulk.flush()?;
-        let flushed = paused_at.elapsed();
-        let json =
-            serde_json::to_vec(state).map_err(|e| MigrationError::BadState(e.to_string()))?;
-        self.state_bytes.store(json.len() as u64, Ordering::Relaxed);
-        let encoded = paused_at.elapsed();
-        Message::VmState(json).write_to(&mut urgent)?;
         let now = Instant::now();
         log::debug!(
-            "switchover: bulk flushed after {flushed:?}, state encoded after {encoded:?}, sent after {:?}",
+            "switchover: state encoded after {encoded:?}, sent after {sent:?}, bulk flushed after {:?}",
             now.duration_since(paused_at)
         );
         let since_pause = now.duration_since(paused_at);
