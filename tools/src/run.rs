@@ -66,7 +66,8 @@ pub struct RunArgs {
     /// sends, with guest pages fetched on demand through userfaultfd. The source starts it with
     /// `tsubame ctl SOCK migrate uri=tcp:HOST:PORT`. With --mem, the source's memory must match,
     /// and the destination faults in a staging area of that size while it waits, which received
-    /// pages are moved from into guest memory (no allocation or copy during the migration).
+    /// pages are moved from into guest memory (no allocation or copy during the migration;
+    /// --no-staging-pool turns this off).
     #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "workload", "steps", "vcpus", "report_every", "no_verify_at_end"])]
     pub incoming: Option<String>,
     /// With --incoming --mem: do not prepare the staging pool. Saves memory the size of the
