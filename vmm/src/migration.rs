@@ -23,12 +23,12 @@
 //! even for a page the push has queued: waiting behind the bulk stream would defeat the urgent
 //! channel (such duplicates are counted). When the destination says `Complete` (every page is
 //! local there), the source is done. Anything that fails before `PrecopyDone` is out leaves the
-//! VM running at the source (the destination runs it only after `PrecopyDone`). The bulk channel is flow-controlled ([`crate::flow`]): the
-//! destination acknowledges what it has installed and the source keeps about two
-//! bandwidth-delay products in flight, so pushed pages never wait long in socket buffers where
-//! a guest would fault on them. After the switchover the source sends straight from guest
-//! memory (the vCPUs stay paused), and pages `/proc/self/pagemap` shows were never populated go
-//! as zero markers without being read.
+//! VM running at the source (the destination runs it only after `PrecopyDone`). The bulk
+//! channel is flow-controlled ([`crate::flow`]): the destination acknowledges what it has
+//! installed and the source keeps about two bandwidth-delay products in flight, so pushed pages
+//! never wait long in socket buffers where a guest would fault on them. After the switchover
+//! the source sends straight from guest memory (the vCPUs stay paused), and pages
+//! `/proc/self/pagemap` shows were never populated go as zero markers without being read.
 //!
 //! The destination ([`incoming`], [`Incoming::receive`]) creates the memory (empty, under
 //! userfaultfd: [`DemandPaging`]) and the KVM VM as soon as the connections are accepted, so
@@ -281,7 +281,8 @@ pub struct MigrationStatus {
     pub pages_stale: u64,
     /// Migration start -> vCPUs paused (precopy and profiling).
     pub precopy_ms: Option<f64>,
-    /// Pause of the vCPUs -> state sent (the source's share of the downtime).
+    /// Pause of the vCPUs -> state, last discards and `PrecopyDone` sent (the source's share of
+    /// the downtime).
     pub downtime_us: u64,
     /// When the vCPUs paused, µs since the Unix epoch (0: not yet). With the destination's
     /// `resumed_unix_us` on the same host, the whole downtime, network included.
