@@ -141,15 +141,9 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
     let out: Value =
         serde_json::from_str(&dest.finish()?).context("parsing the destination's summary")?;
     let p = &out["demand_paging"];
-    // Both stamps are wall-clock microseconds on this one host.
-    let (paused, resumed) = (
-        m["paused_unix_us"].as_u64().unwrap_or(0),
-        p["resumed_unix_us"].as_u64().unwrap_or(0),
-    );
-    if paused > 0 && resumed >= paused {
+    if let Some(us) = whole_downtime_us(&m, p) {
         println!(
-            "downtime:    {} µs from the pause at the source to the guest running at the destination",
-            resumed - paused
+            "downtime:    {us} µs from the pause at the source to the guest running at the destination"
         );
     }
     println!(
@@ -173,6 +167,16 @@ pub fn demo(a: &DemoArgs) -> Result<i32> {
         println!("digest check: FAILED: migrated {migrated}, reference {reference}");
         Ok(1)
     }
+}
+
+/// A migration's whole downtime, paused at the source -> running at the destination, from the
+/// wall-clock stamps both processes report on this one host: `paused_unix_us` in the source's
+/// migration status, `resumed_unix_us` in the destination's demand paging. None if either is
+/// missing (or they are not in that order).
+pub fn whole_downtime_us(source: &Value, paging: &Value) -> Option<u64> {
+    let paused = source["paused_unix_us"].as_u64().filter(|&p| p > 0)?;
+    let resumed = paging["resumed_unix_us"].as_u64()?;
+    resumed.checked_sub(paused).filter(|&d| d > 0)
 }
 
 /// Runs `workload` for `steps` steps per vCPU in this process, never migrating, and returns the

@@ -351,16 +351,10 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     let total_ms = f(&src["total_ms"]);
     let precopy_ms = f(&src["precopy_ms"]);
     let downtime_source_us = f(&src["downtime_us"]);
-    // Paused at the source -> resumed at the destination, on this host's wall clock: the
-    // whole downtime, the state's trip over the link included.
-    let resumed = n(&paging["resumed_unix_us"]);
-    let paused = n(&src["paused_unix_us"]);
+    // The whole downtime, the state's trip over the link included.
     #[allow(clippy::cast_precision_loss)]
-    let downtime_us = if resumed > paused && paused > 0 {
-        (resumed - paused) as f64
-    } else {
-        downtime_source_us + dest_us
-    };
+    let downtime_us = crate::demo::whole_downtime_us(&src, paging)
+        .map_or(downtime_source_us + dest_us, |us| us as f64);
     Ok(MigrationResult {
         precopy_ms,
         downtime_source_us,
