@@ -1,4 +1,8 @@
 //! A fixed-size bitmap of atomics: one bit per guest page, set from any thread without locks.
+//!
+//! It also keeps the number of set bits, so that "is every page here?" costs one load: the
+//! fault engine asks it after every install, and counting a 1 GiB guest's bitmap (4,096
+//! words) each time took a tenth of the fault thread's time on the demand path.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -7,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct AtomicBitmap {
     words: Vec<AtomicU64>,
     bits: u64,
+    /// Set bits; updated right after each change to `words`, by the thread that made it.
+    ones: AtomicU64,
 }
 
 impl AtomicBitmap {
@@ -16,6 +22,7 @@ impl AtomicBitmap {
         Self {
             words: (0..n).map(|_| AtomicU64::new(0)).collect(),
             bits,
+            ones: AtomicU64::new(0),
         }
     }
 
@@ -46,27 +53,68 @@ impl AtomicBitmap {
     /// Sets `bit`; returns whether it was already set.
     pub fn test_and_set(&self, bit: u64) -> bool {
         let (w, m) = self.word(bit);
-        w.fetch_or(m, Ordering::AcqRel) & m != 0
+        let was = w.fetch_or(m, Ordering::AcqRel) & m != 0;
+        if !was {
+            self.ones.fetch_add(1, Ordering::AcqRel);
+        }
+        was
+    }
+
+    /// Clears `bit`; returns whether it was set.
+    pub fn test_and_clear(&self, bit: u64) -> bool {
+        let (w, m) = self.word(bit);
+        let was = w.fetch_and(!m, Ordering::AcqRel) & m != 0;
+        if was {
+            self.ones.fetch_sub(1, Ordering::AcqRel);
+        }
+        was
     }
 
     /// Clears `bit`.
     pub fn clear(&self, bit: u64) {
-        let (w, m) = self.word(bit);
-        w.fetch_and(!m, Ordering::AcqRel);
+        self.test_and_clear(bit);
     }
 
-    /// Sets `count` bits from `first`.
-    pub fn set_range(&self, first: u64, count: u64) {
-        for b in first..first + count {
-            self.test_and_set(b);
+    /// Calls `f(word, mask)` for each word that `[first, first + count)` touches, with the
+    /// mask of its bits in the range.
+    fn for_each_word(&self, first: u64, count: u64, mut f: impl FnMut(&AtomicU64, u64)) {
+        if count == 0 {
+            return;
+        }
+        let end = first + count;
+        assert!(end <= self.bits, "bits {first}..{end} out of {}", self.bits);
+        let mut b = first;
+        while b < end {
+            let lo = b % 64;
+            let hi = (end - b / 64 * 64).min(64); // bits of this word in range: [lo, hi)
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            f(&self.words[usize::try_from(b / 64).expect("index")], mask);
+            b = b / 64 * 64 + hi;
         }
     }
 
-    /// Clears `count` bits from `first`.
-    pub fn clear_range(&self, first: u64, count: u64) {
-        for b in first..first + count {
-            self.clear(b);
-        }
+    /// Sets `count` bits from `first`, a word at a time; returns how many were clear.
+    pub fn set_range(&self, first: u64, count: u64) -> u64 {
+        let mut newly = 0;
+        self.for_each_word(first, count, |w, mask| {
+            newly += u64::from(((w.fetch_or(mask, Ordering::AcqRel) & mask) ^ mask).count_ones());
+        });
+        self.ones.fetch_add(newly, Ordering::AcqRel);
+        newly
+    }
+
+    /// Clears `count` bits from `first`, a word at a time; returns how many were set.
+    pub fn clear_range(&self, first: u64, count: u64) -> u64 {
+        let mut cleared = 0;
+        self.for_each_word(first, count, |w, mask| {
+            cleared += u64::from((w.fetch_and(!mask, Ordering::AcqRel) & mask).count_ones());
+        });
+        self.ones.fetch_sub(cleared, Ordering::AcqRel);
+        cleared
     }
 
     /// The first clear bit in `[from, to)`, or `to` if they are all set: a word at a time.
@@ -84,12 +132,10 @@ impl AtomicBitmap {
         to
     }
 
-    /// Number of set bits.
+    /// Number of set bits (one load). While other threads change the bitmap it may lag
+    /// their changes briefly; the thread that makes the last change sees the final count.
     pub fn count_ones(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.ones.load(Ordering::Acquire)
     }
 }
 
@@ -108,6 +154,36 @@ mod tests {
         b.set_range(0, 64);
         assert!(b.get(63) && !b.get(64));
         assert_eq!(b.count_ones(), 65);
+    }
+
+    #[test]
+    fn range_operations_count_only_the_bits_they_change() {
+        let b = AtomicBitmap::new(300);
+        let count = || -> u64 { (0..300).map(|i| u64::from(b.get(i))).sum() };
+        b.test_and_set(70);
+        b.test_and_set(130);
+        // Across three words, partly set already.
+        assert_eq!(b.set_range(60, 80), 78);
+        assert_eq!(b.count_ones(), 80);
+        assert_eq!(count(), 80);
+        assert!(!b.get(59) && b.get(60) && b.get(139) && !b.get(140));
+        // Whole words, and the last partial word.
+        assert_eq!(b.set_range(0, 300), 220);
+        assert_eq!(b.count_ones(), 300);
+        assert_eq!(b.clear_range(63, 2), 2);
+        assert!(b.get(62) && !b.get(63) && !b.get(64) && b.get(65));
+        assert_eq!(b.clear_range(0, 128), 126);
+        assert_eq!(b.count_ones(), 172);
+        assert_eq!(count(), 172);
+        assert!(b.test_and_clear(299) && !b.test_and_clear(299));
+        assert_eq!(b.set_range(5, 0), 0);
+        assert_eq!(b.count_ones(), 171);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of")]
+    fn a_range_past_the_end_panics() {
+        AtomicBitmap::new(100).set_range(90, 11);
     }
 
     #[test]

@@ -601,12 +601,7 @@ impl Outgoing {
         let Some(first) = memory.layout().page_index(gfn) else {
             return 0;
         };
-        let mut was_sent = 0;
-        for k in 0..n {
-            was_sent += u64::from(self.sent.get(first + k));
-            self.sent.clear(first + k);
-        }
-        was_sent
+        self.sent.clear_range(first, n)
     }
 
     /// Switchover with the vCPUs paused since `paused_at`: sends the VM state, tells the
