@@ -21,6 +21,10 @@ pub struct Loopback {
     /// A 16-byte request answered by 4 KiB, one at a time (what a demand fault costs on the wire).
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
+    /// The same with both ends spinning on non-blocking sockets (no wakeups): the lower bound
+    /// of a demand round trip when two CPUs are free for the two ends.
+    pub spinning_rtt_p50_us: f64,
+    pub spinning_rtt_p99_us: f64,
     /// One connection, 1 MiB writes.
     pub throughput_gb_per_s: f64,
 }
@@ -45,31 +49,75 @@ pub fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_nanos() as f64 / 1e3
 }
 
-/// Measures loopback TCP: `round_trips` 4 KiB round trips and `bytes` of bulk transfer.
-#[allow(clippy::cast_precision_loss)]
-pub fn loopback(round_trips: usize, bytes: u64) -> Result<Loopback> {
+/// Reads exactly `buf.len()` bytes; with `spin`, from a non-blocking socket, retrying at once
+/// instead of sleeping. `Ok(false)`: the peer closed the connection first.
+fn read_all(s: &mut TcpStream, buf: &mut [u8], spin: bool) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Ok(false),
+            Ok(n) => got += n,
+            Err(e) if spin && e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// Writes all of `buf`; with `spin`, to a non-blocking socket, retrying at once.
+fn write_all(s: &mut TcpStream, buf: &[u8], spin: bool) -> std::io::Result<()> {
+    let mut put = 0;
+    while put < buf.len() {
+        match s.write(&buf[put..]) {
+            Ok(n) => put += n,
+            Err(e) if spin && e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::hint::spin_loop();
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `n` request/response round trips (16 bytes out, 4 KiB back) between two threads, sorted.
+/// With `spin`, both ends poll non-blocking sockets instead of sleeping in the kernel, as
+/// Tsubame's demand path does while a reply is due.
+fn round_trips(n: usize, spin: bool) -> Result<Vec<Duration>> {
     let (mut c, mut s) = pair()?;
+    c.set_nonblocking(spin)?;
+    s.set_nonblocking(spin)?;
     let server = std::thread::spawn(move || -> std::io::Result<()> {
         let mut req = [0u8; 16];
         let page = [7u8; 4096];
-        loop {
-            if s.read_exact(&mut req).is_err() {
-                return Ok(()); // client done
-            }
-            s.write_all(&page)?;
+        while read_all(&mut s, &mut req, spin)? {
+            write_all(&mut s, &page, spin)?;
         }
+        Ok(()) // client done
     });
     let mut page = [0u8; 4096];
-    let mut rtts = Vec::with_capacity(round_trips);
-    for _ in 0..round_trips {
+    let mut rtts = Vec::with_capacity(n);
+    for _ in 0..n {
         let t = Instant::now();
-        c.write_all(&[1u8; 16])?;
-        c.read_exact(&mut page)?;
+        write_all(&mut c, &[1u8; 16], spin)?;
+        if !read_all(&mut c, &mut page, spin)? {
+            bail!("the loopback server closed the connection");
+        }
         rtts.push(t.elapsed());
     }
     drop(c);
     server.join().expect("loopback server")?;
     rtts.sort_unstable();
+    Ok(rtts)
+}
+
+/// Measures loopback TCP: `round_trips` 4 KiB round trips (sleeping, then spinning) and
+/// `bytes` of bulk transfer.
+#[allow(clippy::cast_precision_loss)]
+pub fn loopback(round_trips_n: usize, bytes: u64) -> Result<Loopback> {
+    let rtts = round_trips(round_trips_n, false)?;
+    let spun = round_trips(round_trips_n, true)?;
 
     let (mut c, mut s) = pair()?;
     let sink = std::thread::spawn(move || -> std::io::Result<u64> {
@@ -98,6 +146,8 @@ pub fn loopback(round_trips: usize, bytes: u64) -> Result<Loopback> {
     Ok(Loopback {
         rtt_p50_us: percentile_us(&rtts, 0.5),
         rtt_p99_us: percentile_us(&rtts, 0.99),
+        spinning_rtt_p50_us: percentile_us(&spun, 0.5),
+        spinning_rtt_p99_us: percentile_us(&spun, 0.99),
         throughput_gb_per_s: sent as f64 / secs / 1e9,
     })
 }
@@ -152,10 +202,22 @@ pub fn host_floor(pages: u64) -> Result<LocalFloor> {
     })
 }
 
+/// A guest whose demand faults an in-process handler serves (the local floor).
+#[derive(Clone, Debug, Serialize)]
+pub struct GuestFloor {
+    /// Guest steps per second with every page local.
+    pub local_steps_per_s: f64,
+    /// Guest µs per step when each step faults on a page the handler reads from a local file.
+    pub faulting_step_us: f64,
+    /// The fault engine's view of those faults (fault read -> installed): what installing a
+    /// page costs without a network, the engine-side floor.
+    pub engine_p50_us: f64,
+    pub engine_p99_us: f64,
+}
+
 /// A guest that first-touches pages served by an in-process userfaultfd handler: a VM with a
 /// sequential workload runs one pass over its working set, is saved, and is restored with
 /// demand paging only (no prefetch, the pages come from the snapshot file when touched).
-/// Returns (guest steps/s with every page local, guest µs per step when each step faults).
 #[allow(clippy::cast_precision_loss)]
 pub fn guest_floor(
     mem_bytes: u64,
@@ -163,7 +225,7 @@ pub fn guest_floor(
     dir: &Path,
     skip: u64,
     pages: u64,
-) -> Result<(f64, f64)> {
+) -> Result<GuestFloor> {
     let vm = Vm::new(&VmConfig {
         mem_bytes,
         vcpus: 1,
@@ -215,7 +277,15 @@ pub fn guest_floor(
         }
     };
     let _ = std::fs::remove_file(&snap);
-    Ok((local_rate, (tb - ta).as_secs_f64() * 1e6 / (sb - sa) as f64))
+    let engine = vm
+        .paging_stats()
+        .context("the restored guest has no demand paging")?;
+    Ok(GuestFloor {
+        local_steps_per_s: local_rate,
+        faulting_step_us: (tb - ta).as_secs_f64() * 1e6 / (sb - sa) as f64,
+        engine_p50_us: engine.demand_p50_us.unwrap_or(0.0),
+        engine_p99_us: engine.demand_p99_us.unwrap_or(0.0),
+    })
 }
 
 fn vm_working_set(vm: &Vm) -> Result<u64> {
