@@ -209,8 +209,10 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
                         (r, None, ok)
                     };
                     println!(
-                        "  {tag:<34} total {:>7.0} ms  downtime {:>6.0} µs  demand p50 {:>5.0} µs p99 {:>6.0} µs  \
-                         push {:>5.2} GB/s  full speed after {:>6} ms  digest {}",
+                        "  {tag:<34} total {:>7.0} ms (after switchover {:>5.0} ms)  downtime {:>6.0} µs  \
+                         demand p50 {:>5.0} µs p99 {:>6.0} µs  push {:>5.2} GB/s  full speed after {:>6} ms  \
+                         digest {}",
+                        result.total_with_precopy_ms,
                         result.total_ms,
                         result.downtime_us,
                         result.demand_p50_us,
