@@ -360,15 +360,6 @@ pub struct MigrateOptions {
 /// after the fault).
 const BUBBLE: u64 = 16;
 
-/// Pages per push step: 2 MiB, one page-table page's worth. The destination receives each run
-/// into its staging pool and moves it in with one `UFFDIO_MOVE`, and the kernel flushes the
-/// moved pages from the other CPUs once per batch, a batch ending where a page table does
-/// (see [`ReplyReader`]). With 64-page runs, `perf` put 46 % of the bulk receiver's time in
-/// waiting for those flushes' inter-processor interrupts (about 80 µs each on this host, itself
-/// a VM); with 512-page runs 7 %, and the push went from 0.74-1.06 to 1.07-1.69 GB/s (9
-/// alternating pairs of `bench migrate`, the three postcopy policies).
-const PUSH_RUN: u64 = 512;
-
 /// How a run of pages is being sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SendKind {
@@ -422,17 +413,20 @@ fn wait_ready(urgent: &TcpStream) -> Result<(), MigrationError> {
 }
 
 /// Runs of consecutive gfns in a sorted list, at most `max` pages each.
-fn gfn_runs(gfns: &[u64], max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-    let mut rest = gfns;
-    std::iter::from_fn(move || {
-        let (&first, _) = rest.split_first()?;
-        let mut n = 1;
-        while n < rest.len() && rest[n] == first + n as u64 && (n as u64) < max {
-            n += 1;
-        }
-        rest = &rest[n..];
-        Some((first, n as u64))
-    })
+fn gfn_runs(mut gfns: &[u64], max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    std::iter::from_fn(move || take_run(&mut gfns, max))
+}
+
+/// Takes the first run of consecutive gfns, at most `max` pages, off a sorted list: its first
+/// gfn and its length (`None` once the list is empty).
+fn take_run(gfns: &mut &[u64], max: u64) -> Option<(u64, u64)> {
+    let (&first, _) = gfns.split_first()?;
+    let mut n = 1;
+    while n < gfns.len() && gfns[n] == first + n as u64 && (n as u64) < max {
+        n += 1;
+    }
+    *gfns = &gfns[n..];
+    Some((first, n as u64))
 }
 
 /// An outgoing migration: precopy rounds, then the source's page server.
@@ -542,7 +536,7 @@ impl Outgoing {
                     let end = r.first_gfn() + r.pages();
                     let mut gfn = r.first_gfn();
                     while gfn < end {
-                        let n = PUSH_RUN.min(end - gfn);
+                        let n = w.run_pages().min(end - gfn);
                         push.send(w, gfn, n, SendKind::Precopy)?;
                         gfn += n;
                     }
@@ -552,7 +546,8 @@ impl Outgoing {
                 if written.is_empty() {
                     break;
                 }
-                for (gfn, n) in gfn_runs(&written, PUSH_RUN) {
+                let mut rest = &written[..];
+                while let Some((gfn, n)) = take_run(&mut rest, w.run_pages()) {
                     self.unsend(memory, gfn, n);
                     Message::Discard { gfn, count: n }.write_to(w)?;
                     push.send(w, gfn, n, SendKind::Precopy)?;
@@ -880,7 +875,8 @@ impl Outgoing {
                 return Ok(());
             }
             // Hot pages first, in runs of consecutive gfns.
-            for (gfn, n) in gfn_runs(&order.hot, PUSH_RUN) {
+            let mut rest = &order.hot[..];
+            while let Some((gfn, n)) = take_run(&mut rest, w.run_pages()) {
                 push.send(&mut w, gfn, n, SendKind::Push)?;
             }
             // Then a scan in address order, wrapping around. Bubble: each demand fault moves
@@ -919,7 +915,7 @@ impl Outgoing {
                 let skipped = unsent - (base + gfn - first);
                 lap_left = lap_left.saturating_sub(skipped);
                 gfn += skipped;
-                let n = PUSH_RUN.min(end - gfn);
+                let n = w.run_pages().min(end - gfn);
                 push.send(&mut w, gfn, n, SendKind::Push)?;
                 lap_left = lap_left.saturating_sub(n);
                 gfn += n;
@@ -1312,16 +1308,16 @@ enum Stop {
 /// Only the bulk channel's pages go through the pool. `UFFDIO_MOVE` takes the staging page out
 /// of this process's page tables, so the kernel flushes it from every CPU that may cache it:
 /// an inter-processor interrupt that the mover waits for, and on this kind of host (itself a
-/// VM) a slow one. The bulk stream moves 2 MiB runs and pays it once per batch, at most three
-/// per run (a batch ends where a page table of the staging pool or of guest memory does); a
-/// demand reply is one page on the guest's critical path, where the flush landed on the CPU of
-/// another thread of ours (the bulk receiver, or a vCPU that ran there) every time. Copying
-/// a demand reply in (`UFFDIO_COPY` into a page that was never mapped) needs no flush. In
-/// `tsubame bench fault` the engine's p50 went from 45 to 41 µs (medians of 8 alternating
-/// runs). Under the push (`bench migrate`, bubble, 12 runs each alternating with the code
-/// before this and the bitmap's set-bit count) the push went from 1.09 to 1.25 GB/s and the
-/// total from 675 to 587 ms (medians), with fewer interrupts on the receiver's CPU; the
-/// demand p50 stayed within the noise (74 against 78 µs).
+/// VM) a slow one. The bulk stream moves runs of up to 2 MiB and pays it once per batch, at most
+/// three per run (a batch ends where a page table of the staging pool or of guest memory does,
+/// see [`crate::flow::RUN_PAGES_MAX`]); a demand reply is one page on the guest's critical
+/// path, where the flush landed on the CPU of another thread of ours (the bulk receiver, or a
+/// vCPU that ran there) every time. Copying a demand reply in (`UFFDIO_COPY` into a page that
+/// was never mapped) needs no flush. In `tsubame bench fault` the engine's p50 went from 45 to
+/// 41 µs (medians of 8 alternating runs). Under the push (`bench migrate`, bubble, 12 runs
+/// each alternating with the code before this and the bitmap's set-bit count) the push went
+/// from 1.09 to 1.25 GB/s and the total from 675 to 587 ms (medians), with fewer interrupts on
+/// the receiver's CPU; the demand p50 stayed within the noise (74 against 78 µs).
 struct ReplyReader<S> {
     r: Counted<BufReader<S>>,
     spare: Vec<u8>,
@@ -1596,12 +1592,15 @@ impl Incoming {
 
 #[cfg(test)]
 mod tests {
-    use super::gfn_runs;
+    use super::{gfn_runs, take_run};
 
     #[test]
     fn gfn_runs_split_at_gaps_and_at_max() {
         let runs: Vec<_> = gfn_runs(&[1, 2, 3, 7, 8, 20], 2).collect();
         assert_eq!(runs, [(1, 2), (3, 1), (7, 2), (20, 1)]);
         assert_eq!(gfn_runs(&[], 4).count(), 0);
+        let mut rest: &[u64] = &[1, 2, 3, 7, 8, 20];
+        assert_eq!(take_run(&mut rest, 8), Some((1, 3)));
+        assert_eq!(rest, [7, 8, 20]);
     }
 }
