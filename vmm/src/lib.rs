@@ -13,6 +13,7 @@ pub mod control;
 pub mod devices;
 pub mod flow;
 pub mod guest;
+pub mod hoststat;
 pub mod memory;
 pub mod migration;
 pub mod paging;

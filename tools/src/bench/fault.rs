@@ -57,6 +57,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         a.pages
     );
 
+    let cpu_at_start = tsubame_vmm::hoststat::CpuTimes::now();
     let lo = raw::loopback(20_000, 1 << 30).context("measuring loopback TCP")?;
     println!(
         "  loopback TCP: 4 KiB round trip p50 {:.1} µs, p99 {:.1} µs (both ends spinning: p50 \
@@ -112,6 +113,10 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         p50 - guest.engine_p50_us,
         lo.rtt_p50_us
     );
+    let steal_pct = tsubame_vmm::hoststat::steal_pct_since(cpu_at_start);
+    if let Some(s) = steal_pct {
+        println!("  CPU time taken by the hypervisor (steal) during these measurements: {s:.1} %");
+    }
     let result = json!({
         "benchmark": "fault",
         "machine": super::machine_info(),
@@ -124,6 +129,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         "guest_network_stall_us": stall_us,
         "guest_stall_bar_us": bar,
         "engine": engine,
+        "steal_pct": steal_pct,
     });
     let _ = std::fs::remove_dir_all(&dir);
     if let Some(path) = &a.json {

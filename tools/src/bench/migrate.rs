@@ -211,7 +211,7 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
                     println!(
                         "  {tag:<34} total {:>7.0} ms (after switchover {:>5.0} ms)  downtime {:>6.0} µs  \
                          demand p50 {:>5.0} µs p99 {:>6.0} µs  push {:>5.2} GB/s  full speed after {:>6} ms  \
-                         digest {}",
+                         steal {:>4} %  digest {}",
                         result.total_with_precopy_ms,
                         result.total_ms,
                         result.downtime_us,
@@ -221,6 +221,7 @@ pub fn bench_migrate(a: &MigrateBenchArgs) -> Result<i32> {
                         result
                             .time_to_full_speed_ms
                             .map_or("-".into(), |t| format!("{t:.0}")),
+                        result.steal_pct.map_or("-".into(), |s| format!("{s:.1}")),
                         if digest_ok { "OK" } else { "WRONG" }
                     );
                     let row = Row {
@@ -452,25 +453,26 @@ fn summarize(rows: &[Row], lo: &raw::Loopback) -> Vec<Value> {
     let full = |r: &MigrationResult| r.time_to_full_speed_ms.unwrap_or(f64::NAN);
     let demand = |r: &MigrationResult| r.blocktime_per_request_us.unwrap_or(r.demand_p50_us);
     println!(
-        "\n  {:<22} {:>5} {:>6} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} | vs qemu-postcopy: {:>5} {:>6} {:>6} {:>6}",
+        "\n  {:<22} {:>5} {:>6} {:>9} {:>10} {:>9} {:>8} {:>9} {:>9} {:>10} {:>7} | vs qemu-postcopy: {:>5} {:>6} {:>6} {:>6}",
         "median", "MiB", "delay", "total ms", "downtime", "demand", "p99 µs", "push GB/s",
-        "/loopback", "full speed", "total", "down", "demand", "full"
+        "/loopback", "full speed", "steal %", "total", "down", "demand", "full"
     );
     keys.iter()
         .map(|(mem, config, delay)| {
             let m = |f: &dyn Fn(&MigrationResult) -> f64| med(*mem, config, *delay, f);
             let q = |f: &dyn Fn(&MigrationResult) -> f64| med(*mem, "qemu-postcopy", *delay, f);
-            let (t, d, dm, p99, push, fs) = (
+            let (t, d, dm, p99, push, fs, steal) = (
                 m(&total),
                 m(&|r| r.downtime_us),
                 m(&demand),
                 m(&|r| r.demand_p99_us),
                 m(&|r| r.push_gb_per_s),
                 m(&full),
+                m(&|r| r.steal_pct.unwrap_or(f64::NAN)),
             );
             let ratios = (t / q(&total), d / q(&|r| r.downtime_us), dm / q(&demand), fs / q(&full));
             println!(
-                "  {config:<22} {:>5} {delay:>6} {t:>9.0} {d:>8.0}µs {dm:>7.0}µs {p99:>8.0} {push:>9.2} {:>9.2} {fs:>10.0} | {:>24.2} {:>6.2} {:>6.2} {:>6.2}",
+                "  {config:<22} {:>5} {delay:>6} {t:>9.0} {d:>8.0}µs {dm:>7.0}µs {p99:>8.0} {push:>9.2} {:>9.2} {fs:>10.0} {steal:>7.1} | {:>24.2} {:>6.2} {:>6.2} {:>6.2}",
                 mem >> 20,
                 push / lo.throughput_gb_per_s,
                 ratios.0, ratios.1, ratios.2, ratios.3
@@ -482,6 +484,7 @@ fn summarize(rows: &[Row], lo: &raw::Loopback) -> Vec<Value> {
                 "push_gb_per_s": push,
                 "push_vs_loopback": push / lo.throughput_gb_per_s,
                 "time_to_full_speed_ms": fs,
+                "steal_pct": steal,
                 "vs_qemu_postcopy": {"total": ratios.0, "downtime": ratios.1,
                                      "demand": ratios.2, "time_to_full_speed": ratios.3},
             })

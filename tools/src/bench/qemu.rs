@@ -117,6 +117,7 @@ pub fn migrate(
             .map(|s| s * 1e3),
         progress: series,
         switchover_s: switchover,
+        steal_pct: q.steal_pct,
         digest: q.digests.map(|d| d.workload.to_string()),
     };
     Ok((result, q))

@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tsubame_vmm::control::ControlClient;
 use tsubame_vmm::guest::qemu_migration;
+use tsubame_vmm::hoststat::{self, CpuTimes};
 
 use crate::host::Host;
 use crate::linkem::{self, LinkParams};
@@ -86,6 +87,9 @@ pub struct MigrationResult {
     pub progress: Vec<(f64, u64)>,
     /// Seconds since `migrate` of the switchover (state sent).
     pub switchover_s: f64,
+    /// CPU time the hypervisor took from this machine from `migrate` until every page was
+    /// at the destination, in percent (see `tsubame_vmm::hoststat`): a noisy run shows here.
+    pub steal_pct: Option<f64>,
     pub digest: Option<String>,
 }
 
@@ -296,6 +300,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         _ => 0.0,
     };
     let t0 = Instant::now();
+    let cpu_at_migrate = CpuTimes::now();
     let m = ctl.execute(
         "migrate",
         json!({"uri": pair.uri, "secret": SECRET, "prepage": setup.prepage,
@@ -311,6 +316,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    let steal_pct = hoststat::steal_pct_since(cpu_at_migrate);
     if src["phase"] != "completed" {
         bail!("the migration failed: {}", src["error"]);
     }
@@ -386,6 +392,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
             .map(|s| s * 1e3),
         progress: samples,
         switchover_s: switched,
+        steal_pct,
         digest: summary["digest"].as_str().map(String::from),
     })
 }

@@ -772,6 +772,9 @@ pub struct QemuMigrationResult {
     /// The source's `completed` event (all memory sent), and the destination's.
     pub source_completed: Option<f64>,
     pub destination_completed: Option<f64>,
+    /// CPU time the hypervisor took from this machine from `migrate` until both sides
+    /// completed, in percent (see [`crate::hoststat`]).
+    pub steal_pct: Option<f64>,
     /// QEMU's own figures from the source's `query-migrate`: `total-time`, `downtime` (for
     /// postcopy only the time to send the device state, not until the destination runs),
     /// `setup-time`.
@@ -1596,6 +1599,7 @@ impl QemuMigration {
         // event timestamps).
         let t0 = Instant::now();
         let t0_unix = now_unix();
+        let cpu_at_migrate = crate::hoststat::CpuTimes::now();
         let rel = |at: Instant| {
             if at >= t0 {
                 (at - t0).as_secs_f64()
@@ -1739,6 +1743,7 @@ impl QemuMigration {
         }
 
         // 4. Statistics.
+        let steal_pct = crate::hoststat::steal_pct_since(cpu_at_migrate);
         let source_query = self.src.execute("query-migrate", None)?;
         let destination_query = self.dst.execute("query-migrate", None)?;
         let params = self.src.execute("query-migrate-parameters", None)?;
@@ -1837,6 +1842,7 @@ impl QemuMigration {
                 .map(|(stop, run)| (run - stop) * 1e3),
             source_completed,
             destination_completed,
+            steal_pct,
             total_time_ms: source_query["total-time"].as_u64(),
             downtime_ms: source_query["downtime"].as_u64(),
             setup_time_ms: source_query["setup-time"].as_u64(),
