@@ -27,7 +27,9 @@
 //!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
 //!  urgent:  ------- VmState{json} ----------------------> |  switchover: restore once pages
 //!  bulk:    ------- Discard ... PrecopyDone ------------> |  dirtied since the last round are
-//!                                                         |  dropped, then resume
+//!                                                         |  dropped, then resume (without
+//!                                                         |  rounds, PrecopyDone comes first,
+//!                                                         |  before the source pauses)
 //!           <------ Resumed ----------------------------- |  the source starts its push
 //!           <------ PageRequest{gfn, count: 1} ---------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages -------> |  exactly one reply per request

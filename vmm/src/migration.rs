@@ -16,7 +16,9 @@
 //! channel, then tells the destination to drop the pages written since the last round and ends
 //! the precopy phase (`PrecopyDone`) on the bulk channel; the destination reads the state while
 //! it drops them. Before the pause, discard-only passes have dropped what the guest wrote since
-//! the last round, until a pass is small. From then on it is the page server of the VM: it
+//! the last round, until a pass is small. Without precopy rounds nothing precedes
+//! `PrecopyDone` on the bulk channel, and the source sends it before the pause, so that the
+//! destination has it when the state arrives. From then on it is the page server of the VM: it
 //! answers demand requests on the urgent channel and pushes every other page on the bulk
 //! channel (address order, around faults, or hot pages first: [`Prepage`]), skipping pages
 //! already sent (a "sent" bitmap), zero pages as markers. A demand request is always answered,
@@ -604,12 +606,30 @@ impl Outgoing {
         self.sent.clear_range(first, n)
     }
 
-    /// Switchover with the vCPUs paused since `paused_at`: sends the VM state, tells the
-    /// destination to drop the `stale` pages (written since the last precopy round; sorted)
-    /// and ends the precopy phase, then serves the memory on two threads until the destination
-    /// has every page. The state goes first so that the destination reads it while it drops
-    /// the stale pages; it resumes only after `PrecopyDone`. An error before that is flushed
-    /// leaves the destination unable to run the VM: the caller may resume it here.
+    /// Ends the precopy phase ahead of the pause when there were no precopy rounds: nothing
+    /// precedes `PrecopyDone` on the bulk channel then (no pages, no discards), and the
+    /// destination, which resumes the VM only after reading it, has it in hand when the state
+    /// arrives instead of waiting inside the downtime for its bulk receiver to wake and read
+    /// it. `bench migrate`, the three postcopy policies, 3 alternating rounds (9 runs each):
+    /// downtime median 973 -> 684 µs, longest 1136 -> 831 µs. An error leaves the VM running
+    /// here.
+    pub fn end_precopy_early(&self, channels: &mut Channels) -> Result<(), MigrationError> {
+        debug_assert_eq!(
+            self.precopy_rounds, 0,
+            "precopy rounds end at the switchover"
+        );
+        Message::PrecopyDone.write_to(&mut channels.bulk)?;
+        channels.bulk.flush()?;
+        Ok(())
+    }
+
+    /// Switchover with the vCPUs paused since `paused_at`: sends the VM state and, after
+    /// precopy rounds, tells the destination to drop the `stale` pages (written since the last
+    /// round; sorted) and ends the precopy phase (without rounds, [`Self::end_precopy_early`]
+    /// did), then serves the memory on two threads until the destination has every page. The
+    /// state goes first so that the destination reads it while it drops the stale pages; it
+    /// resumes only after `PrecopyDone`. An error before that and the state are out leaves the
+    /// destination unable to run the VM: the caller may resume it here.
     #[allow(clippy::too_many_arguments)]
     pub fn switch_over(
         self: &Arc<Self>,
@@ -632,16 +652,18 @@ impl Outgoing {
         let encoded = paused_at.elapsed();
         Message::VmState(json).write_to(&mut urgent)?;
         let sent = paused_at.elapsed();
-        for (gfn, n) in gfn_runs(stale, u64::MAX) {
-            // Pages dropped before the pause and not sent since need no second drop.
-            let dropped = self.unsend(&memory, gfn, n);
-            self.pages_stale.fetch_add(dropped, Ordering::Relaxed);
-            if dropped > 0 {
-                Message::Discard { gfn, count: n }.write_to(&mut bulk)?;
+        if self.precopy_rounds > 0 {
+            for (gfn, n) in gfn_runs(stale, u64::MAX) {
+                // Pages dropped before the pause and not sent since need no second drop.
+                let dropped = self.unsend(&memory, gfn, n);
+                self.pages_stale.fetch_add(dropped, Ordering::Relaxed);
+                if dropped > 0 {
+                    Message::Discard { gfn, count: n }.write_to(&mut bulk)?;
+                }
             }
+            Message::PrecopyDone.write_to(&mut bulk)?;
+            bulk.flush()?;
         }
-        Message::PrecopyDone.write_to(&mut bulk)?;
-        bulk.flush()?;
         let now = Instant::now();
         log::debug!(
             "switchover: state encoded after {encoded:?}, sent after {sent:?}, bulk flushed after {:?}",

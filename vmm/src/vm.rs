@@ -412,8 +412,11 @@ impl Vm {
                     return Err(e);
                 }
             }
-        } else if options.prepage == migration::Prepage::Hot {
-            hot = self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?;
+        } else {
+            if options.prepage == migration::Prepage::Hot {
+                hot = self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?;
+            }
+            out.end_precopy_early(&mut channels)?;
         }
         let mut paused = self.operator_paused.lock().expect("vm lock");
         let was_paused = *paused;
