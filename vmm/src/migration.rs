@@ -628,8 +628,8 @@ impl Outgoing {
     /// round; sorted) and ends the precopy phase (without rounds, [`Self::end_precopy_early`]
     /// did), then serves the memory on two threads until the destination has every page. The
     /// state goes first so that the destination reads it while it drops the stale pages; it
-    /// resumes only after `PrecopyDone`. An error before that and the state are out leaves the
-    /// destination unable to run the VM: the caller may resume it here.
+    /// resumes only after `PrecopyDone`. An error before both the state and `PrecopyDone` are
+    /// out leaves the destination unable to run the VM: the caller may resume it here.
     #[allow(clippy::too_many_arguments)]
     pub fn switch_over(
         self: &Arc<Self>,
