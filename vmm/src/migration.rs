@@ -666,7 +666,7 @@ impl Outgoing {
         }
         let now = Instant::now();
         log::debug!(
-            "switchover: state encoded after {encoded:?}, sent after {sent:?}, bulk flushed after {:?}",
+            "switchover: state encoded after {encoded:?}, sent after {sent:?}, switchover messages out after {:?}",
             now.duration_since(paused_at)
         );
         let since_pause = now.duration_since(paused_at);
