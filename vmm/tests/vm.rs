@@ -110,15 +110,23 @@ fn different_seeds_give_different_memory() {
     assert_ne!(a, b);
 }
 
-/// Pauses `vm` after some steps and returns (working-set index, gpa) of a page it has written.
-fn written_page(vm: &Vm) -> (u64, u64) {
+/// Pauses `vm` after some steps and returns (working-set index, gpa) of two pages it has written.
+///
+/// Tests tamper with both: the pause stops the vCPU at an arbitrary instruction, possibly in the
+/// middle of a step on one of the pages, between reading its expected version and writing the
+/// page's next version. That step then overwrites the tampering when the VM resumes, so only the
+/// other page is certain to stay tampered (one vCPU runs one step at a time).
+fn written_pages(vm: &Vm) -> [(u64, u64); 2] {
     assert_eq!(vm.wait_steps(200_000, TIMEOUT), WaitOutcome::Reached);
     vm.pause().unwrap();
     let cfg = read_config(vm.memory()).unwrap();
-    let index = (0..cfg.working_set_pages())
-        .find(|&i| version(vm, i) > 0)
-        .expect("the guest wrote some page");
-    (index, cfg.page_gpa(index).unwrap())
+    let mut written = (0..cfg.working_set_pages())
+        .filter(|&i| version(vm, i) > 0)
+        .map(|i| (i, cfg.page_gpa(i).unwrap()));
+    [
+        written.next().expect("the guest wrote some page"),
+        written.next().expect("the guest wrote a second page"),
+    ]
 }
 
 /// The version table entry of working-set page `index`.
@@ -131,8 +139,9 @@ fn version(vm: &Vm, index: u64) -> u32 {
     u32::from_le_bytes(v)
 }
 
-/// Resumes `vm` and expects the verifier to report `kind` on the page at `gpa`.
-fn expect_verify_error(vm: &Vm, gpa: u64, kind: &str) {
+/// Resumes `vm` and expects the verifier to report `kind` on one of the `pages` (see
+/// [`written_pages`] for why there are two).
+fn expect_verify_error(vm: &Vm, pages: [(u64, u64); 2], kind: &str) {
     vm.resume().unwrap();
     assert_eq!(vm.wait_finished(TIMEOUT), WaitOutcome::GuestError);
     assert_eq!(vm.run_state(), VmRunState::GuestError);
@@ -140,7 +149,10 @@ fn expect_verify_error(vm: &Vm, gpa: u64, kind: &str) {
         .progress()
         .verify_error
         .expect("the guest reports what it found");
-    assert_eq!(err.gfn, gpa / 4096);
+    assert!(
+        pages.iter().any(|&(_, gpa)| err.gfn == gpa / 4096),
+        "{err:?} is not about the tampered pages {pages:?}"
+    );
     assert!(err.kind.starts_with(kind), "{err:?}");
     assert_eq!(vm.status().vcpus[0].guest, CpuStatus::VerifyFailed);
 }
@@ -149,11 +161,13 @@ fn expect_verify_error(vm: &Vm, gpa: u64, kind: &str) {
 fn verifier_catches_a_corrupted_page() {
     let vm = Vm::new(&config(1, "uniform:ws=4M,write=0.5,seed=5", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let (_, gpa) = written_page(&vm);
-    let mut byte = [0u8; 1];
-    vm.memory().read(gpa + 1000, &mut byte).unwrap();
-    vm.memory().write(gpa + 1000, &[byte[0] ^ 0x5a]).unwrap();
-    expect_verify_error(&vm, gpa, "corrupt");
+    let pages = written_pages(&vm);
+    for (_, gpa) in pages {
+        let mut byte = [0u8; 1];
+        vm.memory().read(gpa + 1000, &mut byte).unwrap();
+        vm.memory().write(gpa + 1000, &[byte[0] ^ 0x5a]).unwrap();
+    }
+    expect_verify_error(&vm, pages, "corrupt");
 }
 
 #[test]
@@ -161,9 +175,11 @@ fn verifier_catches_a_zeroed_page() {
     // What a migration that lost a page and filled it with zeroes would look like.
     let vm = Vm::new(&config(1, "uniform:ws=4M,write=0.5,seed=6", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let (_, gpa) = written_page(&vm);
-    vm.memory().write(gpa, &[0u8; 4096]).unwrap();
-    expect_verify_error(&vm, gpa, "zeroed");
+    let pages = written_pages(&vm);
+    for (_, gpa) in pages {
+        vm.memory().write(gpa, &[0u8; 4096]).unwrap();
+    }
+    expect_verify_error(&vm, pages, "zeroed");
 }
 
 #[test]
@@ -171,14 +187,16 @@ fn verifier_catches_a_stale_page() {
     // What a migration that installed an old copy of a page would look like.
     let vm = Vm::new(&config(1, "hotcold:ws=4M,write=0.5,seed=7", 2_000_000)).unwrap();
     vm.resume().unwrap();
-    let (index, gpa) = written_page(&vm);
-    // Bump the expected version: the page content is now one version behind.
+    let pages = written_pages(&vm);
     let cfg = read_config(vm.memory()).unwrap();
-    let bumped = version(&vm, index) + 1;
-    vm.memory()
-        .write(cfg.vtable_gpa + 4 * index, &bumped.to_le_bytes())
-        .unwrap();
-    expect_verify_error(&vm, gpa, "stale");
+    for (index, _) in pages {
+        // Bump the expected version: the page content is now one version behind.
+        let bumped = version(&vm, index) + 1;
+        vm.memory()
+            .write(cfg.vtable_gpa + 4 * index, &bumped.to_le_bytes())
+            .unwrap();
+    }
+    expect_verify_error(&vm, pages, "stale");
 }
 
 #[test]
