@@ -387,34 +387,37 @@ impl Vm {
         mut channels: migration::Channels,
         options: &MigrateOptions,
     ) -> Result<(), Error> {
-        let mut hot = Vec::new();
+        let mut hot = migration::HotPages::default();
         let mut stale = Vec::new();
-        // Written after the last round and dropped at the destination before the pause.
-        let mut dropped_early = Vec::new();
         if options.precopy_rounds > 0 {
             self.kvm.set_dirty_logging(&self.memory, true)?;
-            let copied = (|| -> Result<Vec<u64>, Error> {
+            // Hot-first: what the guest wrote after the last round is pushed first.
+            let hot_found = (options.prepage == migration::Prepage::Hot).then_some(&mut hot);
+            let copied = (|| -> Result<(), Error> {
                 self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
-                Ok(
-                    out.precopy(&self.memory, &mut channels, options.max_bandwidth, || {
+                out.precopy(
+                    &self.memory,
+                    &mut channels,
+                    options.max_bandwidth,
+                    hot_found,
+                    || {
                         let mut d = self.kvm.take_dirty_pages(&self.memory).map_err(|e| {
                             MigrationError::BadState(format!("reading the dirty log: {e}"))
                         })?;
                         d.sort_unstable();
                         Ok(d)
-                    })?,
-                )
+                    },
+                )?;
+                Ok(())
             })();
-            match copied {
-                Ok(d) => dropped_early = d,
-                Err(e) => {
-                    let _ = self.kvm.set_dirty_logging(&self.memory, false);
-                    return Err(e);
-                }
+            if let Err(e) = copied {
+                let _ = self.kvm.set_dirty_logging(&self.memory, false);
+                return Err(e);
             }
         } else {
             if options.prepage == migration::Prepage::Hot {
-                hot = self.profile_writes(options.profile.unwrap_or(Duration::from_millis(100)))?;
+                let profile = options.profile.unwrap_or(Duration::from_millis(100));
+                hot.add(&self.profile_writes(profile)?);
             }
             out.end_precopy_early(&mut channels)?;
         }
@@ -432,10 +435,7 @@ impl Vm {
                 stale = self.kvm.take_dirty_pages(&self.memory)?;
                 stale.sort_unstable();
                 if options.prepage == migration::Prepage::Hot {
-                    // Everything written since the last round, sorted and without repeats.
-                    hot = dropped_early.iter().chain(&stale).copied().collect();
-                    hot.sort_unstable();
-                    hot.dedup();
+                    hot.add(&stale); // with the drop passes': all written since the last round
                 }
             }
             let state = self.state_with(saved?);
