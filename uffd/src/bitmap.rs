@@ -132,6 +132,21 @@ impl AtomicBitmap {
         to
     }
 
+    /// The first set bit in `[from, to)`, or `to` if none is: a word at a time.
+    pub fn next_set(&self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.bits);
+        let mut b = from;
+        while b < to {
+            let word = self.words[usize::try_from(b / 64).expect("index")].load(Ordering::Acquire);
+            let set = word & (u64::MAX << (b % 64));
+            if set != 0 {
+                return (b / 64 * 64 + u64::from(set.trailing_zeros())).min(to);
+            }
+            b = (b / 64 + 1) * 64;
+        }
+        to
+    }
+
     /// Number of set bits (one load). While other threads change the bitmap it may lag
     /// their changes briefly; the thread that makes the last change sees the final count.
     pub fn count_ones(&self) -> u64 {
@@ -199,6 +214,19 @@ mod tests {
         b.clear(64);
         assert_eq!(b.next_clear(3, 300), 64);
         assert_eq!(b.next_clear(65, 300), 300);
+    }
+
+    #[test]
+    fn next_set_skips_clear_words_and_stops_at_the_end() {
+        let b = AtomicBitmap::new(300);
+        assert_eq!(b.next_set(0, 300), 300);
+        b.test_and_set(200);
+        b.test_and_set(64);
+        assert_eq!(b.next_set(0, 300), 64);
+        assert_eq!(b.next_set(64, 300), 64);
+        assert_eq!(b.next_set(65, 300), 200);
+        assert_eq!(b.next_set(65, 150), 150);
+        assert_eq!(b.next_set(201, 1000), 300);
     }
 
     #[test]

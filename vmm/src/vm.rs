@@ -387,7 +387,7 @@ impl Vm {
         mut channels: migration::Channels,
         options: &MigrateOptions,
     ) -> Result<(), Error> {
-        let mut hot = migration::HotPages::default();
+        let mut hot = migration::HotPages::new(self.memory.layout());
         let mut stale = Vec::new();
         if options.precopy_rounds > 0 {
             self.kvm.set_dirty_logging(&self.memory, true)?;
