@@ -119,28 +119,23 @@ impl AtomicBitmap {
 
     /// The first clear bit in `[from, to)`, or `to` if they are all set: a word at a time.
     pub fn next_clear(&self, from: u64, to: u64) -> u64 {
-        let to = to.min(self.bits);
-        let mut b = from;
-        while b < to {
-            let word = self.words[usize::try_from(b / 64).expect("index")].load(Ordering::Acquire);
-            let clear = !word & (u64::MAX << (b % 64));
-            if clear != 0 {
-                return (b / 64 * 64 + u64::from(clear.trailing_zeros())).min(to);
-            }
-            b = (b / 64 + 1) * 64;
-        }
-        to
+        self.next_with(from, to, false)
     }
 
     /// The first set bit in `[from, to)`, or `to` if none is: a word at a time.
     pub fn next_set(&self, from: u64, to: u64) -> u64 {
+        self.next_with(from, to, true)
+    }
+
+    /// The first bit in `[from, to)` whose value is `set`, or `to`.
+    fn next_with(&self, from: u64, to: u64, set: bool) -> u64 {
         let to = to.min(self.bits);
         let mut b = from;
         while b < to {
             let word = self.words[usize::try_from(b / 64).expect("index")].load(Ordering::Acquire);
-            let set = word & (u64::MAX << (b % 64));
-            if set != 0 {
-                return (b / 64 * 64 + u64::from(set.trailing_zeros())).min(to);
+            let wanted = if set { word } else { !word } & (u64::MAX << (b % 64));
+            if wanted != 0 {
+                return (b / 64 * 64 + u64::from(wanted.trailing_zeros())).min(to);
             }
             b = (b / 64 + 1) * 64;
         }
