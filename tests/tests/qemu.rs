@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use tsubame_tests::scratch_dir;
-use tsubame_vmm::guest::qemu::{
+use tsubame_qemu_peer::guest::{
     done_exit_code, find_qemu, qemu_config_block, QemuGuest, QemuOutcome,
 };
+use tsubame_tests::scratch_dir;
 use tsubame_vmm::guest::{image_with_config, WorkloadSpec, GUEST_IMAGE};
 
 const MEM_BYTES: u64 = 256 << 20;

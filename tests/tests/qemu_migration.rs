@@ -1,4 +1,4 @@
-//! QEMU migrates the built-in guest, measured by `tsubame_vmm::guest::qemu_migration`: postcopy
+//! QEMU migrates the built-in guest, measured by `tsubame_qemu_peer::migration`: postcopy
 //! and precopy both complete, the guest finishes on the destination, and the destination's
 //! memory is what a QEMU run that never migrated leaves (all RAM but the firmware's), and in the
 //! workload's memory what a Tsubame VM leaves. A migration to nowhere fails with QEMU's reason.
@@ -12,12 +12,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
-use tsubame_tests::scratch_dir;
-use tsubame_vmm::guest::qemu::find_qemu;
-use tsubame_vmm::guest::qemu_migration::{
+use tsubame_qemu_peer::guest::find_qemu;
+use tsubame_qemu_peer::migration::{
     run_unmigrated, workload_digest, MigrateAt, MigrationMode, QemuMigration, QemuMigrationConfig,
     QemuMigrationError, QemuMigrationResult, Side, UnmigratedRun,
 };
+use tsubame_tests::scratch_dir;
 use tsubame_vmm::{Digest, SerialOutput, Vm, VmConfig, WaitOutcome};
 
 const MEM_BYTES: u64 = 256 << 20;

@@ -62,7 +62,7 @@ pub fn check(a: &CheckArgs) -> Result<i32> {
     if a.qemu {
         report(
             "qemu",
-            tsubame_vmm::guest::qemu::find_qemu()
+            tsubame_qemu_peer::guest::find_qemu()
                 .map(|p| p.display().to_string())
                 .ok_or_else(|| {
                     anyhow::anyhow!(

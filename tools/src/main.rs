@@ -89,7 +89,7 @@ fn main() {
 fn guest_image(a: &GuestImageArgs) -> Result<()> {
     use anyhow::Context;
     use tsubame_vmm::guest;
-    let block = guest::qemu::qemu_config_block(
+    let block = tsubame_qemu_peer::guest::qemu_config_block(
         &a.workload,
         a.mem,
         a.steps,
@@ -116,7 +116,7 @@ fn guest_image(a: &GuestImageArgs) -> Result<()> {
     if a.exit_on_done {
         eprintln!(
             "QEMU exits with status {} when the guest finished",
-            guest::qemu::done_exit_code()
+            tsubame_qemu_peer::guest::done_exit_code()
         );
     }
     Ok(())

@@ -13,7 +13,6 @@ pub mod control;
 pub mod devices;
 pub mod flow;
 pub mod guest;
-pub mod hoststat;
 pub mod memory;
 pub mod migration;
 pub mod paging;

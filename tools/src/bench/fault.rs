@@ -57,7 +57,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         a.pages
     );
 
-    let cpu_at_start = tsubame_vmm::hoststat::CpuTimes::now();
+    let cpu_at_start = tsubame_qemu_peer::hoststat::CpuTimes::now();
     let lo = raw::loopback(20_000, 1 << 30).context("measuring loopback TCP")?;
     println!(
         "  loopback TCP: 4 KiB round trip p50 {:.1} µs, p99 {:.1} µs (both ends spinning: p50 \
@@ -113,7 +113,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         p50 - guest.engine_p50_us,
         lo.rtt_p50_us
     );
-    let steal_pct = tsubame_vmm::hoststat::steal_pct_since(cpu_at_start);
+    let steal_pct = tsubame_qemu_peer::hoststat::steal_pct_since(cpu_at_start);
     if let Some(s) = steal_pct {
         println!("  CPU time taken by the hypervisor (steal) during these measurements: {s:.1} %");
     }

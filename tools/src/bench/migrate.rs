@@ -121,7 +121,7 @@ struct Args {
 /// does not have).
 fn reference_digests(a: &Args) -> Result<(String, String)> {
     let vm = crate::demo::run_reference(a.mem, 1, &a.workload, a.steps)?;
-    let workload = tsubame_vmm::guest::qemu_migration::workload_digest(vm.memory())?;
+    let workload = tsubame_qemu_peer::migration::workload_digest(vm.memory())?;
     Ok((vm.digest()?.0.to_string(), workload.to_string()))
 }
 

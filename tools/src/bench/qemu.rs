@@ -1,5 +1,5 @@
 //! The QEMU side of `tsubame bench migrate`: one QEMU migration of the same built-in guest
-//! (`tsubame_vmm::guest::qemu_migration`), optionally through `linkem`, turned into the
+//! (`tsubame_qemu_peer::migration`), optionally through `linkem`, turned into the
 //! figures Tsubame's runs report so that the two compare row by row. The full QEMU result
 //! (events, RAM statistics, blocktime) goes into the run's JSON file as well.
 //!
@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tsubame_vmm::guest::qemu_migration::{
+use tsubame_qemu_peer::migration::{
     MigrateAt, MigrationMode, QemuMigration, QemuMigrationConfig, QemuMigrationResult,
 };
 

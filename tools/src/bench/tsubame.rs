@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
+use tsubame_qemu_peer::hoststat::{self, CpuTimes};
+use tsubame_qemu_peer::migration as qemu_migration;
 use tsubame_vmm::control::ControlClient;
-use tsubame_vmm::guest::qemu_migration;
-use tsubame_vmm::hoststat::{self, CpuTimes};
 
 use crate::host::Host;
 use crate::linkem::{self, LinkParams};
@@ -88,7 +88,7 @@ pub struct MigrationResult {
     /// Seconds since `migrate` of the switchover (state sent).
     pub switchover_s: f64,
     /// CPU time the hypervisor took from this machine from `migrate` until every page was
-    /// at the destination, in percent (see `tsubame_vmm::hoststat`): a noisy run shows here.
+    /// at the destination, in percent (see `tsubame_qemu_peer::hoststat`): a noisy run shows here.
     pub steal_pct: Option<f64>,
     pub digest: Option<String>,
 }

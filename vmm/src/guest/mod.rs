@@ -8,8 +8,6 @@
 //! runs under both.
 
 pub mod abi;
-pub mod qemu;
-pub mod qemu_migration;
 mod workload;
 
 pub use workload::{parse_size, Pattern, WorkloadError, WorkloadSpec};

@@ -5,8 +5,8 @@
 //! (the image must be ELF32: QEMU refuses ELF64 multiboot kernels) and enters `_start` in 32-bit
 //! protected mode with EAX = 0x2BADB002 on the boot CPU only. QEMU does not start the other CPUs,
 //! so a config block for QEMU uses one vCPU ([`qemu_config_block`] builds it). The config block
-//! travels inside the image ([`super::image_with_config`]): QEMU has no other way to put it at
-//! [`abi::CONFIG_GPA`].
+//! travels inside the image ([`tsubame_vmm::guest::image_with_config`]): QEMU has no other way
+//! to put it at [`abi::CONFIG_GPA`].
 //!
 //! What QEMU 7.2 puts where (measured with `info mtree` and a memory dump):
 //! - RAM: everything at guest-physical 0 when it is below 3.5 GiB; from 3.5 GiB on, 3 GiB at 0
@@ -38,8 +38,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{abi, config_block, RunOptions, WorkloadError, WorkloadSpec};
-use crate::memory::{MemoryError, MemoryLayout};
+use tsubame_vmm::guest::{abi, config_block, RunOptions, WorkloadError, WorkloadSpec};
+use tsubame_vmm::memory::{MemoryError, MemoryLayout};
 
 /// The QEMU binary [`find_qemu`] looks for.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -85,7 +85,8 @@ pub fn qemu_layout(mem_bytes: u64) -> Result<MemoryLayout, QemuConfigError> {
 ///
 /// `exit_on_done` must match [`QemuGuest::exit_on_done`]: it sets [`abi::FLAG_EXIT_BELLS`], so
 /// that the guest's first doorbell write is its outcome and `isa-debug-exit` ends QEMU with
-/// [`done_exit_code`] when the guest is done. Pass the block to [`super::image_with_config`].
+/// [`done_exit_code`] when the guest is done. Pass the block to
+/// [`tsubame_vmm::guest::image_with_config`].
 pub fn qemu_config_block(
     spec: &WorkloadSpec,
     mem_bytes: u64,
@@ -200,7 +201,7 @@ pub struct QemuRun {
 }
 
 /// A QEMU process running the built-in guest (a patched image from
-/// [`super::image_with_config`] with a [`qemu_config_block`] for `mem_bytes`).
+/// [`tsubame_vmm::guest::image_with_config`] with a [`qemu_config_block`] for `mem_bytes`).
 #[derive(Clone, Debug)]
 pub struct QemuGuest {
     pub qemu_binary: PathBuf,
@@ -328,7 +329,7 @@ fn serial_arg(path: &Path) -> OsString {
 
 /// A spawned QEMU: a thread reports its exit without reaping it, so that killing it by pid can
 /// never hit a reused pid; another thread drains stderr. Killed and reaped on drop.
-/// (Crate-visible for [`super::qemu_migration`], which runs two of them.)
+/// (Crate-visible for [`crate::migration`], which runs two of them.)
 #[derive(Debug)]
 pub(crate) struct RunningQemu {
     child: Child,
@@ -507,7 +508,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{RegionLayout, PAGE_SIZE};
+    use tsubame_vmm::memory::{RegionLayout, PAGE_SIZE};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;

@@ -80,12 +80,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::qemu::{
+use crate::guest::{
     find_qemu, qemu_config_block, qemu_layout, QemuConfigError, QemuError, QemuGuest, RunningQemu,
     QEMU_BINARY,
 };
-use super::{abi, image_with_config, read_config, ImageError, WorkloadSpec, GUEST_IMAGE};
-use crate::memory::{Digest, GuestMemory, MemoryError, MemoryLayout, RegionLayout, PAGE_SIZE};
+use tsubame_vmm::guest::{
+    abi, image_with_config, read_config, ImageError, WorkloadSpec, GUEST_IMAGE,
+};
+use tsubame_vmm::memory::{
+    Digest, GuestMemory, MemoryError, MemoryLayout, RegionLayout, PAGE_SIZE,
+};
 
 /// Where the guest's boot code builds its page tables (`TSB_PT_GPA` in `vmm/guest/abi.h`).
 pub const PAGE_TABLES_GPA: u64 = 0x20_0000;
