@@ -1,6 +1,64 @@
-//! Tsubame's wire protocol and page server.
+//! Tsubame's page server: the wire protocol, and both ends of an exchange of guest pages.
 //!
-//! [`protocol`]: framed binary messages, versioning, and mutual HMAC challenge-response; see its
-//! module docs for the sequence of a migration. The page server and memserver build on it.
+//! A [`PageServer`] serves the pages of any [`PageStore`](tsubame_pages::PageStore) to one
+//! receiver; a [`PageClient`] asks for pages and feeds whatever it receives into any
+//! [`PageSink`](tsubame_pages::PageSink). Who listens and who dials does not matter: a
+//! migration's source dials its destination and serves it; a destination dials a memserver and
+//! is served by it; a source dials a memserver and sends it pages to hold.
+//!
+//! Every exchange is a *session* ([`session`]): two TCP connections, each authenticated by the
+//! [`handshake`] before anything else moves, the *urgent* channel for control messages,
+//! demand requests and their replies, and the *bulk* channel for the background stream, so that
+//! a fault never waits behind the bulk stream. The bulk channel is flow-controlled ([`flow`]).
+//! Frames ([`frame`]) carry the [`message`]s.
+//!
+//! A migration (`Purpose::Migrate`; the source holds the memory, the destination listens):
+//!
+//! ```text
+//!  source                                          destination (listening)
+//!    |  ======== handshake on both connections ========|  version, secret, layout checked
+//!  urgent:  <------ Ready ------------------------------ |  its VM is created, receivers run
+//!  bulk:    ------- Pages / ZeroPages ... RoundDone{1} -> |  optional precopy rounds while the
+//!           <------ RoundDone{1} (on urgent) ----------- |  VM still runs at the source; later
+//!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
+//!  urgent:  ------- Owners{endpoint, runs} ------------> |  optional: pages another page server
+//!           <------ Ready ------------------------------ |  holds (the destination dials it)
+//!  urgent:  ------- Owners{"", runs} -------------------> |  switchover: pages that are the
+//!           ------- VmState{json} ----------------------> |  source's again; the state; the
+//!  bulk:    ------- Discard ... PrecopyDone ------------> |  stale pages are dropped, then the
+//!                                                         |  VM resumes (without rounds,
+//!                                                         |  PrecopyDone comes first, before
+//!                                                         |  the source pauses)
+//!           <------ Resumed ---------------------------- |  the source starts its push
+//!           <------ PageRequest{gfn, count: 1} --------- |  a vCPU faulted
+//!           ------- Pages{gfn, data} / ZeroPages ------> |  exactly one reply per request
+//!  bulk:    ------- Pages / ZeroPages ... PushDone ----> |
+//!           <------ Installed{bytes} (bulk) ------------ |  flow control
+//!  urgent:  <------ Complete --------------------------- |  every page is local: source exits
+//! ```
+//!
+//! Fetching from a memserver (`Purpose::Fetch`) is the same from `Resumed` on, the destination
+//! dialling; storing into one (`Purpose::Store`) is a bulk stream of pages the memserver
+//! acknowledges as it stores them.
 
-pub mod protocol;
+pub mod auth;
+pub mod client;
+pub mod flow;
+pub mod frame;
+pub mod handshake;
+pub mod memserver;
+pub mod message;
+pub mod prepage;
+pub mod server;
+pub mod session;
+pub mod spin;
+
+pub use client::{ClientError, ClientEvents, ClientStats, PageClient};
+pub use frame::ProtocolError;
+pub use memserver::Memserver;
+pub use message::{Channel, Hello, Message, Purpose, PROTOCOL_VERSION};
+pub use prepage::{HotPages, Prepage};
+pub use server::{
+    BulkSender, PageServer, PushOptions, SendKind, ServeState, ServerError, ServerStats,
+};
+pub use session::{Acceptor, Session, SessionError};

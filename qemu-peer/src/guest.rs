@@ -39,7 +39,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use tsubame_vmm::guest::{abi, config_block, RunOptions, WorkloadError, WorkloadSpec};
-use tsubame_vmm::memory::{MemoryError, MemoryLayout};
+use tsubame_vmm::memory::{LayoutError, MemoryError, MemoryLayout};
 
 /// The QEMU binary [`find_qemu`] looks for.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -60,6 +60,8 @@ pub enum QemuConfigError {
     Unaligned { size: u64 },
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
     #[error(transparent)]
     Workload(#[from] WorkloadError),
 }
@@ -508,13 +510,16 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tsubame_vmm::memory::{RegionLayout, PAGE_SIZE};
+    use tsubame_vmm::memory::{Gpa, RegionLayout, PAGE_SIZE};
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
 
     fn region(gpa: u64, size: u64) -> RegionLayout {
-        RegionLayout { gpa, size }
+        RegionLayout {
+            gpa: Gpa(gpa),
+            size,
+        }
     }
 
     #[test]
@@ -573,11 +578,11 @@ mod tests {
     fn qemu_layout_rejects_what_the_vmm_rejects() {
         assert!(matches!(
             qemu_layout(4 * MIB),
-            Err(QemuConfigError::Memory(MemoryError::OutOfRange { .. }))
+            Err(QemuConfigError::Layout(LayoutError::OutOfRange { .. }))
         ));
         assert!(matches!(
             qemu_layout(251 * GIB),
-            Err(QemuConfigError::Memory(MemoryError::OutOfRange { .. }))
+            Err(QemuConfigError::Layout(LayoutError::OutOfRange { .. }))
         ));
     }
 
@@ -589,10 +594,10 @@ mod tests {
             let cfg = qemu_config_block(&spec, size, 1000, 100, false).unwrap();
             assert_eq!(cfg.vcpus, 1);
             assert_eq!((cfg.steps, cfg.report_every), (1000, 100));
-            assert_eq!(cfg.map_top, layout.top());
+            assert_eq!(cfg.map_top, layout.top().0);
             for r in &cfg.ranges {
                 assert!(r.base >= abi::DATA_GPA);
-                assert!(layout.contains(r.base, r.pages * PAGE_SIZE));
+                assert!(layout.contains(Gpa(r.base), r.pages * PAGE_SIZE));
             }
         }
         let too_big: WorkloadSpec = "uniform:ws=1G".parse().unwrap();

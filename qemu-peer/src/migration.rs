@@ -88,7 +88,7 @@ use tsubame_vmm::guest::{
     abi, image_with_config, read_config, ImageError, WorkloadSpec, GUEST_IMAGE,
 };
 use tsubame_vmm::memory::{
-    Digest, GuestMemory, MemoryError, MemoryLayout, RegionLayout, PAGE_SIZE,
+    Digest, Gpa, GuestMemory, MemoryError, MemoryLayout, RegionLayout, PAGE_SIZE,
 };
 
 /// Where the guest's boot code builds its page tables (`TSB_PT_GPA` in `vmm/guest/abi.h`).
@@ -878,20 +878,20 @@ pub fn workload_ranges(block: &abi::ConfigBlock) -> Vec<RegionLayout> {
     let table_bytes = (block.working_set_pages() * 4).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let mut ranges = vec![
         RegionLayout {
-            gpa: abi::MAILBOX_GPA,
+            gpa: Gpa(abi::MAILBOX_GPA),
             size: PAGE_SIZE,
         },
         RegionLayout {
-            gpa: PAGE_TABLES_GPA,
+            gpa: Gpa(PAGE_TABLES_GPA),
             size: PAGE_TABLES_BYTES,
         },
         RegionLayout {
-            gpa: block.vtable_gpa,
+            gpa: Gpa(block.vtable_gpa),
             size: table_bytes,
         },
     ];
     ranges.extend(block.ranges.iter().map(|r| RegionLayout {
-        gpa: r.base,
+        gpa: Gpa(r.base),
         size: r.pages * PAGE_SIZE,
     }));
     ranges
@@ -904,25 +904,26 @@ pub fn workload_ranges(block: &abi::ConfigBlock) -> Vec<RegionLayout> {
 pub fn ranges_without_firmware(layout: &MemoryLayout) -> Vec<RegionLayout> {
     let mut ranges = Vec::new();
     for (i, r) in layout.regions.iter().enumerate() {
-        let start = r.gpa.max(FIRMWARE_LOW_END);
-        if start >= r.end() {
+        let (gpa, end) = (r.gpa.0, r.end().0);
+        let start = gpa.max(FIRMWARE_LOW_END);
+        if start >= end {
             continue;
         }
-        let scratch_end = r.end().saturating_sub(SEABIOS_SCRATCH_BELOW_TOP);
+        let scratch_end = end.saturating_sub(SEABIOS_SCRATCH_BELOW_TOP);
         let scratch_start = scratch_end.saturating_sub(SEABIOS_SCRATCH_BYTES);
         if i == 0 && scratch_start >= start {
             ranges.push(RegionLayout {
-                gpa: start,
+                gpa: Gpa(start),
                 size: scratch_start - start,
             });
             ranges.push(RegionLayout {
-                gpa: scratch_end,
-                size: r.end() - scratch_end,
+                gpa: Gpa(scratch_end),
+                size: end - scratch_end,
             });
         } else {
             ranges.push(RegionLayout {
-                gpa: start,
-                size: r.end() - start,
+                gpa: Gpa(start),
+                size: end - start,
             });
         }
     }
@@ -935,13 +936,13 @@ pub fn ranges_without_firmware(layout: &MemoryLayout) -> Vec<RegionLayout> {
 /// a layout's regions it equals [`GuestMemory::digest`].
 pub fn digest_ranges<E>(
     ranges: &[RegionLayout],
-    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    mut read: impl FnMut(Gpa, &mut [u8]) -> Result<(), E>,
 ) -> Result<Digest, E> {
     const CHUNK: usize = 256 << 10;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; CHUNK];
     for r in ranges {
-        hasher.update(&r.gpa.to_le_bytes());
+        hasher.update(&r.gpa.0.to_le_bytes());
         hasher.update(&r.size.to_le_bytes());
         let mut off = 0u64;
         while off < r.size {
@@ -958,7 +959,7 @@ pub fn digest_ranges<E>(
 /// config block from the memory itself.
 pub fn workload_digest(memory: &GuestMemory) -> Result<Digest, MemoryError> {
     let block = read_config(memory).ok_or(MemoryError::OutOfBounds {
-        gpa: abi::CONFIG_GPA,
+        gpa: Gpa(abi::CONFIG_GPA),
         len: abi::CONFIG_SIZE as u64,
     })?;
     digest_ranges(&workload_ranges(&block), |gpa, buf| memory.read(gpa, buf))
@@ -1381,7 +1382,7 @@ impl QemuVm {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let read = |gpa: u64, buf: &mut [u8]| -> Result<(), MemoryError> {
+            let read = |gpa: Gpa, buf: &mut [u8]| -> Result<(), MemoryError> {
                 let len = buf.len() as u64;
                 let (region, file) = prep
                     .layout
@@ -2029,8 +2030,8 @@ mod tests {
     fn digest_ranges_over_the_layout_is_the_memory_digest() {
         let layout = MemoryLayout::for_size(16 << 20).unwrap();
         let memory = GuestMemory::new(&layout).unwrap();
-        memory.write(0x5000, b"tsubame").unwrap();
-        memory.write((16 << 20) - 8, b"qemu").unwrap();
+        memory.write(Gpa(0x5000), b"tsubame").unwrap();
+        memory.write(Gpa((16 << 20) - 8), b"qemu").unwrap();
         let d = digest_ranges(&layout.regions, |gpa, buf| memory.read(gpa, buf)).unwrap();
         assert_eq!(d, memory.digest());
     }
@@ -2040,9 +2041,9 @@ mod tests {
         let spec: WorkloadSpec = "uniform:ws=64M,seed=1".parse().unwrap();
         let block = qemu_config_block(&spec, 256 << 20, 10, 0, false).unwrap();
         let ranges = workload_ranges(&block);
-        assert_eq!(ranges[0].gpa, abi::MAILBOX_GPA);
-        assert_eq!(ranges[1].gpa, PAGE_TABLES_GPA);
-        assert_eq!(ranges[2].gpa, abi::DATA_GPA);
+        assert_eq!(ranges[0].gpa, Gpa(abi::MAILBOX_GPA));
+        assert_eq!(ranges[1].gpa, Gpa(PAGE_TABLES_GPA));
+        assert_eq!(ranges[2].gpa, Gpa(abi::DATA_GPA));
         assert_eq!(ranges[2].size, 16 * PAGE_SIZE, "16384 pages * 4 bytes");
         let ws: u64 = ranges[3..].iter().map(|r| r.size).sum();
         assert_eq!(ws, 64 << 20);
@@ -2061,26 +2062,26 @@ mod tests {
             small,
             vec![
                 RegionLayout {
-                    gpa: MIB,
+                    gpa: Gpa(MIB),
                     size: 0xefe_0000 - MIB
                 },
                 RegionLayout {
-                    gpa: 0xf00_0000,
+                    gpa: Gpa(0xf00_0000),
                     size: 16 * MIB
                 },
             ]
         );
         let big = ranges_without_firmware(&MemoryLayout::for_size(8 << 30).unwrap());
         assert_eq!(big.len(), 3);
-        assert_eq!(big[1].end(), 3 << 30);
-        assert_eq!(big[2].gpa, 4 << 30);
+        assert_eq!(big[1].end(), Gpa(3 << 30));
+        assert_eq!(big[2].gpa, Gpa(4 << 30));
         assert_eq!(big[2].size, 5 << 30);
         // Too small to hold the scratch zone below 16 MiB from the top: all of it past 1 MiB.
         let tiny = ranges_without_firmware(&MemoryLayout::for_size(16 * MIB).unwrap());
         assert_eq!(
             tiny,
             vec![RegionLayout {
-                gpa: MIB,
+                gpa: Gpa(MIB),
                 size: 15 * MIB
             }]
         );

@@ -88,7 +88,7 @@ pub fn run_to_end(args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing the run summary")
 }
 
-/// A `tsubame run` process with a control socket.
+/// A `tsubame` process (`run` with a control socket, or another command).
 #[derive(Debug)]
 pub struct VmProcess {
     pub child: Child,
@@ -110,6 +110,68 @@ impl VmProcess {
     /// Starts `tsubame run --serial none --quiet ARGS` and waits for a stderr line containing
     /// `marker`, which it returns.
     pub fn start_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
+        Self::command_until(
+            &[&["run", "--serial", "none", "--quiet"], args].concat(),
+            marker,
+        )
+    }
+
+    /// Starts a migration destination (`tsubame run --incoming` on an ephemeral port, with
+    /// `secret` and `extra` arguments, summary as JSON); returns it and its `tcp:HOST:PORT`.
+    pub fn destination(secret: &str, extra: &[&str]) -> Result<(Self, String)> {
+        let args = [
+            &[
+                "--incoming",
+                "tcp:127.0.0.1:0",
+                "--secret",
+                secret,
+                "--json",
+            ],
+            extra,
+        ]
+        .concat();
+        let (p, line) = Self::start_until(&args, "waiting for an incoming migration on")?;
+        let uri = line.rsplit(' ').next().unwrap_or_default().to_string();
+        Ok((p, uri))
+    }
+
+    /// Starts a 64 MiB VM that runs a small workload until told to quit, controlled on
+    /// `socket`: a source for tests where the migration is refused.
+    pub fn idle(socket: &Path) -> Result<Self> {
+        Self::start(
+            socket,
+            &[
+                "--mem",
+                "64M",
+                "--workload",
+                "uniform:ws=8M",
+                "--steps",
+                "0",
+                "--hold",
+            ],
+        )
+    }
+
+    /// Starts `tsubame memserver --listen tcp:127.0.0.1:0 --secret SECRET`; returns it and its
+    /// `tcp:HOST:PORT`.
+    pub fn memserver(secret: &str) -> Result<(Self, String)> {
+        let (p, line) = Self::command_until(
+            &[
+                "memserver",
+                "--listen",
+                "tcp:127.0.0.1:0",
+                "--secret",
+                secret,
+            ],
+            "memserver listening on",
+        )?;
+        let uri = line.rsplit(' ').next().unwrap_or_default().to_string();
+        Ok((p, uri))
+    }
+
+    /// Starts `tsubame ARGS` (any command) and waits for a stderr line containing `marker`,
+    /// which it returns.
+    pub fn command_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
         let socket = args
             .iter()
             .position(|a| *a == "--control")
@@ -117,13 +179,11 @@ impl VmProcess {
             .map(PathBuf::from)
             .unwrap_or_default();
         let mut child = Command::new(tsubame_bin())
-            .arg("run")
-            .args(["--serial", "none", "--quiet"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting tsubame run")?;
+            .with_context(|| format!("starting tsubame {}", args.join(" ")))?;
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
         let mut seen = String::new();
         let found = loop {
@@ -133,7 +193,7 @@ impl VmProcess {
                     seen.push_str(&l);
                     seen.push('\n');
                 }
-                _ => bail!("tsubame run exited before printing '{marker}':\n{seen}"),
+                _ => bail!("tsubame exited before printing '{marker}':\n{seen}"),
             }
         };
         // Keep draining stderr so the child never blocks on a full pipe.

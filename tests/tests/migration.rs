@@ -10,20 +10,7 @@ const SECRET: &str = "e2e secret";
 
 /// Starts a destination on an ephemeral port; returns it and its `tcp:HOST:PORT`.
 fn destination(extra: &[&str]) -> (VmProcess, String) {
-    let args = [
-        &[
-            "--incoming",
-            "tcp:127.0.0.1:0",
-            "--secret",
-            SECRET,
-            "--json",
-        ],
-        extra,
-    ]
-    .concat();
-    let (p, line) = VmProcess::start_until(&args, "waiting for an incoming migration on").unwrap();
-    let uri = line.rsplit(' ').next().unwrap().to_string();
-    (p, uri)
+    VmProcess::destination(SECRET, extra).unwrap()
 }
 
 fn migrate(name: &str, vcpus: &str, workload: &str, prepage: &str, precopy_rounds: u32) {
@@ -156,19 +143,7 @@ fn sequential_2_vcpus_address_order() {
 #[test]
 fn refused_migrations_leave_the_source_running() {
     let dir = Scratch::new("refused");
-    let source = VmProcess::start(
-        &dir.path("src.sock"),
-        &[
-            "--mem",
-            "64M",
-            "--workload",
-            "uniform:ws=8M",
-            "--steps",
-            "0",
-            "--hold",
-        ],
-    )
-    .unwrap();
+    let source = VmProcess::idle(&dir.path("src.sock")).unwrap();
     let (dest, uri) = destination(&["--mem", "128M"]);
     // Wrong secret: refused by the destination, nothing moves.
     let e = source

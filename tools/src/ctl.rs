@@ -17,8 +17,14 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///
 /// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
-/// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot] [precopy_rounds=N]
-///   [max_bandwidth=BYTES_PER_S] [profile_ms=N], query-migrate, quit, query-commands.
+/// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
+///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT:SHARE], migrate-cancel,
+///   query-migrate, quit, query-commands.
+///
+/// split= hands SHARE (0 to 1) of the VM's memory to the memserver at tcp:HOST:PORT (see
+/// `tsubame memserver --help`) while the guest still runs; the destination then fetches those
+/// pages from the memserver and the rest from the source. migrate-cancel stops a migration
+/// that has not switched over yet: the VM keeps running here.
 ///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status
@@ -26,6 +32,8 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock save path=/tmp/vm.snap
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 precopy_rounds=2 prepage=hot
+///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:127.0.0.1:5555:0.5
+///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]

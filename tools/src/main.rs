@@ -12,6 +12,7 @@ mod ctl;
 mod demo;
 mod host;
 mod linkem;
+mod memserver;
 mod run;
 
 /// Tsubame: a postcopy-first VMM and page-server system for Linux/KVM.
@@ -35,6 +36,7 @@ enum Command {
     GuestImage(GuestImageArgs),
     Demo(demo::DemoArgs),
     Linkem(linkem::LinkemArgs),
+    Memserver(memserver::MemserverArgs),
 }
 
 /// Write the built-in guest image, configured with a workload, for `qemu-system-x86_64 -kernel`.
@@ -76,6 +78,7 @@ fn main() {
         Command::GuestImage(a) => guest_image(&a).map(|()| 0),
         Command::Demo(a) => demo::demo(&a),
         Command::Linkem(a) => linkem::linkem(&a),
+        Command::Memserver(a) => memserver::memserver(&a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,45 +1,44 @@
 //! Tsubame's userfaultfd fault engine: guest RAM registered in missing mode, faults read on a
 //! dedicated thread, pages installed with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`. It knows nothing of
-//! KVM or sockets: it sees host ranges of guest frames and asks a [`PageSource`] for the pages.
+//! KVM or sockets: it sees the regions of a guest's memory layout mapped at host addresses, asks
+//! a [`Fetcher`] for missing pages, and is the [`PageSink`](tsubame_pages::PageSink) they are
+//! installed into.
 //!
 //! ```text
 //!  vCPU / KVM touches a missing page ─► kernel queues a fault on the uffd, the thread sleeps
-//!  fault thread: read fault ─► gfn ─► already present? wake : first request? source.request(gfn)
-//!  the source (now; after the batch, in `flush` on this thread; or from a network thread)
+//!  fault thread: read fault ─► gfn ─► already present? wake : first request? fetcher.request(gfn)
+//!  the fetcher (now; after the batch, in `flush` on this thread; or from a network thread)
 //!     ─► engine.install(gfn, data) ─► UFFDIO_COPY
 //!     (wakes the faulting thread; EEXIST means another install won: still wake)
 //! ```
 //!
 //! Pages can also be *moved* in (`UFFDIO_MOVE`) from a [`StagingPool`] of memory faulted in
 //! ahead of time: a receiver reads a page batch straight into a pool slot, and installing it
-//! neither allocates nor copies ([`FaultEngine::install_staged`]).
+//! neither allocates nor copies ([`FaultEngine::install_staged`]; the engine's
+//! [`PageSink::receive`](tsubame_pages::PageSink::receive) does it for bulk pages).
 //!
 //! Requests are deduplicated with a "requested" bitmap; a "present" bitmap records installed
 //! pages. Installing never overwrites a page that is already there (userfaultfd semantics), so a
-//! background push racing a demand fetch is harmless. Fail closed: if the source fails, the
-//! faulting thread keeps waiting and the error is recorded ([`FaultEngine::source_error`]);
+//! background push racing a demand fetch is harmless. Fail closed: if fetching fails, the
+//! faulting thread keeps waiting and the error is recorded ([`FaultEngine::fetch_error`]);
 //! a page is never silently made zero.
 //!
 //! The ioctls are wrapped here with nix ([`sys`]) rather than through the `userfaultfd` crate:
 //! its bindgen build needs libclang on every build machine, and it reports `EAGAIN` from
 //! `UFFDIO_COPY` as a huge partial copy.
 
-pub mod bitmap;
 mod engine;
 pub mod staging;
 pub mod sys;
 
-pub use bitmap::AtomicBitmap;
-pub use engine::{FaultEngine, FaultStats, GuestRange, LatencyHistogram, PageSource, SourceError};
+pub use engine::{FaultEngine, FaultStats, FetchError, Fetcher, LatencyHistogram};
 pub use staging::{StagingPool, StagingSlot};
 pub use sys::InstallOutcome;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-
-/// Size of the pages the engine installs.
-pub const PAGE_SIZE: u64 = 4096;
+use tsubame_pages::{Gfn, PageError, PAGE_SIZE};
 
 /// Errors of the fault engine.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +51,36 @@ pub enum UffdError {
     Features { missing: u64 },
     #[error("cannot register {len:#x} bytes at {start:#x} with userfaultfd: {source}")]
     Register { start: u64, len: u64, source: Errno },
-    #[error("UFFDIO_COPY of {len} bytes to gfn {gfn:#x} failed: {source}")]
-    Copy { gfn: u64, len: u64, source: Errno },
-    #[error("UFFDIO_MOVE of {len} bytes to gfn {gfn:#x} failed: {source}")]
-    Move { gfn: u64, len: u64, source: Errno },
+    #[error("UFFDIO_COPY of {len} bytes to gfn {gfn} failed: {source}")]
+    Copy { gfn: Gfn, len: u64, source: Errno },
+    #[error("UFFDIO_MOVE of {len} bytes to gfn {gfn} failed: {source}")]
+    Move { gfn: Gfn, len: u64, source: Errno },
     #[error("cannot map a staging area of {bytes} bytes: {source}")]
     Staging { bytes: u64, source: Errno },
-    #[error("UFFDIO_ZEROPAGE of {len} bytes at gfn {gfn:#x} failed: {source}")]
-    Zero { gfn: u64, len: u64, source: Errno },
-    #[error("cannot drop the stale pages at gfn {gfn:#x} (+{pages}): {source}")]
-    Discard { gfn: u64, pages: u64, source: Errno },
-    #[error("UFFDIO_WAKE at gfn {gfn:#x} failed: {source}")]
-    Wake { gfn: u64, source: Errno },
-    #[error("gfn {gfn:#x} (+{pages} pages) is outside the registered guest memory")]
-    OutOfRange { gfn: u64, pages: u64 },
+    #[error("UFFDIO_ZEROPAGE of {len} bytes at gfn {gfn} failed: {source}")]
+    Zero { gfn: Gfn, len: u64, source: Errno },
+    #[error("cannot drop the stale pages at gfn {gfn} (+{pages}): {source}")]
+    Discard { gfn: Gfn, pages: u64, source: Errno },
+    #[error("UFFDIO_WAKE at gfn {gfn} failed: {source}")]
+    Wake { gfn: Gfn, source: Errno },
+    #[error("gfn {gfn} (+{pages} pages) is outside the registered guest memory")]
+    OutOfRange { gfn: Gfn, pages: u64 },
     #[error("page data of {len} bytes is not a whole number of 4 KiB pages")]
     Unaligned { len: usize },
     #[error("reading userfaultfd events failed: {0}")]
     Read(Errno),
     #[error("cannot start the fault thread: {0}")]
     Thread(std::io::Error),
+}
+
+impl From<UffdError> for PageError {
+    fn from(e: UffdError) -> Self {
+        match e {
+            UffdError::OutOfRange { gfn, pages } => PageError::OutOfRange { gfn, pages },
+            UffdError::Unaligned { len } => PageError::Unaligned { len },
+            e => PageError::backend("userfaultfd", e),
+        }
+    }
 }
 
 /// A userfaultfd, opened for kernel-mode faults too (KVM touches guest RAM from the kernel).

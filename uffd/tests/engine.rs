@@ -1,5 +1,5 @@
 //! The fault engine on a real userfaultfd: threads of this process touch registered memory and
-//! are served by a page source.
+//! are served by a fetcher.
 
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
@@ -8,7 +8,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
-use tsubame_uffd::{FaultEngine, GuestRange, PageSource, SourceError, StagingPool, PAGE_SIZE};
+use tsubame_pages::{Delivery, Gfn, MemoryLayout, PageSink, RegionLayout, PAGE_SIZE};
+use tsubame_uffd::{FaultEngine, FetchError, Fetcher, StagingPool};
 
 /// An anonymous mapping, unmapped on drop.
 struct Mapping {
@@ -58,39 +59,40 @@ impl Drop for Mapping {
     }
 }
 
-const FIRST_GFN: u64 = 0x100;
+const FIRST_GFN: Gfn = Gfn(0x100);
 
-fn page_data(gfn: u64) -> Vec<u8> {
+/// The test pattern of page `gfn`: word `w` holds `gfn * 1000 + w`.
+fn page_data(gfn: Gfn) -> Vec<u8> {
     (0..PAGE_SIZE / 8)
-        .flat_map(|w| (gfn * 1000 + w).to_le_bytes())
+        .flat_map(|w| (gfn.0 * 1000 + w).to_le_bytes())
         .collect()
 }
 
 /// Serves every page from memory at once; page `zero_gfn` as a zero page.
 struct MemorySource {
     requests: AtomicU64,
-    zero_gfn: u64,
+    zero_gfn: Gfn,
 }
 
-impl PageSource for MemorySource {
-    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+impl Fetcher for MemorySource {
+    fn request(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let r = if gfn == self.zero_gfn {
             engine.install_zero(gfn, 1)
         } else {
             engine.install(gfn, &page_data(gfn))
         };
-        r.map(drop).map_err(|e| SourceError(e.to_string()))
+        r.map(drop).map_err(|e| FetchError(e.to_string()))
     }
 }
 
 fn engine_over(m: &Mapping, pages: u64) -> Arc<FaultEngine> {
-    FaultEngine::new(vec![GuestRange {
-        first_gfn: FIRST_GFN,
-        pages,
-        hva: m.hva(),
+    let layout = MemoryLayout::from_regions(vec![RegionLayout {
+        gpa: FIRST_GFN.gpa(),
+        size: pages * PAGE_SIZE,
     }])
-    .unwrap()
+    .unwrap();
+    FaultEngine::new(&layout, vec![m.hva()]).unwrap()
 }
 
 /// Waits until `n` pages are marked present: a reader wakes as its page lands, and the engine
@@ -123,7 +125,7 @@ fn faults_are_served_with_the_right_pages() {
             std::thread::spawn(move || {
                 for p in 0..pages {
                     let gfn = FIRST_GFN + p;
-                    let want = if p == 7 { 0 } else { gfn * 1000 + 5 };
+                    let want = if p == 7 { 0 } else { gfn.0 * 1000 + 5 };
                     assert_eq!(m.read_u64(p, 5), want, "page {p}");
                 }
             })
@@ -146,7 +148,7 @@ fn faults_are_served_with_the_right_pages() {
     assert!(s.faults >= pages);
     assert_eq!(s.latency.count(), pages);
     assert!(s.latency.percentile(0.5).unwrap() <= s.latency.max());
-    assert!(engine.source_error().is_none());
+    assert!(engine.fetch_error().is_none());
     engine.stop();
 }
 
@@ -167,7 +169,9 @@ fn install_never_overwrites_a_present_page() {
     assert_eq!(m.read_u64(1, 0), 0xdead);
     assert_eq!(engine.stats().already_present, 2);
     // Out of range and unaligned installs are refused with an explanation.
-    let e = engine.install(FIRST_GFN + 4, &page_data(0)).unwrap_err();
+    let e = engine
+        .install(FIRST_GFN + 4, &page_data(Gfn(0)))
+        .unwrap_err();
     assert!(
         e.to_string()
             .contains("outside the registered guest memory"),
@@ -183,7 +187,7 @@ fn forgotten_pages_are_missing_again_and_fault_in_fresh() {
     // A precopy round installed an old version of every page.
     let old: Vec<u8> = (0..4).flat_map(|p| page_data(FIRST_GFN + p + 50)).collect();
     assert_eq!(engine.install(FIRST_GFN, &old).unwrap(), 4);
-    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 52) * 1000);
+    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 52).0 * 1000);
     // Pages 1 and 2 went stale: after forget, a touch faults them in from the source.
     engine.forget(FIRST_GFN + 1, 2).unwrap();
     assert_eq!(engine.present_pages(), 2);
@@ -191,12 +195,12 @@ fn forgotten_pages_are_missing_again_and_fault_in_fresh() {
     engine
         .start(Arc::new(MemorySource {
             requests: AtomicU64::new(0),
-            zero_gfn: u64::MAX,
+            zero_gfn: Gfn(u64::MAX),
         }))
         .unwrap();
-    assert_eq!(m.read_u64(1, 3), (FIRST_GFN + 1) * 1000 + 3);
-    assert_eq!(m.read_u64(2, 3), (FIRST_GFN + 2) * 1000 + 3);
-    assert_eq!(m.read_u64(3, 3), (FIRST_GFN + 53) * 1000 + 3, "kept");
+    assert_eq!(m.read_u64(1, 3), (FIRST_GFN + 1).0 * 1000 + 3);
+    assert_eq!(m.read_u64(2, 3), (FIRST_GFN + 2).0 * 1000 + 3);
+    assert_eq!(m.read_u64(3, 3), (FIRST_GFN + 53).0 * 1000 + 3, "kept");
     wait_present(&engine, 4);
     let s = engine.stats();
     assert_eq!((s.pages_discarded, s.requests), (2, 2));
@@ -227,13 +231,17 @@ fn staged_pages_move_in_and_a_waiting_thread_wakes() {
         chunk.copy_from_slice(&page_data(FIRST_GFN + 2 + p as u64));
     }
     assert_eq!(engine.install_staged(FIRST_GFN + 2, &mut slot).unwrap(), 4);
-    assert_eq!(reader.join().unwrap(), (FIRST_GFN + 5) * 1000 + 7);
-    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 2) * 1000);
+    assert_eq!(reader.join().unwrap(), (FIRST_GFN + 5).0 * 1000 + 7);
+    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 2).0 * 1000);
     // A batch overlapping an installed page installs the rest and keeps the present one.
     let mut slot = pool.take(2).unwrap();
     slot.as_mut_slice().fill(0xee);
     assert_eq!(engine.install_staged(FIRST_GFN + 1, &mut slot).unwrap(), 1);
-    assert_eq!(m.read_u64(2, 0), (FIRST_GFN + 2) * 1000, "not overwritten");
+    assert_eq!(
+        m.read_u64(2, 0),
+        (FIRST_GFN + 2).0 * 1000,
+        "not overwritten"
+    );
     assert_eq!(m.read_u64(1, 0), 0xeeee_eeee_eeee_eeee);
     assert!(pool.take(1).is_none(), "every slot is handed out once");
     let s = engine.stats();
@@ -243,21 +251,21 @@ fn staged_pages_move_in_and_a_waiting_thread_wakes() {
 
 /// Answers after the batch: requests are queued, `flush` installs them (on the fault thread).
 struct DeferredSource {
-    queued: Mutex<Vec<u64>>,
+    queued: Mutex<Vec<Gfn>>,
     flushes: AtomicU64,
 }
 
-impl PageSource for DeferredSource {
-    fn request(&self, gfn: u64, _: &FaultEngine) -> Result<(), SourceError> {
+impl Fetcher for DeferredSource {
+    fn request(&self, gfn: Gfn, _: &FaultEngine) -> Result<(), FetchError> {
         self.queued.lock().unwrap().push(gfn);
         Ok(())
     }
-    fn flush(&self, engine: &FaultEngine) -> Result<(), SourceError> {
+    fn flush(&self, engine: &FaultEngine) -> Result<(), FetchError> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         for gfn in self.queued.lock().unwrap().drain(..) {
             engine
                 .install(gfn, &page_data(gfn))
-                .map_err(|e| SourceError(e.to_string()))?;
+                .map_err(|e| FetchError(e.to_string()))?;
         }
         Ok(())
     }
@@ -274,7 +282,7 @@ fn a_source_may_answer_in_flush_on_the_fault_thread() {
     });
     engine.start(source.clone()).unwrap();
     for p in 0..3 {
-        assert_eq!(m.read_u64(p, 1), (FIRST_GFN + p) * 1000 + 1);
+        assert_eq!(m.read_u64(p, 1), (FIRST_GFN + p).0 * 1000 + 1);
     }
     assert!(source.flushes.load(Ordering::Relaxed) >= 1);
     assert_eq!(engine.stats().requests, 3);
@@ -284,8 +292,8 @@ fn a_source_may_answer_in_flush_on_the_fault_thread() {
 /// Never answers.
 struct SilentSource;
 
-impl PageSource for SilentSource {
-    fn request(&self, _: u64, _: &FaultEngine) -> Result<(), SourceError> {
+impl Fetcher for SilentSource {
+    fn request(&self, _: Gfn, _: &FaultEngine) -> Result<(), FetchError> {
         Ok(())
     }
 }
@@ -295,15 +303,15 @@ struct FlakySource {
     healthy: Mutex<bool>,
 }
 
-impl PageSource for FlakySource {
-    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
+impl Fetcher for FlakySource {
+    fn request(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
         if !*self.healthy.lock().unwrap() {
-            return Err(SourceError("page server unreachable".into()));
+            return Err(FetchError("page server unreachable".into()));
         }
         engine
             .install(gfn, &page_data(gfn))
             .map(drop)
-            .map_err(|e| SourceError(e.to_string()))
+            .map_err(|e| FetchError(e.to_string()))
     }
 }
 
@@ -322,7 +330,7 @@ fn a_failed_source_leaves_the_thread_waiting_never_zero() {
     };
     // The fault is read and the request fails: the error is reported and the page is pending.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while engine.source_error().is_none() {
+    while engine.fetch_error().is_none() {
         assert!(
             std::time::Instant::now() < deadline,
             "the source error was never reported"
@@ -342,9 +350,81 @@ fn a_failed_source_leaves_the_thread_waiting_never_zero() {
     }
     assert_eq!(
         rx.recv_timeout(Duration::from_secs(10)).unwrap(),
-        FIRST_GFN * 1000 + 3
+        FIRST_GFN.0 * 1000 + 3
     );
     reader.join().unwrap();
     assert!(engine.pending_gfns().is_empty());
     engine.stop();
+}
+
+#[test]
+fn the_engine_as_a_sink_moves_bulk_pages_from_its_pool_and_copies_demand_replies() {
+    let m = Arc::new(Mapping::new(8));
+    let engine = engine_over(&m, 8);
+    let pool = Arc::new(StagingPool::new(4).unwrap());
+    pool.prepare();
+    engine.set_staging(pool.clone());
+    let sink: &dyn PageSink = engine.as_ref();
+    let mut scratch = Vec::new();
+    let fill = |first: Gfn| {
+        move |buf: &mut [u8]| {
+            for (k, page) in buf
+                .chunks_mut(usize::try_from(PAGE_SIZE).unwrap())
+                .enumerate()
+            {
+                page.copy_from_slice(&page_data(first + k as u64));
+            }
+            Ok(())
+        }
+    };
+    let n = sink
+        .receive(
+            FIRST_GFN,
+            3,
+            Delivery::Bulk,
+            &mut scratch,
+            &mut fill(FIRST_GFN),
+        )
+        .unwrap();
+    assert_eq!((n, pool.used_pages()), (3, 3), "received into the pool");
+    let n = sink
+        .receive(
+            FIRST_GFN + 3,
+            1,
+            Delivery::Demand,
+            &mut scratch,
+            &mut fill(FIRST_GFN + 3),
+        )
+        .unwrap();
+    assert_eq!((n, pool.used_pages()), (1, 3), "a demand reply is copied");
+    // Two pages do not fit the pool's last page: copied, not lost.
+    let n = sink
+        .receive(
+            FIRST_GFN + 4,
+            2,
+            Delivery::Bulk,
+            &mut scratch,
+            &mut fill(FIRST_GFN + 4),
+        )
+        .unwrap();
+    assert_eq!(n, 2);
+    for p in 0..6 {
+        assert_eq!(m.read_u64(p, 2), (FIRST_GFN + p).0 * 1000 + 2, "page {p}");
+    }
+    let s = engine.stats();
+    assert_eq!(s.pages_moved + s.pages_copied, 6);
+    assert!(engine.all_present(FIRST_GFN, 6) && !engine.all_present(FIRST_GFN, 7));
+    let e = sink
+        .receive(
+            FIRST_GFN + 7,
+            2,
+            Delivery::Demand,
+            &mut scratch,
+            &mut fill(FIRST_GFN),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, tsubame_pages::PageError::OutOfRange { .. }),
+        "{e}"
+    );
 }

@@ -277,6 +277,7 @@ pub const VM_COMMANDS: &[&str] = &[
     "save",
     "wait",
     "migrate",
+    "migrate-cancel",
     "query-migrate",
     "quit",
 ];
@@ -393,7 +394,7 @@ impl CommandHandler for VmCommands {
                 let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| {
                     CommandError::invalid("migrate needs 'uri', e.g. uri=tcp:127.0.0.1:4444")
                 })?;
-                crate::migration::parse_uri(uri)
+                tsubame_pageserver::session::parse_uri(uri)
                     .map_err(|e| CommandError::invalid(e.to_string()))?;
                 let secret = match args.get("secret").and_then(Value::as_str) {
                     Some(s) => s.as_bytes().to_vec(),
@@ -419,8 +420,21 @@ impl CommandHandler for VmCommands {
                         })
                         .transpose()?
                         .unwrap_or(0),
+                    split: args
+                        .get("split")
+                        .and_then(Value::as_str)
+                        .map(|s| {
+                            s.parse().map_err(|e: crate::migration::MigrationError| {
+                                CommandError::invalid(e.to_string())
+                            })
+                        })
+                        .transpose()?,
                 };
                 to_value(&vm.migrate(uri, &secret, &options).map_err(failed)?)
+            }
+            "migrate-cancel" => {
+                vm.cancel_migration().map_err(failed)?;
+                Ok(json!({}))
             }
             "query-migrate" => Ok(vm
                 .migration_status()

@@ -4,19 +4,27 @@
 //! thread per vCPU ([`vstate`]), port-I/O devices ([`devices`]) and the built-in guest
 //! ([`guest`]), a bare-metal program that drops to CPL3 and runs a deterministic workload. A VM
 //! can be paused, resumed, digested and saved to a snapshot that another process restores
-//! ([`snapshot`]); a JSON control socket ([`control`]) exposes all of that to the `tsubame` CLI.
+//! ([`snapshot`], around the VM's [`state`]); a JSON control socket ([`control`]) exposes all of
+//! that to the `tsubame` CLI. A VM whose memory arrives on demand ([`paging`]: a lazy restore,
+//! an incoming migration) fetches each missing page from its owner; [`migration`] moves a VM
+//! between processes, postcopy first.
+//!
+//! Module dependencies run one way: `vm` uses `migration`, `paging`, `snapshot`, `state`,
+//! `vstate`, `devices`, `memory`; `migration` uses `paging`, `state` and `vm` (the operations
+//! the VM offers it); `vstate` and `devices` use neither.
 //!
 //! The determinism oracle of every test: the digest of guest memory after N steps of a workload
 //! is the same whether or not the VM was paused, saved, restored or migrated in between.
 
+pub mod clock;
 pub mod control;
 pub mod devices;
-pub mod flow;
 pub mod guest;
 pub mod memory;
 pub mod migration;
 pub mod paging;
 pub mod snapshot;
+pub mod state;
 pub mod vm;
 pub mod vstate;
 
@@ -29,6 +37,8 @@ pub use vm::{Progress, SerialOutput, Vm, VmConfig, VmRunState, VmStatus, WaitOut
 pub enum Error {
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Layout(#[from] memory::LayoutError),
     #[error(transparent)]
     Workload(#[from] guest::WorkloadError),
     #[error("loading the guest image: {0}")]
@@ -47,6 +57,8 @@ pub enum Error {
     MemoryUnreachable { missing: u64, why: String },
     #[error("migration: {0}")]
     Migration(#[from] migration::MigrationError),
+    #[error("demand paging: {0}")]
+    Paging(#[from] paging::PagingError),
     #[error("cannot create serial output file {path}: {source}")]
     SerialFile {
         path: std::path::PathBuf,

@@ -6,24 +6,26 @@
 //!       12   u32 LE                 length N of the JSON state
 //!       16   N bytes                VmState as JSON: layout, vCPUs, devices (self-describing)
 //!            zero padding           up to the next 4 KiB boundary
-//!            RAM                    every region of the layout in order, page for page;
-//!                                   all-zero pages are holes (the file is sparse)
+//!            RAM                    every region of the layout in order, page for page
+//!                                   (page index i at RAM + i * 4 KiB); all-zero pages are
+//!                                   holes (the file is sparse)
 //! ```
+//!
+//! A snapshot's RAM is also a [`PageStore`] ([`SnapshotStore`]): a lazy restore fetches guest
+//! pages from it on demand, like a migration fetches them from its source.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use tsubame_pages::{is_zero, run_buffer, Gfn, PageError, PageStore};
 
-use crate::devices::DevicesState;
-use crate::memory::{for_each_page_run, is_zero, GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
-use tsubame_uffd::{FaultEngine, PageSource, SourceError};
-
-use crate::vstate::vcpu::VcpuState;
+use crate::memory::{GuestMemory, MemoryLayout, PAGE_BYTES, PAGE_SIZE};
+use crate::state::VmState;
 
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"TSUBAME\0";
+/// Version of the file format (the header and RAM's place in the file).
 pub const SNAPSHOT_VERSION: u32 = 1;
 /// Upper bound on the JSON state, so that a corrupt length cannot make us allocate GiBs.
 const MAX_STATE_JSON: u32 = 64 << 20;
@@ -44,21 +46,6 @@ pub enum SnapshotError {
     Malformed { path: String, why: String },
 }
 
-/// Everything about a VM except its RAM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmState {
-    /// Always "tsubame-vm-state".
-    pub format: String,
-    pub version: u32,
-    pub layout: MemoryLayout,
-    /// The workload the guest was started with (for people; the guest reads its config block).
-    pub workload: String,
-    pub vcpus: Vec<VcpuState>,
-    pub devices: DevicesState,
-}
-
-pub const STATE_FORMAT: &str = "tsubame-vm-state";
-
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         path: path.display().to_string(),
@@ -69,7 +56,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
 /// Writes `state` and all of `memory` to `path`. The vCPUs must be paused.
 pub fn write(path: &Path, state: &VmState, memory: &GuestMemory) -> Result<u64, SnapshotError> {
     let err = io_err(path);
-    let json = serde_json::to_vec(state).expect("VM state serializes");
+    let json = state.to_bytes();
     let mut f = File::create(path).map_err(&err)?;
     f.write_all(SNAPSHOT_MAGIC).map_err(&err)?;
     f.write_all(&SNAPSHOT_VERSION.to_le_bytes()).map_err(&err)?;
@@ -81,30 +68,26 @@ pub fn write(path: &Path, state: &VmState, memory: &GuestMemory) -> Result<u64, 
     .map_err(&err)?;
     f.write_all(&json).map_err(&err)?;
     let ram_start = (16 + json.len() as u64).next_multiple_of(PAGE_SIZE);
-    let mut off = ram_start;
     let mut buf = vec![0u8; 1 << 20];
     let mut written = 0u64;
-    for r in &state.layout.regions {
-        let mut done = 0u64;
-        while done < r.size {
-            let n = usize::try_from((r.size - done).min(buf.len() as u64)).expect("chunk");
-            memory
-                .read(r.gpa + done, &mut buf[..n])
-                .map_err(|e| SnapshotError::Malformed {
-                    path: path.display().to_string(),
-                    why: e.to_string(),
-                })?;
-            for (i, page) in buf[..n].chunks(PAGE_BYTES).enumerate() {
-                if !is_zero(page) {
-                    f.write_all_at(page, off + i as u64 * PAGE_SIZE)
-                        .map_err(&err)?;
-                    written += PAGE_SIZE;
-                }
+    for run in state.layout.runs(buf.len() as u64 / PAGE_SIZE) {
+        let n = usize::try_from(run.pages * PAGE_SIZE).expect("chunk");
+        memory
+            .read(run.gfn.gpa(), &mut buf[..n])
+            .map_err(|e| SnapshotError::Malformed {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })?;
+        let off = ram_start + run.index * PAGE_SIZE;
+        for (i, page) in buf[..n].chunks(PAGE_BYTES).enumerate() {
+            if !is_zero(page) {
+                f.write_all_at(page, off + i as u64 * PAGE_SIZE)
+                    .map_err(&err)?;
+                written += PAGE_SIZE;
             }
-            off += n as u64;
-            done += n as u64;
         }
     }
+    let off = ram_start + state.layout.total_bytes();
     f.set_len(off).map_err(&err)?; // trailing holes
     f.sync_all().map_err(&err)?;
     Ok(written)
@@ -137,16 +120,10 @@ pub fn read_state(path: &Path) -> Result<(VmState, u64), SnapshotError> {
     }
     let mut json = vec![0u8; len as usize];
     f.read_exact(&mut json).map_err(&err)?;
-    let state: VmState = serde_json::from_slice(&json).map_err(|e| SnapshotError::Malformed {
+    let state = VmState::from_bytes(&json).map_err(|e| SnapshotError::Malformed {
         path: p(),
         why: e.to_string(),
     })?;
-    if state.format != STATE_FORMAT || state.version != SNAPSHOT_VERSION {
-        return Err(SnapshotError::Malformed {
-            path: p(),
-            why: format!("state format {} version {}", state.format, state.version),
-        });
-    }
     let ram_start = (16 + u64::from(len)).next_multiple_of(PAGE_SIZE);
     let size = f.metadata().map_err(&err)?.len();
     let need = ram_start + state.layout.total_bytes();
@@ -203,18 +180,18 @@ pub fn read_memory(path: &Path, ram_start: u64, memory: &GuestMemory) -> Result<
     Ok(())
 }
 
-/// A snapshot's RAM as a page source: guest pages are read from the file when a vCPU (or the
-/// VMM) first touches them, and pushed in address order by [`SnapshotPages::prefetch_all`].
-/// This is postcopy with a file as the page server ("lazy restore").
+/// A snapshot's RAM as a [`PageStore`]: pages are read from the file when asked for (a lazy
+/// restore is postcopy with a file as the page server).
 #[derive(Debug)]
-pub struct SnapshotPages {
+pub struct SnapshotStore {
     file: File,
     path: String,
     ram_start: u64,
     layout: MemoryLayout,
 }
 
-impl SnapshotPages {
+impl SnapshotStore {
+    /// The RAM of the snapshot at `path`, starting at `ram_start` (from [`read_state`]).
     pub fn open(path: &Path, ram_start: u64, layout: &MemoryLayout) -> Result<Self, SnapshotError> {
         Ok(Self {
             file: File::open(path).map_err(io_err(path))?,
@@ -223,68 +200,27 @@ impl SnapshotPages {
             layout: layout.clone(),
         })
     }
-
-    /// File offset of guest frame `gfn`.
-    fn offset_of(&self, gfn: u64) -> Option<u64> {
-        let gpa = gfn * PAGE_SIZE;
-        let mut before = 0;
-        for r in &self.layout.regions {
-            if (r.gpa..r.end()).contains(&gpa) {
-                return Some(self.ram_start + before + (gpa - r.gpa));
-            }
-            before += r.size;
-        }
-        None
-    }
-
-    /// Installs `pages` frames from `gfn` (inside one region): zero runs as zero pages, the rest
-    /// with one copy per run.
-    fn install_run(&self, engine: &FaultEngine, gfn: u64, pages: u64) -> Result<(), SourceError> {
-        let err = |e: String| SourceError(format!("lazy restore from {}: {e}", self.path));
-        let off = self
-            .offset_of(gfn)
-            .ok_or_else(|| err(format!("gfn {gfn:#x} is not guest RAM")))?;
-        let mut buf =
-            vec![0u8; usize::try_from(pages * PAGE_SIZE).map_err(|e| err(e.to_string()))?];
-        self.file
-            .read_exact_at(&mut buf, off)
-            .map_err(|e| err(e.to_string()))?;
-        for_each_page_run(
-            &buf,
-            |_| true,
-            |a, b, zero| {
-                let at = gfn + a as u64;
-                let r = if zero {
-                    engine.install_zero(at, (b - a) as u64)
-                } else {
-                    engine.install(at, &buf[a * PAGE_BYTES..b * PAGE_BYTES])
-                };
-                r.map(drop).map_err(|e| err(e.to_string()))
-            },
-        )
-    }
-
-    /// Pushes every page not yet present, in address order, 2 MiB (512 pages) at a time:
-    /// UFFDIO_COPY is fastest on large runs.
-    pub fn prefetch_all(&self, engine: &FaultEngine) -> Result<(), SourceError> {
-        const RUN: u64 = 512;
-        for r in &self.layout.regions {
-            let mut gfn = r.first_gfn();
-            let end = r.first_gfn() + r.pages();
-            while gfn < end {
-                let n = RUN.min(end - gfn);
-                if (gfn..gfn + n).any(|g| !engine.is_present(g)) {
-                    self.install_run(engine, gfn, n)?;
-                }
-                gfn += n;
-            }
-        }
-        Ok(())
-    }
 }
 
-impl PageSource for SnapshotPages {
-    fn request(&self, gfn: u64, engine: &FaultEngine) -> Result<(), SourceError> {
-        self.install_run(engine, gfn, 1)
+impl PageStore for SnapshotStore {
+    fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    fn read<'a>(
+        &'a self,
+        gfn: Gfn,
+        pages: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], PageError> {
+        let at = self
+            .layout
+            .locate(gfn, pages)
+            .ok_or(PageError::OutOfRange { gfn, pages })?;
+        let buf = run_buffer(scratch, gfn, pages)?;
+        self.file
+            .read_exact_at(buf, self.ram_start + at.index * PAGE_SIZE)
+            .map_err(|e| PageError::backend(format!("reading the snapshot {}", self.path), e))?;
+        Ok(buf)
     }
 }

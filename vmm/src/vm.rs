@@ -1,6 +1,8 @@
-//! [`Vm`]: a running VM built from a [`VmConfig`] (or restored from a snapshot): guest memory,
-//! the KVM VM, one thread per vCPU, devices, and the operations the control socket offers
-//! (pause, resume, progress, digest, save).
+//! [`Vm`]: a running VM built from a [`VmConfig`] (or restored from a snapshot, or migrated
+//! in): guest memory, the KVM VM, one thread per vCPU, devices, and the operations the control
+//! socket offers (pause, resume, progress, digest, save, migrate). The migration itself lives
+//! in [`crate::migration`]; the VM offers it the few operations it needs (dirty log, pause and
+//! capture at the switchover).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -8,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::clock::unix_us;
 use crate::devices::{CpuStatus, Devices, SerialSink};
 use crate::guest::{self, abi, RunOptions, WorkloadSpec};
-use crate::memory::{Digest, GuestMemory, MemoryLayout};
+use crate::memory::{Digest, Gfn, Gpa, GuestMemory, MemoryLayout};
 use crate::migration::{self, MigrateOptions, MigrationError, MigrationStatus, Outgoing};
 use crate::paging::{DemandPaging, PagingStats};
-use crate::snapshot::{self, VmState};
+use crate::snapshot;
+use crate::state::{VmState, STATE_FORMAT, STATE_VERSION};
 use crate::vstate::vcpu::{BootRegs, RunState, Vcpu, VcpuError, VcpuHandle, VcpuState};
 use crate::vstate::vm::KvmVm;
 use crate::Error;
@@ -151,6 +155,8 @@ pub struct Vm {
     kvm: KvmVm,
     devices: Arc<Devices>,
     memory: Arc<GuestMemory>,
+    /// The VM's identity (see [`VmState::id`]).
+    id: u64,
     workload: String,
     operator_paused: Mutex<bool>,
     created: Instant,
@@ -174,7 +180,7 @@ impl Vm {
         let block = guest::config_block(&config.workload, &layout, &run)?;
         let memory = Arc::new(GuestMemory::new(&layout)?);
         let entry = guest::load_image(&memory, guest::GUEST_IMAGE)?;
-        memory.write(abi::CONFIG_GPA, &block.to_bytes())?;
+        memory.write(Gpa(abi::CONFIG_GPA), &block.to_bytes())?;
         let info = guest::write_multiboot_info(&memory)?;
         let kvm = KvmVm::new(&memory)?;
         let devices = Arc::new(Devices::new(config.serial.open()?, config.vcpus));
@@ -199,6 +205,7 @@ impl Vm {
             kvm,
             devices,
             memory,
+            id: new_id(),
             workload: config.workload.to_string(),
             operator_paused: Mutex::new(true),
             created: Instant::now(),
@@ -287,6 +294,8 @@ impl Vm {
             kvm,
             devices,
             memory,
+            // States written before VMs had an identity get one now.
+            id: if state.id == 0 { new_id() } else { state.id },
             workload: state.workload,
             operator_paused: Mutex::new(!resume),
             created: Instant::now(),
@@ -345,144 +354,64 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Migrates this VM to the destination at `uri`: authenticates, runs the precopy rounds
-    /// `options` asks for while the guest keeps running, pauses, sends the vCPU and device
+    /// Migrates this VM to the destination at `uri` on a worker thread (see
+    /// [`crate::migration::source`]): authenticates, runs the precopy rounds and the split
+    /// `options` ask for while the guest keeps running, pauses, sends the vCPU and device
     /// state, and from then on serves the VM's memory to the destination (the VM never runs
-    /// here again). Anything that fails before the state is sent leaves the VM running here.
+    /// here again). Returns once the VM runs at the destination, or with why it does not: the
+    /// VM then keeps running here ([`Vm::cancel_migration`] stops it on the way).
     pub fn migrate(
-        &self,
+        self: &Arc<Self>,
         uri: &str,
         secret: &[u8],
         options: &MigrateOptions,
     ) -> Result<MigrationStatus, Error> {
-        let (out, channels) = {
+        let out = {
             let mut outgoing = self.outgoing.lock().expect("vm lock");
             if outgoing.is_some() {
                 return Err(MigrationError::AlreadyMigrating.into());
             }
-            let vcpus = u32::try_from(self.vcpus.len()).expect("few vCPUs");
-            let (out, channels) = Outgoing::connect(
-                uri,
-                secret,
-                self.memory.layout(),
-                vcpus,
-                options.precopy_rounds,
-            )?;
+            let out = Arc::new(Outgoing::new(uri, self.memory.clone(), options));
             *outgoing = Some(out.clone());
-            (out, channels)
+            out
         };
-        match self.precopy_and_switch(&out, channels, options) {
+        let done =
+            migration::source::start(self.clone(), &out, uri, secret, options).and_then(|rx| {
+                rx.recv().unwrap_or_else(|_| {
+                    Err(MigrationError::Unsupported(
+                        "the migration worker stopped without a word".into(),
+                    ))
+                })
+            });
+        match done {
             Ok(()) => Ok(out.status()),
             Err(e) if !out.switched_over() => {
                 *self.outgoing.lock().expect("vm lock") = None;
+                if out.cancel_token().is_cancelled() {
+                    return Err(out.abort(&MigrationError::Cancelled).into());
+                }
                 Err(out.abort(&e).into())
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn precopy_and_switch(
-        &self,
-        out: &Arc<Outgoing>,
-        mut channels: migration::Channels,
-        options: &MigrateOptions,
-    ) -> Result<(), Error> {
-        let mut hot = migration::HotPages::new(self.memory.layout());
-        let mut stale = Vec::new();
-        if options.precopy_rounds > 0 {
-            self.kvm.set_dirty_logging(&self.memory, true)?;
-            // Hot-first: what the guest wrote after the last round is pushed first.
-            let hot_found = (options.prepage == migration::Prepage::Hot).then_some(&mut hot);
-            let copied = (|| -> Result<(), Error> {
-                self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
-                out.precopy(
-                    &self.memory,
-                    &mut channels,
-                    options.max_bandwidth,
-                    hot_found,
-                    || {
-                        let mut d = self.kvm.take_dirty_pages(&self.memory).map_err(|e| {
-                            MigrationError::BadState(format!("reading the dirty log: {e}"))
-                        })?;
-                        d.sort_unstable();
-                        Ok(d)
-                    },
-                )?;
-                Ok(())
-            })();
-            if let Err(e) = copied {
-                let _ = self.kvm.set_dirty_logging(&self.memory, false);
-                return Err(e);
-            }
-        } else {
-            if options.prepage == migration::Prepage::Hot {
-                let profile = options.profile.unwrap_or(Duration::from_millis(100));
-                hot.add(&self.profile_writes(profile)?);
-            }
-            out.end_precopy_early(&mut channels)?;
+    /// Cancels the outgoing migration if it has not switched over: the VM keeps running here.
+    pub fn cancel_migration(&self) -> Result<(), Error> {
+        let outgoing = self.outgoing.lock().expect("vm lock");
+        let Some(out) = outgoing.as_ref() else {
+            return Err(MigrationError::NotMigrating.into());
+        };
+        if out.switched_over() {
+            return Err(MigrationError::TooLateToCancel.into());
         }
-        let mut paused = self.operator_paused.lock().expect("vm lock");
-        let was_paused = *paused;
-        let t0 = Instant::now();
-        // Every vCPU pauses and saves its state in one round trip, all in parallel.
-        let saved = self.all_vcpus_states(VcpuHandle::request_pause_and_save);
-        *paused = true;
-        let switched = (|| -> Result<(), Error> {
-            if options.precopy_rounds > 0 {
-                // Written since the last round: dropped at the destination, sent postcopy.
-                // (The log stays on: turning it off rebuilds the memory slots, which would
-                // only lengthen the downtime; see below.)
-                stale = self.kvm.take_dirty_pages(&self.memory)?;
-                stale.sort_unstable();
-                if options.prepage == migration::Prepage::Hot {
-                    hot.add(&stale); // with the drop passes': all written since the last round
-                }
-            }
-            let state = self.state_with(saved?);
-            log::debug!(
-                "switchover: vCPUs paused and state captured after {:?}",
-                t0.elapsed()
-            );
-            out.switch_over(
-                &state,
-                self.memory.clone(),
-                channels,
-                t0,
-                options,
-                hot,
-                &stale,
-            )?;
-            Ok(())
-        })();
-        // The log goes off only if the VM stays here. Once the state is sent the vCPUs never
-        // run here again, and turning it off rebuilds the memory slots: milliseconds of CPU
-        // taken exactly when the destination is resuming (measured: hybrid downtimes of 6 ms
-        // against 1 ms on 2 cores).
-        if options.precopy_rounds > 0 && !out.switched_over() {
-            let _ = self.kvm.set_dirty_logging(&self.memory, false);
-        }
-        if switched.is_err() && !out.switched_over() && !was_paused {
-            // The destination never got the VM: it goes on here.
-            self.resume_vcpus()?;
-            *paused = false;
-        }
-        switched
+        out.cancel_token().cancel();
+        Ok(())
     }
 
-    /// The gfns the running guest writes during `window` (KVM dirty log), sorted: the access
-    /// profile of hot-first prepaging.
-    fn profile_writes(&self, window: Duration) -> Result<Vec<u64>, Error> {
-        self.kvm.set_dirty_logging(&self.memory, true)?;
-        let profile = (|| {
-            self.kvm.take_dirty_pages(&self.memory)?; // start from a clean log
-                                                      // The profile is a measurement over wall-clock time: the guest runs meanwhile.
-            std::thread::sleep(window);
-            self.kvm.take_dirty_pages(&self.memory)
-        })();
-        self.kvm.set_dirty_logging(&self.memory, false)?;
-        let mut gfns = profile?;
-        gfns.sort_unstable();
-        Ok(gfns)
+    /// The VM's identity (random when created, kept across snapshots and migrations).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// `query-migrate`: the outgoing migration (source) or the incoming one (destination).
@@ -492,7 +421,7 @@ impl Vm {
         }
         let restore = self.incoming_restore?;
         let paging = self.paging_stats()?;
-        let phase = if paging.source_error.is_some() {
+        let phase = if paging.fetch_error.is_some() {
             "failed"
         } else if paging.present_pages == paging.total_pages {
             "completed"
@@ -502,7 +431,7 @@ impl Vm {
         Some(serde_json::json!({
             "role": "destination",
             "phase": phase,
-            "error": paging.source_error,
+            "error": paging.fetch_error,
             "state_to_running_us": u64::try_from(restore.as_micros()).unwrap_or(u64::MAX),
             "demand_paging": paging,
         }))
@@ -594,7 +523,7 @@ impl Vm {
     fn resumed(&self) {
         if let Some(p) = &self.paging {
             let at = self.vcpus.iter().map(VcpuHandle::resumed_unix_us).max();
-            p.resumed(at.unwrap_or_else(migration::unix_us));
+            p.resumed(at.unwrap_or_else(unix_us));
         }
     }
 
@@ -654,20 +583,20 @@ impl Vm {
 
     /// Whether the guest page at `gpa` is in this process. The VMM never reads a page that is
     /// not: under demand paging that read would wait for the page, forever if its source died.
-    fn is_local(&self, gpa: u64) -> bool {
+    fn is_local(&self, gpa: Gpa) -> bool {
         self.paging
             .as_ref()
-            .is_none_or(|p| p.engine().is_present(gpa / crate::memory::PAGE_SIZE))
+            .is_none_or(|p| p.engine().is_present(gpa.gfn()))
     }
 
     /// Fails if reading all guest memory could wait forever: some pages are still remote and
     /// their source has failed.
     fn require_reachable_memory(&self) -> Result<(), Error> {
         match self.paging_stats() {
-            Some(p) if p.present_pages < p.total_pages && p.source_error.is_some() => {
+            Some(p) if p.present_pages < p.total_pages && p.fetch_error.is_some() => {
                 Err(Error::MemoryUnreachable {
                     missing: p.total_pages - p.present_pages,
-                    why: p.source_error.unwrap_or_default(),
+                    why: p.fetch_error.unwrap_or_default(),
                 })
             }
             _ => Ok(()),
@@ -676,13 +605,13 @@ impl Vm {
 
     fn slot(&self, cpu: usize, field: u64) -> u64 {
         self.memory
-            .read_u64_volatile(abi::mailbox_slot_field(cpu, field))
+            .read_u64_volatile(Gpa(abi::mailbox_slot_field(cpu, field)))
             .unwrap_or(0)
     }
 
     /// The guest's progress counters (no exits, no pause).
     pub fn progress(&self) -> Progress {
-        let pending = !self.is_local(abi::CONFIG_GPA) || !self.is_local(abi::MAILBOX_GPA);
+        let pending = !self.is_local(Gpa(abi::CONFIG_GPA)) || !self.is_local(Gpa(abi::MAILBOX_GPA));
         let config = if pending {
             abi::ConfigBlock::default()
         } else {
@@ -752,8 +681,9 @@ impl Vm {
     /// The VM state around `vcpus` (saved while paused).
     fn state_with(&self, vcpus: Vec<VcpuState>) -> VmState {
         VmState {
-            format: snapshot::STATE_FORMAT.into(),
-            version: snapshot::SNAPSHOT_VERSION,
+            format: STATE_FORMAT.into(),
+            version: STATE_VERSION,
+            id: self.id,
             layout: self.memory.layout().clone(),
             workload: self.workload.clone(),
             vcpus,
@@ -813,4 +743,65 @@ impl Vm {
                 });
         }
     }
+}
+
+/// What the migration of a VM needs of it.
+impl migration::source::MigratableVm for Vm {
+    fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    fn set_dirty_logging(&self, on: bool) -> Result<(), MigrationError> {
+        self.kvm
+            .set_dirty_logging(&self.memory, on)
+            .map_err(|e| MigrationError::Vm(Box::new(e)))
+    }
+
+    fn take_dirty_pages(&self) -> Result<Vec<Gfn>, MigrationError> {
+        let mut d = self
+            .kvm
+            .take_dirty_pages(&self.memory)
+            .map_err(|e| MigrationError::Vm(Box::new(e)))?;
+        d.sort_unstable();
+        Ok(d)
+    }
+
+    fn pause_for_switchover(
+        &self,
+        switch: impl FnOnce(VmState, Instant) -> Result<(), MigrationError>,
+        left: impl Fn() -> bool,
+    ) -> Result<(), MigrationError> {
+        let mut paused = self.operator_paused.lock().expect("vm lock");
+        let was_paused = *paused;
+        let t0 = Instant::now();
+        // Every vCPU pauses and saves its state in one round trip, all in parallel.
+        let saved = self
+            .all_vcpus_states(VcpuHandle::request_pause_and_save)
+            .map_err(|e| MigrationError::Vm(Box::new(e)));
+        *paused = true;
+        let switched = saved.and_then(|vcpus| switch(self.state_with(vcpus), t0));
+        if switched.is_err() && !left() && !was_paused {
+            // The destination never got the VM: it goes on here.
+            self.resume_vcpus()
+                .map_err(|e| MigrationError::Vm(Box::new(e)))?;
+            *paused = false;
+        }
+        switched
+    }
+}
+
+/// A fresh VM identity (random, never 0).
+fn new_id() -> u64 {
+    tsubame_pageserver::auth::random_u64()
+        .ok()
+        .filter(|id| *id != 0)
+        .unwrap_or_else(|| unix_us().max(1))
 }

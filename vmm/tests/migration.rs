@@ -2,11 +2,11 @@
 //! version, through the CLI, is tests/tests/migration.rs). The oracle: the migrated VM's memory
 //! after N steps equals a run that never migrated.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 mod common;
-use common::{config, TIMEOUT};
+use common::{config, reference_digest, TIMEOUT};
 
 use tsubame_vmm::{SerialOutput, Vm, WaitOutcome};
 
@@ -49,13 +49,8 @@ fn postcopy_migration_keeps_the_digest() {
         (2, "hotcold:ws=32M,write=0.3,seed=66", Prepage::Hot, 3),
     ] {
         let cfg = config(vcpus, workload, 1_500_000);
-        let reference = {
-            let vm = Vm::new(&cfg).unwrap();
-            vm.resume().unwrap();
-            assert_eq!(vm.wait_finished(TIMEOUT), WaitOutcome::Reached);
-            vm.digest().unwrap().0
-        };
-        let source = Vm::new(&cfg).unwrap();
+        let reference = reference_digest(&cfg);
+        let source = Arc::new(Vm::new(&cfg).unwrap());
         source.resume().unwrap();
         assert_eq!(
             source.wait_steps(300_000 * vcpus as u64, TIMEOUT),
@@ -133,7 +128,7 @@ fn postcopy_migration_keeps_the_digest() {
 
 #[test]
 fn wrong_secret_moves_nothing() {
-    let source = Vm::new(&config(1, "uniform:ws=8M,seed=63", 0)).unwrap();
+    let source = Arc::new(Vm::new(&config(1, "uniform:ws=8M,seed=63", 0)).unwrap());
     source.resume().unwrap();
     let (uri, dest) = destination(b"the right secret", false);
     let err = source
@@ -149,4 +144,70 @@ fn wrong_secret_moves_nothing() {
     let dest = dest.join().unwrap().unwrap();
     dest.resume().unwrap();
     assert_eq!(dest.run_state(), tsubame_vmm::VmRunState::Running);
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_vm_running_and_it_can_migrate_again() {
+    use tsubame_vmm::migration::{MigrateOptions, Prepage};
+    let cfg = config(1, "uniform:ws=32M,write=0.3,seed=67", 1_500_000);
+    let reference = reference_digest(&cfg);
+    let source = Arc::new(Vm::new(&cfg).unwrap());
+    source.resume().unwrap();
+    assert_eq!(source.wait_steps(300_000, TIMEOUT), WaitOutcome::Reached);
+    assert!(source.cancel_migration().is_err(), "nothing to cancel yet");
+    // Precopy capped at 8 MB/s: round 1 alone would take 8 s.
+    let (uri, dest) = destination(SECRET, true);
+    let options = MigrateOptions {
+        prepage: Prepage::Address,
+        precopy_rounds: 2,
+        max_bandwidth: Some(8 << 20),
+        ..Default::default()
+    };
+    let migrating = {
+        let (s, uri, options) = (source.clone(), uri.clone(), options.clone());
+        std::thread::spawn(move || s.migrate(&uri, SECRET, &options))
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while source
+        .migration_status()
+        .is_none_or(|m| m["pages_precopy"].as_u64().unwrap_or(0) == 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "precopy never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    source.cancel_migration().unwrap();
+    let e = migrating.join().unwrap().unwrap_err().to_string();
+    assert!(e.contains("cancelled"), "{e}");
+    assert!(e.contains("keeps running here"), "{e}");
+    assert_eq!(source.run_state(), tsubame_vmm::VmRunState::Running);
+    assert!(source.migration_status().is_none());
+    let d = dest.join().unwrap();
+    assert!(d.is_err(), "the destination never got the VM");
+    // The guest went on here; now it moves for real and finishes with the same memory.
+    let (uri, dest) = destination(SECRET, true);
+    source
+        .migrate(
+            &uri,
+            SECRET,
+            &MigrateOptions {
+                precopy_rounds: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let dest = dest.join().unwrap().unwrap();
+    assert_eq!(dest.wait_finished(TIMEOUT), WaitOutcome::Reached);
+    assert_eq!(dest.digest().unwrap().0, reference);
+    assert!(
+        matches!(
+            source.cancel_migration(),
+            Err(tsubame_vmm::Error::Migration(
+                tsubame_vmm::migration::MigrationError::TooLateToCancel
+            ))
+        ),
+        "the VM runs at the destination now"
+    );
 }

@@ -10,6 +10,7 @@ use common::{config, TIMEOUT};
 
 use tsubame_vmm::devices::CpuStatus;
 use tsubame_vmm::guest::read_config;
+use tsubame_vmm::memory::Gpa;
 use tsubame_vmm::{Digest, SerialOutput, Vm, VmConfig, VmRunState, WaitOutcome};
 
 fn scratch(name: &str) -> PathBuf {
@@ -134,7 +135,7 @@ fn version(vm: &Vm, index: u64) -> u32 {
     let cfg = read_config(vm.memory()).unwrap();
     let mut v = [0u8; 4];
     vm.memory()
-        .read(cfg.vtable_gpa + 4 * index, &mut v)
+        .read(Gpa(cfg.vtable_gpa + 4 * index), &mut v)
         .unwrap();
     u32::from_le_bytes(v)
 }
@@ -164,8 +165,10 @@ fn verifier_catches_a_corrupted_page() {
     let pages = written_pages(&vm);
     for (_, gpa) in pages {
         let mut byte = [0u8; 1];
-        vm.memory().read(gpa + 1000, &mut byte).unwrap();
-        vm.memory().write(gpa + 1000, &[byte[0] ^ 0x5a]).unwrap();
+        vm.memory().read(Gpa(gpa + 1000), &mut byte).unwrap();
+        vm.memory()
+            .write(Gpa(gpa + 1000), &[byte[0] ^ 0x5a])
+            .unwrap();
     }
     expect_verify_error(&vm, pages, "corrupt");
 }
@@ -177,7 +180,7 @@ fn verifier_catches_a_zeroed_page() {
     vm.resume().unwrap();
     let pages = written_pages(&vm);
     for (_, gpa) in pages {
-        vm.memory().write(gpa, &[0u8; 4096]).unwrap();
+        vm.memory().write(Gpa(gpa), &[0u8; 4096]).unwrap();
     }
     expect_verify_error(&vm, pages, "zeroed");
 }
@@ -193,7 +196,7 @@ fn verifier_catches_a_stale_page() {
         // Bump the expected version: the page content is now one version behind.
         let bumped = version(&vm, index) + 1;
         vm.memory()
-            .write(cfg.vtable_gpa + 4 * index, &bumped.to_le_bytes())
+            .write(Gpa(cfg.vtable_gpa + 4 * index), &bumped.to_le_bytes())
             .unwrap();
     }
     expect_verify_error(&vm, pages, "stale");
@@ -229,7 +232,7 @@ fn lazy_restore_continues_exactly() {
             vm.status()
         );
         let stats = vm.paging_stats().expect("lazily restored");
-        assert!(stats.source_error.is_none(), "{stats:?}");
+        assert!(stats.fetch_error.is_none(), "{stats:?}");
         assert_eq!(
             vm.digest().unwrap().0,
             reference,

@@ -12,7 +12,7 @@ mod workload;
 
 pub use workload::{parse_size, Pattern, WorkloadError, WorkloadSpec};
 
-use crate::memory::{GuestMemory, MemoryError, MemoryLayout, PAGE_SIZE};
+use crate::memory::{Gpa, GuestMemory, MemoryError, MemoryLayout, PAGE_SIZE};
 
 /// The guest image: a multiboot ELF32 file.
 pub static GUEST_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest.elf"));
@@ -130,11 +130,11 @@ impl<'a> Elf<'a> {
 pub fn load_image(memory: &GuestMemory, image: &[u8]) -> Result<u64, ImageError> {
     let elf = Elf::parse(image)?;
     for s in &elf.segments {
-        memory.write(s.paddr, s.data)?;
+        memory.write(Gpa(s.paddr), s.data)?;
         let zeroes = s.mem_size - s.data.len() as u64;
         if zeroes > 0 {
             let z = vec![0u8; to_usize(zeroes).ok_or(ImageError::BadElf("huge segment"))?];
-            memory.write(s.paddr + s.data.len() as u64, &z)?;
+            memory.write(Gpa(s.paddr + s.data.len() as u64), &z)?;
         }
     }
     Ok(elf.entry)
@@ -148,7 +148,7 @@ pub fn write_multiboot_info(memory: &GuestMemory) -> Result<u64, MemoryError> {
     info[4..8].copy_from_slice(&639u32.to_le_bytes());
     let upper_kib = u32::try_from((low.saturating_sub(1 << 20)) / 1024).unwrap_or(u32::MAX);
     info[8..12].copy_from_slice(&upper_kib.to_le_bytes());
-    memory.write(MULTIBOOT_INFO_GPA, &info)?;
+    memory.write(Gpa(MULTIBOOT_INFO_GPA), &info)?;
     Ok(MULTIBOOT_INFO_GPA)
 }
 
@@ -173,7 +173,7 @@ pub fn image_with_config(image: &[u8], config: &abi::ConfigBlock) -> Result<Vec<
 /// Reads the config block back from guest memory (e.g. after a restore).
 pub fn read_config(memory: &GuestMemory) -> Option<abi::ConfigBlock> {
     let mut b = [0u8; abi::CONFIG_SIZE];
-    memory.read(abi::CONFIG_GPA, &mut b).ok()?;
+    memory.read(Gpa(abi::CONFIG_GPA), &mut b).ok()?;
     abi::ConfigBlock::from_bytes(&b)
 }
 
@@ -200,11 +200,11 @@ fn data_spans(layout: &MemoryLayout) -> Vec<(u64, u64)> {
         .regions
         .iter()
         .filter_map(|r| {
-            let start = r.gpa.max(abi::DATA_GPA);
-            let end = if r.end() <= 1 << 32 {
-                r.end().saturating_sub(FIRMWARE_RESERVE)
+            let start = r.gpa.0.max(abi::DATA_GPA);
+            let end = if r.end().0 <= 1 << 32 {
+                r.end().0.saturating_sub(FIRMWARE_RESERVE)
             } else {
-                r.end()
+                r.end().0
             };
             (start < end).then_some((start, end))
         })
@@ -289,7 +289,7 @@ pub fn config_block(
             0
         },
         report_every: run.report_every,
-        map_top: layout.top(),
+        map_top: layout.top().0,
         vtable_gpa: abi::DATA_GPA,
         ranges,
     })
@@ -340,7 +340,7 @@ mod tests {
         assert_eq!(cfg.ranges.len(), 2);
         assert_eq!(cfg.ranges[1].base, 4 << 30);
         for r in &cfg.ranges {
-            assert!(layout.contains(r.base, r.pages * PAGE_SIZE));
+            assert!(layout.contains(Gpa(r.base), r.pages * PAGE_SIZE));
         }
         let low = &cfg.ranges[0];
         assert_eq!(

@@ -740,7 +740,7 @@ fn vcpu_loop(
                     paused = false;
                     if !parked {
                         set_state(RunState::Running);
-                        resumed_at.store(crate::migration::unix_us(), Ordering::Relaxed);
+                        resumed_at.store(crate::clock::unix_us(), Ordering::Relaxed);
                     }
                     Reply::Done
                 }
@@ -750,7 +750,7 @@ fn vcpu_loop(
                         parked = false;
                         paused = !resume;
                         if resume {
-                            resumed_at.store(crate::migration::unix_us(), Ordering::Relaxed);
+                            resumed_at.store(crate::clock::unix_us(), Ordering::Relaxed);
                         }
                         set_state(if paused {
                             RunState::Paused

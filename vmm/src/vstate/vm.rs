@@ -9,7 +9,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::memory::GuestMemory;
+use crate::memory::{Gfn, GuestMemory};
 
 /// Errors of creating a KVM VM.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,7 @@ impl KvmVm {
             let region = kvm_userspace_memory_region {
                 slot,
                 flags,
-                guest_phys_addr: range.layout.gpa,
+                guest_phys_addr: range.layout.gpa.0,
                 memory_size: range.layout.size,
                 userspace_addr: range.hva.as_ptr() as u64,
             };
@@ -96,7 +96,7 @@ impl KvmVm {
             unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
                 VmError::MemorySlot {
                     slot,
-                    gpa: range.layout.gpa,
+                    gpa: range.layout.gpa.0,
                     size: range.layout.size,
                     source,
                 }
@@ -112,7 +112,7 @@ impl KvmVm {
     }
 
     /// The gfns written since logging started or since the last call (which resets the log).
-    pub fn take_dirty_pages(&self, memory: &GuestMemory) -> Result<Vec<u64>, VmError> {
+    pub fn take_dirty_pages(&self, memory: &GuestMemory) -> Result<Vec<Gfn>, VmError> {
         let mut gfns = Vec::new();
         for (slot, range) in memory.host_ranges().iter().enumerate() {
             let slot = u32::try_from(slot).expect("few regions");
@@ -125,7 +125,7 @@ impl KvmVm {
                 let mut bits = *word;
                 while bits != 0 {
                     let b = u64::from(bits.trailing_zeros());
-                    gfns.push(range.layout.first_gfn() + w as u64 * 64 + b);
+                    gfns.push(range.layout.first_gfn() + (w as u64 * 64 + b));
                     bits &= bits - 1;
                 }
             }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tsubame_vmm::{SerialOutput, VmConfig};
+use tsubame_vmm::{Digest, SerialOutput, Vm, VmConfig, WaitOutcome};
 
 /// Upper bound of any wait in these tests (a stuck guest fails instead of hanging).
 pub const TIMEOUT: Duration = Duration::from_secs(120);
@@ -18,4 +18,13 @@ pub fn config(vcpus: usize, workload: &str, steps: u64) -> VmConfig {
         verify_at_end: true,
         serial: SerialOutput::Discard,
     }
+}
+
+/// The digest of a run of `cfg` to the end that never migrated: the oracle.
+#[allow(dead_code)] // not every test binary that shares this module uses it
+pub fn reference_digest(cfg: &VmConfig) -> Digest {
+    let vm = Vm::new(cfg).unwrap();
+    vm.resume().unwrap();
+    assert_eq!(vm.wait_finished(TIMEOUT), WaitOutcome::Reached);
+    vm.digest().unwrap().0
 }

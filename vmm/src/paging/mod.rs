@@ -1,6 +1,17 @@
-//! Demand paging: guest RAM registered with the userfaultfd fault engine and fed by a page
-//! source (a snapshot file for a lazy restore, the migration source for an incoming migration),
-//! with background workers that bring in the rest until every page is local.
+//! Demand paging: guest RAM registered with the userfaultfd fault engine, whose missing pages
+//! come from their owners (a snapshot file for a lazy restore; the migration source, and any
+//! page servers it names, for an incoming migration), with background workers that bring in
+//! the rest until every page is local.
+//!
+//! ```text
+//!  vCPU faults ─► FaultEngine ─► OwnerRouter ─► OwnerMap[gfn] ─┬─ Zero ──────► install zeros
+//!                 (tsubame_uffd)  (router)       (owners)        ├─ RemoteOwner ► PageClient ══► page server
+//!                                                                └─ LocalOwner ─► PageStore (file)
+//!  page clients' receivers ─► OwnedSink (only the owner's copy) ─► FaultEngine (UFFDIO_COPY/MOVE)
+//! ```
+
+pub mod owners;
+pub mod router;
 
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
@@ -9,11 +20,29 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tsubame_uffd::{FaultEngine, GuestRange};
+use tsubame_pages::{copy_run, PageStore};
+use tsubame_uffd::FaultEngine;
 
 use crate::memory::GuestMemory;
-use crate::snapshot::SnapshotPages;
-use crate::Error;
+use crate::snapshot::{SnapshotError, SnapshotStore};
+use owners::{EndpointId, Owner, OwnerMap};
+use router::{LocalOwner, OwnerRouter};
+
+/// Errors of demand paging.
+#[derive(Debug, thiserror::Error)]
+pub enum PagingError {
+    #[error(transparent)]
+    Uffd(#[from] tsubame_uffd::UffdError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{0}")]
+    Endpoint(#[from] tsubame_uffd::FetchError),
+    #[error("cannot start the paging thread {name}: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+}
 
 /// Demand-paging statistics.
 #[derive(Clone, Debug, Serialize)]
@@ -47,13 +76,18 @@ pub struct PagingStats {
     pub resumed_unix_us: u64,
     /// When every page was local, counted from the start of demand paging.
     pub all_present_ms: Option<f64>,
-    pub source_error: Option<String>,
+    /// Why fetching pages failed, if it did (faulting vCPUs wait).
+    pub fetch_error: Option<String>,
+    /// Where the pages come from.
+    pub owners: Vec<router::OwnerStats>,
 }
 
-/// The fault engine of a VM whose RAM arrives on demand, and the threads feeding it.
+/// The fault engine of a VM whose RAM arrives on demand, the owners its faults go to, and the
+/// threads feeding it.
 #[derive(Debug)]
 pub struct DemandPaging {
     engine: Arc<FaultEngine>,
+    router: Arc<OwnerRouter>,
     origin: &'static str,
     workers: Vec<JoinHandle<()>>,
     /// Connections the workers read; shut down on drop so that they stop.
@@ -81,19 +115,17 @@ impl std::fmt::Debug for ResumeHook {
 }
 
 impl DemandPaging {
-    /// Registers all of `memory` (empty) with a new fault engine.
-    pub fn new(memory: &GuestMemory, origin: &'static str) -> Result<Self, Error> {
-        let ranges = memory
-            .host_ranges()
-            .iter()
-            .map(|r| GuestRange {
-                first_gfn: r.layout.first_gfn(),
-                pages: r.layout.pages(),
-                hva: r.hva.as_ptr() as u64,
-            })
-            .collect();
+    /// Registers all of `memory` (empty) with a new fault engine; every page's owner is
+    /// `owner` until told otherwise. Faults are served once [`Self::start`] runs.
+    pub fn new(
+        memory: &GuestMemory,
+        origin: &'static str,
+        owner: Owner,
+    ) -> Result<Self, PagingError> {
+        let owners = Arc::new(OwnerMap::new(memory.layout(), owner));
         Ok(Self {
-            engine: FaultEngine::new(ranges)?,
+            engine: FaultEngine::new(memory.layout(), memory.hvas())?,
+            router: Arc::new(OwnerRouter::new(owners)),
             origin,
             workers: Vec::new(),
             sockets: Vec::new(),
@@ -105,27 +137,47 @@ impl DemandPaging {
         })
     }
 
-    /// Lazy restore: pages fault in from the snapshot at `path`; with `prefetch`, a `prefetch`
-    /// thread pushes the rest in address order (without, pages move only when touched: the
-    /// demand path alone, for measurements).
+    /// Lazy restore: pages fault in from the snapshot at `path` (their one owner); with
+    /// `prefetch`, a `prefetch` thread copies the rest in address order (without, pages move
+    /// only when touched: the demand path alone, for measurements).
     pub fn from_snapshot(
         memory: &GuestMemory,
         path: &Path,
         ram_start: u64,
         prefetch: bool,
-    ) -> Result<Self, Error> {
-        let mut paging = Self::new(memory, "snapshot")?;
-        let pages = Arc::new(SnapshotPages::open(path, ram_start, memory.layout())?);
-        paging.engine.start(pages.clone())?;
+    ) -> Result<Self, PagingError> {
+        let mut paging = Self::new(memory, "snapshot", Owner::Endpoint(EndpointId(0)))?;
+        let snapshot = Arc::new(LocalOwner::new(SnapshotStore::open(
+            path,
+            ram_start,
+            memory.layout(),
+        )?));
+        paging
+            .router
+            .add_local(&format!("snapshot {}", path.display()), snapshot.clone())?;
+        paging.start()?;
         if prefetch {
             let engine = paging.engine.clone();
             let done = paging.completion();
-            paging.spawn("prefetch", move || match pages.prefetch_all(&engine) {
-                Ok(()) => done(),
-                Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
+            paging.spawn("prefetch", move || {
+                match prefetch_all(snapshot.store(), &engine) {
+                    Ok(()) => done(),
+                    Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
+                }
             })?;
         }
         Ok(paging)
+    }
+
+    /// Starts serving faults: each goes to its page's owner.
+    pub fn start(&self) -> Result<(), PagingError> {
+        self.engine.start(self.router.clone())?;
+        Ok(())
+    }
+
+    /// The owners of the pages and their endpoints.
+    pub fn router(&self) -> &Arc<OwnerRouter> {
+        &self.router
     }
 
     /// The fault engine.
@@ -169,11 +221,18 @@ impl DemandPaging {
     }
 
     /// Starts a named worker thread that feeds the engine.
-    pub fn spawn(&mut self, name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Error> {
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() + Send + 'static,
+    ) -> Result<(), PagingError> {
         let t = std::thread::Builder::new()
             .name(name.into())
             .spawn(f)
-            .map_err(|e| Error::Uffd(tsubame_uffd::UffdError::Thread(e)))?;
+            .map_err(|source| PagingError::Thread {
+                name: name.into(),
+                source,
+            })?;
         self.workers.push(t);
         Ok(())
     }
@@ -221,7 +280,8 @@ impl DemandPaging {
                 .lock()
                 .expect("paging lock")
                 .map(|t| t.saturating_duration_since(self.started).as_secs_f64() * 1e3),
-            source_error: self.engine.source_error().map(|e| e.to_string()),
+            fetch_error: self.engine.fetch_error().map(|e| e.to_string()),
+            owners: self.router.owner_stats(),
         }
     }
 }
@@ -236,4 +296,19 @@ impl Drop for DemandPaging {
         }
         self.engine.stop();
     }
+}
+
+/// Copies every page of `store` that is not present yet into `engine`, in address order,
+/// 2 MiB at a time (`UFFDIO_COPY` is fastest on large runs).
+fn prefetch_all(
+    store: &dyn PageStore,
+    engine: &FaultEngine,
+) -> Result<(), tsubame_pages::PageError> {
+    let mut scratch = Vec::new();
+    for run in store.layout().runs(512) {
+        if !engine.all_present(run.gfn, run.pages) {
+            copy_run(store, engine, run.gfn, run.pages, &mut scratch)?;
+        }
+    }
+    Ok(())
 }

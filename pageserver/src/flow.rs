@@ -1,15 +1,15 @@
-//! Flow control of a migration's bulk channel.
+//! Flow control of a bulk channel.
 //!
 //! TCP alone keeps the bulk stream moving but not short: on loopback the receive buffer grows
-//! to 32 MiB, and a destination whose receiver is slower than the push (it installs every page
+//! to 32 MiB, and a receiver that is slower than the push (it installs every page
 //! with `UFFDIO_COPY`) ends up with tens of megabytes of pushed pages queued in its socket. A
 //! guest that reaches one of those pages faults on it, and either waits behind the whole
 //! queue or, as here, fetches it a second time on the urgent channel; a guest walking memory
 //! then does so page after page (measured: 36,700 of 36,800 demand pages were duplicates of
 //! queued ones, and the migration took 2-3× as long).
 //!
-//! So the destination acknowledges what it has read and installed (`Installed`, on the bulk
-//! connection's return direction), and the source keeps at most a *window* of unacknowledged
+//! So the receiver acknowledges what it has read and installed (`Installed`, on the bulk
+//! connection's return direction), and the sender keeps at most a *window* of unacknowledged
 //! bytes in flight ([`BulkWriter::wait_for_window`]). The window is twice the bandwidth-delay
 //! product, measured: the acknowledged rate over the last few round trips times the round
 //! trip the handshake measured, but never below [`WINDOW_MIN`], enough to keep the receiver
@@ -17,9 +17,9 @@
 //! slow start: each round trip acknowledges a full window, which doubles it, until the link
 //! is full.
 //!
-//! The same measured rate sizes the source's runs of pages ([`BulkWriter::run_pages`]): what
+//! The same measured rate sizes the sender's runs of pages ([`BulkWriter::run_pages`]): what
 //! the link delivers in about a millisecond, from 256 KiB up to 2 MiB. Large runs spare the
-//! destination's CPU (one `UFFDIO_MOVE`, and one wait for the other CPUs to flush their TLBs,
+//! receiver's CPU (one `UFFDIO_MOVE`, and one wait for the other CPUs to flush their TLBs,
 //! per page table instead of per 256 KiB); on a slow link a large run would keep its pages
 //! from the guest until the whole run has arrived.
 
@@ -30,19 +30,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use tsubame_pageserver::protocol::{Message, ProtocolError};
+use crate::frame::ProtocolError;
+use crate::message::Message;
 
 /// Smallest window: 1 MiB is about a millisecond of pushing on loopback, enough for the
 /// receiver never to run dry between acknowledgements.
 pub const WINDOW_MIN: u64 = 1 << 20;
 /// Largest window (a 1 Gbit/s link with a 500 ms round trip).
 pub const WINDOW_MAX: u64 = 64 << 20;
-/// The destination acknowledges at least every this many bytes (and whenever it has read all
+/// The receiver acknowledges at least every this many bytes (and whenever it has read all
 /// it was sent).
 pub const ACK_EVERY: u64 = 128 << 10;
 /// Fewest pages in a run of pushed pages (256 KiB).
 pub const RUN_PAGES_MIN: u64 = 64;
-/// Most pages in a run of pushed pages: 2 MiB, one page table's worth. The destination moves a
+/// Most pages in a run of pushed pages: 2 MiB, one page table's worth. The receiver moves a
 /// run in from its staging pool with one `UFFDIO_MOVE`, and the kernel flushes the moved pages
 /// from the other CPUs once per batch, a batch ending where a page table does. With 64-page
 /// runs on loopback, `perf` put 46 % of the bulk receiver's time in waiting for those flushes'
@@ -50,7 +51,7 @@ pub const RUN_PAGES_MIN: u64 = 64;
 /// 7 %, and the push went from 0.74-1.06 to 1.07-1.69 GB/s (9 alternating pairs of `bench
 /// migrate`, the three postcopy policies).
 pub const RUN_PAGES_MAX: u64 = 512;
-/// A run should take about this long on the link: the destination installs a run only once
+/// A run should take about this long on the link: the receiver installs a run only once
 /// all of it has arrived, so a guest faulting on one of its pages waits for the rest (on a
 /// 16 ms link at 0.25 GB/s, 2 MiB runs raised the demand p50 from about 1 ms to 5-7 ms).
 const RUN_TIME: Duration = Duration::from_millis(1);
@@ -58,20 +59,39 @@ const RUN_TIME: Duration = Duration::from_millis(1);
 /// What the bulk writer and the acknowledgement reader share.
 #[derive(Debug)]
 struct Window {
-    /// Bytes the destination has acknowledged.
+    /// Bytes the receiver has acknowledged.
     acked: AtomicU64,
     /// Current window in bytes.
     size: AtomicU64,
     /// Acknowledged bytes per second over the last few round trips (0: not measured yet).
     rate: AtomicU64,
-    /// The acknowledgement reader stopped: the destination went away (or closed the channel).
+    /// The acknowledgement reader stopped: the receiver went away (or closed the channel).
     closed: AtomicBool,
     lock: Mutex<()>,
     acked_cv: Condvar,
 }
 
-/// The source's bulk channel: a buffered writer that counts what it sends and, before each
-/// run of pages, waits until the destination has acknowledged enough of it.
+impl Window {
+    /// Waits until `ready` holds, woken by each acknowledgement; fails if the acknowledgement
+    /// reader stopped first (the receiver went away).
+    fn wait_until(&self, ready: impl Fn(&Window) -> bool) -> Result<(), ProtocolError> {
+        let mut guard = self.lock.lock().expect("window lock");
+        while !ready(self) {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(ProtocolError::Closed);
+            }
+            guard = self
+                .acked_cv
+                .wait_timeout(guard, Duration::from_millis(100))
+                .expect("window lock")
+                .0;
+        }
+        Ok(())
+    }
+}
+
+/// The sending side of a bulk channel: a buffered writer that counts what it sends and, before
+/// each run of pages, waits until the receiver has acknowledged enough of it.
 #[derive(Debug)]
 pub struct BulkWriter {
     w: BufWriter<TcpStream>,
@@ -80,7 +100,7 @@ pub struct BulkWriter {
 }
 
 impl BulkWriter {
-    /// Wraps the authenticated bulk connection, and starts a thread reading the destination's
+    /// Wraps the authenticated bulk connection, and starts a thread reading the receiver's
     /// acknowledgements from it. `rtt` is the connection's round trip (from the handshake).
     pub fn new(stream: TcpStream, rtt: Duration) -> std::io::Result<Self> {
         let window = Arc::new(Window {
@@ -93,7 +113,7 @@ impl BulkWriter {
         });
         let (acks, w) = (stream.try_clone()?, window.clone());
         std::thread::Builder::new()
-            .name("migrate-acks".into())
+            .name("bulk-acks".into())
             .spawn(move || read_acks(acks, &w, rtt))?;
         Ok(Self {
             // Page runs are larger than this and bypass it (one `writev` each, no copy).
@@ -115,18 +135,7 @@ impl BulkWriter {
             return Ok(());
         }
         self.w.flush()?;
-        let mut guard = w.lock.lock().expect("window lock");
-        while !open(w) {
-            if w.closed.load(Ordering::Acquire) {
-                return Err(ProtocolError::Closed);
-            }
-            guard = w
-                .acked_cv
-                .wait_timeout(guard, Duration::from_millis(100))
-                .expect("window lock")
-                .0;
-        }
-        Ok(())
+        w.wait_until(open)
     }
 
     /// Pages the next run should have: what the link delivers in about [`RUN_TIME`] at the
@@ -136,7 +145,26 @@ impl BulkWriter {
         run_pages_for(self.window.rate.load(Ordering::Relaxed))
     }
 
-    /// Flushes and ends the bulk stream (the destination reads the end of it): the
+    /// Flushes, then waits until the receiver has acknowledged everything sent so far: every
+    /// page is installed (or stored) there. Fails if the receiver goes away first.
+    pub fn wait_all_acknowledged(&mut self) -> Result<(), ProtocolError> {
+        self.w.flush()?;
+        let written = self.written;
+        self.window
+            .wait_until(|w| w.acked.load(Ordering::Acquire) >= written)
+    }
+
+    /// The connection written to.
+    pub fn stream(&self) -> &TcpStream {
+        self.w.get_ref()
+    }
+
+    /// Bytes written so far (frames after the handshake).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes and ends the bulk stream (the receiver reads the end of it): the
     /// acknowledgement reader keeps a handle to the connection, so dropping this one alone
     /// would not close it.
     pub fn finish(mut self) -> std::io::Result<()> {
@@ -170,7 +198,7 @@ fn read_acks(s: TcpStream, w: &Window, rtt: Duration) {
                 log::warn!("unexpected {} on the bulk channel's return path", m.name());
                 break;
             }
-            Err(_) => break, // the destination is done or gone: the writers find out
+            Err(_) => break, // the receiver is done or gone: the writers find out
         };
         let now = Instant::now();
         history.push_back((now, bytes));
@@ -222,7 +250,7 @@ fn run_pages_for(rate: u64) -> u64 {
     ((bytes / 4096.0) as u64).clamp(RUN_PAGES_MIN, RUN_PAGES_MAX)
 }
 
-/// The destination's side: counts the bulk bytes it has consumed and acknowledges them.
+/// The receiver's side: counts the bulk bytes it has consumed and acknowledges them.
 #[derive(Debug)]
 pub struct Acknowledger {
     s: TcpStream,
@@ -236,7 +264,7 @@ impl Acknowledger {
     }
 
     /// Called after each message is installed: `consumed` bytes of the stream are done, and
-    /// `idle` says the receiver has nothing more buffered (it is about to wait for the source,
+    /// `idle` says the receiver has nothing more buffered (it is about to wait for the sender,
     /// which may be waiting for this). Write errors are left to the reader to discover.
     pub fn installed(&mut self, consumed: u64, idle: bool) {
         let due = consumed - self.acked;
@@ -317,7 +345,7 @@ mod tests {
         d.read_exact(&mut sink).unwrap();
         ack.installed(WINDOW_MIN, true);
         let mut w = waiter.join().unwrap().unwrap();
-        // Fill the window again, then the destination goes away: the writer is told.
+        // Fill the window again, then the receiver goes away: the writer is told.
         while w.written < 2 * WINDOW_MIN {
             w.write_all(&chunk).unwrap();
         }

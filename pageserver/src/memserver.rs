@@ -1,0 +1,225 @@
+//! The memserver: a process that holds pages of VMs for other hosts (S-memV's memserver), keyed
+//! by (VM, gfn), and serves them back.
+//!
+//! It speaks the same sessions as every other endpoint, and is both ends of them over one
+//! store per VM ([`MemStore`]):
+//!
+//! ```text
+//!  a source   ══ Store session ══► PageClient ─► MemStore(vm) ─► PageServer ══ Fetch session ══► a destination
+//!  (pages it hands over)           (receive_bulk,                 (demand replies,
+//!                                   acknowledged as stored)        push of what it holds)
+//! ```
+//!
+//! A page is held once it arrives (zero pages take no memory) and is served until the process
+//! ends; a later store of the same page replaces it. A fetch of a VM it holds no pages of is
+//! refused; a page it does not hold is never made up (the server fails the request's session
+//! with the reason). What it does not do yet: limits on memory, forgetting, reporting usage on
+//! a control socket, more compact storage (S-memV's radix tree).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tsubame_pages::{MemStore, PageStore};
+
+use crate::client::{ClientError, ClientEvents, PageClient};
+use crate::flow::BulkWriter;
+use crate::frame::ProtocolError;
+use crate::message::{Hello, Purpose};
+use crate::prepage::{HotPages, Prepage};
+use crate::server::{PageServer, PushOptions, ServeState};
+use crate::session::{Acceptor, Session};
+
+/// What a memserver holds for one VM.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmUsage {
+    pub vm: u64,
+    pub pages_held: u64,
+    pub bytes_allocated: u64,
+}
+
+/// A memserver: the VMs' stores and the secret sessions must know.
+#[derive(Debug)]
+pub struct Memserver {
+    secret: Vec<u8>,
+    vms: Mutex<HashMap<u64, Arc<MemStore>>>,
+}
+
+impl Memserver {
+    /// An empty memserver authenticating with `secret`.
+    pub fn new(secret: &[u8]) -> Arc<Self> {
+        Arc::new(Self {
+            secret: secret.to_vec(),
+            vms: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What it holds, per VM.
+    pub fn usage(&self) -> Vec<VmUsage> {
+        let mut u: Vec<VmUsage> = self
+            .vms
+            .lock()
+            .expect("memserver lock")
+            .iter()
+            .map(|(vm, s)| VmUsage {
+                vm: *vm,
+                pages_held: s.held_pages(),
+                bytes_allocated: s.bytes_allocated(),
+            })
+            .collect();
+        u.sort_by_key(|v| v.vm);
+        u
+    }
+
+    /// Serves sessions on `listener` until it fails, each on threads of its own.
+    pub fn serve(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut acceptor = Acceptor::new(listener, &self.secret, "memserver");
+        loop {
+            let session = acceptor.next(|h| self.check(h))?;
+            let me = self.clone();
+            std::thread::Builder::new()
+                .name(format!("memserver-{:x}", session.hello.vm))
+                .spawn(move || me.handle(session))?;
+        }
+    }
+
+    /// Whether a session's Hello asks for something this memserver can do.
+    fn check(&self, h: &Hello) -> Result<(), ProtocolError> {
+        match h.purpose {
+            Purpose::Store => match self.vms.lock().expect("memserver lock").get(&h.vm) {
+                Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {
+                    theirs: h.layout.clone(),
+                    ours: s.layout().clone(),
+                }),
+                _ => Ok(()),
+            },
+            Purpose::Fetch => match self.vms.lock().expect("memserver lock").get(&h.vm) {
+                None => Err(ProtocolError::Refused(format!(
+                    "this memserver holds no pages of VM {:#x}",
+                    h.vm
+                ))),
+                Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {
+                    theirs: h.layout.clone(),
+                    ours: s.layout().clone(),
+                }),
+                Some(_) => Ok(()),
+            },
+            Purpose::Migrate => Err(ProtocolError::Refused(
+                "this is a memserver: migrate to a `tsubame run --incoming` destination".into(),
+            )),
+        }
+    }
+
+    fn handle(&self, session: Session) {
+        let vm = session.hello.vm;
+        let store = self
+            .vms
+            .lock()
+            .expect("memserver lock")
+            .entry(vm)
+            .or_insert_with(|| Arc::new(MemStore::new(&session.hello.layout)))
+            .clone();
+        match session.hello.purpose {
+            Purpose::Store => {
+                let client = match PageClient::new(
+                    &format!("the host storing VM {vm:#x}"),
+                    &session.urgent,
+                    store.clone(),
+                    Arc::new(StoreLog),
+                ) {
+                    Ok(c) => c,
+                    Err(e) => return log::warn!("cannot store pages of VM {vm:#x}: {e}"),
+                };
+                client.receive_bulk(session.bulk);
+                log::info!(
+                    "VM {vm:#x}: {} pages held after a store session",
+                    store.held_pages()
+                );
+            }
+            Purpose::Fetch => match serve_fetch(vm, &store, session) {
+                Ok(ServeState::Completed) => {
+                    log::info!("VM {vm:#x}: the fetching host has every page");
+                }
+                Ok(state) => log::warn!("VM {vm:#x}: serving ended: {state:?}"),
+                Err(e) => log::warn!("cannot serve pages of VM {vm:#x}: {e}"),
+            },
+            Purpose::Migrate => {} // refused by `check`
+        }
+    }
+}
+
+/// Serves `store` to a fetching host (demand replies, and a push of every page held) until it
+/// has every page it needs or goes away.
+fn serve_fetch(
+    vm: u64,
+    store: &Arc<MemStore>,
+    s: Session,
+) -> Result<ServeState, crate::ServerError> {
+    let server = Arc::new(PageServer::new(store.clone()));
+    // Only what is held is pushed: the fetching host gets the rest from other owners.
+    store.for_each_absent(|gfn, pages| {
+        server.withhold(gfn, pages);
+    });
+    let layout = store.layout().clone();
+    let bulk = BulkWriter::new(s.bulk, s.rtt)?;
+    server.serve(
+        &format!("the host fetching VM {vm:#x}"),
+        s.urgent,
+        bulk,
+        PushOptions {
+            prepage: Prepage::Address,
+            rate: None,
+            hot: HotPages::new(&layout),
+            // The fetching host says when its VM runs (or faults): not before.
+            gate_timeout: None,
+        },
+    )?;
+    Ok(server.wait())
+}
+
+/// A store session's events: failures are logged (the source learns of them from its own
+/// end of the session).
+struct StoreLog;
+
+impl ClientEvents for StoreLog {
+    fn failed(&self, client: &PageClient, error: ClientError) {
+        if !client.is_push_done() {
+            log::warn!("{error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Channel;
+    use crate::session::open;
+    use tsubame_pages::MemoryLayout;
+
+    #[test]
+    fn fetches_of_unknown_vms_and_migrations_are_refused() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("tcp:{}", l.local_addr().unwrap());
+        let ms = Memserver::new(b"s");
+        let m = ms.clone();
+        std::thread::spawn(move || m.serve(l));
+        let hello = |purpose| Hello {
+            purpose,
+            channel: Channel::Urgent,
+            session: 0,
+            vm: 0xabc,
+            layout: MemoryLayout::for_size(64 << 20).unwrap(),
+            vcpus: 1,
+        };
+        let e = open(&uri, b"s", &hello(Purpose::Fetch))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds no pages of VM 0xabc"), "{e}");
+        let e = open(&uri, b"s", &hello(Purpose::Migrate))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("this is a memserver"), "{e}");
+        assert!(ms.usage().is_empty());
+    }
+}

@@ -1,0 +1,598 @@
+//! The page server: serves one receiver the pages of a [`PageStore`].
+//!
+//! ```text
+//!             urgent:  PageRequest{gfn} ──► reply at once, even if the push sent it ──► Pages
+//!  receiver ◄─────────────────────────────────────────────────────────────────────────────
+//!             bulk:    push every page not sent yet, in the prepaging order, flow-controlled
+//! ```
+//!
+//! A "sent" bitmap (by page index) records what the receiver has been sent, so the push never
+//! sends a page twice; pages the receiver gets from another owner are marked in it up front
+//! ([`PageServer::withhold`]), and pages whose copy went stale are cleared from it
+//! ([`PageServer::unsend`]). A demand request is always answered, even for a page the push
+//! has queued: waiting behind the bulk stream would defeat the urgent channel (such duplicates
+//! are counted). Zero pages travel as markers; the store may tell them without reading them
+//! ([`PageStore::known_zero`]), except on the demand path, where reading one page costs less
+//! than asking.
+//!
+//! [`PageServer::serve`] runs the two threads until the receiver says `Complete` (it has every
+//! page) or goes away; [`PageServer::status`] reports where it is. Precopy rounds, which a
+//! migration source runs before it serves, send through a [`BulkSender`] with
+//! [`SendKind::Precopy`].
+
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tsubame_pages::{
+    for_each_page_run_hinted, AtomicBitmap, Gfn, MemoryLayout, PageError, PageStore, PAGE_BYTES,
+    PAGE_SIZE,
+};
+
+use crate::flow::BulkWriter;
+use crate::frame::{write_pages, ProtocolError};
+use crate::message::{Message, MAX_PAGES_PER_FRAME};
+use crate::prepage::{HotPages, Prepage, BUBBLE};
+use crate::spin::{lower_priority, now_ns, SpinRead};
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("reading pages to send failed: {0}")]
+    Store(#[from] PageError),
+    #[error("the receiver asked for {gfn} (+{count} pages), which is not this VM's memory")]
+    BadRequest { gfn: Gfn, count: u64 },
+    #[error("cannot start a server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl From<std::io::Error> for ServerError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Protocol(e.into())
+    }
+}
+
+/// How a run of pages is being sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendKind {
+    /// A demand reply: always sent, even if the push already did.
+    Demand,
+    /// The background push: pages not sent yet.
+    Push,
+    /// A precopy round: pages not sent yet (a page written again has its bit cleared).
+    Precopy,
+}
+
+/// Where a server is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "state", content = "error")]
+pub enum ServeState {
+    /// Not serving yet (precopy rounds may run).
+    Idle,
+    Serving,
+    /// The receiver has every page.
+    Completed,
+    Failed(String),
+}
+
+/// The server's counters.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerStats {
+    #[serde(flatten)]
+    pub state: ServeState,
+    pub pages_demand: u64,
+    pub pages_pushed: u64,
+    pub pages_precopy: u64,
+    /// Demand replies for pages the push had already queued (sent twice).
+    pub pages_duplicate: u64,
+    pub zero_pages: u64,
+    /// Pages the receiver gets from other owners ([`PageServer::withhold`]).
+    pub pages_withheld: u64,
+    pub bytes_sent: u64,
+    /// Page data sent by the background push (zero pages go as markers: not counted).
+    pub bytes_pushed: u64,
+    /// Serving started -> the push sent its last page.
+    pub push_ms: Option<f64>,
+    /// Serving started -> `Complete` (or the failure).
+    pub serve_ms: Option<f64>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    demand: AtomicU64,
+    pushed: AtomicU64,
+    precopy: AtomicU64,
+    duplicates: AtomicU64,
+    zero: AtomicU64,
+    withheld: AtomicU64,
+    bytes: AtomicU64,
+    bytes_pushed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Progress {
+    state: ServeState,
+    since: Option<Instant>,
+    push_done: Option<Duration>,
+    ended: Option<Duration>,
+}
+
+/// What the push does, besides the order.
+#[derive(Debug)]
+pub struct PushOptions {
+    pub prepage: Prepage,
+    /// Bytes per second of the push (demand replies are never held back).
+    pub rate: Option<u64>,
+    /// Pages pushed before anything else ([`Prepage::Hot`]; may be empty).
+    pub hot: HotPages,
+    /// The push starts when the receiver says `Resumed` or first asks for a page: pushing
+    /// while it assembles its VM would take CPU time from that. `Some(t)`: after `t` at the
+    /// latest (a receiver that stays paused still gets its pages).
+    pub gate_timeout: Option<Duration>,
+}
+
+/// Reusable buffers of one sending thread.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    data: Vec<u8>,
+    take: Vec<bool>,
+    zero: Vec<bool>,
+}
+
+/// A page server over a store `S`, for one receiver.
+#[derive(Debug)]
+pub struct PageServer<S> {
+    store: S,
+    layout: MemoryLayout,
+    sent: AtomicBitmap,
+    counters: Counters,
+    progress: Mutex<Progress>,
+    /// Signalled when serving ends.
+    ended: std::sync::Condvar,
+    /// The connections being served (urgent, bulk), shut down when serving ends.
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+impl<S: PageStore + 'static> PageServer<S> {
+    /// A server of `store`'s pages; nothing is sent yet.
+    pub fn new(store: S) -> Self {
+        let layout = store.layout().clone();
+        Self {
+            sent: AtomicBitmap::new(layout.total_pages()),
+            layout,
+            store,
+            counters: Counters::default(),
+            progress: Mutex::new(Progress {
+                state: ServeState::Idle,
+                since: None,
+                push_done: None,
+                ended: None,
+            }),
+            sockets: Mutex::new(Vec::new()),
+            ended: std::sync::Condvar::new(),
+        }
+    }
+
+    /// The store served.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Marks `[gfn, gfn + count)` as not this server's to push: the receiver gets those pages
+    /// from another owner. Returns how many were not marked yet.
+    pub fn withhold(&self, gfn: Gfn, count: u64) -> u64 {
+        let mut n = 0;
+        for run in self.layout.split(gfn, count, u64::MAX) {
+            n += self.sent.set_range(run.index, run.pages);
+        }
+        self.counters.withheld.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
+    /// Clears the "sent" marks of `[gfn, gfn + count)`: the receiver's copies went stale (or
+    /// the pages are this server's again). Returns how many were marked.
+    pub fn unsend(&self, gfn: Gfn, count: u64) -> u64 {
+        self.layout
+            .split(gfn, count, u64::MAX)
+            .map(|run| self.sent.clear_range(run.index, run.pages))
+            .sum()
+    }
+
+    /// Pages marked sent (or withheld).
+    pub fn pages_sent(&self) -> u64 {
+        self.sent.count_ones()
+    }
+
+    /// Sends pages `[gfn, gfn + count)` on `w`: zero runs as markers, data runs as pages, each
+    /// run straight from the store. The push and precopy rounds skip pages already sent; a
+    /// demand reply sends them all (see the module docs) and fails for frames that are not
+    /// this VM's memory.
+    pub fn send(
+        &self,
+        w: &mut impl Write,
+        scratch: &mut Scratch,
+        gfn: Gfn,
+        count: u64,
+        kind: SendKind,
+    ) -> Result<(), ServerError> {
+        let counter = match kind {
+            SendKind::Demand => &self.counters.demand,
+            SendKind::Push => &self.counters.pushed,
+            SendKind::Precopy => &self.counters.precopy,
+        };
+        if kind == SendKind::Demand
+            && self
+                .layout
+                .split(gfn, count, u64::MAX)
+                .map(|r| r.pages)
+                .sum::<u64>()
+                != count
+        {
+            return Err(ServerError::BadRequest { gfn, count });
+        }
+        for run in self
+            .layout
+            .split(gfn, count, u64::from(MAX_PAGES_PER_FRAME))
+        {
+            scratch.take.clear();
+            for k in 0..run.pages {
+                let already = self.sent.test_and_set(run.index + k);
+                if already && kind == SendKind::Demand {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                scratch.take.push(!already || kind == SendKind::Demand);
+            }
+            // Each stretch of pages to send is read on its own: a store may not hold the
+            // others (a memserver holds only what it was given).
+            let mut k = 0;
+            while k < scratch.take.len() {
+                if !scratch.take[k] {
+                    k += 1;
+                    continue;
+                }
+                let start = k;
+                while k < scratch.take.len() && scratch.take[k] {
+                    k += 1;
+                }
+                self.send_stretch(
+                    w,
+                    scratch,
+                    run.gfn + start as u64,
+                    (k - start) as u64,
+                    kind,
+                    counter,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `[gfn, gfn + pages)`, all of it, read from the store at once: zero runs as
+    /// markers, data runs as pages.
+    fn send_stretch(
+        &self,
+        w: &mut impl Write,
+        scratch: &mut Scratch,
+        gfn: Gfn,
+        pages: u64,
+        kind: SendKind,
+        counter: &AtomicU64,
+    ) -> Result<(), ServerError> {
+        if kind == SendKind::Demand {
+            scratch.zero.clear();
+        } else {
+            self.store.known_zero(gfn, pages, &mut scratch.zero)?;
+        }
+        let data = self.store.read(gfn, pages, &mut scratch.data)?;
+        let zero = &scratch.zero;
+        for_each_page_run_hinted(
+            data,
+            |_| true,
+            |k| zero.get(k) == Some(&true),
+            |a, b, is_zero| {
+                let (at, pages) = (gfn + a as u64, (b - a) as u64);
+                counter.fetch_add(pages, Ordering::Relaxed);
+                if is_zero {
+                    self.counters.zero.fetch_add(pages, Ordering::Relaxed);
+                    Message::ZeroPages {
+                        gfn: at,
+                        count: pages,
+                    }
+                    .write_to(w)?;
+                } else {
+                    let bytes = &data[a * PAGE_BYTES..b * PAGE_BYTES];
+                    let n = bytes.len() as u64;
+                    self.counters.bytes.fetch_add(n, Ordering::Relaxed);
+                    if kind == SendKind::Push {
+                        self.counters.bytes_pushed.fetch_add(n, Ordering::Relaxed);
+                    }
+                    write_pages(w, at, bytes)?;
+                }
+                Ok::<(), ServerError>(())
+            },
+        )
+    }
+
+    /// Serves the receiver on its session's two connections, on two threads of its own
+    /// (`serve-urgent`, `serve-push`), until it says `Complete` or goes away
+    /// ([`Self::status`]). `peer` names it in errors.
+    pub fn serve(
+        self: &Arc<Self>,
+        peer: &str,
+        urgent: TcpStream,
+        bulk: BulkWriter,
+        options: PushOptions,
+    ) -> Result<(), ServerError> {
+        {
+            let mut p = self.progress.lock().expect("server lock");
+            p.state = ServeState::Serving;
+            p.since = Some(Instant::now());
+        }
+        {
+            let mut sockets = self.sockets.lock().expect("server lock");
+            sockets.push(urgent.try_clone()?);
+            sockets.push(bulk.stream().try_clone()?);
+        }
+        // The demand thread tells the push where the guest faults (bubbling), and opens the
+        // gate when the receiver has resumed (or asked for a page).
+        let (fault_tx, faults) = crossbeam::channel::unbounded();
+        let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
+        let (gate_tx, gate) = crossbeam::channel::bounded(1);
+        let (me, who) = (self.clone(), peer.to_string());
+        std::thread::Builder::new()
+            .name("serve-urgent".into())
+            .spawn(move || {
+                let result = me.serve_demand(urgent, fault_tx.as_ref(), &gate_tx);
+                me.end(match result {
+                    Ok(()) => ServeState::Completed,
+                    Err(e) => ServeState::Failed(format!("lost {who}: {e}")),
+                });
+            })
+            .map_err(ServerError::Thread)?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("serve-push".into())
+            .spawn(move || {
+                if let Err(e) = me.push(bulk, &options, &gate, &faults) {
+                    me.end(ServeState::Failed(format!("pushing pages failed: {e}")));
+                }
+            })
+            .map_err(ServerError::Thread)?;
+        Ok(())
+    }
+
+    /// Records the end of serving, the first time only. A failure closes both connections (the
+    /// other thread stops, and the receiver sees the end at once); after `Complete` only the
+    /// urgent one is closed, so that the push can still say `PushDone` on the bulk one.
+    fn end(&self, state: ServeState) {
+        let completed = state == ServeState::Completed;
+        {
+            let mut p = self.progress.lock().expect("server lock");
+            if p.state != ServeState::Serving {
+                return;
+            }
+            p.ended = p.since.map(|t| t.elapsed());
+            p.state = state;
+            self.ended.notify_all();
+        }
+        let sockets = self.sockets.lock().expect("server lock");
+        let close = if completed {
+            &sockets[..1]
+        } else {
+            &sockets[..]
+        };
+        for s in close {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Waits until serving ends (`Completed` or `Failed`) and returns how.
+    pub fn wait(&self) -> ServeState {
+        let mut p = self.progress.lock().expect("server lock");
+        while matches!(p.state, ServeState::Idle | ServeState::Serving) {
+            p = self.ended.wait(p).expect("server lock");
+        }
+        p.state.clone()
+    }
+
+    /// Stops serving: the connections are shut down, so both threads end soon.
+    pub fn stop(&self) {
+        self.end(ServeState::Failed("stopped".into()));
+    }
+
+    fn serve_demand(
+        &self,
+        urgent: TcpStream,
+        faults: Option<&crossbeam::channel::Sender<Gfn>>,
+        gate: &crossbeam::channel::Sender<()>,
+    ) -> Result<(), ServerError> {
+        let served_at = Arc::new(AtomicU64::new(0));
+        let mut reader = BufReader::new(SpinRead::new(urgent.try_clone()?, served_at.clone()));
+        let mut writer = urgent;
+        let mut scratch = Scratch::default();
+        loop {
+            match Message::read_from(&mut reader)? {
+                Message::Resumed => {
+                    let _ = gate.try_send(());
+                }
+                Message::PageRequest { gfn, count } => {
+                    let _ = gate.try_send(());
+                    served_at.store(now_ns(), Ordering::Relaxed);
+                    let sent = self.send(
+                        &mut writer,
+                        &mut scratch,
+                        gfn,
+                        u64::from(count),
+                        SendKind::Demand,
+                    );
+                    if let Err(e @ ServerError::BadRequest { .. }) = &sent {
+                        let _ = Message::Error {
+                            message: e.to_string(),
+                        }
+                        .write_to(&mut writer);
+                    }
+                    sent?;
+                    writer.flush()?;
+                    if let Some(f) = faults {
+                        let _ = f.send(gfn);
+                    }
+                }
+                Message::Complete => return Ok(()),
+                m => return Err(ProtocolError::unexpected("PageRequest", m).into()),
+            }
+        }
+    }
+
+    fn push(
+        &self,
+        mut w: BulkWriter,
+        options: &PushOptions,
+        gate: &crossbeam::channel::Receiver<()>,
+        faults: &crossbeam::channel::Receiver<Gfn>,
+    ) -> Result<(), ServerError> {
+        lower_priority();
+        let hot = options.hot.runs(u64::MAX);
+        let _ = match options.gate_timeout {
+            Some(t) => gate.recv_timeout(t).is_ok(),
+            None => gate.recv().is_ok(),
+        };
+        let mut sender = BulkSender::new(self, options.rate);
+        if options.prepage != Prepage::None {
+            // Hot pages first, in runs of consecutive pages.
+            for run in hot {
+                let mut done = 0;
+                while done < run.pages {
+                    let n = w.run_pages().min(run.pages - done);
+                    sender.send(&mut w, run.gfn + done, n, SendKind::Push)?;
+                    done += n;
+                }
+            }
+            self.scan(&mut w, &mut sender, faults)?;
+        }
+        {
+            let mut p = self.progress.lock().expect("server lock");
+            p.push_done = p.since.map(|t| t.elapsed());
+        }
+        Message::PushDone.write_to(&mut w)?;
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Pushes every page not sent yet, scanning in page-index order and wrapping around.
+    /// Bubble: each demand fault moves the scan to just past the faulting page (after the few
+    /// pages before it), so the push streams ahead of a guest walking through memory instead of
+    /// behind it; one full lap after the last move, every page has been sent (the "sent"
+    /// bitmap makes passing over sent pages cheap, a word at a time).
+    fn scan(
+        &self,
+        w: &mut BulkWriter,
+        sender: &mut BulkSender<'_, S>,
+        faults: &crossbeam::channel::Receiver<Gfn>,
+    ) -> Result<(), ServerError> {
+        let total = self.layout.total_pages();
+        let (mut at, mut lap_left) = (0, total);
+        while lap_left > 0 {
+            for g in faults.try_iter() {
+                let before = g.saturating_sub(BUBBLE);
+                sender.send(w, before, g - before, SendKind::Push)?;
+                if let Some(next) = self.layout.page_index(g + 1) {
+                    (at, lap_left) = (next, total);
+                }
+            }
+            let unsent = self.sent.next_clear(at, total);
+            lap_left = lap_left.saturating_sub(unsent - at);
+            at = unsent;
+            if at == total {
+                at = 0;
+                continue;
+            }
+            let run = self
+                .layout
+                .run_at(at, w.run_pages())
+                .expect("an index below the total is a page");
+            sender.send(w, run.gfn, run.pages, SendKind::Push)?;
+            lap_left = lap_left.saturating_sub(run.pages);
+            at = (at + run.pages) % total;
+        }
+        Ok(())
+    }
+
+    /// Where serving is, and the counters.
+    #[allow(clippy::cast_precision_loss)] // milliseconds for people
+    pub fn status(&self) -> ServerStats {
+        let c = &self.counters;
+        let p = self.progress.lock().expect("server lock");
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        ServerStats {
+            state: p.state.clone(),
+            pages_demand: c.demand.load(Ordering::Relaxed),
+            pages_pushed: c.pushed.load(Ordering::Relaxed),
+            pages_precopy: c.precopy.load(Ordering::Relaxed),
+            pages_duplicate: c.duplicates.load(Ordering::Relaxed),
+            zero_pages: c.zero.load(Ordering::Relaxed),
+            pages_withheld: c.withheld.load(Ordering::Relaxed),
+            bytes_sent: c.bytes.load(Ordering::Relaxed),
+            bytes_pushed: c.bytes_pushed.load(Ordering::Relaxed),
+            push_ms: p.push_done.map(ms),
+            serve_ms: p.ended.map(ms),
+        }
+    }
+}
+
+/// Sends runs of pages on a bulk channel for one thread (the push, precopy rounds, a
+/// write-back): waits for the flow-control window before each run, flushes after it, and
+/// paces to a rate if asked.
+#[derive(Debug)]
+pub struct BulkSender<'a, S> {
+    server: &'a PageServer<S>,
+    scratch: Scratch,
+    rate: Option<u64>,
+    paced_bytes: u64,
+    t0: Instant,
+}
+
+impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
+    /// A sender for `server`, at most `rate` bytes per second (`None` or 0: unlimited).
+    pub fn new(server: &'a PageServer<S>, rate: Option<u64>) -> Self {
+        Self {
+            server,
+            scratch: Scratch::default(),
+            rate: rate.filter(|r| *r > 0),
+            paced_bytes: 0,
+            t0: Instant::now(),
+        }
+    }
+
+    /// Sends the pages of `[gfn, gfn + n)` not sent yet, then waits if over the rate.
+    #[allow(clippy::cast_precision_loss)] // pacing arithmetic in seconds
+    pub fn send(
+        &mut self,
+        w: &mut BulkWriter,
+        gfn: Gfn,
+        n: u64,
+        kind: SendKind,
+    ) -> Result<(), ServerError> {
+        if n == 0 {
+            return Ok(());
+        }
+        w.wait_for_window()?;
+        self.server.send(w, &mut self.scratch, gfn, n, kind)?;
+        // Zero markers are tiny: without a flush they would wait in the buffer while a guest
+        // faults on them one by one.
+        w.flush()?;
+        if let Some(rate) = self.rate {
+            // n pages may leave only after n * 4 KiB / rate seconds.
+            self.paced_bytes += n * PAGE_SIZE;
+            let due = Duration::from_secs_f64(self.paced_bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(self.t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Sessions: the two authenticated connections (urgent and bulk) that every exchange of pages
+//! uses, whoever listens. [`open`] dials both; an [`Acceptor`] takes connections on a listener,
+//! authenticates each and pairs them by session id.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::auth::random_u64;
+use crate::frame::ProtocolError;
+use crate::handshake::{initiate, respond};
+use crate::message::{Channel, Hello};
+
+/// Longest a handshake may take before the acceptor gives up on the connection (a peer that
+/// connects and says nothing must not hold up the others).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most sessions an acceptor keeps waiting for their second connection.
+const HALF_SESSIONS_MAX: usize = 64;
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("bad endpoint address '{0}': write tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444")]
+    Uri(String),
+    #[error("cannot connect to {addr}: {source}; is a Tsubame endpoint listening there?")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{addr} refused the session: {source}")]
+    Handshake { addr: String, source: ProtocolError },
+}
+
+/// Parses `tcp:HOST:PORT` into a socket address.
+pub fn parse_uri(uri: &str) -> Result<SocketAddr, SessionError> {
+    let bad = || SessionError::Uri(uri.into());
+    let rest = uri.strip_prefix("tcp:").ok_or_else(bad)?;
+    rest.to_socket_addrs()
+        .map_err(|_| bad())?
+        .next()
+        .ok_or_else(bad)
+}
+
+/// Both connections of a session, authenticated.
+#[derive(Debug)]
+pub struct Session {
+    /// What the initiator said (the urgent connection's Hello).
+    pub hello: Hello,
+    pub urgent: TcpStream,
+    pub bulk: TcpStream,
+    /// The shorter of the two handshakes' round trips (on the responder, an upper bound).
+    pub rtt: Duration,
+}
+
+/// Opens a session with the endpoint at `uri`: connects and authenticates the urgent, then the
+/// bulk connection, both saying `hello` (its channel and session are filled in here).
+pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionError> {
+    let addr = parse_uri(uri)?;
+    let session = random_u64().map_err(|source| SessionError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let connect = |channel| -> Result<(TcpStream, Duration), SessionError> {
+        let mut s = TcpStream::connect(addr).map_err(|source| SessionError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let hello = Hello {
+            channel,
+            session,
+            ..hello.clone()
+        };
+        let rtt = s
+            .set_nodelay(true)
+            .map_err(ProtocolError::from)
+            .and_then(|()| initiate(&mut s, secret, &hello))
+            .map_err(|source| SessionError::Handshake {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok((s, rtt))
+    };
+    let (urgent, rtt_urgent) = connect(Channel::Urgent)?;
+    let (bulk, rtt_bulk) = connect(Channel::Bulk)?;
+    Ok(Session {
+        hello: Hello {
+            channel: Channel::Urgent,
+            session,
+            ..hello.clone()
+        },
+        urgent,
+        bulk,
+        rtt: rtt_urgent.min(rtt_bulk),
+    })
+}
+
+/// Takes sessions on a listener: each connection is authenticated as it comes (a refused one
+/// is logged and dropped, and the acceptor goes on), and a session is complete once both its
+/// connections are in.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: TcpListener,
+    secret: Vec<u8>,
+    /// What the sessions are for, in log lines ("migration", "memserver").
+    what: String,
+    /// Sessions with one connection in, by session id (with its handshake's round trip).
+    half: HashMap<u64, (Hello, TcpStream, Duration)>,
+}
+
+impl Acceptor {
+    /// Accepts `what` sessions ("migration", say: it names them in log lines) on `listener`,
+    /// authenticating with `secret`.
+    pub fn new(listener: TcpListener, secret: &[u8], what: &str) -> Self {
+        Self {
+            listener,
+            secret: secret.to_vec(),
+            what: what.to_string(),
+            half: HashMap::new(),
+        }
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The next complete session whose Hello `check` accepts (it runs for each connection,
+    /// before the connection is accepted). Fails only if the listener does.
+    pub fn next(
+        &mut self,
+        check: impl Fn(&Hello) -> Result<(), ProtocolError>,
+    ) -> std::io::Result<Session> {
+        loop {
+            let (mut s, peer) = self.listener.accept()?;
+            let hello = (|| {
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                let h = respond(&mut s, &self.secret, &check)?;
+                s.set_read_timeout(None)?;
+                Ok::<_, ProtocolError>(h)
+            })();
+            let (hello, rtt) = match hello {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!("refused a {} connection from {peer}: {e}", self.what);
+                    eprintln!(
+                        "tsubame: refused a {} connection from {peer}: {e}",
+                        self.what
+                    );
+                    continue;
+                }
+            };
+            let Some((first, other, first_rtt)) = self.half.remove(&hello.session) else {
+                if self.half.len() >= HALF_SESSIONS_MAX {
+                    // Peers that opened one connection and never the other: forget them.
+                    self.half.clear();
+                }
+                self.half.insert(hello.session, (hello, s, rtt));
+                continue;
+            };
+            let (urgent, bulk, hello) = match (first.channel, hello.channel) {
+                (Channel::Urgent, Channel::Bulk) => (other, s, first),
+                (Channel::Bulk, Channel::Urgent) => (s, other, hello),
+                _ => {
+                    log::warn!(
+                        "session {:#x} from {peer} opened one channel twice",
+                        hello.session
+                    );
+                    continue;
+                }
+            };
+            return Ok(Session {
+                hello,
+                urgent,
+                bulk,
+                rtt: rtt.min(first_rtt),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Purpose;
+    use tsubame_pages::MemoryLayout;
+
+    fn hello(vm: u64) -> Hello {
+        Hello {
+            purpose: Purpose::Fetch,
+            channel: Channel::Urgent,
+            session: 0,
+            vm,
+            layout: MemoryLayout::for_size(64 << 20).unwrap(),
+            vcpus: 1,
+        }
+    }
+
+    #[test]
+    fn sessions_pair_up_and_refused_ones_do_not_stop_the_acceptor() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("tcp:{}", l.local_addr().unwrap());
+        let mut acceptor = Acceptor::new(l, b"secret", "test");
+        let server = std::thread::spawn(move || {
+            acceptor
+                .next(|h| {
+                    if h.vm == 13 {
+                        Err(ProtocolError::Refused("unlucky VM".into()))
+                    } else {
+                        Ok(())
+                    }
+                })
+                .unwrap()
+        });
+        let e = open(&uri, b"wrong", &hello(1)).unwrap_err().to_string();
+        assert!(e.contains("shared secret"), "{e}");
+        let e = open(&uri, b"secret", &hello(13)).unwrap_err().to_string();
+        assert!(e.contains("unlucky VM"), "{e}");
+        let client = open(&uri, b"secret", &hello(2)).unwrap();
+        let accepted = server.join().unwrap();
+        assert_eq!(accepted.hello.vm, 2);
+        assert_eq!(accepted.hello.session, client.hello.session);
+        assert_eq!(accepted.hello.channel, Channel::Urgent);
+        assert_eq!(
+            accepted.urgent.peer_addr().unwrap(),
+            client.urgent.local_addr().unwrap()
+        );
+        assert_eq!(
+            accepted.bulk.peer_addr().unwrap(),
+            client.bulk.local_addr().unwrap()
+        );
+    }
+
+    #[test]
+    fn addresses_must_be_tcp_uris() {
+        assert!(parse_uri("tcp:127.0.0.1:4444").is_ok());
+        for bad in ["127.0.0.1:4444", "tcp:", "udp:1.2.3.4:5", "tcp:nohost"] {
+            assert!(parse_uri(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! A VM whose pages come from two owners at once: the source hands part of its memory to a
+//! memserver (a third process) while the guest runs, and the destination fetches those pages
+//! from the memserver and the rest from the source, in parallel. The oracle: the migrated VM's
+//! memory after N steps equals a run that never migrated.
+
+use serde_json::{json, Value};
+use tsubame_tests::{run_to_end, Scratch, VmProcess};
+
+const SECRET: &str = "split secret";
+
+fn destination() -> (VmProcess, String) {
+    VmProcess::destination(SECRET, &["--mem", "64M"]).unwrap()
+}
+
+/// Migrates a VM running `workload` on `vcpus` with `share` of its memory handed to a
+/// memserver, and checks the digest and that both owners sent pages.
+fn split_migration(name: &str, vcpus: &str, workload: &str, share: f64, prepage: &str) {
+    let dir = Scratch::new(name);
+    let common = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--workload",
+        workload,
+        "--steps",
+        "1500000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    let (_memserver, ms) = VmProcess::memserver(SECRET).unwrap();
+    let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
+    let (dest, uri) = destination();
+    let stop_at = 300_000 * vcpus.parse::<u64>().unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": stop_at}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "prepage": prepage,
+                   "split": format!("{ms}:{share}")}),
+        )
+        .unwrap();
+    let split = &m["split"];
+    assert_eq!(split["memserver"], ms.as_str(), "{m}");
+    let stored = split["pages_stored"].as_u64().unwrap();
+    let total = m["total_pages"].as_u64().unwrap();
+    #[allow(clippy::cast_precision_loss)]
+    let stored_share = stored as f64 / total as f64;
+    assert!(
+        (stored_share - share).abs() < 0.05,
+        "{stored} of {total} pages stored for a share of {share}: {m}"
+    );
+    // The guest kept writing while its pages were stored: some were taken back.
+    assert!(split["pages_reverted"].as_u64().unwrap() > 0, "{m}");
+
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination failed: {out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        summary["digest"], reference["digest"],
+        "{workload} on {vcpus} vCPUs, {share} split: {summary}"
+    );
+    // Both owners sent pages: the seam is real.
+    let owners = summary["migration"]["demand_paging"]["owners"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no owners in {summary}"))
+        .clone();
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert_eq!(owners[0]["endpoint"], "the migration source");
+    assert_eq!(owners[1]["endpoint"], format!("the page server {ms}"));
+    for o in &owners {
+        assert!(o["pages_received"].as_u64().unwrap() > 0, "{o}");
+        assert!(o["pages_owned"].as_u64().unwrap() > 0, "{o}");
+    }
+    let from_memserver = owners[1]["pages_owned"].as_u64().unwrap();
+    assert_eq!(
+        from_memserver,
+        stored - split["pages_reverted"].as_u64().unwrap(),
+        "the memserver owns what it stored, less what the guest wrote since: {owners:?}"
+    );
+}
+
+#[test]
+fn half_the_pages_from_a_memserver_one_vcpu() {
+    split_migration(
+        "split1",
+        "1",
+        "uniform:ws=32M,write=0.3,seed=81",
+        0.5,
+        "bubble",
+    );
+}
+
+#[test]
+fn a_quarter_from_a_memserver_two_vcpus_hot_first() {
+    split_migration(
+        "split2",
+        "2",
+        "hotcold:ws=32M,write=0.5,seed=82",
+        0.25,
+        "hot",
+    );
+}
+
+#[test]
+fn an_unreachable_memserver_leaves_the_source_running() {
+    let dir = Scratch::new("split-refused");
+    let source = VmProcess::idle(&dir.path("src.sock")).unwrap();
+    let (_dest, uri) = destination();
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "split": "tcp:127.0.0.1:1:0.5"}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is `tsubame memserver` listening"), "{e}");
+    let s = source.ctl("query-status", json!({})).unwrap();
+    assert_eq!(s["status"], "running", "{s}");
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "split": "tcp:127.0.0.1:1"}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("split=tcp:HOST:PORT:SHARE"), "{e}");
+    source.ctl("quit", json!({})).unwrap();
+}

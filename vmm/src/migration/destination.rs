@@ -1,0 +1,426 @@
+//! The destination of a migration: takes the session, receives the VM, and fetches its pages
+//! from their owners.
+//!
+//! [`incoming`] listens and accepts an authenticated session from a source; [`Incoming::receive`]
+//! creates the memory (empty, under userfaultfd: [`DemandPaging`]) as soon as it is accepted, so
+//! precopy pages are installed while the source still runs the guest and the switchover only
+//! restores vCPUs. Every page starts owned by the source; an `Owners` announcement gives pages
+//! to another page server (a memserver holding part of the VM), which the destination dials
+//! at once, before the switchover, or back to the source. Each owner has a page client that
+//! installs only what its owner owns ([`OwnedSink`]): a fault sends a `PageRequest` to the
+//! page's owner, and the fault thread itself reads and installs the reply; a receiver thread
+//! per owner installs its push. Bulk pages are read straight into a slot of the staging pool
+//! and moved into guest memory when the destination prepared one (it knew the layout ahead:
+//! `--mem`), else copied; demand replies are always copied.
+//!
+//! Once the state has arrived and the bulk channel has passed `PrecopyDone`, each vCPU thread
+//! loads its state and enters the guest at once (one hand-off per vCPU in the downtime), and
+//! the downtime ends when the last one does. When every page is local, every owner is told
+//! `Complete`. If an owner goes away, faulting vCPUs wait and the error is reported: pages
+//! never become zero behind the guest's back.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tsubame_pageserver::session::{self, Acceptor, Session};
+use tsubame_pageserver::spin::{set_nice, DEMAND_SPIN};
+use tsubame_pageserver::{
+    ClientError, ClientEvents, Hello, Message, PageClient, ProtocolError, Purpose,
+};
+use tsubame_uffd::{FaultEngine, FetchError, StagingPool};
+
+use super::MigrationError;
+use crate::memory::{GuestMemory, MemoryLayout};
+use crate::paging::owners::{EndpointId, OwnedSink, Owner};
+use crate::paging::router::RemoteOwner;
+use crate::paging::DemandPaging;
+use crate::state::VmState;
+
+/// The source is the first endpoint of every incoming migration.
+const SOURCE: EndpointId = EndpointId(0);
+
+/// How a destination takes in a migration.
+#[derive(Clone, Debug)]
+pub struct IncomingOptions {
+    /// The memory layout the source must have (e.g. from `--mem`); `None` takes the source's.
+    pub expect: Option<MemoryLayout>,
+    /// With `expect`: prepare a staging pool the size of guest memory while waiting (see
+    /// [`incoming`]). Without it, received pages are allocated and copied into guest memory
+    /// during the migration, which is slower where fresh memory is expensive.
+    pub staging: bool,
+    /// Run the VM as soon as its state is loaded; otherwise it arrives paused.
+    pub resume: bool,
+}
+
+impl Default for IncomingOptions {
+    fn default() -> Self {
+        Self {
+            expect: None,
+            staging: true,
+            resume: true,
+        }
+    }
+}
+
+/// An accepted, authenticated incoming migration: the session, before any memory.
+pub struct Incoming {
+    pub layout: MemoryLayout,
+    /// vCPUs of the incoming VM (from the handshake).
+    pub vcpus: u32,
+    session: Session,
+    secret: Vec<u8>,
+    staging: Option<Arc<StagingPool>>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Listens on `uri`, calls `ready` with the bound address, and accepts connections until an
+/// authenticated migration session is there. Refused connections (wrong secret, other version,
+/// other layout, another purpose) are logged and the destination keeps waiting.
+///
+/// With the layout known ahead (`options.expect`) and `options.staging`, a staging pool the
+/// size of guest memory is faulted in on a background thread meanwhile (lowest priority, until
+/// the migration completes), so that received pages are later moved into guest memory instead
+/// of allocated and copied there (see `tsubame_uffd::staging`). It costs the memory the
+/// guest's pages would take anyway, but for the whole migration, and pages that arrive as zero
+/// pages leave their share unused until the migration ends.
+pub fn incoming(
+    uri: &str,
+    secret: &[u8],
+    options: &IncomingOptions,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<Incoming, MigrationError> {
+    let expect = options.expect.as_ref();
+    let pool_layout = expect.filter(|_| options.staging);
+    let staging = match pool_layout.map(|l| StagingPool::new(l.total_pages())) {
+        Some(Ok(pool)) => {
+            let pool = Arc::new(pool);
+            let p = pool.clone();
+            std::thread::Builder::new()
+                .name("staging-prepare".into())
+                .spawn(move || {
+                    set_nice(19);
+                    p.prepare();
+                })?;
+            Some(pool)
+        }
+        Some(Err(e)) => {
+            log::warn!("no staging pool, pages will be copied in: {e}");
+            None
+        }
+        None => None,
+    };
+    let addr = session::parse_uri(uri)?;
+    let listener = TcpListener::bind(addr).map_err(|source| MigrationError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let mut acceptor = Acceptor::new(listener, secret, "migration");
+    ready(acceptor.local_addr()?);
+    let session = acceptor.next(|h| check_hello(h, expect))?;
+    if let Some(p) = &staging {
+        log::debug!(
+            "migration accepted with {} of {} staging pages prepared",
+            p.prepared_pages(),
+            p.pages()
+        );
+    }
+    Ok(Incoming {
+        layout: session.hello.layout.clone(),
+        vcpus: session.hello.vcpus,
+        session,
+        secret: secret.to_vec(),
+        staging,
+    })
+}
+
+/// Whether this destination takes what `h` offers: a migration, of a layout it can hold.
+fn check_hello(h: &Hello, expect: Option<&MemoryLayout>) -> Result<(), ProtocolError> {
+    if h.purpose != Purpose::Migrate {
+        return Err(ProtocolError::Refused(format!(
+            "this is a migration destination, not a page server ({:?} asked)",
+            h.purpose
+        )));
+    }
+    let ours = MemoryLayout::for_size(h.layout.total_bytes()).ok();
+    let wanted = expect.or(ours.as_ref());
+    if wanted != Some(&h.layout) {
+        return Err(ProtocolError::Layout {
+            theirs: h.layout.clone(),
+            ours: wanted.cloned().unwrap_or(MemoryLayout { regions: vec![] }),
+        });
+    }
+    Ok(())
+}
+
+/// What the destination's page clients report to: the switchover's wait for the end of the
+/// precopy phase, failures, and completion (every page local: every owner is told).
+struct Arrival {
+    engine: Arc<FaultEngine>,
+    /// Every owner's client, the source's first.
+    clients: Mutex<Vec<Arc<PageClient>>>,
+    /// Set once the VM state arrived: before, the precopy rounds may fill memory and empty it
+    /// again, and `Complete` would come too early.
+    armed: AtomicBool,
+    completed: AtomicBool,
+    done: Box<dyn Fn() + Send + Sync>,
+    /// Told once the source's bulk channel passed `PrecopyDone` (or failed first).
+    precopy_done: Mutex<Option<crossbeam::channel::Sender<Result<(), String>>>>,
+}
+
+impl Arrival {
+    /// Sends `Complete` to every owner once every page is local (after the switchover).
+    fn check_complete(&self) {
+        if self.armed.load(Ordering::Acquire)
+            && self.engine.present_pages() == self.engine.total_pages()
+            && !self.completed.swap(true, Ordering::AcqRel)
+        {
+            (self.done)();
+            // Every owner is told, and forgotten: the clients hold this, the cycle ends here.
+            for c in self.clients.lock().expect("arrival lock").drain(..) {
+                c.complete();
+            }
+        }
+    }
+}
+
+impl ClientEvents for Arrival {
+    fn applied(&self, _: &PageClient) {
+        self.check_complete();
+    }
+
+    fn precopy_done(&self, _: &PageClient) {
+        if let Some(tx) = self.precopy_done.lock().expect("arrival lock").take() {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    fn failed(&self, _: &PageClient, error: ClientError) {
+        if self.completed.load(Ordering::Acquire) {
+            return; // every page is here: nobody needs that owner any more
+        }
+        let why = error.to_string();
+        if let Some(tx) = self.precopy_done.lock().expect("arrival lock").take() {
+            let _ = tx.send(Err(why.clone()));
+        }
+        self.engine.report_fetch_error(FetchError(why));
+    }
+}
+
+impl Incoming {
+    /// Tells the source that this destination cannot take the VM, and why (best effort: the
+    /// source reports it and keeps its VM).
+    pub fn refuse(&self, why: &str) {
+        let _ = Message::Error {
+            message: why.to_string(),
+        }
+        .write_to(&mut &self.session.urgent);
+    }
+
+    /// Receives the VM into `memory`: starts demand paging and the source's bulk receiver at
+    /// once (precopy rounds arrive while the VM still runs at the source), applies owner
+    /// announcements (dialling the page servers named), waits for the VM state on the urgent
+    /// channel and for the end of the precopy phase on the bulk channel, and hands the urgent
+    /// channel's replies to the fault thread. Returns the paging, the VM state to restore, and
+    /// when the state arrived.
+    pub fn receive(
+        self,
+        memory: &GuestMemory,
+    ) -> Result<(DemandPaging, VmState, Instant), MigrationError> {
+        let mut paging = DemandPaging::new(memory, "migration", Owner::Endpoint(SOURCE))?;
+        let engine = paging.engine().clone();
+        if let Some(p) = &self.staging {
+            engine.set_staging(p.clone());
+            paging.set_staging(p.clone());
+        }
+        let (tx, precopy_done) = crossbeam::channel::bounded(1);
+        let completion = paging.completion();
+        let pool = self.staging.clone();
+        let arrival = Arc::new(Arrival {
+            engine: engine.clone(),
+            clients: Mutex::new(Vec::new()),
+            armed: AtomicBool::new(false),
+            completed: AtomicBool::new(false),
+            done: Box::new(move || {
+                completion();
+                if let Some(p) = &pool {
+                    p.stop_preparing();
+                }
+            }),
+            precopy_done: Mutex::new(Some(tx)),
+        });
+        let Session {
+            hello,
+            urgent,
+            bulk,
+            ..
+        } = self.session;
+        let owners = paging.router().owners().clone();
+        let sink = Arc::new(OwnedSink::new(engine.clone(), owners.clone(), SOURCE));
+        let source = PageClient::new(
+            "the migration source",
+            &urgent,
+            sink.clone(),
+            arrival.clone(),
+        )
+        .map_err(MigrationError::Io)?;
+        let id = paging
+            .router()
+            .add_remote(RemoteOwner {
+                client: source.clone(),
+                sink,
+            })
+            .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+        debug_assert_eq!(id, SOURCE);
+        arrival
+            .clients
+            .lock()
+            .expect("arrival lock")
+            .push(source.clone());
+        // The fault thread waits for the guest's next fault without sleeping for a while, as
+        // the source's demand server does for the next request: measured with `tsubame bench
+        // fault`, guest stall per page 97-120 µs (median 106) against 111-124 µs (median 120).
+        engine.set_spin(DEMAND_SPIN);
+        paging.start()?;
+        for s in [&urgent, &bulk] {
+            paging.own_socket(s.try_clone().map_err(MigrationError::Io)?);
+        }
+        let rx = source.clone();
+        paging.spawn("migrate-bulk-rx", move || rx.receive_bulk(bulk))?;
+        source
+            .send(&Message::Ready)
+            .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+
+        // Owner announcements, then the state.
+        let mut dialled: HashMap<String, EndpointId> = HashMap::new();
+        let json = loop {
+            match Message::read_from(&mut &urgent)
+                .map_err(|e| MigrationError::SourceLost(e.to_string()))?
+            {
+                Message::Owners { endpoint, runs } if endpoint.is_empty() => {
+                    for (gfn, n) in runs {
+                        owners.set(gfn, n, Owner::Endpoint(SOURCE));
+                    }
+                }
+                Message::Owners { endpoint, runs } => {
+                    let id = match dialled.get(&endpoint) {
+                        Some(id) => *id,
+                        None => {
+                            let id =
+                                dial_owner(&endpoint, &self.secret, &hello, &mut paging, &arrival)?;
+                            dialled.insert(endpoint.clone(), id);
+                            id
+                        }
+                    };
+                    for (gfn, n) in runs {
+                        owners.set(gfn, n, Owner::Endpoint(id));
+                    }
+                    source
+                        .send(&Message::Ready)
+                        .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+                }
+                Message::VmState(j) => break j,
+                m => return Err(ProtocolError::unexpected("VmState", m).into()),
+            }
+        };
+        let state_received = Instant::now();
+        let state =
+            VmState::from_bytes(&json).map_err(|e| MigrationError::BadState(e.to_string()))?;
+        if state.layout != self.layout || state.vcpus.len() != self.vcpus as usize {
+            return Err(MigrationError::BadState(
+                "the state's memory layout or vCPU count differs from the handshake's".into(),
+            ));
+        }
+        let parsed = state_received.elapsed();
+        match precopy_done.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => return Err(MigrationError::SourceLost(why)),
+            Err(_) => {
+                return Err(MigrationError::SourceLost(
+                    "the bulk receiver stopped".into(),
+                ))
+            }
+        }
+        log::debug!(
+            "switchover: state parsed after {parsed:?}, precopy phase ended after {:?}",
+            state_received.elapsed()
+        );
+        // From here on only demand replies arrive on the urgent channel: the fault thread reads
+        // them.
+        source.attach_replies(urgent);
+        arrival.armed.store(true, Ordering::Release);
+        arrival.check_complete();
+        let clients = arrival.clients.lock().expect("arrival lock").clone();
+        paging.on_resume(move || {
+            // The owners start their push on this; if one is gone, its receiver reports it.
+            for c in &clients {
+                let _ = c.send(&Message::Resumed);
+            }
+        });
+        Ok((paging, state, state_received))
+    }
+}
+
+/// Dials the page server at `uri`, which the source named as the owner of some of the VM's
+/// pages, and makes it an endpoint: a page client of its own, installing only what it owns.
+fn dial_owner(
+    uri: &str,
+    secret: &[u8],
+    hello: &Hello,
+    paging: &mut DemandPaging,
+    arrival: &Arc<Arrival>,
+) -> Result<EndpointId, MigrationError> {
+    let failed = |reason: String| MigrationError::Owner {
+        endpoint: uri.to_string(),
+        reason,
+    };
+    let fetch = Hello {
+        purpose: Purpose::Fetch,
+        ..hello.clone()
+    };
+    let s = session::open(uri, secret, &fetch).map_err(|e| failed(e.to_string()))?;
+    let router = paging.router().clone();
+    let id = router.next_id();
+    let sink = Arc::new(OwnedSink::new(
+        paging.engine().clone(),
+        router.owners().clone(),
+        id,
+    ));
+    let client = PageClient::new(
+        &format!("the page server {uri}"),
+        &s.urgent,
+        sink.clone(),
+        arrival.clone(),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    client.attach_replies(s.urgent.try_clone().map_err(|e| failed(e.to_string()))?);
+    for c in [&s.urgent, &s.bulk] {
+        paging.own_socket(c.try_clone().map_err(|e| failed(e.to_string()))?);
+    }
+    let added = router
+        .add_remote(RemoteOwner {
+            client: client.clone(),
+            sink,
+        })
+        .map_err(|e| failed(e.to_string()))?;
+    debug_assert_eq!(added, id);
+    arrival
+        .clients
+        .lock()
+        .expect("arrival lock")
+        .push(client.clone());
+    let bulk = s.bulk;
+    paging
+        .spawn("owner-bulk-rx", move || client.receive_bulk(bulk))
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(id)
+}
