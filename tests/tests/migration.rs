@@ -3,7 +3,7 @@
 //! run that never migrated; a wrong secret or a layout mismatch moves nothing and leaves the
 //! source running.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tsubame_tests::{run_to_end, Scratch, VmProcess};
 
 const SECRET: &str = "e2e secret";
@@ -85,7 +85,16 @@ fn migrate_to(
     let paging = &summary["demand_paging"];
     assert_eq!(paging["origin"], "migration");
     assert_eq!(paging["present_pages"], paging["total_pages"], "{paging}");
-    assert!(paging["source_error"].is_null(), "{paging}");
+    assert!(
+        paging.get("fetch_error").is_some_and(Value::is_null),
+        "{paging}"
+    );
+    // One owner, the source, sent every page; none was dropped as not its own.
+    let owners = paging["owners"].as_array().unwrap();
+    assert_eq!(owners.len(), 1, "{paging}");
+    assert_eq!(owners[0]["endpoint"], "the migration source");
+    assert_eq!(owners[0]["pages_owned"], paging["total_pages"], "{paging}");
+    assert_eq!(owners[0]["pages_not_owned"], 0, "{paging}");
     let n = |k: &str| paging[k].as_u64().unwrap();
     assert!(n("pages_moved") <= n("staging_pages_used"), "{paging}");
     assert!(

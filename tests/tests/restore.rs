@@ -56,7 +56,20 @@ fn check_restore(name: &str, vcpus: &str, workload: &str, lazy: bool) {
     if lazy {
         let l = &b["demand_paging"];
         assert_eq!(l["present_pages"], l["total_pages"], "{l}");
-        assert!(l["source_error"].is_null(), "{l}");
+        assert!(
+            l.get("fetch_error").is_some_and(serde_json::Value::is_null),
+            "{l}"
+        );
+        // One owner: the snapshot file.
+        let owners = l["owners"].as_array().unwrap();
+        assert_eq!(owners.len(), 1, "{l}");
+        assert!(
+            owners[0]["endpoint"]
+                .as_str()
+                .unwrap()
+                .starts_with("snapshot "),
+            "{l}"
+        );
     }
     assert_eq!(b["status"], "finished", "{b}");
     assert_eq!(
