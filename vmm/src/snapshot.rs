@@ -15,7 +15,7 @@
 //! pages from it on demand, like a migration fetches them from its source.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -140,42 +140,37 @@ pub fn read_state(path: &Path) -> Result<(VmState, u64), SnapshotError> {
 /// Holes and all-zero pages are skipped, so untouched guest memory stays unallocated.
 pub fn read_memory(path: &Path, ram_start: u64, memory: &GuestMemory) -> Result<(), SnapshotError> {
     let err = io_err(path);
-    let mut f = File::open(path).map_err(&err)?;
+    let f = File::open(path).map_err(&err)?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = ram_start;
-    for r in &memory.layout().regions.clone() {
-        let mut done = 0u64;
-        while done < r.size {
-            // Jump over holes: SEEK_DATA finds the next written byte at or after `off`.
-            let data = match f.seek(SeekFrom::Start(off)).and_then(|_| {
-                nix::unistd::lseek(
-                    &f,
-                    i64::try_from(off).expect("offset"),
-                    nix::unistd::Whence::SeekData,
-                )
-                .map_err(std::io::Error::from)
-            }) {
-                Ok(d) => u64::try_from(d).expect("non-negative offset"),
-                Err(_) => off + (r.size - done), // ENXIO: no data left in the file
-            };
-            let skip = (data.saturating_sub(off) / PAGE_SIZE * PAGE_SIZE).min(r.size - done);
-            off += skip;
-            done += skip;
-            if done >= r.size {
-                break;
-            }
-            let n = usize::try_from((r.size - done).min(buf.len() as u64)).expect("chunk");
-            f.read_exact_at(&mut buf[..n], off).map_err(&err)?;
-            for (i, page) in buf[..n].chunks(PAGE_BYTES).enumerate() {
-                if !is_zero(page) {
-                    memory
-                        .write(r.gpa + done + i as u64 * PAGE_SIZE, page)
-                        .expect("in-layout write");
-                }
-            }
-            off += n as u64;
-            done += n as u64;
+    let layout = memory.layout();
+    let mut index = 0;
+    while let Some(run) = layout.run_at(index, buf.len() as u64 / PAGE_SIZE) {
+        let off = ram_start + run.index * PAGE_SIZE;
+        // Jump over holes: SEEK_DATA finds the next written byte at or after `off` (ENXIO:
+        // there is none).
+        let data = nix::unistd::lseek(
+            &f,
+            i64::try_from(off).expect("offset"),
+            nix::unistd::Whence::SeekData,
+        )
+        .ok()
+        .and_then(|d| u64::try_from(d).ok())
+        .unwrap_or(u64::MAX);
+        let hole = (data.saturating_sub(off) / PAGE_SIZE).min(run.pages);
+        if hole > 0 {
+            index += hole;
+            continue;
         }
+        let n = usize::try_from(run.pages * PAGE_SIZE).expect("chunk");
+        f.read_exact_at(&mut buf[..n], off).map_err(&err)?;
+        for (i, page) in buf[..n].chunks(PAGE_BYTES).enumerate() {
+            if !is_zero(page) {
+                memory
+                    .write(run.gfn.gpa() + i as u64 * PAGE_SIZE, page)
+                    .expect("in-layout write");
+            }
+        }
+        index += run.pages;
     }
     Ok(())
 }
