@@ -60,9 +60,11 @@ fn check_restore(name: &str, vcpus: &str, workload: &str, lazy: bool) {
             l.get("fetch_error").is_some_and(serde_json::Value::is_null),
             "{l}"
         );
-        // One owner: the snapshot file.
+        // One owner: the snapshot file, which sent every page once.
         let owners = l["owners"].as_array().unwrap();
         assert_eq!(owners.len(), 1, "{l}");
+        assert_eq!(owners[0]["pages_installed"], l["total_pages"], "{l}");
+        assert_eq!(owners[0]["pages_owned"], 0, "{l}");
         assert!(
             owners[0]["endpoint"]
                 .as_str()

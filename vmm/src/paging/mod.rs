@@ -20,12 +20,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tsubame_pages::{copy_run, PageStore};
+use tsubame_pages::PageStore;
 use tsubame_uffd::FaultEngine;
 
 use crate::memory::GuestMemory;
 use crate::snapshot::{SnapshotError, SnapshotStore};
-use owners::{EndpointId, Owner, OwnerMap};
+use owners::{EndpointId, OwnedSink, Owner, OwnerMap};
 use router::{LocalOwner, OwnerRouter};
 
 /// Errors of demand paging.
@@ -147,11 +147,15 @@ impl DemandPaging {
         prefetch: bool,
     ) -> Result<Self, PagingError> {
         let mut paging = Self::new(memory, "snapshot", Owner::Endpoint(EndpointId(0)))?;
-        let snapshot = Arc::new(LocalOwner::new(SnapshotStore::open(
-            path,
-            ram_start,
-            memory.layout(),
-        )?));
+        let sink = Arc::new(OwnedSink::new(
+            paging.engine.clone(),
+            paging.router.owners().clone(),
+            EndpointId(0),
+        ));
+        let snapshot = Arc::new(LocalOwner::new(
+            SnapshotStore::open(path, ram_start, memory.layout())?,
+            sink,
+        ));
         paging
             .router
             .add_local(&format!("snapshot {}", path.display()), snapshot.clone())?;
@@ -159,11 +163,9 @@ impl DemandPaging {
         if prefetch {
             let engine = paging.engine.clone();
             let done = paging.completion();
-            paging.spawn("prefetch", move || {
-                match prefetch_all(snapshot.store(), &engine) {
-                    Ok(()) => done(),
-                    Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
-                }
+            paging.spawn("prefetch", move || match prefetch_all(&snapshot, &engine) {
+                Ok(()) => done(),
+                Err(err) => log::error!("prefetch stopped: {err}; vCPUs still fault pages in"),
             })?;
         }
         Ok(paging)
@@ -298,16 +300,15 @@ impl Drop for DemandPaging {
     }
 }
 
-/// Copies every page of `store` that is not present yet into `engine`, in address order,
+/// Copies every page of the local owner `from` that is not present yet, in address order,
 /// 2 MiB at a time (`UFFDIO_COPY` is fastest on large runs).
-fn prefetch_all(
-    store: &dyn PageStore,
+fn prefetch_all<S: PageStore>(
+    from: &LocalOwner<S>,
     engine: &FaultEngine,
 ) -> Result<(), tsubame_pages::PageError> {
-    let mut scratch = Vec::new();
-    for run in store.layout().runs(512) {
+    for run in from.store().layout().runs(512) {
         if !engine.all_present(run.gfn, run.pages) {
-            copy_run(store, engine, run.gfn, run.pages, &mut scratch)?;
+            from.copy(run.gfn, run.pages)?;
         }
     }
     Ok(())

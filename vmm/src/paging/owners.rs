@@ -1,13 +1,20 @@
-//! The owner map: for every guest page that is not present here, who holds its freshest copy,
-//! and the sink that lets only that owner's copy in.
+//! The owner map: for every guest page, who holds its freshest copy (this host, nobody, or an
+//! endpoint), and the sink that lets only that owner's copy in.
 //!
-//! A present page is local, whatever the map says: the map says where to fetch a page when the
-//! guest faults on it. Every page has one owner at a time, and a page is installed only from
-//! its owner ([`OwnedSink`]): a stale copy from a former owner (a page server that held the
-//! page before the source took it back, say) is dropped on arrival, never installed. Owners
-//! change only before the vCPUs run (a migration's switchover) for now; changing them under a
-//! running guest (eviction, destination switch) needs the change and the installs ordered,
-//! which the map's users will add with those features.
+//! Source-of-truth rules:
+//! - Every page has one owner at a time: [`Owner::Local`] once its copy is installed here,
+//!   [`Owner::Zero`] if it was never written, or the endpoint (page server, memserver, file)
+//!   whose copy is the freshest.
+//! - A page is installed only from its owner ([`OwnedSink`]), and then it is local: a stale copy
+//!   from a former owner (a memserver that stored the page before the guest wrote it again at
+//!   the source, say) and a second copy from the owner itself (a demand reply racing the push)
+//!   are both dropped on arrival, never installed, and counted apart.
+//! - An owner that says its copy went stale (`Discard`) takes a local page back: it is dropped
+//!   here and owned by that endpoint again. Nothing else makes a local page missing.
+//!
+//! Owners change only before the vCPUs run (a migration's switchover) for now; changing them
+//! under a running guest (eviction, destination switch) needs the change and the installs
+//! ordered, which the map's users will add with those features.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -21,32 +28,40 @@ pub struct EndpointId(pub u8);
 
 impl EndpointId {
     /// Most endpoints a VM's pages can be spread over.
-    pub const MAX: usize = 254;
+    pub const MAX: usize = 126;
 }
 
-/// Who holds the freshest copy of a page that is not present here.
+/// Who holds the freshest copy of a page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Owner {
+    /// This host: the page is installed here.
+    Local,
     /// Nobody: the page was never written, and faults in as zeros.
     Zero,
     /// A page server, a memserver, a file: an endpoint of the router.
     Endpoint(EndpointId),
 }
 
+/// A page's entry in the map: an endpoint's id (below [`FROM`]), a local page with the
+/// endpoint it came from (`FROM | id`, so that the endpoint can take it back), a local page that
+/// came from no endpoint ([`LOCAL`]), or a zero page ([`ZERO`]).
 const ZERO: u8 = u8::MAX;
+const LOCAL: u8 = u8::MAX - 1;
+const FROM: u8 = 0x80;
 
 impl Owner {
     fn code(self) -> u8 {
         match self {
+            Owner::Local => LOCAL,
             Owner::Zero => ZERO,
             Owner::Endpoint(e) => e.0,
         }
     }
     fn from_code(c: u8) -> Self {
-        if c == ZERO {
-            Owner::Zero
-        } else {
-            Owner::Endpoint(EndpointId(c))
+        match c {
+            ZERO => Owner::Zero,
+            c if c >= FROM => Owner::Local,
+            e => Owner::Endpoint(EndpointId(e)),
         }
     }
 }
@@ -86,39 +101,51 @@ impl OwnerMap {
     /// Makes `owner` the owner of the pages of `[gfn, gfn + pages)` that are RAM; returns how
     /// many there are.
     pub fn set(&self, gfn: Gfn, pages: u64, owner: Owner) -> u64 {
+        self.set_code(gfn, pages, owner.code())
+    }
+
+    fn set_code(&self, gfn: Gfn, pages: u64, code: u8) -> u64 {
         let mut n = 0;
         for run in self.layout.split(gfn, pages, u64::MAX) {
             for k in 0..run.pages {
-                self.slot(run.index + k)
-                    .store(owner.code(), Ordering::Release);
+                self.slot(run.index + k).store(code, Ordering::Release);
             }
             n += run.pages;
         }
         n
     }
 
+    /// Records `[gfn, gfn + pages)` as local, installed from `endpoint`.
+    fn set_local_from(&self, gfn: Gfn, pages: u64, endpoint: EndpointId) {
+        self.set_code(gfn, pages, FROM | endpoint.0);
+    }
+
     /// Pages owned by `owner`.
     pub fn count(&self, owner: Owner) -> u64 {
-        let code = owner.code();
         self.owners
             .iter()
-            .filter(|o| o.load(Ordering::Relaxed) == code)
+            .filter(|o| Owner::from_code(o.load(Ordering::Relaxed)) == owner)
             .count() as u64
     }
 
     /// The parts of `[gfn, gfn + pages)` that `owner` owns, as runs.
     pub fn owned_runs(&self, gfn: Gfn, pages: u64, owner: Owner) -> Vec<PageRun> {
-        let code = owner.code();
+        self.runs_where(gfn, pages, |c| Owner::from_code(c) == owner)
+    }
+
+    /// The parts of `[gfn, gfn + pages)` whose entry `wanted` selects, as runs.
+    fn runs_where(&self, gfn: Gfn, pages: u64, wanted: impl Fn(u8) -> bool) -> Vec<PageRun> {
+        let take = |i: u64| wanted(self.slot(i).load(Ordering::Acquire));
         let mut out = Vec::new();
         for run in self.layout.split(gfn, pages, u64::MAX) {
             let mut k = 0;
             while k < run.pages {
-                if self.slot(run.index + k).load(Ordering::Acquire) != code {
+                if !take(run.index + k) {
                     k += 1;
                     continue;
                 }
                 let start = k;
-                while k < run.pages && self.slot(run.index + k).load(Ordering::Acquire) == code {
+                while k < run.pages && take(run.index + k) {
                     k += 1;
                 }
                 out.push(PageRun {
@@ -133,22 +160,35 @@ impl OwnerMap {
 
     /// Whether `owner` owns all of `[gfn, gfn + pages)` (inside one region).
     pub fn owns_all(&self, gfn: Gfn, pages: u64, owner: Owner) -> bool {
-        let code = owner.code();
         self.layout.locate(gfn, pages).is_some_and(|l| {
-            (0..pages).all(|k| self.slot(l.index + k).load(Ordering::Acquire) == code)
+            (0..pages)
+                .all(|k| Owner::from_code(self.slot(l.index + k).load(Ordering::Acquire)) == owner)
         })
     }
 }
 
-/// The fault engine, as the sink of one owner's pages: installs only what that owner owns
-/// (see the module docs) and drops the rest, counted.
+/// The fault engine, as the sink of one owner's pages: installs only what that owner owns, and
+/// makes it local (see the module docs).
 #[derive(Debug)]
 pub struct OwnedSink {
     engine: Arc<FaultEngine>,
     owners: Arc<OwnerMap>,
+    endpoint: EndpointId,
     owner: Owner,
+    /// Pages installed from this endpoint.
+    installed: AtomicU64,
+    /// Pages that arrived from this endpoint when they were local already: dropped.
+    already_local: AtomicU64,
     /// Pages that arrived from this endpoint while another owned them: dropped.
     not_owned: AtomicU64,
+}
+
+/// What an [`OwnedSink`] did with what arrived.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    pub pages_installed: u64,
+    pub pages_already_local: u64,
+    pub pages_not_owned: u64,
 }
 
 impl OwnedSink {
@@ -156,17 +196,25 @@ impl OwnedSink {
         Self {
             engine,
             owners,
+            endpoint,
             owner: Owner::Endpoint(endpoint),
+            installed: AtomicU64::new(0),
+            already_local: AtomicU64::new(0),
             not_owned: AtomicU64::new(0),
         }
     }
 
-    /// Pages dropped because this endpoint did not own them.
-    pub fn pages_not_owned(&self) -> u64 {
-        self.not_owned.load(Ordering::Relaxed)
+    /// What was installed and what was dropped.
+    pub fn stats(&self) -> SinkStats {
+        SinkStats {
+            pages_installed: self.installed.load(Ordering::Relaxed),
+            pages_already_local: self.already_local.load(Ordering::Relaxed),
+            pages_not_owned: self.not_owned.load(Ordering::Relaxed),
+        }
     }
 
-    /// Calls `f` for each run of `[gfn, gfn + pages)` this owner owns; counts the rest.
+    /// Calls `f` for each run of `[gfn, gfn + pages)` this owner owns, then makes the run
+    /// local; counts the rest (local already, or another owner's).
     fn each_owned(
         &self,
         gfn: Gfn,
@@ -178,8 +226,25 @@ impl OwnedSink {
         }
         let runs = self.owners.owned_runs(gfn, pages, self.owner);
         let owned: u64 = runs.iter().map(|r| r.pages).sum();
-        self.not_owned.fetch_add(pages - owned, Ordering::Relaxed);
-        runs.into_iter().map(&mut f).sum()
+        if owned < pages {
+            let local: u64 = self
+                .owners
+                .owned_runs(gfn, pages, Owner::Local)
+                .iter()
+                .map(|r| r.pages)
+                .sum();
+            self.already_local.fetch_add(local, Ordering::Relaxed);
+            self.not_owned
+                .fetch_add(pages - owned - local, Ordering::Relaxed);
+        }
+        let mut installed = 0;
+        for run in runs {
+            installed += f(run)?;
+            self.owners
+                .set_local_from(run.gfn, run.pages, self.endpoint);
+        }
+        self.installed.fetch_add(installed, Ordering::Relaxed);
+        Ok(installed)
     }
 }
 
@@ -202,12 +267,21 @@ impl PageSink for OwnedSink {
         })
     }
 
+    /// The owner's copies went stale: the pages installed from it are dropped and its own
+    /// again (pages another endpoint owns, or that came from another, are not its to drop).
     fn forget(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
-        self.each_owned(gfn, pages, |run| {
+        if self.engine.layout().locate(gfn, pages).is_none() {
+            return Err(PageError::OutOfRange { gfn, pages });
+        }
+        let (mine, from_me) = (self.endpoint.0, FROM | self.endpoint.0);
+        for run in self
+            .owners
+            .runs_where(gfn, pages, |c| c == mine || c == from_me)
+        {
             self.engine.forget(run.gfn, run.pages)?;
-            Ok(run.pages)
-        })
-        .map(drop)
+            self.owners.set(run.gfn, run.pages, self.owner);
+        }
+        Ok(())
     }
 
     /// A run this owner owns whole is received the engine's way (bulk pages into its staging
@@ -221,7 +295,10 @@ impl PageSink for OwnedSink {
         fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> Result<u64, PageError> {
         if self.owners.owns_all(gfn, pages, self.owner) {
-            return self.engine.receive(gfn, pages, delivery, scratch, fill);
+            let installed = self.engine.receive(gfn, pages, delivery, scratch, fill)?;
+            self.owners.set_local_from(gfn, pages, self.endpoint);
+            self.installed.fetch_add(installed, Ordering::Relaxed);
+            return Ok(installed);
         }
         tsubame_pages::receive_via(self, gfn, pages, scratch, fill)
     }
@@ -261,5 +338,58 @@ mod tests {
             !map.owns_all(low_end.saturating_sub(1), 2, b),
             "crosses the hole"
         );
+    }
+
+    #[test]
+    fn only_the_owners_copy_is_installed_and_then_the_page_is_local() {
+        let layout = MemoryLayout::for_size(8 << 20).unwrap();
+        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
+        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
+        map.set(Gfn(10), 2, Owner::Endpoint(EndpointId(1)));
+        let (s0, s1) = (
+            OwnedSink::new(engine.clone(), map.clone(), EndpointId(0)),
+            OwnedSink::new(engine.clone(), map.clone(), EndpointId(1)),
+        );
+        let page = |b: u8| vec![b; tsubame_pages::PAGE_BYTES * 3];
+        // Endpoint 1 owns 10 and 11, endpoint 0 owns 9: each installs its own pages only.
+        assert_eq!(s1.install(Gfn(9), &page(1)).unwrap(), 2);
+        assert_eq!(s0.install(Gfn(9), &page(2)).unwrap(), 1);
+        let mut b = [0u8; 1];
+        memory.read(Gfn(9).gpa(), &mut b).unwrap();
+        assert_eq!(b[0], 2);
+        memory.read(Gfn(10).gpa(), &mut b).unwrap();
+        assert_eq!(b[0], 1, "endpoint 0's copy of 10 was not installed");
+        assert_eq!(map.get(Gfn(10)), Some(Owner::Local));
+        assert_eq!(
+            s1.stats(),
+            SinkStats {
+                pages_installed: 2,
+                pages_already_local: 0,
+                pages_not_owned: 1
+            }
+        );
+        assert_eq!(
+            s0.stats(),
+            SinkStats {
+                pages_installed: 1,
+                pages_already_local: 2,
+                pages_not_owned: 0
+            }
+        );
+        // A second copy from the owner: dropped, the page is local.
+        assert_eq!(s0.install_zero(Gfn(9), 1).unwrap(), 0);
+        assert_eq!(s0.stats().pages_already_local, 3);
+        // Endpoint 1 says its copies went stale: its pages are missing and its own again; the
+        // page endpoint 0 owned stays.
+        s1.forget(Gfn(9), 3).unwrap();
+        assert!(!engine.is_present(Gfn(10)) && !engine.is_present(Gfn(11)));
+        assert!(
+            engine.is_present(Gfn(9)),
+            "came from endpoint 0: not endpoint 1's to drop"
+        );
+        assert_eq!(map.get(Gfn(9)), Some(Owner::Local));
+        assert_eq!(map.get(Gfn(10)), Some(Owner::Endpoint(EndpointId(1))));
+        assert!(s0.install(Gfn(200_000), &page(0)).is_err());
     }
 }

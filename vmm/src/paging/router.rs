@@ -20,19 +20,24 @@ use super::owners::{EndpointId, OwnedSink, Owner, OwnerMap};
 pub struct OwnerStats {
     /// What it is: "the migration source", "the page server tcp:...", "snapshot FILE".
     pub endpoint: String,
-    /// Pages the owner map gives it (present or not).
+    /// Pages it still owns: not here yet.
     pub pages_owned: u64,
+    /// Pages installed from it.
+    pub pages_installed: u64,
+    /// Copies it sent of pages already here (a demand reply racing its push): dropped.
+    pub pages_already_local: u64,
+    /// Copies it sent of pages another owner owned: dropped.
+    pub pages_not_owned: u64,
     /// A remote owner's page client: requests sent, pages received.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientStats>,
-    /// Pages it sent that another owner owned: dropped.
-    pub pages_not_owned: u64,
 }
 
 struct Endpoint {
     name: String,
     fetcher: Arc<dyn Fetcher>,
-    remote: Option<Arc<RemoteOwner>>,
+    sink: Arc<OwnedSink>,
+    client: Option<Arc<PageClient>>,
 }
 
 /// Sends each fault to its page's owner.
@@ -72,17 +77,18 @@ impl OwnerRouter {
         EndpointId(u8::try_from(n).expect("few endpoints"))
     }
 
-    /// Adds an endpoint in this process called `name` (a store); pages the owner map gives
+    /// Adds a store in this process called `name` as an endpoint; pages the owner map gives
     /// its id are fetched from it.
-    pub fn add_local(
+    pub fn add_local<S: PageStore + 'static>(
         &self,
         name: &str,
-        fetcher: Arc<dyn Fetcher>,
+        local: Arc<LocalOwner<S>>,
     ) -> Result<EndpointId, FetchError> {
         self.add(Endpoint {
             name: name.to_string(),
-            fetcher,
-            remote: None,
+            sink: local.sink.clone(),
+            fetcher: local,
+            client: None,
         })
     }
 
@@ -91,8 +97,9 @@ impl OwnerRouter {
         let remote = Arc::new(remote);
         self.add(Endpoint {
             name: remote.client.peer().to_string(),
-            fetcher: remote.clone(),
-            remote: Some(remote),
+            sink: remote.sink.clone(),
+            client: Some(remote.client.clone()),
+            fetcher: remote,
         })
     }
 
@@ -117,13 +124,18 @@ impl OwnerRouter {
             .expect("router lock")
             .iter()
             .enumerate()
-            .map(|(i, e)| OwnerStats {
-                endpoint: e.name.clone(),
-                pages_owned: self.owners.count(Owner::Endpoint(EndpointId(
-                    u8::try_from(i).expect("few endpoints"),
-                ))),
-                client: e.remote.as_ref().map(|r| r.client.stats()),
-                pages_not_owned: e.remote.as_ref().map_or(0, |r| r.sink.pages_not_owned()),
+            .map(|(i, e)| {
+                let sink = e.sink.stats();
+                OwnerStats {
+                    endpoint: e.name.clone(),
+                    pages_owned: self.owners.count(Owner::Endpoint(EndpointId(
+                        u8::try_from(i).expect("few endpoints"),
+                    ))),
+                    pages_installed: sink.pages_installed,
+                    pages_already_local: sink.pages_already_local,
+                    pages_not_owned: sink.pages_not_owned,
+                    client: e.client.as_ref().map(|c| c.stats()),
+                }
             })
             .collect()
     }
@@ -132,10 +144,19 @@ impl OwnerRouter {
 impl Fetcher for OwnerRouter {
     fn request(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
         match self.owners.get(gfn) {
-            Some(Owner::Zero) => engine
-                .install_zero(gfn, 1)
-                .map(drop)
-                .map_err(|e| FetchError(e.to_string())),
+            Some(Owner::Zero) => {
+                engine
+                    .install_zero(gfn, 1)
+                    .map_err(|e| FetchError(e.to_string()))?;
+                self.owners.set(gfn, 1, Owner::Local);
+                Ok(())
+            }
+            // Installed between the fault and now: the install woke the faulting thread.
+            Some(Owner::Local) if engine.is_present(gfn) => Ok(()),
+            Some(Owner::Local) => Err(FetchError(format!(
+                "page {gfn} is missing, yet no endpoint owns it: the guest waits rather than \
+                 run on a page nobody has"
+            ))),
             Some(Owner::Endpoint(id)) => {
                 let endpoint = self
                     .endpoints
@@ -196,19 +217,29 @@ impl Fetcher for RemoteOwner {
     }
 }
 
-/// A store in this process (a snapshot file): a fault reads the page and installs it at once.
+/// A store in this process (a snapshot file): a fault reads the page and installs it at once,
+/// into `sink` (the engine, for the pages this endpoint owns).
 #[derive(Debug)]
 pub struct LocalOwner<S> {
     store: S,
+    sink: Arc<OwnedSink>,
     scratch: Mutex<Vec<u8>>,
 }
 
 impl<S: PageStore> LocalOwner<S> {
-    pub fn new(store: S) -> Self {
+    pub fn new(store: S, sink: Arc<OwnedSink>) -> Self {
         Self {
             store,
+            sink,
             scratch: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Copies `[gfn, gfn + pages)` from the store into the sink: the pages this endpoint owns
+    /// are installed.
+    pub fn copy(&self, gfn: Gfn, pages: u64) -> Result<u64, tsubame_pages::PageError> {
+        let mut scratch = self.scratch.lock().expect("scratch lock");
+        copy_run(&self.store, self.sink.as_ref(), gfn, pages, &mut scratch)
     }
 
     /// The store.
@@ -218,9 +249,8 @@ impl<S: PageStore> LocalOwner<S> {
 }
 
 impl<S: PageStore> Fetcher for LocalOwner<S> {
-    fn request(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
-        let mut scratch = self.scratch.lock().expect("scratch lock");
-        copy_run(&self.store, engine, gfn, 1, &mut scratch)
+    fn request(&self, gfn: Gfn, _: &FaultEngine) -> Result<(), FetchError> {
+        self.copy(gfn, 1)
             .map(drop)
             .map_err(|e| FetchError(e.to_string()))
     }
