@@ -77,6 +77,7 @@ mod tests {
             vm: 9,
             layout: MemoryLayout::for_size(64 << 20).unwrap(),
             vcpus: 1,
+            checkpoint_ms: 0,
         };
         let (r, i) = ([1u8; 32], [2u8; 32]);
         let a = initiator_mac(b"secret", &r, 5, &i, &hello);

@@ -138,6 +138,7 @@ mod tests {
             vm: 77,
             layout: MemoryLayout::for_size(64 << 20).unwrap(),
             vcpus: 1,
+            checkpoint_ms: 0,
         }
     }
 

@@ -211,6 +211,7 @@ mod tests {
             vm: 0xabc,
             layout: MemoryLayout::for_size(64 << 20).unwrap(),
             vcpus: 1,
+            checkpoint_ms: 0,
         };
         let e = open(&uri, b"s", &hello(Purpose::Fetch))
             .unwrap_err()

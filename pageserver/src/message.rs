@@ -10,7 +10,7 @@ use tsubame_pages::{Gfn, Gpa, MemoryLayout, RegionLayout, PAGE_BYTES};
 use crate::frame::{self, Cursor, Head, ProtocolError};
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Most pages in one `Pages` frame (4 MiB).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// Longest vCPU/device state accepted.
@@ -23,6 +23,8 @@ const MAX_REGIONS: u32 = 64;
 pub const MAX_VCPUS: u32 = 256;
 /// Most page runs in one `Owners` frame (the sender splits longer lists).
 pub const MAX_OWNER_RUNS: u32 = 4096;
+/// Longest checkpoint interval a Hello may ask for (one minute).
+pub const MAX_CHECKPOINT_MS: u32 = 60_000;
 /// Longest endpoint address in an `Owners` frame.
 const MAX_ENDPOINT: u32 = 256;
 
@@ -36,6 +38,9 @@ pub enum Channel {
     Urgent = 1,
     /// The background stream of pages, flow-controlled.
     Bulk = 2,
+    /// Reverse checkpoints of a cancellable migration: the destination's dirty pages and state,
+    /// back to the source.
+    Checkpoint = 3,
 }
 
 /// What the side that opens a connection wants from the other.
@@ -65,6 +70,9 @@ pub struct Hello {
     pub layout: MemoryLayout,
     /// vCPUs of the VM: a destination creates them before the state arrives.
     pub vcpus: u32,
+    /// A cancellable migration: the session has a checkpoint channel too, and the destination
+    /// sends a reverse checkpoint this often (milliseconds). 0: not cancellable.
+    pub checkpoint_ms: u32,
 }
 
 /// Protocol messages.
@@ -101,7 +109,8 @@ pub enum Message {
     },
     /// The sender has pushed every page it is going to push.
     PushDone,
-    /// The receiver has every page: the sender may stop serving.
+    /// The receiver has every page: the sender may stop serving. On the checkpoint channel,
+    /// from the source: it will never resume the VM, the destination owns it for good.
     Complete,
     Error {
         message: String,
@@ -136,9 +145,44 @@ pub enum Message {
         endpoint: String,
         runs: Vec<(Gfn, u64)>,
     },
+    /// Destination (on the checkpoint channel): checkpoint `epoch` begins, with the VM state
+    /// captured while the vCPUs were paused; the pages written since the last checkpoint
+    /// follow (`Pages`, `ZeroPages`).
+    CheckpointBegin {
+        epoch: u64,
+        /// The destination's lease to run, counted from when it sent this: once the source
+        /// acknowledges the checkpoint, the destination runs at most this long without a newer
+        /// acknowledgement (see `tsubame_vmm::fence`).
+        lease_ms: u32,
+        /// The destination's checkpoint interval now (it adapts), for the source's status.
+        interval_ms: u32,
+        state: Vec<u8>,
+    },
+    /// Destination: checkpoint `epoch` is all sent (`pages` pages). The source commits it only
+    /// now: one that ends otherwise is discarded.
+    CheckpointEnd {
+        epoch: u64,
+        pages: u64,
+        /// How long the guest was paused to take it (µs), for the source's statistics.
+        pause_us: u64,
+    },
+    /// Source (on the checkpoint channel): checkpoint `epoch` is committed. The destination
+    /// releases the output its guest produced up to it, and its lease to run is renewed.
+    CheckpointAck {
+        epoch: u64,
+    },
+    /// Source (on the checkpoint channel): the migration is called off; stop running the VM,
+    /// send a last checkpoint, then `Fenced`.
+    Cancel,
+    /// Destination (on the checkpoint channel): its vCPUs are stopped for good (cancelled, or
+    /// its lease ran out); the last checkpoint it sent is `epoch`. The source resumes from its
+    /// last committed one.
+    Fenced {
+        epoch: u64,
+    },
 }
 
-const KINDS: [&str; 18] = [
+const KINDS: [&str; 23] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -157,6 +201,11 @@ const KINDS: [&str; 18] = [
     "Installed",
     "Ready",
     "Owners",
+    "CheckpointBegin",
+    "CheckpointEnd",
+    "CheckpointAck",
+    "Cancel",
+    "Fenced",
 ];
 
 /// The name of frame kind `kind` (a known one).
@@ -165,7 +214,7 @@ pub(crate) fn kind_name(kind: u16) -> &'static str {
 }
 
 /// Bytes of a Hello's payload before its regions.
-const HELLO_FIXED: u32 = 4 + 32 + 32 + 1 + 1 + 8 + 8 + 4 + 4;
+const HELLO_FIXED: u32 = 4 + 32 + 32 + 1 + 1 + 8 + 8 + 4 + 4 + 4;
 
 /// Largest payload a frame of `kind` may carry (`None`: unknown kind).
 pub(crate) fn max_payload(kind: u16) -> Option<u32> {
@@ -177,11 +226,14 @@ pub(crate) fn max_payload(kind: u16) -> Option<u32> {
         5 => 12,
         PAGES => 8 + MAX_PAGES_PER_FRAME * 4096,
         7 | 11 => 16,
-        8 | 9 | 13 | 14 | 16 => 0,
+        8 | 9 | 13 | 14 | 16 | 21 => 0,
         10 => MAX_TEXT,
         12 => 4,
         15 => 8,
         17 => 4 + MAX_ENDPOINT + 4 + 16 * MAX_OWNER_RUNS,
+        18 => 16 + MAX_STATE,
+        19 => 24,
+        20 | 22 => 8,
         _ => return None,
     })
 }
@@ -206,6 +258,11 @@ impl Message {
             Self::Installed { .. } => 15,
             Self::Ready => 16,
             Self::Owners { .. } => 17,
+            Self::CheckpointBegin { .. } => 18,
+            Self::CheckpointEnd { .. } => 19,
+            Self::CheckpointAck { .. } => 20,
+            Self::Cancel => 21,
+            Self::Fenced { .. } => 22,
         }
     }
 
@@ -241,7 +298,35 @@ impl Message {
             }
             Self::RoundDone { round } => p.extend_from_slice(&round.to_le_bytes()),
             Self::Installed { bytes } => p.extend_from_slice(&bytes.to_le_bytes()),
-            Self::PushDone | Self::Complete | Self::PrecopyDone | Self::Resumed | Self::Ready => {}
+            Self::PushDone
+            | Self::Complete
+            | Self::PrecopyDone
+            | Self::Resumed
+            | Self::Ready
+            | Self::Cancel => {}
+            Self::CheckpointBegin {
+                epoch,
+                lease_ms,
+                interval_ms,
+                state,
+            } => {
+                p.extend_from_slice(&epoch.to_le_bytes());
+                p.extend_from_slice(&lease_ms.to_le_bytes());
+                p.extend_from_slice(&interval_ms.to_le_bytes());
+                p.extend_from_slice(state);
+            }
+            Self::CheckpointEnd {
+                epoch,
+                pages,
+                pause_us,
+            } => {
+                p.extend_from_slice(&epoch.to_le_bytes());
+                p.extend_from_slice(&pages.to_le_bytes());
+                p.extend_from_slice(&pause_us.to_le_bytes());
+            }
+            Self::CheckpointAck { epoch } | Self::Fenced { epoch } => {
+                p.extend_from_slice(&epoch.to_le_bytes());
+            }
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
@@ -296,6 +381,7 @@ pub(crate) fn encode_hello(
     p.extend_from_slice(&h.session.to_le_bytes());
     p.extend_from_slice(&h.vm.to_le_bytes());
     p.extend_from_slice(&h.vcpus.to_le_bytes());
+    p.extend_from_slice(&h.checkpoint_ms.to_le_bytes());
     p.extend_from_slice(&len_u32(h.layout.regions.len()).to_le_bytes());
     for r in &h.layout.regions {
         p.extend_from_slice(&r.gpa.0.to_le_bytes());
@@ -328,6 +414,7 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
             let channel = match c.u8()? {
                 1 => Channel::Urgent,
                 2 => Channel::Bulk,
+                3 => Channel::Checkpoint,
                 _ => return Err(bad("unknown channel")),
             };
             let session = c.u64()?;
@@ -335,6 +422,10 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
             let vcpus = c.u32()?;
             if vcpus == 0 || vcpus > MAX_VCPUS {
                 return Err(bad("vCPU count out of range"));
+            }
+            let checkpoint_ms = c.u32()?;
+            if checkpoint_ms > MAX_CHECKPOINT_MS {
+                return Err(bad("checkpoint interval out of range"));
             }
             let n = c.u32()?;
             if n > MAX_REGIONS {
@@ -359,6 +450,7 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                     vm,
                     layout,
                     vcpus,
+                    checkpoint_ms,
                 },
             }
         }
@@ -416,6 +508,25 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
             }
             Message::Owners { endpoint, runs }
         }
+        18 => {
+            let epoch = c.u64()?;
+            let lease_ms = c.u32()?;
+            let interval_ms = c.u32()?;
+            return Ok(Message::CheckpointBegin {
+                epoch,
+                lease_ms,
+                interval_ms,
+                state: c.p.to_vec(),
+            });
+        }
+        19 => Message::CheckpointEnd {
+            epoch: c.u64()?,
+            pages: c.u64()?,
+            pause_us: c.u64()?,
+        },
+        20 => Message::CheckpointAck { epoch: c.u64()? },
+        21 => Message::Cancel,
+        22 => Message::Fenced { epoch: c.u64()? },
         _ => return Err(ProtocolError::UnknownKind(kind)),
     };
     c.end()?;
@@ -443,6 +554,7 @@ mod tests {
             vm: 7,
             layout: MemoryLayout::for_size(8 << 30).unwrap(),
             vcpus: 2,
+            checkpoint_ms: 100,
         }
     }
 
@@ -495,6 +607,20 @@ mod tests {
                 endpoint: String::new(),
                 runs: vec![],
             },
+            Message::CheckpointBegin {
+                epoch: 3,
+                lease_ms: 300,
+                interval_ms: 100,
+                state: b"{}".to_vec(),
+            },
+            Message::CheckpointEnd {
+                epoch: 3,
+                pages: 1000,
+                pause_us: 1200,
+            },
+            Message::CheckpointAck { epoch: 3 },
+            Message::Cancel,
+            Message::Fenced { epoch: 2 },
         ] {
             round_trip(&m);
         }
@@ -560,7 +686,7 @@ mod tests {
 
         /// A valid header with any kind, flags and payload: same.
         #[test]
-        fn decoder_survives_any_payload(kind in 0u16..20, flags in 0u16..2,
+        fn decoder_survives_any_payload(kind in 0u16..25, flags in 0u16..2,
                                         payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::read_from(&mut frame(kind, flags, &payload).as_slice());
         }

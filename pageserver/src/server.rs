@@ -49,6 +49,8 @@ pub enum ServerError {
     BadRequest { gfn: Gfn, count: u64 },
     #[error("cannot start a server thread: {0}")]
     Thread(std::io::Error),
+    #[error("serving was stopped")]
+    Stopped,
 }
 
 impl From<std::io::Error> for ServerError {
@@ -154,6 +156,10 @@ pub struct PageServer<S> {
     progress: Mutex<Progress>,
     /// Signalled when serving ends.
     ended: std::sync::Condvar,
+    /// Set by [`PageServer::stop`]: a paced push stops waiting.
+    stopped: std::sync::atomic::AtomicBool,
+    /// The serving threads, for [`PageServer::stop_and_wait`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The connections being served (urgent, bulk), shut down when serving ends.
     sockets: Mutex<Vec<TcpStream>>,
 }
@@ -174,6 +180,8 @@ impl<S: PageStore + 'static> PageServer<S> {
                 ended: None,
             }),
             sockets: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             ended: std::sync::Condvar::new(),
         }
     }
@@ -344,7 +352,7 @@ impl<S: PageStore + 'static> PageServer<S> {
         let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
         let (gate_tx, gate) = crossbeam::channel::bounded(1);
         let (me, who) = (self.clone(), peer.to_string());
-        std::thread::Builder::new()
+        let urgent_thread = std::thread::Builder::new()
             .name("serve-urgent".into())
             .spawn(move || {
                 let result = me.serve_demand(urgent, fault_tx.as_ref(), &gate_tx);
@@ -355,7 +363,7 @@ impl<S: PageStore + 'static> PageServer<S> {
             })
             .map_err(ServerError::Thread)?;
         let me = self.clone();
-        std::thread::Builder::new()
+        let push_thread = std::thread::Builder::new()
             .name("serve-push".into())
             .spawn(move || {
                 if let Err(e) = me.push(bulk, &options, &gate, &faults) {
@@ -363,7 +371,26 @@ impl<S: PageStore + 'static> PageServer<S> {
                 }
             })
             .map_err(ServerError::Thread)?;
+        self.threads
+            .lock()
+            .expect("server lock")
+            .extend([urgent_thread, push_thread]);
         Ok(())
+    }
+
+    /// Stops serving and waits until both threads have ended: nothing reads the store after
+    /// this returns. (Not from a server thread.)
+    pub fn stop_and_wait(&self) {
+        self.stop();
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .expect("server lock")
+            .drain(..)
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
     }
 
     /// Records the end of serving, the first time only. A failure closes both connections (the
@@ -402,7 +429,12 @@ impl<S: PageStore + 'static> PageServer<S> {
 
     /// Stops serving: the connections are shut down, so both threads end soon.
     pub fn stop(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
         self.end(ServeState::Failed("stopped".into()));
+        for s in self.sockets.lock().expect("server lock").iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     }
 
     fn serve_demand(
@@ -589,8 +621,16 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
             // n pages may leave only after n * 4 KiB / rate seconds.
             self.paced_bytes += n * PAGE_SIZE;
             let due = Duration::from_secs_f64(self.paced_bytes as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(self.t0.elapsed()) {
-                std::thread::sleep(wait);
+            // In slices, so that a stop is not kept waiting.
+            while let Some(wait) = due.checked_sub(self.t0.elapsed()) {
+                if self
+                    .server
+                    .stopped
+                    .load(std::sync::atomic::Ordering::Acquire)
+                {
+                    return Err(ServerError::Stopped);
+                }
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
             }
         }
         Ok(())

@@ -48,6 +48,8 @@ pub struct Session {
     pub hello: Hello,
     pub urgent: TcpStream,
     pub bulk: TcpStream,
+    /// The checkpoint channel, when the Hello announced one.
+    pub checkpoint: Option<TcpStream>,
     /// The shorter of the two handshakes' round trips (on the responder, an upper bound).
     pub rtt: Duration,
 }
@@ -82,6 +84,11 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
     };
     let (urgent, rtt_urgent) = connect(Channel::Urgent)?;
     let (bulk, rtt_bulk) = connect(Channel::Bulk)?;
+    let checkpoint = if hello.checkpoint_ms > 0 {
+        Some(connect(Channel::Checkpoint)?.0)
+    } else {
+        None
+    };
     Ok(Session {
         hello: Hello {
             channel: Channel::Urgent,
@@ -90,21 +97,70 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
         },
         urgent,
         bulk,
+        checkpoint,
         rtt: rtt_urgent.min(rtt_bulk),
     })
 }
 
+/// The connections of a session that are in so far.
+#[derive(Debug)]
+struct Partial {
+    hello: Hello,
+    urgent: Option<TcpStream>,
+    bulk: Option<TcpStream>,
+    checkpoint: Option<TcpStream>,
+    rtt: Duration,
+}
+
+impl Partial {
+    /// Adds a connection; fails if its channel is in already.
+    fn add(&mut self, hello: &Hello, s: TcpStream, rtt: Duration) -> Result<(), ()> {
+        let slot = match hello.channel {
+            Channel::Urgent => &mut self.urgent,
+            Channel::Bulk => &mut self.bulk,
+            Channel::Checkpoint => &mut self.checkpoint,
+        };
+        if slot.is_some() {
+            return Err(());
+        }
+        *slot = Some(s);
+        self.rtt = self.rtt.min(rtt);
+        Ok(())
+    }
+
+    /// The session, if every connection it announced is in.
+    fn complete(&mut self) -> Option<Session> {
+        let need_checkpoint = self.hello.checkpoint_ms > 0;
+        if self.urgent.is_none()
+            || self.bulk.is_none()
+            || (need_checkpoint && self.checkpoint.is_none())
+        {
+            return None;
+        }
+        Some(Session {
+            hello: Hello {
+                channel: Channel::Urgent,
+                ..self.hello.clone()
+            },
+            urgent: self.urgent.take()?,
+            bulk: self.bulk.take()?,
+            checkpoint: self.checkpoint.take(),
+            rtt: self.rtt,
+        })
+    }
+}
+
 /// Takes sessions on a listener: each connection is authenticated as it comes (a refused one
-/// is logged and dropped, and the acceptor goes on), and a session is complete once both its
-/// connections are in.
+/// is logged and dropped, and the acceptor goes on), and a session is complete once all its
+/// connections are in (urgent and bulk, and checkpoint if its Hello says so).
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
     secret: Vec<u8>,
     /// What the sessions are for, in log lines ("migration", "memserver").
     what: String,
-    /// Sessions with one connection in, by session id (with its handshake's round trip).
-    half: HashMap<u64, (Hello, TcpStream, Duration)>,
+    /// Sessions with some of their connections in, by session id.
+    half: HashMap<u64, Partial>,
 }
 
 impl Acceptor {
@@ -150,31 +206,30 @@ impl Acceptor {
                     continue;
                 }
             };
-            let Some((first, other, first_rtt)) = self.half.remove(&hello.session) else {
-                if self.half.len() >= HALF_SESSIONS_MAX {
-                    // Peers that opened one connection and never the other: forget them.
-                    self.half.clear();
-                }
-                self.half.insert(hello.session, (hello, s, rtt));
-                continue;
-            };
-            let (urgent, bulk, hello) = match (first.channel, hello.channel) {
-                (Channel::Urgent, Channel::Bulk) => (other, s, first),
-                (Channel::Bulk, Channel::Urgent) => (s, other, hello),
-                _ => {
-                    log::warn!(
-                        "session {:#x} from {peer} opened one channel twice",
-                        hello.session
-                    );
-                    continue;
-                }
-            };
-            return Ok(Session {
-                hello,
-                urgent,
-                bulk,
-                rtt: rtt.min(first_rtt),
+            if !self.half.contains_key(&hello.session) && self.half.len() >= HALF_SESSIONS_MAX {
+                // Peers that opened some connections and never the others: forget them.
+                self.half.clear();
+            }
+            let partial = self.half.entry(hello.session).or_insert_with(|| Partial {
+                hello: hello.clone(),
+                urgent: None,
+                bulk: None,
+                checkpoint: None,
+                rtt,
             });
+            if partial.hello.checkpoint_ms != hello.checkpoint_ms
+                || partial.add(&hello, s, rtt).is_err()
+            {
+                log::warn!(
+                    "session {:#x} from {peer} opened one channel twice, or announced different channels",
+                    hello.session
+                );
+                continue;
+            }
+            if let Some(session) = partial.complete() {
+                self.half.remove(&hello.session);
+                return Ok(session);
+            }
         }
     }
 }
@@ -193,6 +248,7 @@ mod tests {
             vm,
             layout: MemoryLayout::for_size(64 << 20).unwrap(),
             vcpus: 1,
+            checkpoint_ms: 0,
         }
     }
 
@@ -229,6 +285,23 @@ mod tests {
             accepted.bulk.peer_addr().unwrap(),
             client.bulk.local_addr().unwrap()
         );
+    }
+
+    #[test]
+    fn a_session_with_checkpoints_waits_for_its_third_connection() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("tcp:{}", l.local_addr().unwrap());
+        let mut acceptor = Acceptor::new(l, b"secret", "test");
+        let server = std::thread::spawn(move || acceptor.next(|_| Ok(())).unwrap());
+        let hello = Hello {
+            checkpoint_ms: 100,
+            ..hello(5)
+        };
+        let client = open(&uri, b"secret", &hello).unwrap();
+        let accepted = server.join().unwrap();
+        assert_eq!(accepted.hello.checkpoint_ms, 100);
+        let (c, a) = (client.checkpoint.unwrap(), accepted.checkpoint.unwrap());
+        assert_eq!(a.peer_addr().unwrap(), c.local_addr().unwrap());
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn hello(purpose: Purpose) -> Hello {
         vm: 0x77,
         layout: layout(),
         vcpus: 1,
+        checkpoint_ms: 0,
     }
 }
 

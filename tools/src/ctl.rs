@@ -18,13 +18,24 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
-///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT:SHARE], migrate-cancel,
-///   query-migrate, quit, query-commands.
+///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT:SHARE]
+///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate, quit,
+///   query-commands.
 ///
 /// split= hands SHARE (0 to 1) of the VM's memory to the memserver at tcp:HOST:PORT (see
 /// `tsubame memserver --help`) while the guest still runs; the destination then fetches those
 /// pages from the memserver and the rest from the source. migrate-cancel stops a migration
 /// that has not switched over yet: the VM keeps running here.
+///
+/// cancellable=on keeps a postcopy migration cancellable after its switchover, until the
+/// destination has every page: the destination sends a reverse checkpoint (dirty pages, vCPU
+/// and device state) every checkpoint_ms (default 100, grown when the guest writes a lot),
+/// holds the guest's serial output until the source has committed the checkpoint that covers
+/// it, and runs on a lease that each commit renews. migrate-cancel at either end then stops
+/// the destination and resumes the VM at the source from the last checkpoint; if the
+/// destination dies or goes silent, the source resumes it by itself once its lease has run
+/// out. release=on (eviction) frees the source's copy of each page once the destination has
+/// it; it cannot be combined with cancellable=on.
 ///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status
@@ -33,6 +44,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 precopy_rounds=2 prepage=hot
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:127.0.0.1:5555:0.5
+///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 #[derive(Debug, clap::Args)]
@@ -219,8 +231,22 @@ fn show(bar: &indicatif::ProgressBar, m: &Value) -> bool {
             bar.set_prefix("postcopy");
             bar.set_length(todo.max(1));
             bar.set_position(done.min(todo));
+            let c = &m["checkpoints"];
+            let checkpoints = if c.is_object() {
+                let k = |k: &str| c[k].as_u64().unwrap_or(0);
+                format!(
+                    ", {} checkpoints {} (every {} ms, pause p50 {} µs, {} MiB back)",
+                    k("committed"),
+                    c["state"].as_str().unwrap_or("?"),
+                    k("interval_ms"),
+                    k("pause_p50_us"),
+                    k("bytes") >> 20
+                )
+            } else {
+                String::new()
+            };
             bar.set_message(format!(
-                "{} on demand, downtime {} µs, {} MiB sent",
+                "{} on demand, downtime {} µs, {} MiB sent{checkpoints}",
                 n("pages_demand"),
                 n("downtime_us"),
                 n("bytes_sent") >> 20
@@ -235,6 +261,14 @@ fn show(bar: &indicatif::ProgressBar, m: &Value) -> bool {
         }
         "failed" => {
             bar.abandon_with_message(format!("failed: {}", m["error"]));
+            true
+        }
+        "cancelled" => {
+            bar.abandon_with_message(format!(
+                "cancelled ({}): the VM runs here again from checkpoint {}",
+                m["checkpoints"]["reason"].as_str().unwrap_or("?"),
+                m["checkpoints"]["epoch"]
+            ));
             true
         }
         _ => false,

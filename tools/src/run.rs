@@ -154,10 +154,33 @@ fn progress_line(vm: &Vm, started: Instant, last: &mut (Instant, u64)) -> String
     )
 }
 
+/// A VM from a snapshot or built fresh (not migrated in).
+fn local_vm(a: &RunArgs, serial: SerialOutput) -> Result<Vm> {
+    Ok(match &a.restore {
+        Some(path) if a.lazy => {
+            crate::check::require_userfaultfd()?;
+            Vm::restore_lazy(path, &serial)
+                .with_context(|| format!("restoring the VM lazily from {}", path.display()))?
+        }
+        Some(path) => Vm::restore(path, &serial)
+            .with_context(|| format!("restoring the VM from {}", path.display()))?,
+        None => Vm::new(&VmConfig {
+            mem_bytes: a.mem.unwrap_or(256 << 20),
+            vcpus: a.vcpus as usize,
+            workload: a.workload.clone(),
+            steps: a.steps,
+            report_every: a.report_every,
+            verify_at_end: !a.no_verify_at_end,
+            serial,
+        })
+        .context("creating the VM")?,
+    })
+}
+
 pub fn run(a: RunArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     let serial = serial_output(&a.serial);
-    let vm = Arc::new(match (&a.restore, &a.incoming) {
+    let vm = match (&a.restore, &a.incoming) {
         (None, Some(uri)) => {
             crate::check::require_userfaultfd()?;
             let secret = a
@@ -176,24 +199,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
             })
             .context("receiving the incoming migration")?
         }
-        (Some(path), _) if a.lazy => {
-            crate::check::require_userfaultfd()?;
-            Vm::restore_lazy(path, &serial)
-                .with_context(|| format!("restoring the VM lazily from {}", path.display()))?
-        }
-        (Some(path), _) => Vm::restore(path, &serial)
-            .with_context(|| format!("restoring the VM from {}", path.display()))?,
-        (None, None) => Vm::new(&VmConfig {
-            mem_bytes: a.mem.unwrap_or(256 << 20),
-            vcpus: a.vcpus as usize,
-            workload: a.workload.clone(),
-            steps: a.steps,
-            report_every: a.report_every,
-            verify_at_end: !a.no_verify_at_end,
-            serial,
-        })
-        .context("creating the VM")?,
-    });
+        _ => Arc::new(local_vm(&a, serial)?),
+    };
     let resumed_already = a.incoming.is_some() && !a.paused;
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let _server = match &a.control {
@@ -228,7 +235,12 @@ pub fn run(a: RunArgs) -> Result<i32> {
             break;
         }
         let state = vm.run_state();
-        if matches!(state, VmRunState::Finished | VmRunState::GuestError) {
+        if state == VmRunState::Fenced && vm.fence_settled() && !a.hold {
+            break; // a cancellable migration called off: the source runs the VM
+        }
+        // A guest that finished here while its migration can still be rolled back may yet
+        // run on at the source: wait until the source hands it over (or takes it back).
+        if matches!(state, VmRunState::Finished | VmRunState::GuestError) && !vm.migration_open() {
             finished_at.get_or_insert_with(Instant::now);
             if !a.hold || state == VmRunState::GuestError && a.control.is_none() {
                 break;
@@ -244,7 +256,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
             && finished_at.is_none()
             && vm
                 .migration_status()
-                .is_none_or(|m| m["role"] == "destination")
+                .is_none_or(|m| m["role"] == "destination" || m["phase"] == "cancelled")
         {
             let line = progress_line(&vm, started, &mut last);
             if tty {
@@ -261,7 +273,32 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if let Some(m) = vm.migrated_away() {
         return migrated_summary(&m, a.json);
     }
+    if vm.run_state() == VmRunState::Fenced {
+        return fenced_summary(&vm, a.json);
+    }
     summary(&vm, started, finished_at, a.json)
+}
+
+/// The destination of a cancellable migration that was called off: the VM runs at the
+/// source, from the last checkpoint this host sent back.
+fn fenced_summary(vm: &Vm, json: bool) -> Result<i32> {
+    let m = vm.migration_status().unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"status": "fenced", "migration": m}))?
+        );
+    } else {
+        let c = &m["checkpoints"];
+        eprintln!(
+            "migration cancelled ({}): the VM stopped here for good and runs at the source again,              from checkpoint {} ({} checkpoints committed, pause p50 {} µs)",
+            c["reason"].as_str().unwrap_or("no reason given"),
+            c["epoch"],
+            c["committed"],
+            c["pause_p50_us"],
+        );
+    }
+    Ok(0)
 }
 
 #[allow(clippy::cast_precision_loss)]

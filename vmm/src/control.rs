@@ -322,6 +322,17 @@ fn arg_u64(args: &Value, key: &str) -> Result<Option<u64>, CommandError> {
     }
 }
 
+/// An on/off argument: `on`/`off`, `true`/`false`, absent is off.
+fn arg_switch(args: &Value, key: &str) -> Result<bool, CommandError> {
+    match args.get(key) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "on" => Ok(true),
+        Some(Value::String(s)) if s == "off" => Ok(false),
+        Some(_) => Err(CommandError::invalid(format!("'{key}' is on or off"))),
+    }
+}
+
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, CommandError> {
     serde_json::to_value(v).map_err(|e| CommandError::generic(e.to_string()))
 }
@@ -420,6 +431,24 @@ impl CommandHandler for VmCommands {
                         })
                         .transpose()?
                         .unwrap_or(0),
+                    checkpoint_ms: match (
+                        arg_switch(args, "cancellable")?,
+                        arg_u64(args, "checkpoint_ms")?,
+                    ) {
+                        (true, ms) => Some(
+                            ms.map_or(Ok(crate::migration::checkpoint::DEFAULT_INTERVAL_MS), |ms| {
+                                u32::try_from(ms)
+                                    .map_err(|_| CommandError::invalid("checkpoint_ms is too large"))
+                            })?,
+                        ),
+                        (false, None) => None,
+                        (false, Some(_)) => {
+                            return Err(CommandError::invalid(
+                                "checkpoint_ms only applies to a cancellable migration: add cancellable=on",
+                            ))
+                        }
+                    },
+                    release: arg_switch(args, "release")?,
                     split: args
                         .get("split")
                         .and_then(Value::as_str)

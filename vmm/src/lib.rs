@@ -19,6 +19,7 @@
 pub mod clock;
 pub mod control;
 pub mod devices;
+pub mod fence;
 pub mod guest;
 pub mod memory;
 pub mod migration;
@@ -51,6 +52,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Uffd(#[from] tsubame_uffd::UffdError),
+    #[error("this VM stopped here for good: its cancellable migration was called off or lost its lease, and the source runs it")]
+    Fenced,
     #[error("this VM migrated to {destination} and runs there now")]
     MigratedAway { destination: String },
     #[error("{missing} guest pages are still remote and their source failed ({why}); the memory cannot be read whole")]

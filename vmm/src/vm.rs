@@ -5,7 +5,7 @@
 //! capture at the switchover).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,6 +14,7 @@ use crate::clock::unix_us;
 use crate::devices::{CpuStatus, Devices, SerialSink};
 use crate::guest::{self, abi, RunOptions, WorkloadSpec};
 use crate::memory::{Digest, Gfn, Gpa, GuestMemory, MemoryLayout};
+use crate::migration::checkpoint::{self, Captured, Checkpointer};
 use crate::migration::{self, MigrateOptions, MigrationError, MigrationStatus, Outgoing};
 use crate::paging::{DemandPaging, PagingStats};
 use crate::snapshot;
@@ -75,6 +76,9 @@ pub enum VmRunState {
     Finished,
     /// The guest reported a bad page, took an exception, or a vCPU failed.
     GuestError,
+    /// The destination of a cancellable migration that stopped the VM for good (cancelled, or
+    /// its lease ran out): the source runs it.
+    Fenced,
 }
 
 /// One vCPU as `query-status` shows it.
@@ -164,6 +168,8 @@ pub struct Vm {
     outgoing: Mutex<Option<Arc<Outgoing>>>,
     /// For a migrated-in VM: VM state received -> VM assembled.
     incoming_restore: Option<Duration>,
+    /// The destination of a cancellable migration: its reverse checkpoints.
+    checkpointer: OnceLock<Arc<Checkpointer>>,
 }
 
 impl Vm {
@@ -211,6 +217,7 @@ impl Vm {
             created: Instant::now(),
             outgoing: Mutex::new(None),
             incoming_restore: None,
+            checkpointer: OnceLock::new(),
         })
     }
 
@@ -301,6 +308,7 @@ impl Vm {
             created: Instant::now(),
             outgoing: Mutex::new(None),
             incoming_restore: None,
+            checkpointer: OnceLock::new(),
         };
         if resume {
             vm.resumed();
@@ -315,21 +323,33 @@ impl Vm {
     /// state arrived: running if `options.resume` (its vCPUs enter the guest as soon as each
     /// has loaded its state), else paused. `options.expect` (e.g. from `--mem`) must match the
     /// source's layout if given.
+    ///
+    /// A cancellable migration (the source asked for reverse checkpoints) also gets the dirty
+    /// log on from the start, its output held, a lease to run on, and a [`Checkpointer`]
+    /// (see [`crate::migration::checkpoint`]).
     pub fn incoming(
         uri: &str,
         secret: &[u8],
         options: &migration::IncomingOptions,
         serial: &SerialOutput,
         ready: impl FnOnce(std::net::SocketAddr),
-    ) -> Result<Self, Error> {
+    ) -> Result<Arc<Self>, Error> {
         let resume = options.resume;
         let inc = migration::incoming(uri, secret, options, ready)?;
+        let checkpoint_ms = inc.checkpoint_ms;
         // Before the state arrives, off the switchover's critical path: the KVM VM, its vCPUs
         // and their threads; the switchover only loads their state.
         let created = (|| -> Result<_, Error> {
             let memory = Arc::new(GuestMemory::new(&inc.layout)?);
             let kvm = KvmVm::new(&memory)?;
+            if checkpoint_ms > 0 {
+                // Every page the guest writes here, from its first instruction on.
+                kvm.set_dirty_logging(&memory, true)?;
+            }
             let devices = Arc::new(Devices::new(serial.open()?, inc.vcpus as usize));
+            if checkpoint_ms > 0 {
+                devices.serial.hold_output(1);
+            }
             let vcpus = (0..inc.vcpus as usize)
                 .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -343,14 +363,30 @@ impl Vm {
                 return Err(e);
             }
         };
-        let (mut paging, state, received) = inc.receive(&memory)?;
+        let migration::destination::Received {
+            mut paging,
+            state,
+            at: received,
+            checkpoint,
+        } = inc.receive(&memory)?;
         paging.restart_clock();
+        if checkpoint.is_some() {
+            // Until the first checkpoint is acknowledged (see `crate::fence`).
+            devices
+                .lease
+                .start(received + checkpoint::first_lease(u64::from(checkpoint_ms)));
+        }
         let mut vm = Self::assemble_with(kvm, memory, Some(paging), state, devices, vcpus, resume)?;
         log::debug!(
             "switchover: VM assembled {:?} after the state arrived",
             received.elapsed()
         );
         vm.incoming_restore = Some(received.elapsed());
+        let vm = Arc::new(vm);
+        if let Some(channel) = checkpoint {
+            let c = Checkpointer::start(&vm, channel, checkpoint_ms)?;
+            let _ = vm.checkpointer.set(c);
+        }
         Ok(vm)
     }
 
@@ -368,8 +404,11 @@ impl Vm {
     ) -> Result<MigrationStatus, Error> {
         let out = {
             let mut outgoing = self.outgoing.lock().expect("vm lock");
-            if outgoing.is_some() {
+            if outgoing.as_ref().is_some_and(|o| !o.rolled_back()) {
                 return Err(MigrationError::AlreadyMigrating.into());
+            }
+            if self.is_fenced() {
+                return Err(Error::Fenced);
             }
             let out = Arc::new(Outgoing::new(uri, self.memory.clone(), options));
             *outgoing = Some(out.clone());
@@ -396,17 +435,53 @@ impl Vm {
         }
     }
 
-    /// Cancels the outgoing migration if it has not switched over: the VM keeps running here.
+    /// Cancels a migration (`migrate-cancel`):
+    /// - at the source, before the switchover: the VM keeps running here;
+    /// - at the source, after it, if cancellable: the destination stops and the VM runs here
+    ///   again from the last committed checkpoint (returns once it does);
+    /// - at the destination of a cancellable migration: the VM stops here for good, a last
+    ///   checkpoint goes back, and the source resumes it.
     pub fn cancel_migration(&self) -> Result<(), Error> {
-        let outgoing = self.outgoing.lock().expect("vm lock");
-        let Some(out) = outgoing.as_ref() else {
+        if let Some(c) = self.checkpointer.get() {
+            return Ok(c.cancel("cancelled at the destination")?);
+        }
+        let out = self.outgoing.lock().expect("vm lock").clone();
+        let Some(out) = out.filter(|o| !o.rolled_back()) else {
             return Err(MigrationError::NotMigrating.into());
         };
-        if out.switched_over() {
-            return Err(MigrationError::TooLateToCancel.into());
+        if !out.switched_over() {
+            out.cancel_token().cancel();
+            return Ok(());
         }
-        out.cancel_token().cancel();
-        Ok(())
+        Ok(out.cancel_after_switchover()?)
+    }
+
+    /// Whether the VM stopped here for good: the destination of a cancellable migration that
+    /// was cancelled or whose lease ran out.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self.devices.lease.state(),
+            crate::fence::LeaseState::Fenced | crate::fence::LeaseState::Suspended
+        )
+    }
+
+    /// For a destination that stopped the VM ([`Self::is_fenced`]): whether the source is
+    /// done with it (it took the VM back, or is gone), so this process may go away.
+    pub fn fence_settled(&self) -> bool {
+        self.checkpointer.get().is_none_or(|c| c.is_over())
+    }
+
+    /// Whether a migration of this VM could still be rolled back (a cancellable one, switched
+    /// over, not yet completed): the VM may yet end up running on the other host.
+    pub fn migration_open(&self) -> bool {
+        if let Some(c) = self.checkpointer.get() {
+            return c.is_open();
+        }
+        self.outgoing
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .is_some_and(|o| o.rollback_possible())
     }
 
     /// The VM's identity (random when created, kept across snapshots and migrations).
@@ -421,7 +496,10 @@ impl Vm {
         }
         let restore = self.incoming_restore?;
         let paging = self.paging_stats()?;
-        let phase = if paging.fetch_error.is_some() {
+        let checkpoints = self.checkpointer.get().map(|c| c.status());
+        let phase = if self.is_fenced() {
+            "cancelled"
+        } else if paging.fetch_error.is_some() {
             "failed"
         } else if paging.present_pages == paging.total_pages {
             "completed"
@@ -434,6 +512,7 @@ impl Vm {
             "error": paging.fetch_error,
             "state_to_running_us": u64::try_from(restore.as_micros()).unwrap_or(u64::MAX),
             "demand_paging": paging,
+            "checkpoints": checkpoints,
         }))
     }
 
@@ -503,7 +582,16 @@ impl Vm {
 
     /// Resumes (or first starts) every vCPU.
     pub fn resume(&self) -> Result<(), Error> {
-        if let Some(out) = self.outgoing.lock().expect("vm lock").as_ref() {
+        if self.is_fenced() {
+            return Err(Error::Fenced);
+        }
+        if let Some(out) = self
+            .outgoing
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .filter(|o| !o.rolled_back())
+        {
             if !out.switched_over() {
                 return Err(MigrationError::AlreadyMigrating.into());
             }
@@ -550,6 +638,8 @@ impl Vm {
             VmRunState::GuestError
         } else if statuses.iter().all(|s| *s == CpuStatus::Finished) {
             VmRunState::Finished
+        } else if self.is_fenced() {
+            VmRunState::Fenced
         } else if *self.operator_paused.lock().expect("vm lock") {
             VmRunState::Paused
         } else {
@@ -795,6 +885,98 @@ impl migration::source::MigratableVm for Vm {
             *paused = false;
         }
         switched
+    }
+}
+
+/// What the destination of a cancellable migration does for its checkpoints.
+impl checkpoint::CheckpointedVm for Vm {
+    fn capture(&self, data: &mut Vec<u8>) -> Result<Captured, MigrationError> {
+        let vm_err = |e: Error| MigrationError::Vm(Box::new(e));
+        let paused = self.operator_paused.lock().expect("vm lock");
+        let t0 = Instant::now();
+        let vcpus = self
+            .all_vcpus_states(VcpuHandle::request_pause_and_save)
+            .map_err(vm_err)?;
+        let taken = (|| -> Result<Vec<Gfn>, MigrationError> {
+            let dirty = migration::source::MigratableVm::take_dirty_pages(self)?;
+            let len = dirty.len() * crate::memory::PAGE_BYTES;
+            if data.len() < len {
+                data.resize(len, 0);
+            }
+            let mut offset = 0;
+            for (gfn, n) in tsubame_pages::gfn_runs(&dirty, u64::MAX) {
+                let bytes = usize::try_from(n).expect("bounded") * crate::memory::PAGE_BYTES;
+                self.memory
+                    .read(gfn.gpa(), &mut data[offset..offset + bytes])
+                    .map_err(|e| vm_err(e.into()))?;
+                offset += bytes;
+            }
+            Ok(dirty)
+        })();
+        let state = self.state_with(vcpus);
+        let epoch = self.devices.serial.close_epoch();
+        // The guest runs on unless the operator paused it or the lease forbids it.
+        let resumed = if !*paused && self.devices.lease.may_run() {
+            self.resume_vcpus().map_err(vm_err)
+        } else {
+            Ok(())
+        };
+        let pause = t0.elapsed();
+        resumed?;
+        Ok(Captured {
+            state,
+            dirty: taken?,
+            epoch,
+            pause,
+        })
+    }
+
+    fn stop_vcpus(&self) {
+        let _paused = self.operator_paused.lock().expect("vm lock");
+        if let Err(e) = self.pause_vcpus() {
+            log::error!("stopping the vCPUs: {e}");
+        }
+    }
+
+    fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+}
+
+/// What the source of a cancellable migration does to resume the VM here.
+impl checkpoint::ResumableVm for Vm {
+    fn resume_from(&self, state: VmState) -> Result<(), MigrationError> {
+        let vm_err = |e: Error| MigrationError::Vm(Box::new(e));
+        let mut paused = self.operator_paused.lock().expect("vm lock");
+        if let Err(e) = self.kvm.set_dirty_logging(&self.memory, false) {
+            log::warn!("turning the dirty log off: {e}");
+        }
+        if state.vcpus.len() != self.vcpus.len() || state.layout != *self.memory.layout() {
+            return Err(MigrationError::BadState(
+                "the checkpoint's vCPU count or layout differs from this VM's".into(),
+            ));
+        }
+        self.devices.restore(&state.devices);
+        for (handle, s) in self.vcpus.iter().zip(state.vcpus) {
+            handle
+                .request_restore(s, true)
+                .map_err(|e| vm_err(e.into()))?;
+        }
+        let restored: Vec<_> = self.vcpus.iter().map(VcpuHandle::wait_done).collect();
+        restored
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()
+            .map_err(|e| vm_err(e.into()))?;
+        *paused = false;
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(c) = self.checkpointer.get() {
+            c.shutdown();
+        }
     }
 }
 

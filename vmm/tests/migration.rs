@@ -19,7 +19,7 @@ fn destination(
     resume: bool,
 ) -> (
     String,
-    std::thread::JoinHandle<Result<Vm, tsubame_vmm::Error>>,
+    std::thread::JoinHandle<Result<Arc<Vm>, tsubame_vmm::Error>>,
 ) {
     let (tx, rx) = mpsc::channel();
     let t = std::thread::spawn(move || {
@@ -210,4 +210,241 @@ fn a_cancelled_migration_leaves_the_vm_running_and_it_can_migrate_again() {
         ),
         "the VM runs at the destination now"
     );
+}
+
+/// Waits until `vm`'s `query-migrate` satisfies `f`.
+fn wait_migration(vm: &Vm, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let m = vm.migration_status().unwrap_or_default();
+        if f(&m) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {m:#}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_cancellable_migration_rolls_back_from_its_checkpoints_at_either_end() {
+    use tsubame_vmm::migration::{MigrateOptions, Prepage};
+    for (vcpus, cancel_at_source, seed) in [(1, true, 71), (2, false, 72), (2, true, 73)] {
+        let cfg = config(
+            vcpus,
+            &format!("uniform:ws=32M,write=0.3,seed={seed}"),
+            1_500_000,
+        );
+        let reference = reference_digest(&cfg);
+        let source = Arc::new(Vm::new(&cfg).unwrap());
+        source.resume().unwrap();
+        assert_eq!(
+            source.wait_steps(200_000 * vcpus as u64, TIMEOUT),
+            WaitOutcome::Reached
+        );
+        let (uri, dest) = destination(SECRET, true);
+        // The push capped at 4 MB/s: the destination needs seconds for its pages, and the guest
+        // writes throughout.
+        let options = MigrateOptions {
+            prepage: Prepage::Address,
+            max_bandwidth: Some(4 << 20),
+            checkpoint_ms: Some(50),
+            ..Default::default()
+        };
+        source.migrate(&uri, SECRET, &options).unwrap();
+        let dest = dest.join().unwrap().unwrap();
+        wait_migration(&source, "three checkpoints committed", |m| {
+            m["checkpoints"]["committed"].as_u64().unwrap_or(0) >= 3
+        });
+        let steps_there = dest.progress().steps;
+        if cancel_at_source {
+            source.cancel_migration().unwrap();
+        } else {
+            dest.cancel_migration().unwrap();
+            wait_migration(&source, "rolled back", |m| m["phase"] == "cancelled");
+        }
+        assert_eq!(
+            source.run_state(),
+            tsubame_vmm::VmRunState::Running,
+            "{:#}",
+            source.migration_status().unwrap()
+        );
+        assert_eq!(
+            dest.run_state(),
+            tsubame_vmm::VmRunState::Fenced,
+            "the destination stopped for good"
+        );
+        assert!(
+            dest.resume().is_err(),
+            "a fenced destination never runs again"
+        );
+        let m = source.migration_status().unwrap();
+        assert_eq!(m["phase"], "cancelled", "{m:#}");
+        assert!(
+            m["checkpoints"]["pause_p50_us"].as_u64().unwrap() > 0,
+            "{m:#}"
+        );
+        assert_eq!(source.wait_finished(TIMEOUT), WaitOutcome::Reached);
+        assert!(
+            source.progress().steps >= steps_there,
+            "the source went on from the destination's progress"
+        );
+        assert_eq!(source.digest().unwrap().0, reference, "vcpus {vcpus}");
+    }
+}
+
+#[test]
+fn a_cancellable_migration_that_completes_hands_the_vm_over() {
+    use tsubame_vmm::migration::MigrateOptions;
+    let cfg = config(2, "hotcold:ws=32M,write=0.3,seed=74", 1_500_000);
+    let reference = reference_digest(&cfg);
+    let source = Arc::new(Vm::new(&cfg).unwrap());
+    source.resume().unwrap();
+    assert_eq!(source.wait_steps(300_000, TIMEOUT), WaitOutcome::Reached);
+    let (uri, dest) = destination(SECRET, true);
+    let options = MigrateOptions {
+        checkpoint_ms: Some(20),
+        ..Default::default()
+    };
+    source.migrate(&uri, SECRET, &options).unwrap();
+    let dest = dest.join().unwrap().unwrap();
+    wait_migration(&source, "handed over", |m| m["phase"] == "completed");
+    wait_migration(&dest, "handed over", |m| {
+        m["checkpoints"]["state"] == "handed-over"
+    });
+    assert!(source.cancel_migration().is_err(), "too late");
+    assert!(dest.cancel_migration().is_err(), "too late");
+    assert_eq!(dest.wait_finished(TIMEOUT), WaitOutcome::Reached);
+    assert_eq!(dest.digest().unwrap().0, reference);
+}
+
+/// A destination that speaks the protocol by hand: takes the VM's state, then sends `forge`
+/// on the checkpoint channel and goes silent.
+fn forging_destination(
+    forge: impl FnOnce(&mut std::net::TcpStream, &[u8]) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    use tsubame_pageserver::{Acceptor, Message};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let mut acceptor = Acceptor::new(listener, SECRET, "forger");
+        let s = acceptor.next(|_| Ok(())).unwrap();
+        Message::Ready.write_to(&mut &s.urgent).unwrap();
+        let state = loop {
+            if let Message::VmState(j) = Message::read_from(&mut &s.urgent).unwrap() {
+                break j;
+            }
+        };
+        let mut c = s.checkpoint.expect("a checkpoint channel");
+        forge(&mut c, &state);
+        // Silent from here on (the connections stay open): only the lease tells the source.
+        std::thread::sleep(Duration::from_secs(3));
+        drop((s.urgent, s.bulk, c));
+    });
+    (uri, t)
+}
+
+#[test]
+fn a_forged_or_truncated_checkpoint_is_rejected_and_memory_stays_unchanged() {
+    use tsubame_pageserver::Message;
+    use tsubame_vmm::migration::MigrateOptions;
+    type Forge = Box<dyn FnOnce(&mut std::net::TcpStream, &[u8]) + Send>;
+    // A page of the working set, overwritten by each forgery: applied, it would break the
+    // digest and the guest's own verification.
+    let victim = tsubame_pages::Gfn(0x2000);
+    let begin = |epoch, state: &[u8]| Message::CheckpointBegin {
+        epoch,
+        lease_ms: 300,
+        interval_ms: 50,
+        state: state.to_vec(),
+    };
+    let overwrite = move |c: &mut std::net::TcpStream| {
+        Message::Pages {
+            gfn: victim,
+            data: vec![0xaa; 4096],
+        }
+        .write_to(c)
+        .unwrap();
+    };
+    let forgeries: Vec<(&str, bool, Forge)> = vec![
+        (
+            "another VM's state",
+            true,
+            Box::new(move |c, state| {
+                let mut s: serde_json::Value = serde_json::from_slice(state).unwrap();
+                s["id"] = serde_json::json!(12345);
+                begin(1, &serde_json::to_vec(&s).unwrap())
+                    .write_to(c)
+                    .unwrap();
+            }),
+        ),
+        (
+            "pages outside the VM",
+            true,
+            Box::new(move |c, state| {
+                begin(1, state).write_to(c).unwrap();
+                overwrite(c);
+                Message::Pages {
+                    gfn: tsubame_pages::Gfn(1 << 30),
+                    data: vec![0xaa; 4096],
+                }
+                .write_to(c)
+                .unwrap();
+            }),
+        ),
+        (
+            "a page count that does not add up",
+            true,
+            Box::new(move |c, state| {
+                begin(1, state).write_to(c).unwrap();
+                overwrite(c);
+                Message::CheckpointEnd {
+                    epoch: 1,
+                    pages: 2,
+                    pause_us: 1,
+                }
+                .write_to(c)
+                .unwrap();
+            }),
+        ),
+        (
+            "a checkpoint cut short",
+            false,
+            Box::new(move |c, state| {
+                begin(1, state).write_to(c).unwrap();
+                overwrite(c);
+                // No end: the connection goes quiet, then closes.
+            }),
+        ),
+    ];
+    let cfg = config(1, "uniform:ws=32M,write=0.3,seed=75", 1_000_000);
+    let reference = reference_digest(&cfg);
+    for (what, rejected, forge) in forgeries {
+        let source = Arc::new(Vm::new(&cfg).unwrap());
+        source.resume().unwrap();
+        assert_eq!(source.wait_steps(200_000, TIMEOUT), WaitOutcome::Reached);
+        let (uri, forger) = forging_destination(forge);
+        let options = MigrateOptions {
+            checkpoint_ms: Some(50),
+            ..Default::default()
+        };
+        source.migrate(&uri, SECRET, &options).unwrap();
+        wait_migration(&source, "the source resumes the VM", |m| {
+            m["phase"] == "cancelled"
+        });
+        let m = source.migration_status().unwrap();
+        let c = &m["checkpoints"];
+        assert_eq!(c["committed"], 0, "{what}: {c:#}");
+        assert_eq!(c["rejected"], u64::from(rejected), "{what}: {c:#}");
+        if rejected {
+            let reason = c["reason"].as_str().unwrap();
+            assert!(reason.contains("rejected"), "{what}: {c:#}");
+        }
+        assert_eq!(
+            source.wait_finished(TIMEOUT),
+            WaitOutcome::Reached,
+            "{what}"
+        );
+        assert_eq!(source.digest().unwrap().0, reference, "{what}");
+        forger.join().unwrap();
+    }
 }

@@ -32,11 +32,14 @@ pub enum ParkReason {
     RunFailed(String),
 }
 
-/// All devices of a VM.
+/// All devices of a VM, and what the vCPU threads check before they enter the guest.
 #[derive(Debug)]
 pub struct Devices {
     pub serial: Serial,
     pub doorbell: Doorbell,
+    /// Whether the vCPUs may run here at all (the destination of a cancellable migration runs
+    /// on a lease; see [`crate::fence`]). Checked before every entry into the guest.
+    pub lease: crate::fence::Lease,
 }
 
 /// Saved state of all devices.
@@ -51,6 +54,7 @@ impl Devices {
         Self {
             serial: Serial::new(sink, vcpus),
             doorbell: Doorbell::new(vcpus),
+            lease: crate::fence::Lease::default(),
         }
     }
 

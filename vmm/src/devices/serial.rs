@@ -1,6 +1,13 @@
 //! A 16550-style UART, enough for a guest that writes bytes to THR. Output is line-buffered per
 //! vCPU so that lines from several vCPUs do not interleave mid-line; the last lines are kept in
 //! memory for the control socket (`query-serial`).
+//!
+//! Output can be *held* (the destination of a cancellable migration, as Remus does): each
+//! complete line is tagged with the current checkpoint epoch and leaves the VM only when the
+//! checkpoint of that epoch is committed at the source ([`Serial::release`]). If the migration is
+//! called off, held lines are dropped: the source resumes from its last committed checkpoint and
+//! the guest writes them again, so the outside world never sees a line twice or a line that
+//! was rolled back.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -34,6 +41,18 @@ struct Inner {
     lines: Vec<Vec<u8>>,
     recent: VecDeque<String>,
     sink: SerialSink,
+    /// Held output, when output is held.
+    gate: Option<Gate>,
+}
+
+/// Lines waiting for their checkpoint to be committed.
+#[derive(Debug, Default)]
+struct Gate {
+    /// The epoch that lines completed now belong to.
+    epoch: u64,
+    held: VecDeque<(u64, String)>,
+    /// The migration was called off: nothing more is ever released.
+    closed: bool,
 }
 
 /// The UART.
@@ -53,8 +72,78 @@ impl Serial {
                 lines: vec![Vec::new(); vcpus],
                 recent: VecDeque::new(),
                 sink,
+                gate: None,
             }),
         }
+    }
+
+    /// From now on, complete lines are held, tagged with epoch `epoch` until
+    /// [`Self::close_epoch`], and released by [`Self::release`].
+    pub fn hold_output(&self, epoch: u64) {
+        self.inner.lock().expect("serial lock").gate = Some(Gate {
+            epoch,
+            ..Gate::default()
+        });
+    }
+
+    /// The lines held so far belong to the current epoch, which this returns; later lines
+    /// belong to the next. (Called with the vCPUs paused, as the checkpoint is taken.)
+    pub fn close_epoch(&self) -> u64 {
+        let mut s = self.inner.lock().expect("serial lock");
+        match s.gate.as_mut() {
+            Some(g) => {
+                g.epoch += 1;
+                g.epoch - 1
+            }
+            None => 0,
+        }
+    }
+
+    /// The checkpoint of `epoch` is committed: the lines of that epoch and before leave.
+    pub fn release(&self, epoch: u64) {
+        let mut s = self.inner.lock().expect("serial lock");
+        let mut out = Vec::new();
+        if let Some(g) = s.gate.as_mut().filter(|g| !g.closed) {
+            while g.held.front().is_some_and(|(e, _)| *e <= epoch) {
+                out.extend(g.held.pop_front().map(|(_, l)| l));
+            }
+        }
+        for line in out {
+            s.emit(line);
+        }
+    }
+
+    /// No more rollback can happen (the migration completed): every held line leaves, and
+    /// output is no longer held.
+    pub fn release_all(&self) {
+        let mut s = self.inner.lock().expect("serial lock");
+        let Some(g) = s.gate.take() else { return };
+        if g.closed {
+            s.gate = Some(g);
+            return;
+        }
+        for (_, line) in g.held {
+            s.emit(line);
+        }
+    }
+
+    /// The migration was called off: held lines are dropped, and nothing is released any more.
+    /// Returns how many lines were dropped.
+    pub fn drop_held(&self) -> usize {
+        let mut s = self.inner.lock().expect("serial lock");
+        match s.gate.as_mut() {
+            Some(g) => {
+                g.closed = true;
+                std::mem::take(&mut g.held).len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Lines held (not released yet).
+    pub fn held_lines(&self) -> usize {
+        let s = self.inner.lock().expect("serial lock");
+        s.gate.as_ref().map_or(0, |g| g.held.len())
     }
 
     /// A guest write to register `offset`.
@@ -135,6 +224,15 @@ impl Inner {
             return;
         }
         let line = String::from_utf8_lossy(&std::mem::take(&mut self.lines[cpu])).into_owned();
+        match self.gate.as_mut() {
+            Some(g) if !g.closed => g.held.push_back((g.epoch, line)),
+            Some(_) => {} // called off: the source writes it again
+            None => self.emit(line),
+        }
+    }
+
+    /// Sends a complete line out of the VM.
+    fn emit(&mut self, line: String) {
         let res = match &mut self.sink {
             SerialSink::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
             SerialSink::File(f) => writeln!(f, "{line}"),
@@ -162,6 +260,43 @@ mod tests {
         }
         assert_eq!(s.recent_lines(), vec!["x".to_string(), "ab".to_string()]);
         assert_eq!(s.read(5) & 0x20, 0x20);
+    }
+
+    #[test]
+    fn held_lines_leave_when_their_epoch_is_committed_and_never_after_a_cancel() {
+        let s = Serial::new(SerialSink::Discard, 1);
+        let line = |t: &str| {
+            for b in t.bytes().chain([b'\n']) {
+                s.write(0, 0, b);
+            }
+        };
+        line("before");
+        s.hold_output(1);
+        line("a");
+        assert_eq!(s.close_epoch(), 1);
+        line("b");
+        assert_eq!(s.close_epoch(), 2);
+        line("c");
+        assert_eq!(s.held_lines(), 3);
+        assert_eq!(s.recent_lines(), ["before"]);
+        s.release(1);
+        assert_eq!(s.recent_lines(), ["before", "a"]);
+        s.release(2);
+        assert_eq!(s.recent_lines(), ["before", "a", "b"]);
+        assert_eq!(s.drop_held(), 1, "c was never committed");
+        line("d");
+        s.release(9);
+        s.release_all();
+        assert_eq!(s.recent_lines(), ["before", "a", "b"]);
+        // Without a cancel, completion releases everything and stops holding.
+        let t = Serial::new(SerialSink::Discard, 1);
+        t.hold_output(1);
+        t.write(0, 0, b'x');
+        t.write(0, 0, b'\n');
+        t.release_all();
+        t.write(0, 0, b'y');
+        t.write(0, 0, b'\n');
+        assert_eq!(t.recent_lines(), ["x", "y"]);
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub struct Incoming {
     pub layout: MemoryLayout,
     /// vCPUs of the incoming VM (from the handshake).
     pub vcpus: u32,
+    /// A cancellable migration: send a reverse checkpoint this often (ms); 0: not cancellable.
+    pub checkpoint_ms: u32,
     session: Session,
     secret: Vec<u8>,
     staging: Option<Arc<StagingPool>>,
@@ -137,6 +139,7 @@ pub fn incoming(
     Ok(Incoming {
         layout: session.hello.layout.clone(),
         vcpus: session.hello.vcpus,
+        checkpoint_ms: session.hello.checkpoint_ms,
         session,
         secret: secret.to_vec(),
         staging,
@@ -230,12 +233,8 @@ impl Incoming {
     /// once (precopy rounds arrive while the VM still runs at the source), applies owner
     /// announcements (dialling the page servers named), waits for the VM state on the urgent
     /// channel and for the end of the precopy phase on the bulk channel, and hands the urgent
-    /// channel's replies to the fault thread. Returns the paging, the VM state to restore, and
-    /// when the state arrived.
-    pub fn receive(
-        self,
-        memory: &GuestMemory,
-    ) -> Result<(DemandPaging, VmState, Instant), MigrationError> {
+    /// channel's replies to the fault thread.
+    pub fn receive(self, memory: &GuestMemory) -> Result<Received, MigrationError> {
         let mut paging = DemandPaging::new(memory, "migration", Owner::Endpoint(SOURCE))?;
         let engine = paging.engine().clone();
         if let Some(p) = &self.staging {
@@ -262,6 +261,7 @@ impl Incoming {
             hello,
             urgent,
             bulk,
+            checkpoint,
             ..
         } = self.session;
         let owners = paging.router().owners().clone();
@@ -366,8 +366,25 @@ impl Incoming {
                 let _ = c.send(&Message::Resumed);
             }
         });
-        Ok((paging, state, state_received))
+        Ok(Received {
+            paging,
+            state,
+            at: state_received,
+            checkpoint,
+        })
     }
+}
+
+/// A VM received, ready to be restored.
+#[derive(Debug)]
+pub struct Received {
+    pub paging: DemandPaging,
+    /// The VM state to restore.
+    pub state: VmState,
+    /// When the state arrived.
+    pub at: Instant,
+    /// A cancellable migration's checkpoint channel.
+    pub checkpoint: Option<std::net::TcpStream>,
 }
 
 /// Dials the page server at `uri`, which the source named as the owner of some of the VM's

@@ -26,6 +26,7 @@
 //! destination runs it, a lost owner leaves faulting vCPUs waiting (never on a zero or stale
 //! page) and the error is reported.
 
+pub mod checkpoint;
 pub mod destination;
 pub mod source;
 
@@ -74,7 +75,7 @@ pub enum MigrationError {
     AlreadyMigrating,
     #[error("the migration was cancelled")]
     Cancelled,
-    #[error("the VM already runs at the destination: a postcopy migration cannot be cancelled once the destination has run it (reverse checkpoints will make that possible)")]
+    #[error("too late to cancel: the VM runs at the destination, which has all of its memory (or the migration was not cancellable: migrate with cancellable=on to keep it so until it completes)")]
     TooLateToCancel,
     #[error("no migration is under way")]
     NotMigrating,
@@ -106,6 +107,9 @@ pub enum Phase {
     Postcopy,
     Completed,
     Failed,
+    /// A cancellable migration called off after its switchover (or whose destination died):
+    /// the VM runs here again.
+    Cancelled,
 }
 
 /// Part of the VM's memory handed to a memserver on the way: the source stores it there while
@@ -151,6 +155,37 @@ pub struct MigrateOptions {
     pub precopy_rounds: u32,
     /// Hand part of the memory to a memserver on the way.
     pub split: Option<Split>,
+    /// Cancellable postcopy: reverse checkpoints this often (ms), `None`: not cancellable
+    /// (see [`checkpoint`]).
+    pub checkpoint_ms: Option<u32>,
+    /// Eviction: drop each page here once the destination holds it (not with
+    /// `checkpoint_ms`).
+    pub release: bool,
+}
+
+impl MigrateOptions {
+    /// Refuses combinations that cannot work, saying why.
+    pub fn check(&self) -> Result<(), MigrationError> {
+        if self.split.is_some() && self.precopy_rounds > 0 {
+            return Err(MigrationError::Unsupported(
+                "split and precopy rounds cannot be combined yet: use one or the other".into(),
+            ));
+        }
+        if self.release && self.checkpoint_ms.is_some() {
+            return Err(MigrationError::Unsupported(
+                "release=on frees the source's copy of each page as soon as the destination has it, and cancellable=on needs that copy to resume the VM here: choose one".into(),
+            ));
+        }
+        if let Some(ms) = self.checkpoint_ms {
+            if ms == 0 || ms > tsubame_pageserver::message::MAX_CHECKPOINT_MS {
+                return Err(MigrationError::Unsupported(format!(
+                    "checkpoint_ms={ms}: give an interval between 1 and {} ms",
+                    tsubame_pageserver::message::MAX_CHECKPOINT_MS
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `query-migrate` on the source.
@@ -197,6 +232,9 @@ pub struct MigrationStatus {
     pub push_ms: Option<f64>,
     /// Switchover -> `Complete` from the destination.
     pub total_ms: Option<f64>,
+    /// A cancellable migration's reverse checkpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoints: Option<checkpoint::CheckpointStatus>,
 }
 
 /// The split part of `query-migrate`.

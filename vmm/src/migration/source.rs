@@ -49,6 +49,7 @@ use tsubame_pageserver::{
     SendKind, ServeState,
 };
 
+use super::checkpoint::{ResumableVm, Reverse, ServingEnd};
 use super::{
     CancelToken, MigrateOptions, MigrationError, MigrationStatus, Phase, Split, SplitStatus,
 };
@@ -57,8 +58,8 @@ use crate::memory::GuestMemory;
 use crate::state::VmState;
 
 /// What a VM offers the migration of it (implemented by [`crate::Vm`]): its memory, its dirty
-/// log, and the switchover's pause.
-pub trait MigratableVm: Send + Sync {
+/// log, the switchover's pause, and (cancellable migrations) resuming from a checkpoint.
+pub trait MigratableVm: ResumableVm {
     /// Guest memory.
     fn memory(&self) -> &Arc<GuestMemory>;
     /// The VM's identity.
@@ -182,6 +183,23 @@ pub struct Outgoing {
     split: Mutex<Option<SplitStatus>>,
     /// A failure before the server took over.
     failed: Mutex<Option<String>>,
+    /// A cancellable migration: reverse checkpoints this often (ms).
+    checkpoint_ms: Option<u32>,
+    /// A cancellable migration, switched over: the checkpoints received from the destination.
+    reverse: Mutex<Option<Arc<Reverse>>>,
+}
+
+/// The end of serving, as the checkpoint receiver sees it.
+struct Serving(Arc<PageServer<GuestMemoryStore>>);
+
+impl ServingEnd for Serving {
+    fn completed(&self) -> bool {
+        self.0.status().state == ServeState::Completed
+    }
+
+    fn stop_serving(&self) {
+        self.0.stop_and_wait();
+    }
 }
 
 impl Outgoing {
@@ -201,7 +219,31 @@ impl Outgoing {
             prepage: Mutex::new((options.prepage, 0)),
             split: Mutex::new(None),
             failed: Mutex::new(None),
+            checkpoint_ms: options.checkpoint_ms,
+            reverse: Mutex::new(None),
         }
+    }
+
+    fn reverse(&self) -> Option<Arc<Reverse>> {
+        self.reverse.lock().expect("migration lock").clone()
+    }
+
+    /// Whether a cancellable migration was rolled back: the VM runs here again.
+    pub fn rolled_back(&self) -> bool {
+        self.reverse().is_some_and(|r| r.rolled_back())
+    }
+
+    /// Whether the VM, switched over, may still be resumed here.
+    pub fn rollback_possible(&self) -> bool {
+        self.reverse().is_some_and(|r| r.is_open())
+    }
+
+    /// `migrate-cancel` after the switchover: only a cancellable migration that has not
+    /// completed can be; returns once the VM runs here again.
+    pub fn cancel_after_switchover(&self) -> Result<(), MigrationError> {
+        let reverse = self.reverse().ok_or(MigrationError::TooLateToCancel)?;
+        let lease = super::checkpoint::lease_for(u64::from(self.checkpoint_ms.unwrap_or(0)));
+        reverse.cancel(lease * 4 + Duration::from_secs(2))
     }
 
     /// The migration's cancel token.
@@ -235,12 +277,21 @@ impl Outgoing {
         let switched = *self.switched.lock().expect("migration lock");
         let failed = self.failed.lock().expect("migration lock").clone();
         let (prepage, hot_pages) = *self.prepage.lock().expect("migration lock");
-        let (phase, error) = match (&s.state, failed) {
-            (_, Some(e)) => (Phase::Failed, Some(e)),
-            (ServeState::Idle, None) => (Phase::Precopy, None),
-            (ServeState::Serving, None) => (Phase::Postcopy, None),
-            (ServeState::Completed, None) => (Phase::Completed, None),
-            (ServeState::Failed(e), None) => (Phase::Failed, Some(e.clone())),
+        let reverse = self.reverse();
+        let checkpoints = reverse.as_ref().map(|r| r.status());
+        let (phase, error) = match (failed, checkpoints.as_ref().map(|c| c.state)) {
+            (Some(e), _) => (Phase::Failed, Some(e)),
+            // A cancellable migration: whatever serving did, the VM may still come back here
+            // until it is handed over.
+            (None, Some("rolled-back")) => (Phase::Cancelled, None),
+            (None, Some("handed-over")) => (Phase::Completed, None),
+            (None, Some(_)) => (Phase::Postcopy, None),
+            (None, None) => match &s.state {
+                ServeState::Idle => (Phase::Precopy, None),
+                ServeState::Serving => (Phase::Postcopy, None),
+                ServeState::Completed => (Phase::Completed, None),
+                ServeState::Failed(e) => (Phase::Failed, Some(e.clone())),
+            },
         };
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         MigrationStatus {
@@ -270,6 +321,7 @@ impl Outgoing {
             split: self.split.lock().expect("migration lock").clone(),
             push_ms: s.push_ms,
             total_ms: s.serve_ms,
+            checkpoints,
         }
     }
 }
@@ -294,25 +346,24 @@ pub fn start<V: MigratableVm + 'static>(
     std::thread::Builder::new()
         .name("migrate".into())
         .spawn(move || {
-            let r = run(vm.as_ref(), &out, &uri, &secret, &options);
+            let r = run(&vm, &out, &uri, &secret, &options);
             let _ = tx.send(r);
         })?;
     Ok(rx)
 }
 
 /// The worker: everything up to and including the switchover (see the module docs).
-pub fn run(
-    vm: &impl MigratableVm,
+pub fn run<V: MigratableVm + 'static>(
+    vm_arc: &Arc<V>,
     out: &Arc<Outgoing>,
     uri: &str,
     secret: &[u8],
     options: &MigrateOptions,
 ) -> Result<(), MigrationError> {
-    if options.split.is_some() && options.precopy_rounds > 0 {
-        return Err(MigrationError::Unsupported(
-            "split and precopy rounds cannot be combined yet: use one or the other".into(),
-        ));
-    }
+    options.check()?;
+    let vm = vm_arc.as_ref();
+    let resumable: Arc<dyn ResumableVm> = vm_arc.clone();
+    let resumable = Arc::downgrade(&resumable);
     let hello = Hello {
         purpose: Purpose::Migrate,
         channel: tsubame_pageserver::Channel::Urgent,
@@ -320,18 +371,23 @@ pub fn run(
         vm: vm.id(),
         layout: vm.memory().layout().clone(),
         vcpus: u32::try_from(vm.vcpu_count()).expect("few vCPUs"),
+        checkpoint_ms: options.checkpoint_ms.unwrap_or(0),
     };
     let cancel = &out.cancel;
     cancel.check()?;
     let Session {
         mut urgent,
         bulk,
+        checkpoint,
         rtt,
         ..
     } = session::open(uri, secret, &hello)
         .map_err(|e| MigrationError::opening("destination", "tsubame run --incoming", e))?;
     cancel.watch(&urgent)?;
     cancel.watch(&bulk)?;
+    if let Some(c) = &checkpoint {
+        cancel.watch(c)?;
+    }
     wait_ready(&urgent, cancel)?;
     let mut bulk = BulkWriter::new(bulk, rtt)?;
     let mut hot = HotPages::new(vm.memory().layout());
@@ -388,7 +444,14 @@ pub fn run(
                 "switchover: vCPUs paused and state captured after {:?}",
                 paused_at.elapsed()
             );
-            switch_over(out, &state, urgent, bulk, paused_at, options, hot, &stale)
+            let channels = Channels {
+                urgent,
+                bulk,
+                checkpoint,
+            };
+            switch_over(
+                out, state, channels, paused_at, options, hot, &stale, resumable,
+            )
         },
         || out.switched_over(),
     );
@@ -607,21 +670,35 @@ fn announce_owners(
     Ok(())
 }
 
-/// Switchover with the vCPUs paused since `paused_at` (module docs, step 4), then serving.
-/// `stale`: pages written since the last round or the split (sorted). An error before both
-/// the state and `PrecopyDone` are out leaves the destination unable to run the VM: the caller
-/// may resume it here.
+/// The session's connections at the switchover.
+struct Channels {
+    urgent: TcpStream,
+    bulk: BulkWriter,
+    /// A cancellable migration's.
+    checkpoint: Option<TcpStream>,
+}
+
+/// Switchover with the vCPUs paused since `paused_at` (module docs, step 4), then serving,
+/// and for a cancellable migration receiving checkpoints (`vm` is resumed from them if it
+/// comes to that). `stale`: pages written since the last round or the split (sorted). An
+/// error before both the state and `PrecopyDone` are out leaves the destination unable to run
+/// the VM: the caller may resume it here.
 #[allow(clippy::too_many_arguments)]
 fn switch_over(
     out: &Outgoing,
-    state: &VmState,
-    mut urgent: TcpStream,
-    mut bulk: BulkWriter,
+    state: VmState,
+    channels: Channels,
     paused_at: Instant,
     options: &MigrateOptions,
     hot: HotPages,
     stale: &[Gfn],
+    vm: std::sync::Weak<dyn ResumableVm>,
 ) -> Result<(), MigrationError> {
+    let Channels {
+        mut urgent,
+        mut bulk,
+        checkpoint,
+    } = channels;
     let server = &out.server;
     *out.prepage.lock().expect("migration lock") = (options.prepage, hot.len());
     if options.split.is_some() {
@@ -670,8 +747,11 @@ fn switch_over(
         paused_at.duration_since(out.started),
         now.duration_since(paused_at),
     ));
-    // The VM never runs here again: memory can be served without copies.
-    server.store().freeze();
+    if checkpoint.is_none() {
+        // The VM never runs here again: memory can be served without copies. (A cancellable
+        // migration writes committed checkpoints into it: pages are copied out.)
+        server.store().freeze();
+    }
     out.cancel.release();
     server
         .serve(
@@ -687,6 +767,24 @@ fn switch_over(
             },
         )
         .map_err(MigrationError::from)?;
+    if let (Some(channel), Some(ms)) = (checkpoint, options.checkpoint_ms) {
+        let sent = paused_at
+            + out
+                .switched
+                .lock()
+                .expect("migration lock")
+                .map_or(Duration::ZERO, |s| s.1);
+        let reverse = Reverse::start(
+            server.store().memory.clone(),
+            channel,
+            state,
+            sent,
+            ms,
+            vm,
+            Arc::new(Serving(server.clone())),
+        )?;
+        *out.reverse.lock().expect("migration lock") = Some(reverse);
+    }
     Ok(())
 }
 

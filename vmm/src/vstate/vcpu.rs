@@ -771,6 +771,15 @@ fn vcpu_loop(
             }
             continue;
         }
+        if !devices.lease.may_run() {
+            // The destination of a cancellable migration whose lease ran out (or that was
+            // fenced): the source may run the VM now, so this vCPU never enters the guest
+            // again, even if its thread was stopped and continues late (see `crate::fence`).
+            vcpu.complete_pending_io();
+            paused = true;
+            set_state(RunState::Paused);
+            continue;
+        }
         let index = vcpu.index;
         let park = match vcpu.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match devices.io_out(index, port, data) {
