@@ -171,8 +171,8 @@ pub enum Message {
     CheckpointAck {
         epoch: u64,
     },
-    /// Source (on the checkpoint channel): the migration is called off; stop running the VM,
-    /// send a last checkpoint, then `Fenced`.
+    /// Source (on the checkpoint channel): the migration is called off; stop running the VM
+    /// and say `Fenced`.
     Cancel,
     /// Destination (on the checkpoint channel): its vCPUs are stopped for good (cancelled, or
     /// its lease ran out); the last checkpoint it sent is `epoch`. The source resumes from its

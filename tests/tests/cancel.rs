@@ -285,8 +285,8 @@ fn output_leaves_only_once_committed_and_a_cancel_loses_no_line() {
         m["checkpoints"]["pause_p50_us"].as_u64().unwrap() > 0,
         "{m:#}"
     );
-    // Cancelled at the source: the destination stops, sends a last checkpoint, and the VM
-    // goes on here from it.
+    // Cancelled at the source: the destination stops, and the VM goes on here from the last
+    // checkpoint committed.
     let c = source.ctl("migrate-cancel", json!({})).unwrap();
     assert_eq!(c, json!({}));
     let m = source.ctl("query-migrate", json!({})).unwrap();

@@ -61,6 +61,13 @@ impl Host {
         }
     }
 
+    /// Kills the child at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Waits for the child to exit successfully and returns its stdout.
     pub fn finish(mut self) -> Result<String> {
         let mut out = String::new();

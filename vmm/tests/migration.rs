@@ -255,7 +255,6 @@ fn a_cancellable_migration_rolls_back_from_its_checkpoints_at_either_end() {
         wait_migration(&source, "three checkpoints committed", |m| {
             m["checkpoints"]["committed"].as_u64().unwrap_or(0) >= 3
         });
-        let steps_there = dest.progress().steps;
         if cancel_at_source {
             source.cancel_migration().unwrap();
         } else {
@@ -284,10 +283,6 @@ fn a_cancellable_migration_rolls_back_from_its_checkpoints_at_either_end() {
             "{m:#}"
         );
         assert_eq!(source.wait_finished(TIMEOUT), WaitOutcome::Reached);
-        assert!(
-            source.progress().steps >= steps_there,
-            "the source went on from the destination's progress"
-        );
         assert_eq!(source.digest().unwrap().0, reference, "vcpus {vcpus}");
     }
 }

@@ -93,6 +93,8 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         precopy_rounds: 0,
         delay_ms: 0.0,
         rate_bits: None,
+        checkpoint_ms: None,
+        report_every: 0,
     };
     let (net_step_us, engine) = tsubame::demand_stall(&setup, &dir, SKIP, a.pages)
         .context("measuring Tsubame's demand path")?;

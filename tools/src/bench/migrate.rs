@@ -42,7 +42,8 @@ pub struct MigrateBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub reps: u32,
     /// Configurations, comma-separated: Tsubame's postcopy-address, postcopy-bubble,
-    /// postcopy-hot, hybrid-N (N precopy rounds, then postcopy, address order); QEMU's
+    /// postcopy-hot, postcopy-cancellable (address order, reverse checkpoints every 100 ms),
+    /// hybrid-N (N precopy rounds, then postcopy, address order); QEMU's
     /// qemu-postcopy, qemu-postcopy-preempt, qemu-precopy.
     #[arg(
         long,
@@ -77,7 +78,7 @@ struct Row {
 
 fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
     let (prepage, rounds) = match config {
-        "postcopy-address" => ("address", 0),
+        "postcopy-address" | "postcopy-cancellable" => ("address", 0),
         "postcopy-bubble" => ("bubble", 0),
         "postcopy-hot" => ("hot", 0),
         c if c.starts_with("qemu-") => ("address", 0), // unused by QEMU runs
@@ -89,7 +90,7 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         ),
         c => bail!(
             "unknown configuration '{c}': use postcopy-address, postcopy-bubble, postcopy-hot, \
-             hybrid-N, qemu-postcopy, qemu-postcopy-preempt or qemu-precopy"
+             postcopy-cancellable, hybrid-N, qemu-postcopy, qemu-postcopy-preempt or qemu-precopy"
         ),
     };
     Ok(MigrationSetup {
@@ -103,6 +104,8 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         precopy_rounds: rounds,
         delay_ms,
         rate_bits: a.rate,
+        checkpoint_ms: (config == "postcopy-cancellable").then_some(100),
+        report_every: 0,
     })
 }
 

@@ -4,9 +4,13 @@
 //! - `bench fault`: the demand path alone (fault -> request -> page -> install), against the
 //!   physical limits measured in the same run.
 //! - `bench migrate`: whole migrations of one guest, each configuration, side by side.
+//! - `bench checkpoint`: cancellable postcopy: checkpoint pauses, guest slowdown against the
+//!   dirty-tracking floor, output delay, cancel and kill recovery, total time against plain
+//!   postcopy.
 
 use serde_json::json;
 
+mod checkpoint;
 mod fault;
 mod guest;
 mod migrate;
@@ -19,6 +23,7 @@ mod tsubame;
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     Guest(guest::GuestBenchArgs),
+    Checkpoint(checkpoint::CheckpointBenchArgs),
     Fault(fault::FaultBenchArgs),
     Migrate(migrate::MigrateBenchArgs),
 }
@@ -26,6 +31,7 @@ pub enum BenchCommand {
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
     match cmd {
         BenchCommand::Guest(a) => guest::bench_guest(&a),
+        BenchCommand::Checkpoint(a) => checkpoint::bench_checkpoint(&a),
         BenchCommand::Fault(a) => fault::bench_fault(&a),
         BenchCommand::Migrate(a) => migrate::bench_migrate(&a),
     }

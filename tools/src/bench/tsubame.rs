@@ -22,7 +22,7 @@ use tsubame_vmm::control::ControlClient;
 use crate::host::Host;
 use crate::linkem::{self, LinkParams};
 
-const SECRET: &str = "tsubame-bench";
+pub(crate) const SECRET: &str = "tsubame-bench";
 
 /// What to migrate and how.
 #[derive(Clone, Debug, Serialize)]
@@ -43,6 +43,10 @@ pub struct MigrationSetup {
     pub delay_ms: f64,
     /// Link rate in bit/s (None: unlimited).
     pub rate_bits: Option<u64>,
+    /// Cancellable postcopy with reverse checkpoints this often (ms).
+    pub checkpoint_ms: Option<u32>,
+    /// The guest prints a serial line every this many steps (0: never).
+    pub report_every: u64,
 }
 
 /// The measured result of one migration.
@@ -94,16 +98,16 @@ pub struct MigrationResult {
 }
 
 /// Two `tsubame run` processes and a link between them.
-struct Pair {
-    source: Host,
-    destination: Host,
-    source_sock: PathBuf,
-    dest_sock: PathBuf,
-    uri: String,
+pub(crate) struct Pair {
+    pub source: Host,
+    pub destination: Host,
+    pub source_sock: PathBuf,
+    pub dest_sock: PathBuf,
+    pub uri: String,
     _link: Option<linkem::LinkHandle>,
 }
 
-fn start_pair(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Pair> {
+pub(crate) fn start_pair(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Pair> {
     let dest_sock = dir.join(format!("{tag}-dst.sock"));
     let source_sock = dir.join(format!("{tag}-src.sock"));
     let _ = std::fs::remove_file(&dest_sock);
@@ -161,6 +165,8 @@ fn start_pair(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Pair> {
             setup.workload.clone(),
             s("--steps"),
             setup.steps.to_string(),
+            s("--report-every"),
+            setup.report_every.to_string(),
             s("--control"),
             source_sock.display().to_string(),
             s("--secret"),
@@ -301,11 +307,13 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     };
     let t0 = Instant::now();
     let cpu_at_migrate = CpuTimes::now();
-    let m = ctl.execute(
-        "migrate",
-        json!({"uri": pair.uri, "secret": SECRET, "prepage": setup.prepage,
-               "precopy_rounds": setup.precopy_rounds}),
-    )?;
+    let mut args = json!({"uri": pair.uri, "secret": SECRET, "prepage": setup.prepage,
+               "precopy_rounds": setup.precopy_rounds});
+    if let Some(ms) = setup.checkpoint_ms {
+        args["cancellable"] = json!("on");
+        args["checkpoint_ms"] = json!(ms);
+    }
+    let m = ctl.execute("migrate", args)?;
     let switched = t0.elapsed().as_secs_f64();
     sampler.switch_to_destination();
     let _ = m;
@@ -443,7 +451,7 @@ pub fn demand_stall(
     Ok((per_step_us, engine["demand_paging"].clone()))
 }
 
-fn connect_retry(path: &Path) -> Result<ControlClient> {
+pub(crate) fn connect_retry(path: &Path) -> Result<ControlClient> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match ControlClient::connect(path) {

@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,8 @@ struct Inner {
     sink: SerialSink,
     /// Held output, when output is held.
     gate: Option<Gate>,
+    /// How long the last released lines were held (at most [`DELAYS_KEPT`]).
+    delays: VecDeque<Duration>,
 }
 
 /// Lines waiting for their checkpoint to be committed.
@@ -50,7 +53,8 @@ struct Inner {
 struct Gate {
     /// The epoch that lines completed now belong to.
     epoch: u64,
-    held: VecDeque<(u64, String)>,
+    /// Lines held: epoch, when the guest completed it, the line.
+    held: VecDeque<(u64, Instant, String)>,
     /// The migration was called off: nothing more is ever released.
     closed: bool,
 }
@@ -62,6 +66,8 @@ pub struct Serial {
 }
 
 const RECENT_LINES: usize = 1000;
+/// Output delays kept for statistics.
+const DELAYS_KEPT: usize = 10_000;
 const DLAB: u8 = 0x80;
 
 impl Serial {
@@ -73,6 +79,7 @@ impl Serial {
                 recent: VecDeque::new(),
                 sink,
                 gate: None,
+                delays: VecDeque::new(),
             }),
         }
     }
@@ -104,12 +111,12 @@ impl Serial {
         let mut s = self.inner.lock().expect("serial lock");
         let mut out = Vec::new();
         if let Some(g) = s.gate.as_mut().filter(|g| !g.closed) {
-            while g.held.front().is_some_and(|(e, _)| *e <= epoch) {
-                out.extend(g.held.pop_front().map(|(_, l)| l));
+            while g.held.front().is_some_and(|(e, _, _)| *e <= epoch) {
+                out.extend(g.held.pop_front());
             }
         }
-        for line in out {
-            s.emit(line);
+        for (_, at, line) in out {
+            s.released(at, line);
         }
     }
 
@@ -122,8 +129,8 @@ impl Serial {
             s.gate = Some(g);
             return;
         }
-        for (_, line) in g.held {
-            s.emit(line);
+        for (_, at, line) in g.held {
+            s.released(at, line);
         }
     }
 
@@ -138,6 +145,12 @@ impl Serial {
             }
             None => 0,
         }
+    }
+
+    /// How long the last released lines (up to 10 000) were held before they left.
+    pub fn output_delays(&self) -> Vec<Duration> {
+        let s = self.inner.lock().expect("serial lock");
+        s.delays.iter().copied().collect()
     }
 
     /// Lines held (not released yet).
@@ -225,10 +238,19 @@ impl Inner {
         }
         let line = String::from_utf8_lossy(&std::mem::take(&mut self.lines[cpu])).into_owned();
         match self.gate.as_mut() {
-            Some(g) if !g.closed => g.held.push_back((g.epoch, line)),
+            Some(g) if !g.closed => g.held.push_back((g.epoch, Instant::now(), line)),
             Some(_) => {} // called off: the source writes it again
             None => self.emit(line),
         }
+    }
+
+    /// A held line leaves, `at` being when the guest completed it.
+    fn released(&mut self, at: Instant, line: String) {
+        if self.delays.len() == DELAYS_KEPT {
+            self.delays.pop_front();
+        }
+        self.delays.push_back(at.elapsed());
+        self.emit(line);
     }
 
     /// Sends a complete line out of the VM.

@@ -22,9 +22,10 @@
 //!   (`GuestMemoryStore`), so a write never races a borrowed slice. A checkpoint that ends
 //!   otherwise (cut short, forged, malformed) is discarded without touching memory.
 //! - **Cancel**: `migrate-cancel` at the source sends `Cancel`; at the destination it stops
-//!   the vCPUs at once. Either way the destination fences itself for good, sends a last
-//!   checkpoint (so nothing the guest did is lost) and `Fenced`, and the source resumes the VM
-//!   from its last committed checkpoint.
+//!   the vCPUs at once. Either way the destination fences itself for good and sends `Fenced`
+//!   after any checkpoint already on its way, and the source resumes the VM from its last
+//!   committed checkpoint: the guest redoes, unseen, what it did since (its output since was
+//!   held, and is dropped).
 //! - **Automatic resume**: the source resumes by itself once the destination's lease has surely
 //!   run out (killed, cut off, or silent: checkpoints are its heartbeat), or at once on
 //!   `Fenced`. The destination's vCPUs stop before its lease ends, so the two never both run.
@@ -81,11 +82,11 @@ pub fn first_lease(interval_ms: u64) -> Duration {
     lease_for(interval_ms) - SOURCE_MARGIN
 }
 
-/// The lease that goes with an interval: the interval and 200 ms for the checkpoint to be
-/// taken, sent and acknowledged, at least 300 ms. It bounds how long a dead destination keeps
-/// the VM from resuming at the source.
+/// The lease that goes with an interval: the interval and 250 ms for the next checkpoint to
+/// be taken, sent, committed and acknowledged. It bounds how long a dead destination keeps the
+/// VM from resuming at the source (350 ms + the source's margin at the default interval).
 pub fn lease_for(interval_ms: u64) -> Duration {
-    Duration::from_millis((interval_ms + 200).max(MIN_LEASE_MS))
+    Duration::from_millis((interval_ms + 250).max(MIN_LEASE_MS))
 }
 
 /// Checkpoints as `query-migrate` shows them, on either end.
@@ -113,6 +114,15 @@ pub struct CheckpointStatus {
     /// Destination: lines of guest output held until their checkpoint is committed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_held: Option<u64>,
+    /// Destination: how long released lines were held (line complete -> released, ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_delay_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_delay_max_ms: Option<f64>,
+    /// Destination: time spent reading KVM's dirty log, all checkpoints (µs): with `pages`,
+    /// the per-page cost of tracking writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracking_us: Option<u64>,
     /// Source: checkpoints refused (malformed, forged, cut short).
     pub rejected: u64,
     /// Why the migration was called off or the channel was lost.
@@ -134,6 +144,7 @@ struct Tally {
     rejected: u64,
     reason: Option<String>,
     resume: Option<Duration>,
+    tracking: Duration,
 }
 
 impl Tally {
@@ -166,6 +177,9 @@ impl Tally {
             bytes: self.pages * PAGE_BYTES as u64,
             last_pages: self.last_pages,
             output_held: None,
+            output_delay_p50_ms: None,
+            output_delay_max_ms: None,
+            tracking_us: None,
             rejected: self.rejected,
             reason: self.reason.clone(),
             resume_ms: self.resume.map(|d| d.as_secs_f64() * 1e3),
@@ -188,6 +202,8 @@ pub struct Captured {
     pub epoch: u64,
     /// How long the guest was paused.
     pub pause: Duration,
+    /// Of the pause: reading (and so re-arming) KVM's dirty log.
+    pub tracking: Duration,
 }
 
 /// What the destination's checkpointer needs of its VM (implemented by [`crate::Vm`]).
@@ -300,7 +316,16 @@ impl Checkpointer {
             .lock()
             .expect("checkpoint lock")
             .status(state, self.interval_ms.load(Ordering::Relaxed));
-        s.output_held = devices.map(|d| d.serial.held_lines() as u64);
+        let tracking = self.tally.lock().expect("checkpoint lock").tracking;
+        s.tracking_us = Some(u64::try_from(tracking.as_micros()).unwrap_or(u64::MAX));
+        if let Some(d) = devices {
+            s.output_held = Some(d.serial.held_lines() as u64);
+            let mut delays = d.serial.output_delays();
+            delays.sort_unstable();
+            let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+            s.output_delay_p50_ms = delays.get(delays.len() / 2).map(ms);
+            s.output_delay_max_ms = delays.last().map(ms);
+        }
         s
     }
 
@@ -356,9 +381,6 @@ impl Checkpointer {
         let c = vm.capture(&mut data)?;
         let interval = self.interval_ms.load(Ordering::Relaxed);
         let pause_us = u64::try_from(c.pause.as_micros()).unwrap_or(u64::MAX);
-        let lease = lease_for(interval);
-        self.write_checkpoint(&c, &data, lease)?;
-        drop(data);
         // Adaptive interval: keep the pauses under 5 % of the guest's time.
         let next = if pause_us * 20 > interval * 1000 {
             (interval * 2).min(MAX_INTERVAL_MS)
@@ -371,11 +393,13 @@ impl Checkpointer {
             log::debug!("checkpoint pause {pause_us} µs: interval {interval} -> {next} ms");
             self.interval_ms.store(next, Ordering::Relaxed);
         }
-        self.tally
-            .lock()
-            .expect("checkpoint lock")
-            .pauses_us
-            .push(pause_us);
+        // The lease must last until the next checkpoint is acknowledged: it is taken one
+        // (new) interval from now.
+        self.write_checkpoint(&c, &data, lease_for(next.max(interval)))?;
+        drop(data);
+        let mut t = self.tally.lock().expect("checkpoint lock");
+        t.pauses_us.push(pause_us);
+        t.tracking += c.tracking;
         Ok(c.epoch)
     }
 
@@ -544,7 +568,7 @@ impl Checkpointer {
     }
 
     /// Calls the migration off here (`migrate-cancel` at either end): stops the vCPUs for
-    /// good, sends a last checkpoint and `Fenced`. Fails if the VM was handed over already.
+    /// good and sends `Fenced`. Fails if the VM was handed over already.
     pub fn cancel(&self, why: &str) -> Result<(), MigrationError> {
         let Some(vm) = self.vm.upgrade() else {
             return Err(MigrationError::NotMigrating);
@@ -568,20 +592,11 @@ impl Checkpointer {
             let _ = t.join();
         }
         self.tally.lock().expect("checkpoint lock").reason = Some(why.to_string());
-        // A last checkpoint, so the source resumes exactly where the guest stopped here.
-        let mut data = self.scratch.lock().expect("checkpoint lock");
-        let last = vm.capture(&mut data).and_then(|c| {
-            let lease = lease_for(self.interval_ms.load(Ordering::Relaxed));
-            self.write_checkpoint(&c, &data, lease).map(|()| c.epoch)
-        });
-        drop(data);
-        let epoch = match last {
-            Ok(e) => e,
-            Err(e) => {
-                log::warn!("no last checkpoint ({e}); the source resumes from the one before");
-                self.last_sent.load(Ordering::Acquire)
-            }
-        };
+        // No last checkpoint: the source resumes from the last one it committed (a checkpoint
+        // sent before this is committed first), and the guest redoes what it did here since,
+        // unseen (its output since was held and is dropped). The cancel takes a round trip and
+        // the restore, not a copy of everything written since.
+        let epoch = self.last_sent.load(Ordering::Acquire);
         let fenced =
             Message::Fenced { epoch }.write_to(&mut *self.writer.lock().expect("checkpoint lock"));
         if let Err(e) = fenced {
