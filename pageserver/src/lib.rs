@@ -10,6 +10,8 @@
 //! [`handshake`] before anything else moves, the *urgent* channel for control messages,
 //! demand requests and their replies, and the *bulk* channel for the background stream, so that
 //! a fault never waits behind the bulk stream. The bulk channel is flow-controlled ([`flow`]).
+//! A cancellable migration (`Hello::checkpoint_ms` > 0) has a third connection, the
+//! *checkpoint* channel, on which the destination sends its reverse checkpoints back.
 //! Frames ([`frame`]) carry the [`message`]s.
 //!
 //! A migration (`Purpose::Migrate`; the source holds the memory, the destination listens):
@@ -35,6 +37,17 @@
 //!  bulk:    ------- Pages / ZeroPages ... PushDone ----> |
 //!           <------ Installed{bytes} (bulk) ------------ |  flow control
 //!  urgent:  <------ Complete --------------------------- |  every page is local: source exits
+//! ```
+//!
+//! A cancellable migration adds, once the VM runs at the destination:
+//!
+//! ```text
+//!  checkpoint: <-- CheckpointBegin{epoch, lease, state} |  every interval: the VM state, then
+//!              <-- Pages ... CheckpointEnd{epoch, n} -- |  the pages written since the last
+//!              --- CheckpointAck{epoch} --------------> |  committed: output released, lease
+//!              --- Cancel ----------------------------> |  renewed; a cancel at the source
+//!              <-- Fenced{epoch} ---------------------- |  the destination stopped for good
+//!              --- Complete --------------------------> |  or: every page there, handed over
 //! ```
 //!
 //! Fetching from a memserver (`Purpose::Fetch`) is the same from `Resumed` on, the destination

@@ -7,7 +7,8 @@
 //! ([`snapshot`], around the VM's [`state`]); a JSON control socket ([`control`]) exposes all of
 //! that to the `tsubame` CLI. A VM whose memory arrives on demand ([`paging`]: a lazy restore,
 //! an incoming migration) fetches each missing page from its owner; [`migration`] moves a VM
-//! between processes, postcopy first.
+//! between processes, postcopy first, cancellable after its switchover with reverse
+//! checkpoints (the destination then runs on a lease: [`fence`]).
 //!
 //! Module dependencies run one way: `vm` uses `migration`, `paging`, `snapshot`, `state`,
 //! `vstate`, `devices`, `memory`; `migration` uses `paging`, `state` and `vm` (the operations

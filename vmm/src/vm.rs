@@ -348,7 +348,7 @@ impl Vm {
             }
             let devices = Arc::new(Devices::new(serial.open()?, inc.vcpus as usize));
             if checkpoint_ms > 0 {
-                devices.serial.hold_output(1);
+                devices.hold_output();
             }
             let vcpus = (0..inc.vcpus as usize)
                 .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
@@ -924,7 +924,7 @@ impl checkpoint::CheckpointedVm for Vm {
             Ok(dirty)
         })();
         let state = self.state_with(vcpus);
-        let epoch = self.devices.serial.close_epoch();
+        let epoch = self.devices.close_epoch();
         // The guest runs on unless the operator paused it or the lease forbids it.
         let resumed = if !*paused && self.devices.lease.may_run() {
             self.resume_vcpus().map_err(vm_err)

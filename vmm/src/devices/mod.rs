@@ -93,6 +93,39 @@ impl Devices {
         self.doorbell.stopped(cpu, reason, rip);
     }
 
+    /// Holds the output users can observe (serial lines, doorbell statuses) until the
+    /// checkpoint that covers it is committed (the destination of a cancellable migration).
+    pub fn hold_output(&self) {
+        self.serial.hold_output(1);
+        self.doorbell.hold();
+    }
+
+    /// Ends the current output epoch (the vCPUs are paused for its checkpoint); returns it.
+    pub fn close_epoch(&self) -> u64 {
+        let epoch = self.serial.close_epoch();
+        self.doorbell.close_epoch(epoch);
+        epoch
+    }
+
+    /// The checkpoint of `epoch` is committed: its output leaves.
+    pub fn release(&self, epoch: u64) {
+        self.serial.release(epoch);
+        self.doorbell.release(epoch);
+    }
+
+    /// No rollback any more: all held output leaves, and output is no longer held.
+    pub fn release_all(&self) {
+        self.serial.release_all();
+        self.doorbell.release_all();
+    }
+
+    /// Called off: held output is dropped (the source runs the guest again from its last
+    /// checkpoint, and it produces that output again there).
+    pub fn drop_held(&self) {
+        self.serial.drop_held();
+        self.doorbell.drop_held();
+    }
+
     pub fn save(&self) -> DevicesState {
         DevicesState {
             serial: self.serial.save(),

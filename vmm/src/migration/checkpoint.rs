@@ -470,7 +470,7 @@ impl Checkpointer {
                     };
                     self.stop_checkpoints();
                     if devices.lease.own() {
-                        devices.serial.release_all();
+                        devices.release_all();
                         // Vcpus that paused because the lease ran out may run again: the
                         // source promised never to resume the VM.
                         log::info!("the source handed the VM over: no rollback any more");
@@ -499,7 +499,7 @@ impl Checkpointer {
                     // from its last committed checkpoint and the guest writes it again.
                     if let Some(d) = self.devices() {
                         if d.lease.state() != LeaseState::Unlimited {
-                            d.serial.drop_held();
+                            d.drop_held();
                         }
                     }
                     return;
@@ -526,7 +526,7 @@ impl Checkpointer {
         };
         devices.lease.renew(f.sent + f.lease);
         // The source committed it: its output may leave, even if the lease ran out meanwhile.
-        devices.serial.release(epoch);
+        devices.release(epoch);
         self.tally
             .lock()
             .expect("checkpoint lock")

@@ -12,6 +12,11 @@
 //!   the source named), each owner has a page client
 //!   ([`tsubame_pageserver::PageClient`]) feeding the fault engine, and a fault goes to its
 //!   page's owner.
+//! - [`checkpoint`]: a cancellable migration (`cancellable=on`). The destination sends reverse
+//!   checkpoints back (dirty pages and state, every interval), holds the guest's output until
+//!   they are committed, and runs on a lease ([`crate::fence`]); the source commits them into
+//!   its copy of the memory and resumes the VM from the last one if the migration is called
+//!   off at either end, or the destination dies, until the destination has every page.
 //!
 //! ```text
 //!   source host                                   destination host
@@ -24,7 +29,8 @@
 //! The message sequence is in `tsubame_pageserver`'s docs. Fail closed throughout: anything
 //! that fails before the state is sent leaves the VM running at the source; once the
 //! destination runs it, a lost owner leaves faulting vCPUs waiting (never on a zero or stale
-//! page) and the error is reported.
+//! page) and the error is reported, and in a cancellable migration the source takes the VM
+//! back.
 
 pub mod checkpoint;
 pub mod destination;
