@@ -267,7 +267,11 @@ mod tests {
         d.hold();
         d.ring(0, abi::BELL_DONE << 8);
         assert_eq!(d.statuses(), [CpuStatus::Running], "not committed yet");
-        assert_eq!(d.save().cpus, [CpuStatus::Finished], "checkpoints save the latest");
+        assert_eq!(
+            d.save().cpus,
+            [CpuStatus::Finished],
+            "checkpoints save the latest"
+        );
         d.close_epoch(1);
         d.release(1);
         assert_eq!(d.statuses(), [CpuStatus::Finished]);
