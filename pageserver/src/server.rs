@@ -156,6 +156,9 @@ pub struct PageServer<S> {
     progress: Mutex<Progress>,
     /// Signalled when serving ends.
     ended: std::sync::Condvar,
+    /// Held (shared) while a stretch of pages is read from the store and written out; taken
+    /// exclusively by [`PageServer::exclusive`], to change the store's memory safely.
+    reading: std::sync::RwLock<()>,
     /// Set by [`PageServer::stop`]: a paced push stops waiting.
     stopped: std::sync::atomic::AtomicBool,
     /// The serving threads, for [`PageServer::stop_and_wait`].
@@ -182,6 +185,7 @@ impl<S: PageStore + 'static> PageServer<S> {
             sockets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            reading: std::sync::RwLock::new(()),
             ended: std::sync::Condvar::new(),
         }
     }
@@ -209,6 +213,17 @@ impl<S: PageStore + 'static> PageServer<S> {
             .split(gfn, count, u64::MAX)
             .map(|run| self.sent.clear_range(run.index, run.pages))
             .sum()
+    }
+
+    /// Runs `f` while no page is being read from the store or written out: a store that lends
+    /// its memory (a frozen guest memory) may be changed inside `f` (a cancellable migration's
+    /// source commits reverse checkpoints so). Sending waits meanwhile.
+    pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _only = self
+            .reading
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f()
     }
 
     /// Pages marked sent (or withheld).
@@ -291,6 +306,10 @@ impl<S: PageStore + 'static> PageServer<S> {
         kind: SendKind,
         counter: &AtomicU64,
     ) -> Result<(), ServerError> {
+        let _reading = self
+            .reading
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if kind == SendKind::Demand {
             scratch.zero.clear();
         } else {

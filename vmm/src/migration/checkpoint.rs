@@ -18,9 +18,11 @@
 //!   own copy of guest memory, the state kept, `CheckpointAck` sent. Writing into the memory it
 //!   is still serving from is safe: a page the destination wrote is present there and never
 //!   asked for again, and a push that sends it anyway is dropped as a second copy (see
-//!   `paging::owners`); the page server copies pages out instead of lending the frozen memory
-//!   (`GuestMemoryStore`), so a write never races a borrowed slice. A checkpoint that ends
-//!   otherwise (cut short, forged, malformed) is discarded without touching memory.
+//!   `paging::owners`). The page server sends straight from that memory, so a commit writes
+//!   only while no page is being read and sent (`PageServer::exclusive`): sending waits for
+//!   the memcpy of one checkpoint. Pages and state are committed under one lock, so a
+//!   rollback sees a checkpoint whole or not at all. A checkpoint that ends otherwise (cut
+//!   short, forged, malformed) is discarded without touching memory.
 //! - **Cancel**: `migrate-cancel` at the source sends `Cancel`; at the destination it stops
 //!   the vCPUs at once. Either way the destination fences itself for good and sends `Fenced`
 //!   after any checkpoint already on its way, and the source resumes the VM from its last
@@ -680,6 +682,8 @@ pub trait ServingEnd: Send + Sync + 'static {
     fn completed(&self) -> bool;
     /// Stops serving pages and waits until nothing reads guest memory any more.
     fn stop_serving(&self);
+    /// Runs `f` while nothing reads guest memory to serve it (a commit writes it).
+    fn exclusive(&self, f: &mut dyn FnMut());
 }
 
 impl Reverse {
@@ -712,10 +716,10 @@ impl Reverse {
             }),
             changed: Condvar::new(),
         });
-        let rx = me.clone();
+        let (rx, rx_serving) = (me.clone(), serving.clone());
         std::thread::Builder::new()
             .name("checkpoint-rx".into())
-            .spawn(move || rx.receive(channel))?;
+            .spawn(move || rx.receive(channel, rx_serving.as_ref()))?;
         let watch = me.clone();
         std::thread::Builder::new()
             .name("checkpoint-watch".into())
@@ -783,7 +787,7 @@ impl Reverse {
     }
 
     /// Reads checkpoints until the channel ends.
-    fn receive(self: Arc<Self>, mut channel: TcpStream) {
+    fn receive(self: Arc<Self>, mut channel: TcpStream, serving: &dyn ServingEnd) {
         set_nice(LEASE_NICE);
         let layout = self.memory.layout().clone();
         let mut staging: Option<Staging> = None;
@@ -799,7 +803,7 @@ impl Reverse {
                 self.changed.notify_all();
                 continue;
             }
-            match self.take(m, &mut staging, &layout) {
+            match self.take(m, &mut staging, &layout, serving) {
                 Ok(Some(epoch)) => {
                     let ack = Message::CheckpointAck { epoch }
                         .write_to(&mut *self.writer.lock().expect("checkpoint lock"));
@@ -833,6 +837,7 @@ impl Reverse {
         m: Message,
         staging: &mut Option<Staging>,
         layout: &MemoryLayout,
+        serving: &dyn ServingEnd,
     ) -> Result<Option<u64>, ProtocolError> {
         let bad = |why: String| ProtocolError::Malformed {
             kind: "checkpoint",
@@ -932,31 +937,50 @@ impl Reverse {
                         s.epoch, s.count
                     )));
                 }
-                Ok(self.commit(s, pause_us).then_some(epoch))
+                Ok(self.commit(s, pause_us, serving).then_some(epoch))
             }
             m => Err(ProtocolError::unexpected("a checkpoint", m)),
         }
     }
 
-    /// Commits a whole checkpoint: its pages into guest memory, its state kept. Returns false
-    /// if the migration is no longer open (the checkpoint is dropped).
-    fn commit(&self, c: Staging, pause_us: u64) -> bool {
-        let mut s = self.inner.lock().expect("checkpoint lock");
-        if s.settled != Settled::Open {
-            return false;
-        }
-        for (gfn, data) in &c.pages {
-            // Checked against the layout when staged.
-            if let Err(e) = self.memory.write(Gpa(gfn.gpa().0), data) {
-                log::error!("committing checkpoint {}: {e}", c.epoch);
+    /// Commits a whole checkpoint: its pages into guest memory (while the page server reads
+    /// none of it), its state kept. Returns false if the migration is no longer open (the
+    /// checkpoint is dropped).
+    fn commit(&self, c: Staging, pause_us: u64, serving: &dyn ServingEnd) -> bool {
+        // Lock order: the server's reads, then `inner` (the watchdog never waits for the
+        // server while it holds `inner`). Pages and state change under `inner` together: a
+        // rollback sees all of this checkpoint or none of it.
+        let Staging {
+            epoch,
+            interval_ms,
+            lease,
+            state,
+            begun,
+            pages,
+            count,
+        } = c;
+        let mut state = Some(state);
+        let mut committed = false;
+        serving.exclusive(&mut || {
+            let mut s = self.inner.lock().expect("checkpoint lock");
+            if s.settled != Settled::Open {
+                return;
             }
-        }
-        s.committed = c.state;
-        let bound = c.begun + c.lease + SOURCE_MARGIN;
-        s.bound = s.bound.max(bound);
-        s.interval_ms = c.interval_ms;
-        s.tally.commit(c.epoch, c.count, Some(pause_us));
-        true
+            for (gfn, data) in &pages {
+                // Checked against the layout when staged.
+                if let Err(e) = self.memory.write(Gpa(gfn.gpa().0), data) {
+                    log::error!("committing checkpoint {epoch}: {e}");
+                }
+            }
+            if let Some(state) = state.take() {
+                s.committed = state;
+            }
+            s.bound = s.bound.max(begun + lease + SOURCE_MARGIN);
+            s.interval_ms = interval_ms;
+            s.tally.commit(epoch, count, Some(pause_us));
+            committed = true;
+        });
+        committed
     }
 
     /// Hands the VM over when serving completes; resumes it here when the destination stopped

@@ -117,7 +117,9 @@ impl GuestMemoryStore {
     }
 
     /// Declares guest memory unchanging from now on: the vCPUs are paused for good (the VM
-    /// migrated away) and nothing else writes it. Reads no longer copy.
+    /// migrated away; a cancellable migration resumes them only once serving has stopped), and
+    /// nothing else writes it while pages are read (a commit of a reverse checkpoint waits for
+    /// that: `PageServer::exclusive`). Reads no longer copy.
     pub fn freeze(&self) {
         self.frozen.store(true, Ordering::Release);
     }
@@ -137,8 +139,11 @@ impl PageStore for GuestMemoryStore {
         let bad = |e: crate::memory::MemoryError| PageError::backend("reading guest memory", e);
         if self.frozen.load(Ordering::Acquire) {
             let len = run_bytes(gfn, pages)?;
-            // SAFETY: frozen: the vCPUs are paused for good and nothing else writes the source's
-            // guest memory (see `freeze`); the mapping lives as long as `self.memory`.
+            // SAFETY: frozen: the vCPUs are paused for good, and the only other writer (a
+            // cancellable migration committing a reverse checkpoint) writes only inside
+            // `PageServer::exclusive`, which waits until no page is being read and sent, and
+            // the page server uses this slice only while it sends it (see `freeze`); the
+            // mapping lives as long as `self.memory`.
             return unsafe { self.memory.frozen_slice(gfn.gpa(), len) }.map_err(bad);
         }
         // The guest runs: take a copy (whatever it writes meanwhile is sent again).
@@ -199,6 +204,10 @@ impl ServingEnd for Serving {
 
     fn stop_serving(&self) {
         self.0.stop_and_wait();
+    }
+
+    fn exclusive(&self, f: &mut dyn FnMut()) {
+        self.0.exclusive(f);
     }
 }
 
@@ -747,11 +756,10 @@ fn switch_over(
         paused_at.duration_since(out.started),
         now.duration_since(paused_at),
     ));
-    if checkpoint.is_none() {
-        // The VM never runs here again: memory can be served without copies. (A cancellable
-        // migration writes committed checkpoints into it: pages are copied out.)
-        server.store().freeze();
-    }
+    // The vCPUs never run here again (a cancellable migration resumes them only after
+    // serving stopped): memory can be served without copies. Committed reverse checkpoints
+    // write it only while the server reads none of it (`PageServer::exclusive`).
+    server.store().freeze();
     out.cancel.release();
     server
         .serve(
