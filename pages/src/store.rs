@@ -228,17 +228,8 @@ impl MemStore {
 
     /// Calls `f(gfn, pages)` for each run of pages not held, in layout order.
     pub fn for_each_absent(&self, mut f: impl FnMut(Gfn, u64)) {
-        let end = self.held.len();
-        let mut i = self.held.next_clear(0, end);
-        while i < end {
-            let stop = self.held.next_set(i, end);
-            let mut at = i;
-            while at < stop {
-                let run = self.layout.run_at(at, stop - at).expect("a page index");
-                f(run.gfn, run.pages);
-                at += run.pages;
-            }
-            i = self.held.next_clear(stop, end);
+        for run in self.layout.runs_where(&self.held, false) {
+            f(run.gfn, run.pages);
         }
     }
 
