@@ -160,6 +160,22 @@ impl PageStore for GuestMemoryStore {
             .for_each(|populated| *populated = !*populated);
         Ok(())
     }
+
+    /// Frees the pages' memory (`MADV_DONTNEED`): refused until [`Self::freeze`], since a
+    /// guest that may still run here needs every page it has.
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        const WHAT: &str = "releasing guest memory";
+        if !self.frozen.load(Ordering::Acquire) {
+            return Err(PageError::backend(
+                WHAT,
+                "the guest may still run here (memory is released only after the switchover)",
+            ));
+        }
+        let len = run_bytes(gfn, pages)? as u64;
+        // SAFETY: the caller promises that no slice `read` returned over these pages (the
+        // only slices of guest memory this store hands out) is alive or taken meanwhile.
+        unsafe { self.memory.release(gfn.gpa(), len) }.map_err(|e| PageError::backend(WHAT, e))
+    }
 }
 
 /// An outgoing migration: what the worker and the page server report.
