@@ -326,10 +326,12 @@ impl PageClient {
             }
             Head::Message(m) => self.handle(m),
         };
+        // Only what is applied is acknowledged: a server in release mode frees its copy of
+        // whatever is.
+        applied.map_err(Stop::Failed)?;
         if let Some(a) = acks {
             a.installed(r.r.bytes, r.r.inner.buffer().is_empty());
         }
-        applied.map_err(Stop::Failed)?;
         self.events.applied(self);
         Ok(())
     }
