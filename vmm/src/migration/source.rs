@@ -780,6 +780,8 @@ fn switch_over(
                 hot,
                 // A destination that stays paused after the state arrived still gets its pages.
                 gate_timeout: Some(Duration::from_millis(500)),
+                // Frozen above: `check` refuses release with a cancellable migration.
+                release: options.release,
             },
         )
         .map_err(MigrationError::from)?;
