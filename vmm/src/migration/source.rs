@@ -29,6 +29,13 @@
 //!    other page (address order, around faults, or hot pages first: [`Prepage`]) straight from
 //!    the frozen guest memory until the destination says `Complete`.
 //!
+//! *Release* (`release=on`, eviction): from the switchover on, the page server frees each page
+//! of the frozen guest memory once the destination holds it (`MADV_DONTNEED`, see
+//! `tsubame_pageserver::server`), so the source host gets its memory back as the migration
+//! goes, not only when it ends. Not before: until the switchover the guest runs here, and
+//! every page it has may yet be written and sent again. Not with a cancellable migration,
+//! which needs the source's copy to resume the VM here.
+//!
 //! A [`CancelToken`] ends the worker at any point before the state is out: the VM keeps running
 //! here (the destination runs it only after `PrecopyDone` and the state).
 
@@ -331,6 +338,8 @@ impl Outgoing {
             zero_pages: s.zero_pages,
             bytes_sent: s.bytes_sent,
             bytes_pushed: s.bytes_pushed,
+            pages_released: s.pages_released,
+            pages_asked_after_release: s.pages_asked_after_release,
             total_pages: self.server.store().layout().total_pages(),
             prepage,
             hot_pages,
