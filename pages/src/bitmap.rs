@@ -128,7 +128,7 @@ impl AtomicBitmap {
     }
 
     /// The first bit in `[from, to)` whose value is `set`, or `to`.
-    fn next_with(&self, from: u64, to: u64, set: bool) -> u64 {
+    pub(crate) fn next_with(&self, from: u64, to: u64, set: bool) -> u64 {
         let to = to.min(self.bits);
         let mut b = from;
         while b < to {

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Gfn, Gpa, PAGE_SIZE};
+use crate::{AtomicBitmap, Gfn, Gpa, PAGE_SIZE};
 
 /// Guests smaller than this have all their RAM at guest-physical 0.
 pub const SPLIT_THRESHOLD: u64 = 0xE000_0000;
@@ -239,6 +239,27 @@ impl MemoryLayout {
         })
     }
 
+    /// The pages whose bit in `bitmap` (by page index) is `set`, in layout order, in runs as
+    /// long as the bitmap allows (none crosses a region). Bits changed meanwhile may or may
+    /// not be seen.
+    pub fn runs_where<'a>(
+        &'a self,
+        bitmap: &'a AtomicBitmap,
+        set: bool,
+    ) -> impl Iterator<Item = PageRun> + 'a {
+        let end = bitmap.len();
+        let (mut at, mut stop) = (0, 0);
+        std::iter::from_fn(move || {
+            if at >= stop {
+                at = bitmap.next_with(stop, end, set);
+                stop = bitmap.next_with(at, end, !set);
+            }
+            let run = self.run_at(at, stop - at).filter(|r| r.pages > 0)?;
+            at += run.pages;
+            Some(run)
+        })
+    }
+
     /// The parts of `[gfn, gfn + pages)` that are RAM, in runs of at most `max` pages (holes
     /// between regions are skipped; none crosses a region).
     pub fn split(&self, gfn: Gfn, pages: u64, max: u64) -> impl Iterator<Item = PageRun> + '_ {
@@ -375,6 +396,32 @@ mod tests {
         assert!(l.locate(Gfn(u64::MAX), 2).is_none());
         assert_eq!(l.region_of(Gpa(4 << 30), 4096), Some(1));
         assert!(!l.contains(Gpa((3 << 30) - 4096), 8192));
+    }
+
+    #[test]
+    fn runs_where_follow_the_bitmap_and_split_at_regions() {
+        let l = MemoryLayout::from_regions(vec![
+            RegionLayout {
+                gpa: Gpa(0),
+                size: 4 * PAGE_SIZE,
+            },
+            RegionLayout {
+                gpa: Gpa(1 << 20),
+                size: 4 * PAGE_SIZE,
+            },
+        ])
+        .unwrap();
+        let b = AtomicBitmap::new(l.total_pages());
+        b.set_range(2, 4); // the last two pages of region 0, the first two of region 1
+        let runs = |set| {
+            l.runs_where(&b, set)
+                .map(|r| (r.gfn.0, r.pages))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(runs(true), [(2, 2), (256, 2)]);
+        assert_eq!(runs(false), [(0, 2), (258, 2)]);
+        b.set_range(0, 8);
+        assert_eq!(runs(false), []);
     }
 
     #[test]

@@ -79,6 +79,20 @@ pub trait PageStore: Send + Sync {
         zero.clear();
         Ok(())
     }
+
+    /// Releases `[gfn, gfn + pages)` (inside one region): the receiver of these pages holds
+    /// them, and the store needs them no more, so it may free their memory (a page server in
+    /// release mode, see `tsubame_pageserver::server`). What a released page reads as
+    /// afterwards is the store's own business: the caller never reads it again. The default
+    /// keeps the pages.
+    ///
+    /// # Safety
+    /// No slice that [`Self::read`] returned over these pages may be alive, and none may be
+    /// taken until this returns: a store that hands out its own memory frees it here.
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        let _ = (gfn, pages);
+        Ok(())
+    }
 }
 
 /// Something pages can be installed into.
@@ -93,6 +107,14 @@ pub trait PageSink: Send + Sync {
     /// Drops the sink's copies of `[gfn, gfn + pages)`: they went stale, and the next need of
     /// them fetches them again.
     fn forget(&self, gfn: Gfn, pages: u64) -> Result<(), PageError>;
+
+    /// Whether every page of `[gfn, gfn + pages)` is installed here (`None`: the sink cannot
+    /// tell, the default). A page client asks when a server says it released pages this side
+    /// acknowledged: they had better be here.
+    fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
+        let _ = (gfn, pages);
+        None
+    }
 
     /// Installs `pages` pages at `gfn` whose data `fill` writes into the buffer it is given
     /// (reading them off a connection, say): a sink may hand out memory it can install from
@@ -155,6 +177,10 @@ impl<T: PageStore + ?Sized> PageStore for std::sync::Arc<T> {
     }
     fn known_zero(&self, gfn: Gfn, pages: u64, zero: &mut Vec<bool>) -> Result<(), PageError> {
         (**self).known_zero(gfn, pages, zero)
+    }
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { (**self).release(gfn, pages) }
     }
 }
 
@@ -228,17 +254,8 @@ impl MemStore {
 
     /// Calls `f(gfn, pages)` for each run of pages not held, in layout order.
     pub fn for_each_absent(&self, mut f: impl FnMut(Gfn, u64)) {
-        let end = self.held.len();
-        let mut i = self.held.next_clear(0, end);
-        while i < end {
-            let stop = self.held.next_set(i, end);
-            let mut at = i;
-            while at < stop {
-                let run = self.layout.run_at(at, stop - at).expect("a page index");
-                f(run.gfn, run.pages);
-                at += run.pages;
-            }
-            i = self.held.next_clear(stop, end);
+        for run in self.layout.runs_where(&self.held, false) {
+            f(run.gfn, run.pages);
         }
     }
 
@@ -310,6 +327,12 @@ impl PageStore for MemStore {
         });
         Ok(())
     }
+
+    /// Released pages are no longer held (as if forgotten). Reads copy, so nothing borrowed
+    /// can see them go.
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        self.forget(gfn, pages)
+    }
 }
 
 impl PageSink for MemStore {
@@ -354,6 +377,11 @@ impl PageSink for MemStore {
         let index = self.index_of(gfn, pages)?;
         self.held.clear_range(index, pages);
         Ok(())
+    }
+
+    fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
+        let index = self.index_of(gfn, pages).ok()?;
+        Some(self.held.next_clear(index, index + pages) == index + pages)
     }
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //!  fault thread:  request(gfn) ──PageRequest──► server        (urgent channel)
 //!                 read_replies() ◄──Pages / ZeroPages── one reply per request, installed here
+//!                                ◄──Released────────── (a page already here, see `server`)
 //!  bulk thread:   receive_bulk() ◄──Pages / ZeroPages / Discard / RoundDone / PushDone──
 //!                 ──Installed{bytes}──► (flow control, on the bulk connection's return path)
 //! ```
@@ -326,10 +327,12 @@ impl PageClient {
             }
             Head::Message(m) => self.handle(m),
         };
+        // Only what is applied is acknowledged: a server in release mode frees its copy of
+        // whatever is.
+        applied.map_err(Stop::Failed)?;
         if let Some(a) = acks {
             a.installed(r.r.bytes, r.r.inner.buffer().is_empty());
         }
-        applied.map_err(Stop::Failed)?;
         self.events.applied(self);
         Ok(())
     }
@@ -362,6 +365,19 @@ impl PageClient {
                 self.push_done.store(true, Ordering::Release);
                 Ok(())
             }
+            // A request that crossed the acknowledgement of the pages it asked for: they are
+            // here already, or something is badly wrong (the server can never send them).
+            Message::Released { gfn, count } => match self.sink.all_installed(gfn, count) {
+                Some(false) => Err(ClientError::Unexpected {
+                    peer: self.peer.clone(),
+                    what: format!(
+                        "that it released {gfn} (+{count} pages) after this side acknowledged \
+                         them, but they are not installed here: it cannot send them again \
+                         (release=on); this is a bug, please report it"
+                    ),
+                }),
+                Some(true) | None => Ok(()),
+            },
             Message::Error { message } => Err(ClientError::Unexpected {
                 peer: self.peer.clone(),
                 what: format!("an error: {message}"),

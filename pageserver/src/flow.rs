@@ -164,6 +164,12 @@ impl BulkWriter {
         self.written
     }
 
+    /// Bytes the receiver has acknowledged so far: it has read and installed every frame
+    /// that ends there or before.
+    pub fn acknowledged(&self) -> u64 {
+        self.window.acked.load(Ordering::Acquire)
+    }
+
     /// Flushes and ends the bulk stream (the receiver reads the end of it): the
     /// acknowledgement reader keeps a handle to the connection, so dropping this one alone
     /// would not close it.

@@ -34,6 +34,7 @@
 //!           <------ Resumed ---------------------------- |  the source starts its push
 //!           <------ PageRequest{gfn, count: 1} --------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages ------> |  exactly one reply per request
+//!           ------- Released{gfn, count} ---------------> |  (release mode: a page it holds)
 //!  bulk:    ------- Pages / ZeroPages ... PushDone ----> |
 //!           <------ Installed{bytes} (bulk) ------------ |  flow control
 //!  urgent:  <------ Complete --------------------------- |  every page is local: source exits
@@ -49,6 +50,10 @@
 //!              <-- Fenced{epoch} ---------------------- |  the destination stopped for good
 //!              --- Complete --------------------------> |  or: every page there, handed over
 //! ```
+//!
+//! In release mode (`migrate ... release=on`), the source frees each page once the destination
+//! has acknowledged installing it, and answers a request that crossed such a page's
+//! acknowledgement with `Released` instead of the page (see [`server`]).
 //!
 //! Fetching from a memserver (`Purpose::Fetch`) is the same from `Resumed` on, the destination
 //! dialling; storing into one (`Purpose::Store`) is a bulk stream of pages the memserver

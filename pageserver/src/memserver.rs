@@ -173,6 +173,8 @@ fn serve_fetch(
             hot: HotPages::new(&layout),
             // The fetching host says when its VM runs (or faults): not before.
             gate_timeout: None,
+            // The memserver keeps what it holds after serving one host.
+            release: false,
         },
     )?;
     Ok(server.wait())

@@ -10,7 +10,7 @@ use tsubame_pages::{Gfn, Gpa, MemoryLayout, RegionLayout, PAGE_BYTES};
 use crate::frame::{self, Cursor, Head, ProtocolError};
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Most pages in one `Pages` frame (4 MiB).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// Longest vCPU/device state accepted.
@@ -180,9 +180,16 @@ pub enum Message {
     Fenced {
         epoch: u64,
     },
+    /// Source (on the urgent channel, the reply to a request): these pages were released here
+    /// after the receiver acknowledged installing them (`Installed`, release mode): it has
+    /// them already, and they cannot be sent again.
+    Released {
+        gfn: Gfn,
+        count: u64,
+    },
 }
 
-const KINDS: [&str; 23] = [
+const KINDS: [&str; 24] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -206,6 +213,7 @@ const KINDS: [&str; 23] = [
     "CheckpointAck",
     "Cancel",
     "Fenced",
+    "Released",
 ];
 
 /// The name of frame kind `kind` (a known one).
@@ -225,7 +233,7 @@ pub(crate) fn max_payload(kind: u16) -> Option<u32> {
         4 => MAX_STATE,
         5 => 12,
         PAGES => 8 + MAX_PAGES_PER_FRAME * 4096,
-        7 | 11 => 16,
+        7 | 11 | 23 => 16,
         8 | 9 | 13 | 14 | 16 | 21 => 0,
         10 => MAX_TEXT,
         12 => 4,
@@ -263,6 +271,7 @@ impl Message {
             Self::CheckpointAck { .. } => 20,
             Self::Cancel => 21,
             Self::Fenced { .. } => 22,
+            Self::Released { .. } => 23,
         }
     }
 
@@ -292,7 +301,9 @@ impl Message {
                 p.extend_from_slice(&count.to_le_bytes());
             }
             Self::Pages { gfn, data } => return frame::write_pages(w, *gfn, data),
-            Self::ZeroPages { gfn, count } | Self::Discard { gfn, count } => {
+            Self::ZeroPages { gfn, count }
+            | Self::Discard { gfn, count }
+            | Self::Released { gfn, count } => {
                 p.extend_from_slice(&gfn.0.to_le_bytes());
                 p.extend_from_slice(&count.to_le_bytes());
             }
@@ -463,15 +474,15 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
             }
             Message::PageRequest { gfn, count }
         }
-        7 | 11 => {
+        7 | 11 | 23 => {
             let (gfn, count) = (Gfn(c.u64()?), c.u64()?);
             if count == 0 || gfn.checked_add(count).is_none() {
                 return Err(bad("page count out of range"));
             }
-            if kind == 7 {
-                Message::ZeroPages { gfn, count }
-            } else {
-                Message::Discard { gfn, count }
+            match kind {
+                7 => Message::ZeroPages { gfn, count },
+                11 => Message::Discard { gfn, count },
+                _ => Message::Released { gfn, count },
             }
         }
         8 => Message::PushDone,
@@ -621,6 +632,10 @@ mod tests {
             Message::CheckpointAck { epoch: 3 },
             Message::Cancel,
             Message::Fenced { epoch: 2 },
+            Message::Released {
+                gfn: Gfn(77),
+                count: 1,
+            },
         ] {
             round_trip(&m);
         }

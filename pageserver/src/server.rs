@@ -19,7 +19,29 @@
 //! page) or goes away; [`PageServer::status`] reports where it is. Precopy rounds, which a
 //! migration source runs before it serves, send through a [`BulkSender`] with
 //! [`SendKind::Precopy`].
+//!
+//! ## Release mode
+//!
+//! With [`PushOptions::release`] the server frees the store's copy of each page once the
+//! receiver holds it ([`PageStore::release`]): the source of an evicted VM gives its memory
+//! back as the migration goes. Only what is known to be installed at the receiver goes:
+//! - a pushed run, once the receiver has acknowledged the bulk stream past the run's end
+//!   (`Installed` counts the bytes it has read *and installed*). The push keeps the runs it
+//!   sent with their end positions, releases the acknowledged ones after each run it sends,
+//!   and the rest once everything is acknowledged after `PushDone`;
+//! - pages sent before serving (a migration's precopy rounds: each ended with the receiver's
+//!   acknowledgement, and pages written since were unsent), once the push has sent its last
+//!   page: the push's time goes to the pages the receiver still lacks first;
+//! - demand replies are not acknowledged: they, and every other page, go at `Complete`.
+//!
+//! A released page is never read again: the push skips it, and a demand request for one is
+//! answered `Released`, never with page data. Such a request is not necessarily a confused
+//! receiver: a request and the acknowledgement of the run that brought the page cross on
+//! different connections. The receiver checks that it holds the pages. Releases run on the
+//! push thread only, between its own sends; demand replies, on the other thread, never read a
+//! page while it is released ([`Reading`]).
 
+use std::collections::VecDeque;
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +120,10 @@ pub struct ServerStats {
     pub bytes_sent: u64,
     /// Page data sent by the background push (zero pages go as markers: not counted).
     pub bytes_pushed: u64,
+    /// Release mode: pages the store released, the receiver holding them.
+    pub pages_released: u64,
+    /// Release mode: pages asked for on demand after their release (answered `Released`).
+    pub pages_asked_after_release: u64,
     /// Serving started -> the push sent its last page.
     pub push_ms: Option<f64>,
     /// Serving started -> `Complete` (or the failure).
@@ -114,6 +140,8 @@ struct Counters {
     withheld: AtomicU64,
     bytes: AtomicU64,
     bytes_pushed: AtomicU64,
+    released: AtomicU64,
+    asked_after_release: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -136,6 +164,10 @@ pub struct PushOptions {
     /// while it assembles its VM would take CPU time from that. `Some(t)`: after `t` at the
     /// latest (a receiver that stays paused still gets its pages).
     pub gate_timeout: Option<Duration>,
+    /// Release mode (see the module docs): free each page at the store once the receiver
+    /// holds it. Pages marked sent before serving (precopy rounds) must be installed at the
+    /// receiver by then, and the store's pages must not change any more.
+    pub release: bool,
 }
 
 /// Reusable buffers of one sending thread.
@@ -144,6 +176,55 @@ pub struct Scratch {
     data: Vec<u8>,
     take: Vec<bool>,
     zero: Vec<bool>,
+    /// The stretches the last [`PageServer::send`] sent (as data or zero markers).
+    sent: Vec<(Gfn, u64)>,
+}
+
+/// The pages a demand reply is reading, so that the push never releases them meanwhile: a
+/// handshake without a lock, so that a reply never waits for the push (which runs at a lower
+/// priority). The reply publishes its pages ([`Self::begin`]), then checks their "released"
+/// bits; a release sets the bits, then waits until no reply reads its pages
+/// ([`Self::wait_clear`]). Each side fences (sequentially consistent) between its write and
+/// its read, so at least one sees the other: the reply finds a page released and does not
+/// read it, or the release waits until the reply is written.
+#[derive(Debug, Default)]
+struct Reading(AtomicU64);
+
+impl Reading {
+    /// Publishes that pages `[index, index + pages)` (at most [`MAX_PAGES_PER_FRAME`]) are
+    /// being read, until the guard drops.
+    fn begin(&self, index: u64, pages: u64) -> ReadingGuard<'_> {
+        assert!(
+            index < 1 << 48 && (1..1 << 16).contains(&pages),
+            "a run of one frame"
+        );
+        self.0.store(index << 16 | pages, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        ReadingGuard(self)
+    }
+
+    /// Waits until no demand reply reads a page of `[index, index + pages)`, whose "released"
+    /// bits the caller has just set.
+    fn wait_clear(&self, index: u64, pages: u64) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        loop {
+            let r = self.0.load(Ordering::SeqCst);
+            let (from, n) = (r >> 16, r & 0xffff);
+            if n == 0 || from + n <= index || index + pages <= from {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Ends a [`Reading::begin`].
+struct ReadingGuard<'a>(&'a Reading);
+
+impl Drop for ReadingGuard<'_> {
+    fn drop(&mut self) {
+        self.0 .0.store(0, Ordering::SeqCst);
+    }
 }
 
 /// A page server over a store `S`, for one receiver.
@@ -152,13 +233,19 @@ pub struct PageServer<S> {
     store: S,
     layout: MemoryLayout,
     sent: AtomicBitmap,
+    /// Pages the precopy rounds sent whose copy is still current (not unsent since).
+    precopied: AtomicBitmap,
+    /// Release mode: pages the store released (never read again).
+    released: AtomicBitmap,
+    /// The pages a demand reply is reading (release mode).
+    reading: Reading,
     counters: Counters,
     progress: Mutex<Progress>,
     /// Signalled when serving ends.
     ended: std::sync::Condvar,
     /// Held (shared) while a stretch of pages is read from the store and written out; taken
     /// exclusively by [`PageServer::exclusive`], to change the store's memory safely.
-    reading: std::sync::RwLock<()>,
+    sending: std::sync::RwLock<()>,
     /// Set by [`PageServer::stop`]: a paced push stops waiting.
     stopped: std::sync::atomic::AtomicBool,
     /// The serving threads, for [`PageServer::stop_and_wait`].
@@ -173,6 +260,9 @@ impl<S: PageStore + 'static> PageServer<S> {
         let layout = store.layout().clone();
         Self {
             sent: AtomicBitmap::new(layout.total_pages()),
+            precopied: AtomicBitmap::new(layout.total_pages()),
+            released: AtomicBitmap::new(layout.total_pages()),
+            reading: Reading::default(),
             layout,
             store,
             counters: Counters::default(),
@@ -185,7 +275,7 @@ impl<S: PageStore + 'static> PageServer<S> {
             sockets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
-            reading: std::sync::RwLock::new(()),
+            sending: std::sync::RwLock::new(()),
             ended: std::sync::Condvar::new(),
         }
     }
@@ -207,11 +297,15 @@ impl<S: PageStore + 'static> PageServer<S> {
     }
 
     /// Clears the "sent" marks of `[gfn, gfn + count)`: the receiver's copies went stale (or
-    /// the pages are this server's again). Returns how many were marked.
+    /// the pages are this server's again). Returns how many were marked. (A released page
+    /// stays released: it cannot be sent again.)
     pub fn unsend(&self, gfn: Gfn, count: u64) -> u64 {
         self.layout
             .split(gfn, count, u64::MAX)
-            .map(|run| self.sent.clear_range(run.index, run.pages))
+            .map(|run| {
+                self.precopied.clear_range(run.index, run.pages);
+                self.sent.clear_range(run.index, run.pages)
+            })
             .sum()
     }
 
@@ -220,7 +314,7 @@ impl<S: PageStore + 'static> PageServer<S> {
     /// source commits reverse checkpoints so). Sending waits meanwhile.
     pub fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
         let _only = self
-            .reading
+            .sending
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f()
@@ -234,7 +328,8 @@ impl<S: PageStore + 'static> PageServer<S> {
     /// Sends pages `[gfn, gfn + count)` on `w`: zero runs as markers, data runs as pages, each
     /// run straight from the store. The push and precopy rounds skip pages already sent; a
     /// demand reply sends them all (see the module docs) and fails for frames that are not
-    /// this VM's memory.
+    /// this VM's memory. Released pages are never read: a demand reply says `Released` for
+    /// them, the others skip them.
     pub fn send(
         &self,
         w: &mut impl Write,
@@ -258,41 +353,90 @@ impl<S: PageStore + 'static> PageServer<S> {
         {
             return Err(ServerError::BadRequest { gfn, count });
         }
+        scratch.sent.clear();
         for run in self
             .layout
             .split(gfn, count, u64::from(MAX_PAGES_PER_FRAME))
         {
+            // Only the push releases pages, between its own sends: a demand reply, on another
+            // thread, says which pages it reads before it looks at what is released.
+            let _reading =
+                (kind == SendKind::Demand).then(|| self.reading.begin(run.index, run.pages));
             scratch.take.clear();
             for k in 0..run.pages {
-                let already = self.sent.test_and_set(run.index + k);
-                if already && kind == SendKind::Demand {
-                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                }
-                scratch.take.push(!already || kind == SendKind::Demand);
+                let take = !self.released.get(run.index + k) && {
+                    let already = self.sent.test_and_set(run.index + k);
+                    if already && kind == SendKind::Demand {
+                        self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    !already || kind == SendKind::Demand
+                };
+                scratch.take.push(take);
             }
             // Each stretch of pages to send is read on its own: a store may not hold the
             // others (a memserver holds only what it was given).
             let mut k = 0;
             while k < scratch.take.len() {
-                if !scratch.take[k] {
-                    k += 1;
-                    continue;
-                }
-                let start = k;
-                while k < scratch.take.len() && scratch.take[k] {
+                let (start, take) = (k, scratch.take[k]);
+                while k < scratch.take.len() && scratch.take[k] == take {
                     k += 1;
                 }
-                self.send_stretch(
-                    w,
-                    scratch,
-                    run.gfn + start as u64,
-                    (k - start) as u64,
-                    kind,
-                    counter,
-                )?;
+                let (at, pages) = (run.gfn + start as u64, (k - start) as u64);
+                if take {
+                    self.send_stretch(w, scratch, at, pages, kind, counter)?;
+                    scratch.sent.push((at, pages));
+                    if kind == SendKind::Precopy {
+                        self.precopied.set_range(run.index + start as u64, pages);
+                    }
+                } else if kind == SendKind::Demand {
+                    // Not taken on demand: released.
+                    self.counters
+                        .asked_after_release
+                        .fetch_add(pages, Ordering::Relaxed);
+                    Message::Released {
+                        gfn: at,
+                        count: pages,
+                    }
+                    .write_to(w)?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// Releases `[gfn, gfn + pages)` at the store (release mode): the receiver holds these
+    /// pages. Called by the push thread only. A store that fails to release keeps the pages,
+    /// which costs memory, not correctness: the failure is logged.
+    fn release(&self, gfn: Gfn, pages: u64) {
+        for run in self.layout.split(gfn, pages, u64::MAX) {
+            let newly = self.released.set_range(run.index, run.pages);
+            if newly == 0 {
+                continue;
+            }
+            self.reading.wait_clear(run.index, run.pages);
+            // SAFETY: slices of the store's memory live only inside `send_stretch`, and a
+            // thread sending is either this one (the push, between its sends), or a demand
+            // reply, which no longer reads these pages: they are marked released, and it has
+            // finished any reply that read them before it saw that ([`Reading`]). Nothing
+            // else sends while serving in release mode.
+            match unsafe { self.store.release(run.gfn, run.pages) } {
+                Ok(()) => {
+                    self.counters.released.fetch_add(newly, Ordering::Relaxed);
+                }
+                Err(e) => log::warn!(
+                    "pages {} (+{}) stay in memory, though the receiver holds them: {e}",
+                    run.gfn,
+                    run.pages
+                ),
+            }
+        }
+    }
+
+    /// Releases every page whose bit in `pages` is `set` (release mode, the push thread).
+    fn release_where(&self, pages: &AtomicBitmap, set: bool) {
+        for run in self.layout.runs_where(pages, set) {
+            self.release(run.gfn, run.pages);
+        }
     }
 
     /// Sends `[gfn, gfn + pages)`, all of it, read from the store at once: zero runs as
@@ -306,8 +450,8 @@ impl<S: PageStore + 'static> PageServer<S> {
         kind: SendKind,
         counter: &AtomicU64,
     ) -> Result<(), ServerError> {
-        let _reading = self
-            .reading
+        let _sending = self
+            .sending
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if kind == SendKind::Demand {
@@ -499,7 +643,30 @@ impl<S: PageStore + 'static> PageServer<S> {
         }
     }
 
+    /// The push thread: [`Self::push_all`], then in release mode, once the receiver says
+    /// `Complete`, releases every page not released yet (it holds them all).
     fn push(
+        &self,
+        w: BulkWriter,
+        options: &PushOptions,
+        gate: &crossbeam::channel::Receiver<()>,
+        faults: &crossbeam::channel::Receiver<Gfn>,
+    ) -> Result<(), ServerError> {
+        let pushed = self.push_all(w, options, gate, faults);
+        if options.release {
+            // A failed push ends serving (the caller says so) unless it completed already.
+            let end = match pushed {
+                Ok(()) => self.wait(),
+                Err(_) => self.progress.lock().expect("server lock").state.clone(),
+            };
+            if end == ServeState::Completed {
+                self.release_where(&self.released, false);
+            }
+        }
+        pushed
+    }
+
+    fn push_all(
         &self,
         mut w: BulkWriter,
         options: &PushOptions,
@@ -513,6 +680,9 @@ impl<S: PageStore + 'static> PageServer<S> {
             None => gate.recv().is_ok(),
         };
         let mut sender = BulkSender::new(self, options.rate);
+        if options.release {
+            sender = sender.releasing();
+        }
         if options.prepage != Prepage::None {
             // Hot pages first, in runs of consecutive pages.
             for run in hot {
@@ -530,6 +700,15 @@ impl<S: PageStore + 'static> PageServer<S> {
             p.push_done = p.since.map(|t| t.elapsed());
         }
         Message::PushDone.write_to(&mut w)?;
+        if options.release {
+            w.flush()?;
+            self.release_where(&self.precopied, true);
+            // A receiver that completed may go away without acknowledging the end: what is
+            // left then goes at `Complete`.
+            if w.wait_all_acknowledged().is_ok() {
+                sender.release_acknowledged(&w);
+            }
+        }
         w.finish()?;
         Ok(())
     }
@@ -589,6 +768,8 @@ impl<S: PageStore + 'static> PageServer<S> {
             pages_withheld: c.withheld.load(Ordering::Relaxed),
             bytes_sent: c.bytes.load(Ordering::Relaxed),
             bytes_pushed: c.bytes_pushed.load(Ordering::Relaxed),
+            pages_released: c.released.load(Ordering::Relaxed),
+            pages_asked_after_release: c.asked_after_release.load(Ordering::Relaxed),
             push_ms: p.push_done.map(ms),
             serve_ms: p.ended.map(ms),
         }
@@ -597,7 +778,8 @@ impl<S: PageStore + 'static> PageServer<S> {
 
 /// Sends runs of pages on a bulk channel for one thread (the push, precopy rounds, a
 /// write-back): waits for the flow-control window before each run, flushes after it, and
-/// paces to a rate if asked.
+/// paces to a rate if asked. The push in release mode also releases what the receiver has
+/// acknowledged ([`Self::releasing`]).
 #[derive(Debug)]
 pub struct BulkSender<'a, S> {
     server: &'a PageServer<S>,
@@ -605,6 +787,9 @@ pub struct BulkSender<'a, S> {
     rate: Option<u64>,
     paced_bytes: u64,
     t0: Instant,
+    /// Release mode: the stretches sent and not acknowledged yet, each with the position in
+    /// the bulk stream where the run that carried it ends.
+    unacknowledged: Option<VecDeque<(u64, Gfn, u64)>>,
 }
 
 impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
@@ -616,6 +801,29 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
             rate: rate.filter(|r| *r > 0),
             paced_bytes: 0,
             t0: Instant::now(),
+            unacknowledged: None,
+        }
+    }
+
+    /// Releases what it sends once the receiver has acknowledged it (the push in release
+    /// mode; the server's thread that releases, see the module docs).
+    fn releasing(mut self) -> Self {
+        self.unacknowledged = Some(VecDeque::new());
+        self
+    }
+
+    /// Releases the stretches sent that the receiver has acknowledged so far on `w`.
+    fn release_acknowledged(&mut self, w: &BulkWriter) {
+        let Some(sent) = self.unacknowledged.as_mut() else {
+            return;
+        };
+        let acknowledged = w.acknowledged();
+        while let Some(&(end, gfn, pages)) = sent.front() {
+            if end > acknowledged {
+                break;
+            }
+            sent.pop_front();
+            self.server.release(gfn, pages);
         }
     }
 
@@ -636,6 +844,16 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
         // Zero markers are tiny: without a flush they would wait in the buffer while a guest
         // faults on them one by one.
         w.flush()?;
+        if let Some(sent) = self.unacknowledged.as_mut() {
+            let end = w.written();
+            sent.extend(
+                self.scratch
+                    .sent
+                    .drain(..)
+                    .map(|(gfn, pages)| (end, gfn, pages)),
+            );
+            self.release_acknowledged(w);
+        }
         if let Some(rate) = self.rate {
             // n pages may leave only after n * 4 KiB / rate seconds.
             self.paced_bytes += n * PAGE_SIZE;

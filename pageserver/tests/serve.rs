@@ -1,6 +1,6 @@
 //! A page server and a page client over loopback TCP, each over an in-memory store: no KVM, no
 //! userfaultfd. Demand requests, the push with its policies, withheld and stale pages, storing,
-//! and hostile or vanishing peers.
+//! release mode, and hostile or vanishing peers.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,6 +125,7 @@ fn options(prepage: Prepage) -> PushOptions {
         rate: None,
         hot: HotPages::new(&layout()),
         gate_timeout: None,
+        release: false,
     }
 }
 
@@ -338,4 +339,175 @@ fn a_vanished_server_fails_the_client_and_installs_nothing_partial() {
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(failures[0].contains("closed"), "{failures:?}");
     assert_eq!(sink.held_pages(), 0, "no page of a cut batch is installed");
+}
+
+/// Reads frames off `r` until `until` (a message's name), returning each frame's end position
+/// in the stream and the pages it covers (none for control messages); acknowledges each on
+/// `acks` if given.
+fn read_frames(
+    r: &mut tsubame_pageserver::flow::Counted<std::io::BufReader<std::net::TcpStream>>,
+    until: &str,
+    mut acks: Option<&mut std::net::TcpStream>,
+) -> Vec<(u64, Gfn, u64)> {
+    let mut frames = Vec::new();
+    loop {
+        let m = Message::read_from(r).unwrap();
+        let (gfn, pages) = match &m {
+            Message::Pages { gfn, data } => (*gfn, (data.len() / PAGE_BYTES) as u64),
+            Message::ZeroPages { gfn, count } => (*gfn, *count),
+            _ => (Gfn(0), 0),
+        };
+        frames.push((r.bytes, gfn, pages));
+        if let Some(a) = acks.as_deref_mut() {
+            Message::Installed { bytes: r.bytes }.write_to(a).unwrap();
+        }
+        if m.name() == until {
+            return frames;
+        }
+    }
+}
+
+/// Waits until `server` has released `pages` pages.
+fn wait_released(server: &PageServer<MemStore>, pages: u64) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.status().pages_released < pages {
+        let s = server.status();
+        assert!(std::time::Instant::now() < deadline, "not {pages}: {s:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn release_mode_frees_what_the_receiver_acknowledged_and_never_sends_it_again() {
+    // 4 MiB of data pages: more than the flow-control window, so the push stops until the
+    // receiver acknowledges (a raw receiver here, which acknowledges what the test says).
+    let big = MemoryLayout::from_regions(vec![RegionLayout {
+        gpa: Gpa(1 << 20),
+        size: 1024 * PAGE_SIZE,
+    }])
+    .unwrap();
+    let store = MemStore::new(&big);
+    for run in big.runs(u64::MAX) {
+        for k in 0..run.pages {
+            store.install(run.gfn + k, &page(run.gfn + k)).unwrap();
+        }
+    }
+    let (receiving, serving) = session_pair(Purpose::Fetch);
+    let server = Arc::new(PageServer::new(store));
+    let mut opts = options(Prepage::Address);
+    opts.hot = HotPages::new(&big);
+    opts.release = true;
+    server
+        .serve(
+            "the raw receiver",
+            serving.urgent,
+            BulkWriter::new(serving.bulk, serving.rtt).unwrap(),
+            opts,
+        )
+        .unwrap();
+    let first = Gfn(256);
+    let last = first + 1023;
+    let mut urgent = receiving.urgent;
+    let mut acks = receiving.bulk.try_clone().unwrap();
+    let mut bulk = tsubame_pageserver::flow::Counted {
+        inner: std::io::BufReader::new(receiving.bulk),
+        bytes: 0,
+    };
+    // A fault on the last page before the push gets there: a demand reply, which nobody
+    // acknowledges.
+    Message::PageRequest {
+        gfn: last,
+        count: 1,
+    }
+    .write_to(&mut urgent)
+    .unwrap();
+    assert!(matches!(
+        Message::read_from(&mut urgent).unwrap(),
+        Message::Pages { gfn, .. } if gfn == last
+    ));
+    // The push's first runs (64 pages each until the rate is measured) fill the window.
+    let mut frames = Vec::new();
+    while frames
+        .last()
+        .is_none_or(|f: &(u64, Gfn, u64)| f.1 + f.2 < first + 256)
+    {
+        frames.push(read_frames(&mut bulk, "Pages", None).pop().unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.status().pages_released, 0, "nothing acknowledged");
+    // Acknowledge the first run: the push sends another, then releases that run, and only it.
+    let run_end = frames
+        .iter()
+        .filter(|f| f.1 + f.2 <= first + 64)
+        .map(|f| f.0)
+        .max()
+        .unwrap();
+    Message::Installed { bytes: run_end }
+        .write_to(&mut acks)
+        .unwrap();
+    wait_released(&server, 64);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.status().pages_released, 64);
+    assert!(!server.store().holds(first) && server.store().holds(first + 64));
+    // A request for a released page is answered `Released`, never with its data.
+    Message::PageRequest {
+        gfn: first + 5,
+        count: 1,
+    }
+    .write_to(&mut urgent)
+    .unwrap();
+    assert_eq!(
+        Message::read_from(&mut urgent).unwrap(),
+        Message::Released {
+            gfn: first + 5,
+            count: 1
+        }
+    );
+    assert_eq!(server.status().pages_asked_after_release, 1);
+    // Acknowledge everything up to `PushDone`: every pushed page goes, the demand reply stays
+    // until `Complete`.
+    read_frames(&mut bulk, "PushDone", Some(&mut acks));
+    wait_released(&server, 1023);
+    assert!(
+        server.store().holds(last),
+        "sent on demand: not acknowledged"
+    );
+    assert_eq!(server.store().held_pages(), 1);
+    Message::Complete.write_to(&mut urgent).unwrap();
+    wait_released(&server, 1024);
+    let s = server.status();
+    assert_eq!(s.state, ServeState::Completed);
+    assert_eq!((s.pages_pushed, s.pages_demand), (1023, 1), "{s:?}");
+    assert_eq!(server.store().held_pages(), 0);
+}
+
+#[test]
+fn a_client_accepts_released_only_for_pages_it_holds() {
+    let (receiving, serving) = session_pair(Purpose::Fetch);
+    let sink = Arc::new(MemStore::new(&layout()));
+    let (events, _) = UntilFull::new(sink.clone());
+    let client =
+        PageClient::new("the test server", &receiving.urgent, sink.clone(), events).unwrap();
+    client.attach_replies(receiving.urgent);
+    let mut server = serving.urgent;
+    // Held here (the bulk run that brought it crossed the request): fine. Not held: the
+    // page is lost for good, and the client says so instead of waiting forever.
+    sink.install(Gfn(260), &page(Gfn(260))).unwrap();
+    let [held, lost] = [260, 261].map(|g| {
+        client.request(Gfn(g)).unwrap();
+        Message::Released {
+            gfn: Gfn(g),
+            count: 1,
+        }
+        .write_to(&mut server)
+        .unwrap();
+        client.read_replies()
+    });
+    held.unwrap();
+    let e = lost.unwrap_err().to_string();
+    assert!(
+        e.contains("released 0x105 (+1 pages)") && e.contains("not installed here"),
+        "{e}"
+    );
+    assert!(!sink.holds(Gfn(261)));
 }

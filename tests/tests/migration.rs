@@ -337,3 +337,119 @@ fn losing_the_destination_during_precopy_keeps_the_vm_at_the_source() {
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["digest"], reference["digest"], "{summary}");
 }
+
+/// The source's resident memory (`VmRSS`), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+#[test]
+fn release_frees_the_source_memory_and_changes_nothing_else() {
+    release("release", 0);
+}
+
+#[test]
+fn release_after_precopy_rounds_frees_what_they_sent_too() {
+    release("release-hybrid", 2);
+}
+
+/// A migration with `release=on` (after `precopy_rounds` rounds): the source ends up holding
+/// none of the guest's pages, its resident memory shrinks, and the destination's result is
+/// that of a run that never migrated. Without rounds, it first checks that `release=on` is
+/// refused with `cancellable=on`.
+fn release(name: &str, precopy_rounds: u32) {
+    let dir = Scratch::new(name);
+    let common = [
+        "--mem",
+        "64M",
+        "--workload",
+        "uniform:ws=32M,write=0.3,seed=78",
+        "--steps",
+        "1500000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    // Held after the migration, for its status and its memory.
+    let source =
+        VmProcess::start(&dir.path("src.sock"), &[&common[..], &["--hold"]].concat()).unwrap();
+    let (dest, uri) = destination(&["--mem", "64M"]);
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 300_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    // Releasing the source's copy and resuming from it cannot go together.
+    if precopy_rounds == 0 {
+        refuse_release_with_cancellable(&source, &uri);
+    }
+    let rss_before = rss_kib(source.child.id());
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "release": "on",
+                   "precopy_rounds": precopy_rounds}),
+        )
+        .unwrap();
+    assert!(m["phase"] == "postcopy" || m["phase"] == "completed", "{m}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let m = loop {
+        let m = source.ctl("query-migrate", json!({})).unwrap();
+        if m["phase"] == "completed" && m["pages_released"] == m["total_pages"] {
+            break m;
+        }
+        assert!(m["phase"] == "postcopy" || m["phase"] == "completed", "{m}");
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Every page is gone from here (what the destination acknowledged as the push went, the
+    // rest at `Complete`), and the host has the memory back.
+    assert_eq!(m["pages_released"], m["total_pages"], "{m}");
+    // Loosely: at least half of the 32 MiB working set came back.
+    let rss_after = rss_kib(source.child.id());
+    assert!(
+        rss_after + (16 << 10) < rss_before,
+        "source RSS {rss_before} KiB before, {rss_after} KiB after"
+    );
+    // The destination finishes the workload with the reference digest.
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination: {status}\n{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(
+        summary["digest"], reference["digest"],
+        "release=on changed the result"
+    );
+    assert!(
+        summary["demand_paging"]
+            .get("fetch_error")
+            .is_some_and(Value::is_null),
+        "{summary}"
+    );
+    // (It may exit before it answers.)
+    let _ = source.ctl("quit", json!({}));
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+}
+
+/// `release=on` with `cancellable=on` is refused before anything starts, saying why.
+fn refuse_release_with_cancellable(source: &VmProcess, uri: &str) {
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "release": "on", "cancellable": "on"}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("release=on") && e.contains("cancellable=on") && e.contains("choose one"),
+        "{e}"
+    );
+    assert_eq!(
+        source.ctl("query-migrate", json!({})).unwrap()["phase"],
+        "none",
+        "refused before anything started"
+    );
+}

@@ -35,7 +35,9 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// the destination and resumes the VM at the source from the last checkpoint; if the
 /// destination dies or goes silent, the source resumes it by itself once its lease has run
 /// out. release=on (eviction) frees the source's copy of each page once the destination has
-/// it; it cannot be combined with cancellable=on.
+/// it, from the switchover on (precopy rounds free nothing: the guest still runs here), so
+/// the source host gets its memory back as the migration goes; it cannot be combined with
+/// cancellable=on.
 ///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status
@@ -246,10 +248,14 @@ fn show(bar: &indicatif::ProgressBar, m: &Value) -> bool {
                 String::new()
             };
             bar.set_message(format!(
-                "{} on demand, downtime {} µs, {} MiB sent{checkpoints}",
+                "{} on demand, downtime {} µs, {} MiB sent{}{checkpoints}",
                 n("pages_demand"),
                 n("downtime_us"),
-                n("bytes_sent") >> 20
+                n("bytes_sent") >> 20,
+                match n("pages_released") >> 8 {
+                    0 => String::new(),
+                    mib => format!(", {mib} MiB released"),
+                }
             ));
         }
         _ => {}

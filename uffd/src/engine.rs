@@ -626,6 +626,10 @@ impl PageSink for FaultEngine {
         Ok(FaultEngine::forget(self, gfn, pages)?)
     }
 
+    fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
+        Some(self.all_present(gfn, pages))
+    }
+
     /// Bulk pages go through the staging pool; a demand reply is always copied in. Moving a
     /// page takes it out of this process's page tables, so the kernel flushes it from every CPU
     /// that may cache it: an inter-processor interrupt that the mover waits for, and on a host

@@ -23,6 +23,12 @@ pub enum MemoryError {
     OutOfBounds { gpa: Gpa, len: u64 },
     #[error("cannot read /proc/self/pagemap: {source}")]
     Pagemap { source: std::io::Error },
+    #[error("cannot release guest memory {gpa}+{len:#x} to the host (madvise): {source}")]
+    Release {
+        gpa: Gpa,
+        len: u64,
+        source: nix::Error,
+    },
 }
 
 /// A host mapping of one region; unmapped on drop.
@@ -134,6 +140,33 @@ impl GuestMemory {
         Ok(unsafe { std::slice::from_raw_parts(src, len) })
     }
 
+    /// Releases the pages of `[gpa, gpa + len)` (page-aligned, inside one region) to the host
+    /// (`MADV_DONTNEED`): their memory is freed, and they read as zero afterwards (the mapping
+    /// is private and anonymous), taking no memory until written. A migration source in
+    /// release mode drops each page once the destination holds it.
+    ///
+    /// # Safety
+    /// No slice from [`Self::frozen_slice`] over the range may be alive, and none may be taken
+    /// until this returns: its bytes would change under it.
+    pub unsafe fn release(&self, gpa: Gpa, len: u64) -> Result<(), MemoryError> {
+        if gpa.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(MemoryError::OutOfBounds { gpa, len });
+        }
+        let ptr = self.host_ptr(gpa, len)?;
+        let (Some(addr), Ok(n)) = (
+            NonNull::new(ptr.cast::<std::ffi::c_void>()),
+            usize::try_from(len),
+        ) else {
+            return Err(MemoryError::OutOfBounds { gpa, len });
+        };
+        // SAFETY: [ptr, ptr + n) lies inside one region's mapping (host_ptr checked it), which
+        // `self` owns and keeps mapped; dropping its pages leaves it mapped, reading as zero.
+        // Guest memory is only ever accessed through raw-pointer copies, except for the slices
+        // of `frozen_slice`, of which the caller promises none over the range is alive.
+        unsafe { nix::sys::mman::madvise(addr, n, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+            .map_err(|source| MemoryError::Release { gpa, len, source })
+    }
+
     /// Which of the `pages` pages from `gpa` (inside one region) the kernel has ever populated
     /// (present, or swapped out), from `/proc/self/pagemap`, into `out`. A page it has not
     /// reads as zero: it can go as a zero marker without being read, which would map it.
@@ -240,5 +273,30 @@ mod tests {
             m.digest().to_string().parse::<Digest>().unwrap(),
             m.digest()
         );
+    }
+
+    #[test]
+    fn released_pages_read_as_zero_and_are_no_longer_populated() {
+        let l = MemoryLayout::for_size(16 << 20).unwrap();
+        let m = GuestMemory::new(&l).unwrap();
+        m.write(Gpa(0x5000), &[7u8; 2 * PAGE_BYTES]).unwrap();
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        let mut populated = Vec::new();
+        m.populated(&pagemap, Gpa(0x5000), 2, &mut populated)
+            .unwrap();
+        assert_eq!(populated, [true, true]);
+        // SAFETY: no slice of this memory was ever taken.
+        unsafe { m.release(Gpa(0x5000), PAGE_SIZE) }.unwrap();
+        m.populated(&pagemap, Gpa(0x5000), 2, &mut populated)
+            .unwrap();
+        assert_eq!(populated, [false, true], "only the released page is gone");
+        let mut b = [1u8; PAGE_BYTES];
+        m.read(Gpa(0x5000), &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        m.read(Gpa(0x6000), &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 7));
+        // SAFETY: as above.
+        let unaligned = unsafe { m.release(Gpa(0x5800), PAGE_SIZE) };
+        assert!(matches!(unaligned, Err(MemoryError::OutOfBounds { .. })));
     }
 }

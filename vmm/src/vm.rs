@@ -402,6 +402,8 @@ impl Vm {
         secret: &[u8],
         options: &MigrateOptions,
     ) -> Result<MigrationStatus, Error> {
+        // Refused as it is: nothing started, nothing to abort.
+        options.check()?;
         let out = {
             let mut outgoing = self.outgoing.lock().expect("vm lock");
             if outgoing.as_ref().is_some_and(|o| !o.rolled_back()) {

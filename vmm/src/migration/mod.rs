@@ -164,8 +164,10 @@ pub struct MigrateOptions {
     /// Cancellable postcopy: reverse checkpoints this often (ms), `None`: not cancellable
     /// (see [`checkpoint`]).
     pub checkpoint_ms: Option<u32>,
-    /// Eviction: drop each page here once the destination holds it (not with
-    /// `checkpoint_ms`).
+    /// Eviction: from the switchover on, free each page of the source's memory once the
+    /// destination holds it, so the source host gets its memory back as the migration goes
+    /// (precopy rounds free nothing: the guest still runs here then). Not with
+    /// `checkpoint_ms`: resuming the VM here needs that memory.
     pub release: bool,
 }
 
@@ -226,6 +228,12 @@ pub struct MigrationStatus {
     pub bytes_sent: u64,
     /// Page data sent by the background push (zero pages go as markers: not counted).
     pub bytes_pushed: u64,
+    /// `release=on`: pages freed here, the destination holding them (every page, once
+    /// completed).
+    pub pages_released: u64,
+    /// `release=on`: demand requests for pages already released (a request that crossed the
+    /// acknowledgement of the pages asked for), answered `Released`.
+    pub pages_asked_after_release: u64,
     pub total_pages: u64,
     pub prepage: Prepage,
     /// `hot`: pages the profile found written (pushed first).

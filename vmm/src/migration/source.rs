@@ -29,6 +29,13 @@
 //!    other page (address order, around faults, or hot pages first: [`Prepage`]) straight from
 //!    the frozen guest memory until the destination says `Complete`.
 //!
+//! *Release* (`release=on`, eviction): from the switchover on, the page server frees each page
+//! of the frozen guest memory once the destination holds it (`MADV_DONTNEED`, see
+//! `tsubame_pageserver::server`), so the source host gets its memory back as the migration
+//! goes, not only when it ends. Not before: until the switchover the guest runs here, and
+//! every page it has may yet be written and sent again. Not with a cancellable migration,
+//! which needs the source's copy to resume the VM here.
+//!
 //! A [`CancelToken`] ends the worker at any point before the state is out: the VM keeps running
 //! here (the destination runs it only after `PrecopyDone` and the state).
 
@@ -164,6 +171,22 @@ impl PageStore for GuestMemoryStore {
         zero.iter_mut()
             .for_each(|populated| *populated = !*populated);
         Ok(())
+    }
+
+    /// Frees the pages' memory (`MADV_DONTNEED`): refused until [`Self::freeze`], since a
+    /// guest that may still run here needs every page it has.
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        const WHAT: &str = "releasing guest memory";
+        if !self.frozen.load(Ordering::Acquire) {
+            return Err(PageError::backend(
+                WHAT,
+                "the guest may still run here (memory is released only after the switchover)",
+            ));
+        }
+        let len = run_bytes(gfn, pages)? as u64;
+        // SAFETY: the caller promises that no slice `read` returned over these pages (the
+        // only slices of guest memory this store hands out) is alive or taken meanwhile.
+        unsafe { self.memory.release(gfn.gpa(), len) }.map_err(|e| PageError::backend(WHAT, e))
     }
 }
 
@@ -324,6 +347,8 @@ impl Outgoing {
             zero_pages: s.zero_pages,
             bytes_sent: s.bytes_sent,
             bytes_pushed: s.bytes_pushed,
+            pages_released: s.pages_released,
+            pages_asked_after_release: s.pages_asked_after_release,
             total_pages: self.server.store().layout().total_pages(),
             prepage,
             hot_pages,
@@ -772,6 +797,8 @@ fn switch_over(
                 hot,
                 // A destination that stays paused after the state arrived still gets its pages.
                 gate_timeout: Some(Duration::from_millis(500)),
+                // Frozen above: `check` refuses release with a cancellable migration.
+                release: options.release,
             },
         )
         .map_err(MigrationError::from)?;

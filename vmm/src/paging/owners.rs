@@ -287,6 +287,10 @@ impl PageSink for OwnedSink {
         Ok(())
     }
 
+    fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
+        Some(self.engine.all_present(gfn, pages))
+    }
+
     /// A run with no page of another owner in it is received the engine's way (bulk pages into
     /// its staging pool): its pages that are local already are present, and the engine never
     /// overwrites a present page. (A demand reply often makes one page of a run local before
