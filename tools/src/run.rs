@@ -385,6 +385,13 @@ fn migrated_summary(m: &tsubame_vmm::migration::MigrationStatus, json: bool) -> 
             m.bytes_sent as f64 / f64::from(1 << 20),
             m.total_ms.unwrap_or(0.0),
         );
+        if m.pages_released > 0 {
+            eprintln!(
+                "released here as the destination took them: {} pages ({:.1} MiB)",
+                m.pages_released,
+                (m.pages_released * 4096) as f64 / f64::from(1 << 20)
+            );
+        }
     }
     Ok(if m.error.is_some() { 1 } else { 0 })
 }
