@@ -2,31 +2,34 @@
 //! by (VM, gfn), and serves them back.
 //!
 //! It speaks the same sessions as every other endpoint, and is both ends of them over one
-//! store per VM ([`MemStore`]):
+//! radix tree of pages per VM ([`PageTree`]), all under one memory [`Budget`]:
 //!
 //! ```text
-//!  a source   ══ Store session ══► PageClient ─► MemStore(vm) ─► PageServer ══ Fetch session ══► a destination
-//!  (pages it hands over)           (receive_bulk,                 (demand replies,
-//!                                   acknowledged as stored)        push of what it holds)
+//!  a source   ══ Store session ══► PageClient ─► PageTree(vm) ─► PageServer ══ Fetch session ══► a destination
+//!  (pages it hands over,           (receive_bulk,                 (demand replies,
+//!   or Discards: forget them)       acknowledged as stored)        push of what it holds)
 //! ```
 //!
-//! A page is held once it arrives (zero pages take no memory) and is served until the process
-//! ends; a later store of the same page replaces it. A fetch of a VM it holds no pages of is
-//! refused; a page it does not hold is never made up (the server fails the request's session
-//! with the reason). What it does not do yet: limits on memory, forgetting, reporting usage on
-//! a control socket, more compact storage (S-memV's radix tree).
+//! A page is held once it arrives (zero pages take no memory) and is served until it is
+//! forgotten (a `Discard` in a store session) or the process ends; a later store of the same
+//! page replaces it. With a limit (`--max-mem`), a store that would go over it fails, and the
+//! storing host is told why (`Error` on its urgent channel); what was stored before stays. A
+//! fetch of a VM it holds no pages of is refused; a page it does not hold is never made up (the
+//! server fails the request's session with the reason). [`Memserver::usage`] reports, per VM,
+//! the pages held and the bytes of data and metadata.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tsubame_pages::{MemStore, PageStore};
+use tsubame_pages::PageStore;
 
 use crate::client::{ClientError, ClientEvents, PageClient};
 use crate::flow::BulkWriter;
 use crate::frame::ProtocolError;
-use crate::message::{Hello, Purpose};
+use crate::message::{Hello, Message, Purpose};
+use crate::pagetree::{Budget, PageTree, TreeUsage};
 use crate::prepage::{HotPages, Prepage};
 use crate::server::{PageServer, PushOptions, ServeState};
 use crate::session::{Acceptor, Session};
@@ -35,41 +38,65 @@ use crate::session::{Acceptor, Session};
 #[derive(Clone, Debug, Serialize)]
 pub struct VmUsage {
     pub vm: u64,
-    pub pages_held: u64,
-    pub bytes_allocated: u64,
+    pub memory_bytes: u64,
+    #[serde(flatten)]
+    pub held: TreeUsage,
 }
 
-/// A memserver: the VMs' stores and the secret sessions must know.
+/// What a memserver holds in all.
+#[derive(Clone, Debug, Serialize)]
+pub struct Usage {
+    /// Bytes of page data held, all VMs, and the limit (`--max-mem`).
+    pub data_bytes: u64,
+    pub max_bytes: Option<u64>,
+    pub metadata_bytes: u64,
+    pub vms: Vec<VmUsage>,
+    /// Store sessions that failed for lack of memory.
+    pub refused_full: u64,
+}
+
+/// A memserver: the VMs' page trees, their budget, and the secret sessions must know.
 #[derive(Debug)]
 pub struct Memserver {
     secret: Vec<u8>,
-    vms: Mutex<HashMap<u64, Arc<MemStore>>>,
+    budget: Arc<Budget>,
+    vms: Mutex<HashMap<u64, Arc<PageTree>>>,
+    refused_full: std::sync::atomic::AtomicU64,
 }
 
 impl Memserver {
-    /// An empty memserver authenticating with `secret`.
-    pub fn new(secret: &[u8]) -> Arc<Self> {
+    /// An empty memserver authenticating with `secret`, holding at most `max_bytes` of page
+    /// data (`None`: no limit).
+    pub fn new(secret: &[u8], max_bytes: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
             secret: secret.to_vec(),
+            budget: Budget::new(max_bytes),
             vms: Mutex::new(HashMap::new()),
+            refused_full: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// What it holds, per VM.
-    pub fn usage(&self) -> Vec<VmUsage> {
-        let mut u: Vec<VmUsage> = self
+    /// What it holds, per VM and in all.
+    pub fn usage(&self) -> Usage {
+        let mut vms: Vec<VmUsage> = self
             .vms
             .lock()
             .expect("memserver lock")
             .iter()
-            .map(|(vm, s)| VmUsage {
+            .map(|(vm, t)| VmUsage {
                 vm: *vm,
-                pages_held: s.held_pages(),
-                bytes_allocated: s.bytes_allocated(),
+                memory_bytes: t.layout().total_bytes(),
+                held: t.usage(),
             })
             .collect();
-        u.sort_by_key(|v| v.vm);
-        u
+        vms.sort_by_key(|v| v.vm);
+        Usage {
+            data_bytes: self.budget.used(),
+            max_bytes: self.budget.max(),
+            metadata_bytes: vms.iter().map(|v| v.held.metadata_bytes).sum(),
+            vms,
+            refused_full: self.refused_full.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// Serves sessions on `listener` until it fails, each on threads of its own.
@@ -111,22 +138,29 @@ impl Memserver {
         }
     }
 
-    fn handle(&self, session: Session) {
+    fn handle(self: &Arc<Self>, session: Session) {
         let vm = session.hello.vm;
         let store = self
             .vms
             .lock()
             .expect("memserver lock")
             .entry(vm)
-            .or_insert_with(|| Arc::new(MemStore::new(&session.hello.layout)))
+            .or_insert_with(|| Arc::new(PageTree::new(&session.hello.layout, self.budget.clone())))
             .clone();
         match session.hello.purpose {
             Purpose::Store => {
+                let log = match session.urgent.try_clone() {
+                    Ok(urgent) => Arc::new(StoreLog {
+                        urgent: Mutex::new(urgent),
+                        memserver: self.clone(),
+                    }),
+                    Err(e) => return log::warn!("cannot store pages of VM {vm:#x}: {e}"),
+                };
                 let client = match PageClient::new(
                     &format!("the host storing VM {vm:#x}"),
                     &session.urgent,
                     store.clone(),
-                    Arc::new(StoreLog),
+                    log,
                 ) {
                     Ok(c) => c,
                     Err(e) => return log::warn!("cannot store pages of VM {vm:#x}: {e}"),
@@ -153,7 +187,7 @@ impl Memserver {
 /// has every page it needs or goes away.
 fn serve_fetch(
     vm: u64,
-    store: &Arc<MemStore>,
+    store: &Arc<PageTree>,
     s: Session,
 ) -> Result<ServeState, crate::ServerError> {
     let server = Arc::new(PageServer::new(store.clone()));
@@ -180,15 +214,27 @@ fn serve_fetch(
     Ok(server.wait())
 }
 
-/// A store session's events: failures are logged (the source learns of them from its own
-/// end of the session).
-struct StoreLog;
+/// A store session's events: a failure is logged and told to the storing host (`Error` on
+/// its urgent channel), so that it reports why (a full memserver, say) rather than a closed
+/// connection.
+struct StoreLog {
+    urgent: Mutex<std::net::TcpStream>,
+    memserver: Arc<Memserver>,
+}
 
 impl ClientEvents for StoreLog {
     fn failed(&self, client: &PageClient, error: ClientError) {
-        if !client.is_push_done() {
-            log::warn!("{error}");
+        if client.is_push_done() {
+            return;
         }
+        let message = error.to_string();
+        if message.contains("memserver is full") {
+            self.memserver
+                .refused_full
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        log::warn!("{message}");
+        let _ = Message::Error { message }.write_to(&mut *self.urgent.lock().expect("log lock"));
     }
 }
 
@@ -203,7 +249,7 @@ mod tests {
     fn fetches_of_unknown_vms_and_migrations_are_refused() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let uri = format!("tcp:{}", l.local_addr().unwrap());
-        let ms = Memserver::new(b"s");
+        let ms = Memserver::new(b"s", None);
         let m = ms.clone();
         std::thread::spawn(move || m.serve(l));
         let hello = |purpose| Hello {
@@ -223,6 +269,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("this is a memserver"), "{e}");
-        assert!(ms.usage().is_empty());
+        assert!(ms.usage().vms.is_empty());
     }
 }

@@ -136,3 +136,70 @@ fn an_unreachable_memserver_leaves_the_source_running() {
     assert!(e.contains("split=tcp:HOST:PORT:SHARE"), "{e}");
     source.ctl("quit", json!({})).unwrap();
 }
+
+#[test]
+fn a_full_memserver_refuses_with_its_reason_and_reports_its_usage() {
+    let dir = Scratch::new("split-full");
+    let sock = dir.path("ms.sock");
+    let (ms, line) = VmProcess::command_until(
+        &[
+            "memserver",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--secret",
+            SECRET,
+            "--max-mem",
+            "4M",
+            "--control",
+            sock.to_str().unwrap(),
+        ],
+        "memserver listening on",
+    )
+    .unwrap();
+    let ms_uri = line.rsplit(' ').next().unwrap().to_string();
+    let source = VmProcess::start(
+        &dir.path("src.sock"),
+        &[
+            "--mem",
+            "64M",
+            "--workload",
+            "uniform:ws=32M,write=0.5,seed=83",
+            "--steps",
+            "0",
+            "--hold",
+        ],
+    )
+    .unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 200_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let (_dest, uri) = destination();
+    // Half of 64 MiB, most of it written: more than the memserver's 4 MiB.
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "split": format!("{ms_uri}:0.5")}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("memserver is full") && e.contains("--max-mem"),
+        "{e}"
+    );
+    let s = source.ctl("query-status", json!({})).unwrap();
+    assert_eq!(s["status"], "running", "the VM stays here: {s}");
+    let u = ms.ctl("query-usage", json!({})).unwrap();
+    assert_eq!(u["max_bytes"], 4 << 20, "{u}");
+    assert_eq!(u["refused_full"], 1, "{u}");
+    let data = u["data_bytes"].as_u64().unwrap();
+    assert!(data > 0 && data <= 4 << 20, "{u}");
+    let vm = &u["vms"][0];
+    assert_eq!(vm["data_bytes"].as_u64().unwrap(), data, "{u}");
+    assert!(
+        u["metadata_bytes"].as_u64().unwrap() * 100 < data,
+        "metadata under 1 % of the data: {u}"
+    );
+    ms.ctl("quit", json!({})).unwrap();
+    source.ctl("quit", json!({})).unwrap();
+}

@@ -666,14 +666,27 @@ fn store_split(
     let mut w = BulkWriter::new(ms.bulk, ms.rtt)?;
     let mut sender = BulkSender::new(&server, None);
     let mut stored = 0;
-    for stripe in &stripes {
-        out.cancel.check()?;
-        sender.send(&mut w, stripe.gfn, stripe.pages, SendKind::Precopy)?;
-        stored += stripe.pages;
+    let sent = (|| -> Result<(), MigrationError> {
+        for stripe in &stripes {
+            out.cancel.check()?;
+            sender.send(&mut w, stripe.gfn, stripe.pages, SendKind::Precopy)?;
+            stored += stripe.pages;
+        }
+        Message::PushDone.write_to(&mut w)?;
+        w.wait_all_acknowledged()?;
+        w.finish()?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        // A memserver that refuses (full, say) says why on the urgent channel.
+        return Err(match told_why(&ms.urgent) {
+            Some(reason) => MigrationError::Owner {
+                endpoint: split.uri.clone(),
+                reason,
+            },
+            None => e,
+        });
     }
-    Message::PushDone.write_to(&mut w)?;
-    w.wait_all_acknowledged()?;
-    w.finish()?;
     for stripe in &stripes {
         out.server.withhold(stripe.gfn, stripe.pages);
     }
@@ -685,6 +698,17 @@ fn store_split(
     announce_owners(urgent, &split.uri, &runs)?;
     wait_ready(urgent, &out.cancel)?;
     Ok(())
+}
+
+/// The `Error` a peer sent on `urgent` before closing, if any (read within 200 ms).
+fn told_why(urgent: &TcpStream) -> Option<String> {
+    urgent
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .ok()?;
+    match Message::read_from(&mut &*urgent) {
+        Ok(Message::Error { message }) => Some(message),
+        _ => None,
+    }
 }
 
 /// Tells the destination that `endpoint` ("" for the source itself) owns `runs`, in as many
