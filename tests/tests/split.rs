@@ -12,9 +12,17 @@ fn destination() -> (VmProcess, String) {
     VmProcess::destination(SECRET, &["--mem", "64M"]).unwrap()
 }
 
-/// Migrates a VM running `workload` on `vcpus` with `share` of its memory handed to a
-/// memserver, and checks the digest and that both owners sent pages.
-fn split_migration(name: &str, vcpus: &str, workload: &str, share: f64, prepage: &str) {
+/// Migrates a VM running `workload` on `vcpus` with `share` of its memory handed to
+/// `memservers` memservers (`amount`: how the split says it, a share or a size), and checks the
+/// digest and that every owner sent pages.
+fn split_migration(
+    name: &str,
+    vcpus: &str,
+    workload: &str,
+    (share, amount): (f64, &str),
+    memservers: usize,
+    prepage: &str,
+) {
     let dir = Scratch::new(name);
     let common = [
         "--mem",
@@ -27,7 +35,10 @@ fn split_migration(name: &str, vcpus: &str, workload: &str, share: f64, prepage:
         "1500000",
     ];
     let reference = run_to_end(&common).unwrap();
-    let (_memserver, ms) = VmProcess::memserver(SECRET).unwrap();
+    let servers: Vec<(VmProcess, String)> = (0..memservers)
+        .map(|_| VmProcess::memserver(SECRET).unwrap())
+        .collect();
+    let uris: Vec<String> = servers.iter().map(|(_, u)| u.clone()).collect();
     let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
     let (dest, uri) = destination();
     let stop_at = 300_000 * vcpus.parse::<u64>().unwrap();
@@ -39,11 +50,11 @@ fn split_migration(name: &str, vcpus: &str, workload: &str, share: f64, prepage:
         .ctl(
             "migrate",
             json!({"uri": uri, "secret": SECRET, "prepage": prepage,
-                   "split": format!("{ms}:{share}")}),
+                   "split": format!("{}:{amount}", uris.join(","))}),
         )
         .unwrap();
     let split = &m["split"];
-    assert_eq!(split["memserver"], ms.as_str(), "{m}");
+    assert_eq!(split["memservers"], json!(uris), "{m}");
     let stored = split["pages_stored"].as_u64().unwrap();
     let total = m["total_pages"].as_u64().unwrap();
     #[allow(clippy::cast_precision_loss)]
@@ -62,22 +73,28 @@ fn split_migration(name: &str, vcpus: &str, workload: &str, share: f64, prepage:
         summary["digest"], reference["digest"],
         "{workload} on {vcpus} vCPUs, {share} split: {summary}"
     );
-    // Both owners sent pages: the seam is real.
+    // Every owner sent pages: the seam is real.
     let owners = summary["migration"]["demand_paging"]["owners"]
         .as_array()
         .unwrap_or_else(|| panic!("no owners in {summary}"))
         .clone();
-    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert_eq!(owners.len(), 1 + memservers, "{owners:?}");
     assert_eq!(owners[0]["endpoint"], "the migration source");
-    assert_eq!(owners[1]["endpoint"], format!("the page server {ms}"));
+    for (o, ms) in owners[1..].iter().zip(&uris) {
+        assert_eq!(o["endpoint"], format!("the page server {ms}"));
+    }
     for o in &owners {
         assert!(o["pages_received"].as_u64().unwrap() > 0, "{o}");
         assert_eq!(o["pages_owned"], 0, "every page is here now: {o}");
     }
+    let from_memservers: u64 = owners[1..]
+        .iter()
+        .map(|o| o["pages_installed"].as_u64().unwrap())
+        .sum();
     assert_eq!(
-        owners[1]["pages_installed"].as_u64().unwrap(),
+        from_memservers,
         stored - split["pages_reverted"].as_u64().unwrap(),
-        "every page the memserver still owned came from it: {owners:?}"
+        "every page the memservers still owned came from them: {owners:?}"
     );
     let total_installed: u64 = owners
         .iter()
@@ -95,7 +112,8 @@ fn half_the_pages_from_a_memserver_one_vcpu() {
         "split1",
         "1",
         "uniform:ws=32M,write=0.3,seed=81",
-        0.5,
+        (0.5, "0.5"),
+        1,
         "bubble",
     );
 }
@@ -106,8 +124,21 @@ fn a_quarter_from_a_memserver_two_vcpus_hot_first() {
         "split2",
         "2",
         "hotcold:ws=32M,write=0.5,seed=82",
-        0.25,
+        (0.25, "0.25"),
+        1,
         "hot",
+    );
+}
+
+#[test]
+fn half_the_pages_from_two_memservers_given_as_a_size() {
+    split_migration(
+        "split3",
+        "2",
+        "uniform:ws=32M,write=0.3,seed=84",
+        (0.5, "32M"),
+        2,
+        "address",
     );
 }
 
@@ -133,7 +164,7 @@ fn an_unreachable_memserver_leaves_the_source_running() {
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("split=tcp:HOST:PORT:SHARE"), "{e}");
+    assert!(e.contains("split=tcp:HOST:PORT"), "{e}");
     source.ctl("quit", json!({})).unwrap();
 }
 

@@ -18,13 +18,14 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// Commands: query-status, query-progress, query-digest, query-layout, query-serial [lines=N],
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
-///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT:SHARE]
+///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT]
 ///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate, quit,
 ///   query-commands.
 ///
-/// split= hands SHARE (0 to 1) of the VM's memory to the memserver at tcp:HOST:PORT (see
-/// `tsubame memserver --help`) while the guest still runs; the destination then fetches those
-/// pages from the memserver and the rest from the source. migrate-cancel stops a migration
+/// split= hands AMOUNT of the VM's memory (a share from 0 to 1, or a size such as 512M), in
+/// 2 MiB stripes dealt in turn, to the memservers at tcp:HOST:PORT,... (see `tsubame memserver
+/// --help`), all in parallel, while the guest still runs; the destination then fetches those
+/// pages from the memservers and the rest from the source. migrate-cancel stops a migration
 /// that has not switched over yet: the VM keeps running here.
 ///
 /// cancellable=on keeps a postcopy migration cancellable after its switchover, until the
@@ -46,6 +47,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 precopy_rounds=2 prepage=hot
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:127.0.0.1:5555:0.5
+///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:10.0.0.3:5555,tcp:10.0.0.4:5555:512M
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest

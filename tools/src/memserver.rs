@@ -13,7 +13,7 @@ use tsubame_vmm::control::{CommandError, CommandHandler, ControlServer};
 /// Hold pages of VMs for other hosts (a memserver), and serve them back.
 ///
 /// A migration source hands it part of a VM's memory (`tsubame ctl SOCK migrate uri=...
-/// split=tcp:HOST:PORT:SHARE`), and the destination fetches those pages from it, on demand and
+/// split=tcp:HOST:PORT[,...]:AMOUNT`), and the destination fetches those pages from it, on demand and
 /// in the background, while it gets the rest from the source. Pages are kept in memory in a
 /// radix tree per VM, keyed by the VM's identity, until they are forgotten or the memserver
 /// exits; zero pages take no memory and are sent as markers. With --max-mem, a store that

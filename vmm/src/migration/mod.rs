@@ -91,7 +91,7 @@ pub enum MigrationError {
     SourceLost(String),
     #[error("cannot fetch pages from {endpoint}, which the source named as their owner: {reason}")]
     Owner { endpoint: String, reason: String },
-    #[error("bad split '{0}': write split=tcp:HOST:PORT:SHARE with SHARE between 0 and 1, e.g. split=tcp:10.0.0.3:5555:0.5")]
+    #[error("bad split '{0}': write split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT with AMOUNT a share between 0 and 1 or a size, e.g. split=tcp:10.0.0.3:5555:0.5 or split=tcp:10.0.0.3:5555,tcp:10.0.0.4:5555:512M")]
     BadSplit(String),
     #[error("{0}")]
     Unsupported(String),
@@ -118,30 +118,55 @@ pub enum Phase {
     Cancelled,
 }
 
-/// Part of the VM's memory handed to a memserver on the way: the source stores it there while
+/// Part of the VM's memory handed to memservers on the way: the source stores it there while
 /// the guest still runs, and the destination fetches it from there.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split {
-    /// The memserver, `tcp:HOST:PORT`.
-    pub uri: String,
-    /// Share of the memory handed over (0..=1), in 2 MiB stripes spread evenly over it.
-    pub share: f64,
+    /// The memservers, `tcp:HOST:PORT` each: the stripes are dealt to them in turn.
+    pub uris: Vec<String>,
+    /// How much of the memory is handed over, in 2 MiB stripes spread evenly over it.
+    pub amount: SplitAmount,
+}
+
+/// How much memory a split hands over.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SplitAmount {
+    /// A share of the VM's memory, 0 to 1.
+    Share(f64),
+    /// About this many bytes (rounded to whole stripes, at most all of the memory).
+    Bytes(u64),
+}
+
+impl Split {
+    /// The share of a VM of `total` bytes handed over.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn share(&self, total: u64) -> f64 {
+        match self.amount {
+            SplitAmount::Share(s) => s,
+            SplitAmount::Bytes(b) => (b as f64 / total.max(1) as f64).min(1.0),
+        }
+    }
 }
 
 impl std::str::FromStr for Split {
     type Err = MigrationError;
-    /// `tcp:HOST:PORT:SHARE`.
+    /// `tcp:HOST:PORT[,tcp:HOST:PORT...]:SHARE_OR_SIZE` (`0.5`, or `512M`).
     fn from_str(s: &str) -> Result<Self, MigrationError> {
         let bad = || MigrationError::BadSplit(s.into());
-        let (uri, share) = s.rsplit_once(':').ok_or_else(bad)?;
-        let share: f64 = share.parse().map_err(|_| bad())?;
-        if !(0.0..=1.0).contains(&share) || tsubame_pageserver::session::parse_uri(uri).is_err() {
+        let (uris, amount) = s.rsplit_once(':').ok_or_else(bad)?;
+        let amount = match amount.parse::<f64>() {
+            Ok(share) if (0.0..=1.0).contains(&share) => SplitAmount::Share(share),
+            Ok(_) => return Err(bad()),
+            Err(_) => SplitAmount::Bytes(crate::guest::parse_size(amount).map_err(|_| bad())?),
+        };
+        let uris: Vec<String> = uris.split(',').map(str::to_string).collect();
+        if uris
+            .iter()
+            .any(|u| tsubame_pageserver::session::parse_uri(u).is_err())
+        {
             return Err(bad());
         }
-        Ok(Self {
-            uri: uri.into(),
-            share,
-        })
+        Ok(Self { uris, amount })
     }
 }
 
@@ -254,10 +279,12 @@ pub struct MigrationStatus {
 /// The split part of `query-migrate`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SplitStatus {
-    pub memserver: String,
+    /// The memservers, and the pages stored at each.
+    pub memservers: Vec<String>,
+    pub pages_stored_each: Vec<u64>,
     pub pages_stored: u64,
     pub pages_reverted: u64,
-    /// Split start -> every stored page acknowledged by the memserver.
+    /// Split start -> every stored page acknowledged by every memserver.
     pub store_ms: Option<f64>,
 }
 
@@ -334,18 +361,23 @@ mod tests {
         assert_eq!(
             s,
             Split {
-                uri: "tcp:127.0.0.1:5555".into(),
-                share: 0.5
+                uris: vec!["tcp:127.0.0.1:5555".into()],
+                amount: SplitAmount::Share(0.5)
             }
         );
+        let s: Split = "tcp:127.0.0.1:5555,tcp:127.0.0.1:5556:16M".parse().unwrap();
+        assert_eq!(s.uris.len(), 2);
+        assert_eq!(s.amount, SplitAmount::Bytes(16 << 20));
+        assert!((s.share(64 << 20) - 0.25).abs() < 1e-9);
         for bad in [
             "tcp:127.0.0.1:5555",
             "tcp:127.0.0.1:5555:1.5",
             "127.0.0.1:5555:0.5",
             "tcp:127.0.0.1:5555:half",
+            "tcp:127.0.0.1:5555,nothing:0.5",
         ] {
             let e = bad.parse::<Split>().unwrap_err().to_string();
-            assert!(e.contains("split=tcp:HOST:PORT:SHARE"), "{bad}: {e}");
+            assert!(e.contains("split=tcp:HOST:PORT"), "{bad}: {e}");
         }
     }
 

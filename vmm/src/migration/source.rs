@@ -15,10 +15,10 @@
 //!    starts. Rounds never have to converge: whatever the guest wrote after the last one
 //!    simply goes postcopy. Discard-only passes then drop what the guest wrote since the last
 //!    round until a pass is small, so that the switchover's own discards are few.
-//! 3. *Split* (optional): stripes of memory are stored at a memserver while the guest runs
-//!    (dirty log on), and the destination is told that the memserver owns them (`Owners`); it
-//!    dials the memserver and says `Ready`. Pages the guest writes afterwards are the source's
-//!    again at the switchover.
+//! 3. *Split* (optional): stripes of memory are stored at memservers while the guest runs
+//!    (dealt in turn, all memservers in parallel; dirty log on), and the destination is told
+//!    which memserver owns which (`Owners`); it dials each and says `Ready`. Pages the guest
+//!    writes afterwards are the source's again at the switchover.
 //! 4. *Switchover*: pause the vCPUs, send the pages taken back from the memserver (`Owners`
 //!    naming the source), the vCPU and device state, then drop the pages written since the last
 //!    round and end the precopy phase (`PrecopyDone`) on the bulk channel; the destination reads
@@ -634,9 +634,10 @@ fn split_stripes(layout: &MemoryLayout, share: f64) -> Vec<PageRun> {
         .collect()
 }
 
-/// The split (module docs, step 3): stores the stripes at the memserver while the guest runs,
-/// then tells the destination that the memserver owns them and waits until it has dialled it.
-/// The dirty log is on (the caller turned it on and took nothing from it yet).
+/// The split (module docs, step 3): stores the stripes at the memservers while the guest
+/// runs (dealt to them in turn, all memservers in parallel), then tells the destination which
+/// memserver owns which and waits until it has dialled each. The dirty log is on (the caller
+/// turned it on and took nothing from it yet).
 fn store_split(
     vm: &impl MigratableVm,
     out: &Outgoing,
@@ -647,16 +648,63 @@ fn store_split(
 ) -> Result<(), MigrationError> {
     let t0 = Instant::now();
     vm.take_dirty_pages()?; // from here on, a write takes its page back from the memserver
-    let stripes = split_stripes(vm.memory().layout(), split.share);
+    let layout = vm.memory().layout();
+    let stripes = split_stripes(layout, split.share(layout.total_bytes()));
+    let n = split.uris.len().max(1);
+    let dealt: Vec<Vec<PageRun>> = (0..n)
+        .map(|m| stripes.iter().skip(m).step_by(n).copied().collect())
+        .collect();
     *out.split.lock().expect("migration lock") = Some(SplitStatus {
-        memserver: split.uri.clone(),
+        memservers: split.uris.clone(),
         ..SplitStatus::default()
     });
+    let stored: Vec<Result<u64, MigrationError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = split
+            .uris
+            .iter()
+            .zip(&dealt)
+            .map(|(uri, stripes)| {
+                scope.spawn(move || store_stripes(vm, out, uri, stripes, secret, hello))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a split store thread panicked"))
+            .collect()
+    });
+    let stored = stored.into_iter().collect::<Result<Vec<u64>, _>>()?;
+    for stripe in &stripes {
+        out.server.withhold(stripe.gfn, stripe.pages);
+    }
+    if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
+        s.pages_stored = stored.iter().sum();
+        s.pages_stored_each = stored;
+        s.store_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    for (uri, stripes) in split.uris.iter().zip(&dealt) {
+        let runs: Vec<(Gfn, u64)> = stripes.iter().map(|s| (s.gfn, s.pages)).collect();
+        // The destination dials the memserver, and says Ready, for each `Owners` frame.
+        for _ in 0..announce_owners(urgent, uri, &runs)? {
+            wait_ready(urgent, &out.cancel)?;
+        }
+    }
+    Ok(())
+}
+
+/// Stores `stripes` at the memserver at `uri`; returns the pages stored.
+fn store_stripes(
+    vm: &impl MigratableVm,
+    out: &Outgoing,
+    uri: &str,
+    stripes: &[PageRun],
+    secret: &[u8],
+    hello: &Hello,
+) -> Result<u64, MigrationError> {
     let store = Hello {
         purpose: Purpose::Store,
         ..hello.clone()
     };
-    let ms = session::open(&split.uri, secret, &store)
+    let ms = session::open(uri, secret, &store)
         .map_err(|e| MigrationError::opening("memserver", "tsubame memserver", e))?;
     out.cancel.watch(&ms.urgent)?;
     out.cancel.watch(&ms.bulk)?;
@@ -667,7 +715,7 @@ fn store_split(
     let mut sender = BulkSender::new(&server, None);
     let mut stored = 0;
     let sent = (|| -> Result<(), MigrationError> {
-        for stripe in &stripes {
+        for stripe in stripes {
             out.cancel.check()?;
             sender.send(&mut w, stripe.gfn, stripe.pages, SendKind::Precopy)?;
             stored += stripe.pages;
@@ -677,27 +725,17 @@ fn store_split(
         w.finish()?;
         Ok(())
     })();
-    if let Err(e) = sent {
+    match sent {
+        Ok(()) => Ok(stored),
         // A memserver that refuses (full, say) says why on the urgent channel.
-        return Err(match told_why(&ms.urgent) {
+        Err(e) => Err(match told_why(&ms.urgent) {
             Some(reason) => MigrationError::Owner {
-                endpoint: split.uri.clone(),
+                endpoint: uri.to_string(),
                 reason,
             },
             None => e,
-        });
+        }),
     }
-    for stripe in &stripes {
-        out.server.withhold(stripe.gfn, stripe.pages);
-    }
-    if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
-        s.pages_stored = stored;
-        s.store_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let runs: Vec<(Gfn, u64)> = stripes.iter().map(|s| (s.gfn, s.pages)).collect();
-    announce_owners(urgent, &split.uri, &runs)?;
-    wait_ready(urgent, &out.cancel)?;
-    Ok(())
 }
 
 /// The `Error` a peer sent on `urgent` before closing, if any (read within 200 ms).
@@ -712,20 +750,22 @@ fn told_why(urgent: &TcpStream) -> Option<String> {
 }
 
 /// Tells the destination that `endpoint` ("" for the source itself) owns `runs`, in as many
-/// `Owners` frames as it takes.
+/// `Owners` frames as it takes; returns how many.
 fn announce_owners(
     urgent: &mut TcpStream,
     endpoint: &str,
     runs: &[(Gfn, u64)],
-) -> Result<(), MigrationError> {
+) -> Result<usize, MigrationError> {
+    let mut frames = 0;
     for chunk in runs.chunks(MAX_OWNER_RUNS as usize) {
         Message::Owners {
             endpoint: endpoint.to_string(),
             runs: chunk.to_vec(),
         }
         .write_to(urgent)?;
+        frames += 1;
     }
-    Ok(())
+    Ok(frames)
 }
 
 /// The session's connections at the switchover.
