@@ -20,8 +20,13 @@ pub struct Host {
 impl Host {
     /// Starts `tsubame run ARGS` (this executable).
     pub fn start(name: &'static str, args: &[String]) -> Result<Self> {
+        Self::command(name, "run", args)
+    }
+
+    /// A child `tsubame COMMAND ARGS` (another command than `run`: a memserver, say).
+    pub fn command(name: &'static str, command: &str, args: &[String]) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
-            .arg("run")
+            .arg(command)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -150,6 +150,7 @@ fn pair(a: &CheckpointBenchArgs, dirty: u64, tag: &str, dir: &Path) -> Result<ru
         rate_bits: None,
         checkpoint_ms: None,
         report_every: 50_000,
+        split: None,
     };
     runs::start_pair(&setup, dir, tag)
 }
@@ -274,6 +275,7 @@ fn kill_run(interval: u32, after: Duration, tag: &str, dir: &std::path::Path) ->
         rate_bits: None,
         checkpoint_ms: Some(interval),
         report_every: 0,
+        split: None,
     };
     let mut pair = runs::start_pair(&setup, dir, tag)?;
     let mut ctl = ControlClient::connect(&pair.source_sock)?;
@@ -377,6 +379,7 @@ pub fn bench_checkpoint(a: &CheckpointBenchArgs) -> Result<i32> {
                 rate_bits: None,
                 checkpoint_ms: ms,
                 report_every: 0,
+                split: None,
             };
             let r = runs::migrate(&setup, &dir, &format!("total{rep}-{i}"))?;
             if i == 0 {

@@ -95,6 +95,7 @@ pub fn bench_fault(a: &FaultBenchArgs) -> Result<i32> {
         rate_bits: None,
         checkpoint_ms: None,
         report_every: 0,
+        split: None,
     };
     let (net_step_us, engine) = tsubame::demand_stall(&setup, &dir, SKIP, a.pages)
         .context("measuring Tsubame's demand path")?;

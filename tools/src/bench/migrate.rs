@@ -43,6 +43,7 @@ pub struct MigrateBenchArgs {
     pub reps: u32,
     /// Configurations, comma-separated: Tsubame's postcopy-address, postcopy-bubble,
     /// postcopy-hot, postcopy-cancellable (address order, reverse checkpoints every 100 ms),
+    /// split-SHARE (address order, SHARE of the memory handed to a memserver process first),
     /// hybrid-N (N precopy rounds, then postcopy, address order); QEMU's
     /// qemu-postcopy, qemu-postcopy-preempt, qemu-precopy.
     #[arg(
@@ -77,11 +78,22 @@ struct Row {
 }
 
 fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
+    let split = match config.strip_prefix("split-") {
+        Some(share) => Some(
+            share
+                .parse::<f64>()
+                .ok()
+                .filter(|s| (0.0..=1.0).contains(s))
+                .with_context(|| format!("'{config}': write split-SHARE, SHARE from 0 to 1"))?,
+        ),
+        None => None,
+    };
     let (prepage, rounds) = match config {
         "postcopy-address" | "postcopy-cancellable" => ("address", 0),
         "postcopy-bubble" => ("bubble", 0),
         "postcopy-hot" => ("hot", 0),
         c if c.starts_with("qemu-") => ("address", 0), // unused by QEMU runs
+        c if c.starts_with("split-") => ("address", 0),
         c if c.starts_with("hybrid-") => (
             "address",
             c["hybrid-".len()..]
@@ -90,7 +102,8 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         ),
         c => bail!(
             "unknown configuration '{c}': use postcopy-address, postcopy-bubble, postcopy-hot, \
-             postcopy-cancellable, hybrid-N, qemu-postcopy, qemu-postcopy-preempt or qemu-precopy"
+             postcopy-cancellable, split-SHARE, hybrid-N, qemu-postcopy, qemu-postcopy-preempt or \
+             qemu-precopy"
         ),
     };
     Ok(MigrationSetup {
@@ -106,6 +119,7 @@ fn setup_for(config: &str, a: &Args, delay_ms: f64) -> Result<MigrationSetup> {
         rate_bits: a.rate,
         checkpoint_ms: (config == "postcopy-cancellable").then_some(100),
         report_every: 0,
+        split,
     })
 }
 

@@ -47,6 +47,8 @@ pub struct MigrationSetup {
     pub checkpoint_ms: Option<u32>,
     /// The guest prints a serial line every this many steps (0: never).
     pub report_every: u64,
+    /// Hand this share of the memory to a memserver (a third process) on the way.
+    pub split: Option<f64>,
 }
 
 /// The measured result of one migration.
@@ -313,6 +315,30 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         args["cancellable"] = json!("on");
         args["checkpoint_ms"] = json!(ms);
     }
+    let _memserver = match setup.split {
+        Some(share) => {
+            let mut ms = Host::command(
+                "memserver",
+                "memserver",
+                &[
+                    "--listen".into(),
+                    "tcp:127.0.0.1:0".into(),
+                    "--secret".into(),
+                    SECRET.into(),
+                ],
+            )?;
+            ms.echo = false;
+            let uri = ms
+                .wait_line("memserver listening on")?
+                .rsplit(' ')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            args["split"] = json!(format!("{uri}:{share}"));
+            Some(ms)
+        }
+        None => None,
+    };
     let m = ctl.execute("migrate", args)?;
     let switched = t0.elapsed().as_secs_f64();
     sampler.switch_to_destination();
