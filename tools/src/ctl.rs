@@ -22,6 +22,10 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate, quit,
 ///   query-commands.
 ///
+/// It also talks to the control socket of `tsubame linkem --control SOCKET`: query-link,
+/// cut ms=N, blackhole, drop, reset, restore, set [delay=D] [rate=R|none] (see
+/// `tsubame linkem --help`).
+///
 /// split= hands SHARE (0 to 1) of the VM's memory to the memserver at tcp:HOST:PORT (see
 /// `tsubame memserver --help`) while the guest still runs; the destination then fetches those
 /// pages from the memserver and the rest from the source. migrate-cancel stops a migration
@@ -49,6 +53,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest
+///   tsubame ctl /tmp/link.sock cut ms=2000
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct CtlArgs {

@@ -32,6 +32,35 @@
 //!
 //! [`spawn`] runs a link in-process and returns a [`LinkHandle`]; dropping it (or
 //! [`LinkHandle::stop`]) closes the listener and every connection and joins all threads.
+//!
+//! Faults, for failure drills, at run time: from Rust with the [`LinkHandle`] methods, or over a
+//! Unix control socket (`--control PATH`, the VM's protocol: one JSON object per line, served by
+//! [`ControlServer`], so `tsubame ctl PATH COMMAND k=v` talks to it). Every command replies
+//! with what `query-link` reports: params, state, connections, bytes per direction, faults.
+//!
+//! - `cut ms=N`: nothing moves in either direction for N ms, then the link carries on by
+//!   itself. Readers stop reading and writers stop writing, so the senders' TCP backs up
+//!   (their writes block once the socket buffers are full); connections stay open and no byte
+//!   is lost. Bytes that were already in linkem's queues go out when the cut ends (their
+//!   release time has passed), like segments retransmitted after an outage.
+//! - `blackhole`: the same silence without an end, until `restore`. The peers are told
+//!   nothing (no FIN, no RST, no byte); only their own timeouts notice. Bytes are neither
+//!   read nor discarded: a silent network does not acknowledge what it does not deliver,
+//!   so the senders see their writes stall, as they would, and a restored link delivers
+//!   everything (TCP would have retransmitted it).
+//! - `drop`: every connection is closed (FIN to both peers) and new ones are accepted and
+//!   reset at once, until `restore`.
+//! - `reset`: both sockets of every open connection are closed with SO_LINGER 0, so both peers
+//!   get an RST (ECONNRESET); the link stays up for new connections.
+//! - `restore`: ends a cut, a blackhole or a drop.
+//! - `set delay=D rate=R`: a new delay and/or rate (`rate=none`: unlimited) for the bytes read
+//!   from then on; bytes already queued keep their release times.
+//! - `query-link`: the state alone.
+//!
+//! The state the forwarding threads look at is one atomic per link, read once per chunk (the
+//! fault's details sit behind a mutex only a faulted link touches); a command that changes it
+//! wakes every thread waiting on a queue, under that queue's lock, so none misses it. The
+//! readers copy the params and look at them again only when a generation counter has moved.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -57,12 +86,27 @@ use tsubame_vmm::control::{CommandError, CommandHandler, ControlServer};
 /// request/response round trip costs 2 x delay plus serialisation, like a real link. The rate is
 /// per direction and shared by all connections, as on one physical link. When a connection's
 /// buffer is full, linkem stops reading it (TCP backpressure) instead of dropping.
-/// Prints one line on stderr once it listens; runs until SIGINT or SIGTERM.
+/// Prints one line on stderr once it listens (after one for the control socket, if any); runs
+/// until SIGINT or SIGTERM.
+///
+/// With --control PATH, faults can be injected at run time with `tsubame ctl PATH COMMAND`:
+///   query-link         params, state, connections, bytes per direction, faults so far
+///   cut ms=N           nothing moves either way for N ms (senders back up, nothing is lost)
+///   blackhole          the same silence until restore: no byte, no FIN, no RST
+///   drop               close every connection; reset new ones at once until restore
+///   reset              send an RST to both peers of every open connection (ECONNRESET)
+///   restore            end a cut, a blackhole or a drop
+///   set [delay=D] [rate=R|none]   change the delay and/or rate for bytes read from now on
 ///
 /// Examples:
 ///   tsubame linkem --listen 127.0.0.1:5444 --connect 127.0.0.1:4444 --delay 16ms --rate 1Gbit
 ///   tsubame linkem --listen 127.0.0.1:0 --connect 10.0.0.2:4444 --delay 500us   (prints the port)
 ///   tsubame ctl /tmp/src.sock migrate uri=tcp:127.0.0.1:5444   (migrate through the link)
+///   tsubame linkem --listen 127.0.0.1:5444 --connect 127.0.0.1:4444 --delay 16ms \
+///     --control /tmp/link.sock
+///   tsubame ctl /tmp/link.sock cut ms=2000          (a 2 s outage during the migration)
+///   tsubame ctl /tmp/link.sock set delay=50ms rate=100Mbit
+///   tsubame ctl /tmp/link.sock drop                 (... then: restore)
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct LinkemArgs {
@@ -84,7 +128,7 @@ pub struct LinkemArgs {
     /// buffer / delay.
     #[arg(long, value_parser = parse_buffer)]
     pub buffer: Option<usize>,
-    /// Serve the fault-injection commands on a Unix socket here (see above).
+    /// Serve the fault-injection commands (above) on a Unix socket at PATH.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
@@ -586,7 +630,8 @@ pub struct LinkStatus {
     pub connect: SocketAddr,
     pub params: LinkParams,
     pub state: LinkState,
-    /// Connections open now, and forwarded since the start (not those refused while dropped).
+    /// Connections open now, and accepted since the start (not counting those reset at once
+    /// while the link was dropped).
     pub open_connections: usize,
     pub accepted_connections: u64,
     /// Bytes delivered client -> target and target -> client.
