@@ -1243,11 +1243,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stopping_closes_open_connections() {
+    /// A link with `delay` to a fresh target, and one connection through it: (the link's
+    /// address, the link, the client's end, the target's end).
+    fn connected(delay: Duration) -> (SocketAddr, LinkHandle, TcpStream, TcpStream) {
         let target = TcpListener::bind("127.0.0.1:0").unwrap();
         let params = LinkParams {
-            delay: Duration::from_secs(1),
+            delay,
             rate: None,
             buffer: None,
         };
@@ -1257,9 +1258,15 @@ mod tests {
             params,
         )
         .unwrap();
-        let mut client = TcpStream::connect(addr).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = target.accept().unwrap();
+        (addr, link, client, server)
+    }
+
+    #[test]
+    fn stopping_closes_open_connections() {
+        let (addr, link, mut client, mut server) = connected(Duration::from_secs(1));
         client.write_all(b"still in flight").unwrap();
-        let (mut server, _) = target.accept().unwrap();
         // Joins every thread, although the writer waits for a release a second away.
         link.stop();
         let mut buf = [0u8; 32];
@@ -1271,20 +1278,7 @@ mod tests {
     /// The in-process handle offers the faults of the control socket.
     #[test]
     fn the_handle_injects_faults() {
-        let target = TcpListener::bind("127.0.0.1:0").unwrap();
-        let params = LinkParams {
-            delay: Duration::ZERO,
-            rate: None,
-            buffer: None,
-        };
-        let (addr, link) = spawn(
-            "127.0.0.1:0".parse().unwrap(),
-            target.local_addr().unwrap(),
-            params,
-        )
-        .unwrap();
-        let mut client = TcpStream::connect(addr).unwrap();
-        let (mut server, _) = target.accept().unwrap();
+        let (_, link, mut client, mut server) = connected(Duration::ZERO);
         link.blackhole();
         assert_eq!(link.status().state, LinkState::Blackhole);
         client.write_all(b"held").unwrap();
