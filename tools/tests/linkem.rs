@@ -22,6 +22,8 @@ struct Linkem {
     child: Child,
     addr: SocketAddr,
     stderr: mpsc::Receiver<String>,
+    /// The control socket, removed on drop (a killed linkem leaves it behind).
+    control: Option<PathBuf>,
 }
 
 impl Linkem {
@@ -48,6 +50,7 @@ impl Linkem {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             stderr,
+            control: None,
         };
         let line = l.expect_line("forwarding");
         let addr = line
@@ -83,6 +86,9 @@ impl Drop for Linkem {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(sock) = &self.control {
+            let _ = std::fs::remove_file(sock);
+        }
     }
 }
 
@@ -320,10 +326,11 @@ fn an_unreachable_target_closes_only_that_connection() {
 /// A linkem with a control socket, and the socket's path.
 fn controlled(connect: SocketAddr, name: &str, extra: &[&str]) -> (Linkem, PathBuf) {
     let sock = std::env::temp_dir().join(format!("linkem-{}-{name}.sock", std::process::id()));
-    let link = Linkem::start(
+    let mut link = Linkem::start(
         connect,
         &[&["--control", sock.to_str().unwrap()], extra].concat(),
     );
+    link.control = Some(sock.clone());
     (link, sock)
 }
 
