@@ -22,6 +22,10 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate, quit,
 ///   query-commands.
 ///
+/// It also talks to the control socket of `tsubame linkem --control SOCKET`: query-link,
+/// cut ms=N, blackhole, drop, reset, restore, set [delay=D] [rate=R|none] (see
+/// `tsubame linkem --help`), and of `tsubame memserver --control SOCKET`: query-usage, quit.
+///
 /// split= hands AMOUNT of the VM's memory (a share from 0 to 1, or a size such as 512M), in
 /// 2 MiB stripes dealt in turn, to the memservers at tcp:HOST:PORT,... (see `tsubame memserver
 /// --help`), all in parallel, while the guest still runs; the destination then fetches those
@@ -51,6 +55,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest
+///   tsubame ctl /tmp/link.sock cut ms=2000
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct CtlArgs {

@@ -32,13 +32,43 @@
 //!
 //! [`spawn`] runs a link in-process and returns a [`LinkHandle`]; dropping it (or
 //! [`LinkHandle::stop`]) closes the listener and every connection and joins all threads.
+//!
+//! Faults, for failure drills, at run time: from Rust with the [`LinkHandle`] methods, or over a
+//! Unix control socket (`--control PATH`, the VM's protocol: one JSON object per line, served by
+//! [`ControlServer`], so `tsubame ctl PATH COMMAND k=v` talks to it). Every command replies
+//! with what `query-link` reports: params, state, connections, bytes per direction, faults.
+//!
+//! - `cut ms=N`: nothing moves in either direction for N ms, then the link carries on by
+//!   itself. Readers stop reading and writers stop writing, so the senders' TCP backs up
+//!   (their writes block once the socket buffers are full); connections stay open and no byte
+//!   is lost. Bytes that were already in linkem's queues go out when the cut ends (their
+//!   release time has passed), like segments retransmitted after an outage.
+//! - `blackhole`: the same silence without an end, until `restore`. The peers are told
+//!   nothing (no FIN, no RST, no byte); only their own timeouts notice. Bytes are neither
+//!   read nor discarded: a silent network does not acknowledge what it does not deliver,
+//!   so the senders see their writes stall, as they would, and a restored link delivers
+//!   everything (TCP would have retransmitted it).
+//! - `drop`: every connection is closed (FIN to both peers) and new ones are accepted and
+//!   reset at once, until `restore`.
+//! - `reset`: both sockets of every open connection are closed with SO_LINGER 0, so both peers
+//!   get an RST (ECONNRESET); the link stays up for new connections.
+//! - `restore`: ends a cut, a blackhole or a drop.
+//! - `set delay=D rate=R`: a new delay and/or rate (`rate=none`: unlimited) for the bytes read
+//!   from then on; bytes already queued keep their release times.
+//! - `query-link`: the state alone.
+//!
+//! The state the forwarding threads look at is one atomic per link, read once per chunk (the
+//! fault's details sit behind a mutex only a faulted link touches); a command that changes it
+//! wakes every thread waiting on a queue, under that queue's lock, so none misses it. The
+//! readers copy the params and look at them again only when a generation counter has moved.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +76,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use log::{debug, info, warn};
 use nix::sys::signal::{SigSet, Signal};
+use serde_json::{json, Value};
+use tsubame_vmm::control::{CommandError, CommandHandler, ControlServer};
 
 /// Emulate a wide-area TCP link: one-way delay and bandwidth in each direction.
 ///
@@ -54,12 +86,27 @@ use nix::sys::signal::{SigSet, Signal};
 /// request/response round trip costs 2 x delay plus serialisation, like a real link. The rate is
 /// per direction and shared by all connections, as on one physical link. When a connection's
 /// buffer is full, linkem stops reading it (TCP backpressure) instead of dropping.
-/// Prints one line on stderr once it listens; runs until SIGINT or SIGTERM.
+/// Prints one line on stderr once it listens (after one for the control socket, if any); runs
+/// until SIGINT or SIGTERM.
+///
+/// With --control PATH, faults can be injected at run time with `tsubame ctl PATH COMMAND`:
+///   query-link         params, state, connections, bytes per direction, faults so far
+///   cut ms=N           nothing moves either way for N ms (senders back up, nothing is lost)
+///   blackhole          the same silence until restore: no byte, no FIN, no RST
+///   drop               close every connection; reset new ones at once until restore
+///   reset              send an RST to both peers of every open connection (ECONNRESET)
+///   restore            end a cut, a blackhole or a drop
+///   set [delay=D] [rate=R|none]   change the delay and/or rate for bytes read from now on
 ///
 /// Examples:
 ///   tsubame linkem --listen 127.0.0.1:5444 --connect 127.0.0.1:4444 --delay 16ms --rate 1Gbit
 ///   tsubame linkem --listen 127.0.0.1:0 --connect 10.0.0.2:4444 --delay 500us   (prints the port)
 ///   tsubame ctl /tmp/src.sock migrate uri=tcp:127.0.0.1:5444   (migrate through the link)
+///   tsubame linkem --listen 127.0.0.1:5444 --connect 127.0.0.1:4444 --delay 16ms \
+///     --control /tmp/link.sock
+///   tsubame ctl /tmp/link.sock cut ms=2000          (a 2 s outage during the migration)
+///   tsubame ctl /tmp/link.sock set delay=50ms rate=100Mbit
+///   tsubame ctl /tmp/link.sock drop                 (... then: restore)
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct LinkemArgs {
@@ -81,6 +128,9 @@ pub struct LinkemArgs {
     /// buffer / delay.
     #[arg(long, value_parser = parse_buffer)]
     pub buffer: Option<usize>,
+    /// Serve the fault-injection commands (above) on a Unix socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// What a link does to the bytes that cross it, per direction.
@@ -284,8 +334,17 @@ pub fn linkem(a: &LinkemArgs) -> Result<i32> {
         .thread_block()
         .context("blocking SIGINT and SIGTERM")?;
     let (bound, link) = spawn(listen, connect, params)?;
+    let control = match &a.control {
+        Some(path) => {
+            let server = link.serve_control(path)?;
+            eprintln!("tsubame linkem: control socket ready at {}", path.display());
+            Some(server)
+        }
+        None => None,
+    };
     eprintln!("tsubame linkem: forwarding {bound} -> {connect} with {params}");
     let signal = signals.wait().context("waiting for SIGINT or SIGTERM")?;
+    drop(control);
     link.stop();
     eprintln!("tsubame linkem: stopped by {signal}");
     Ok(0)
@@ -300,7 +359,53 @@ pub struct LinkHandle {
     acceptor: Option<JoinHandle<()>>,
 }
 
+// The fault-injection methods are the API of Rust drills; the binary itself only uses the
+// control socket, which serves the same operations.
+#[allow(dead_code)]
 impl LinkHandle {
+    /// Where it is now and what it has done: params, state, connections, bytes, faults.
+    pub fn status(&self) -> LinkStatus {
+        self.shared.status()
+    }
+
+    /// Cuts the link for `d`: no byte moves in either direction (the senders' TCP backs up,
+    /// connections stay open), then everything queued flows on. A later fault or `restore`
+    /// ends the cut early.
+    pub fn cut(&self, d: Duration) {
+        self.shared.cut(d);
+    }
+
+    /// Closes every connection (FIN) and resets new ones at once, until [`Self::restore`].
+    pub fn drop_link(&self) {
+        self.shared.drop_link();
+    }
+
+    /// Sends an RST to both peers of every open connection; new connections still work.
+    pub fn reset(&self) {
+        self.shared.reset();
+    }
+
+    /// Silence until [`Self::restore`]: like a cut without an end.
+    pub fn blackhole(&self) {
+        self.shared.blackhole();
+    }
+
+    /// Ends a cut, a blackhole or a drop.
+    pub fn restore(&self) {
+        self.shared.restore();
+    }
+
+    /// Changes the delay and/or the rate (`Some(None)`: unlimited) for bytes read from now on.
+    pub fn set(&self, delay: Option<Duration>, rate: Option<Option<u64>>) -> LinkParams {
+        self.shared.set_params(delay, rate)
+    }
+
+    /// Serves the link's commands (`query-link`, `cut`, ...) on a Unix socket at `path`.
+    pub fn serve_control(&self, path: &Path) -> Result<ControlServer> {
+        let handler = Arc::new(LinkCommands(Arc::clone(&self.shared)));
+        ControlServer::start(path, handler).map_err(Into::into)
+    }
+
     /// Stops the link: no new connections, every open one is closed (queued bytes are dropped).
     pub fn stop(mut self) {
         self.stop_and_join();
@@ -330,6 +435,82 @@ impl Drop for LinkHandle {
     }
 }
 
+/// Commands of a link's control socket.
+pub const LINK_COMMANDS: &[&str] = &[
+    "query-link",
+    "cut",
+    "drop",
+    "reset",
+    "blackhole",
+    "restore",
+    "set",
+];
+
+/// Serves a link's control socket.
+#[derive(Debug)]
+struct LinkCommands(Arc<Shared>);
+
+/// A string argument (numbers are taken as written, so `delay=0` works from `tsubame ctl`).
+fn arg_str(args: &Value, key: &str) -> Option<String> {
+    match args.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => Some("none".into()),
+        other => Some(other.to_string()),
+    }
+}
+
+impl CommandHandler for LinkCommands {
+    fn commands(&self) -> Vec<&'static str> {
+        LINK_COMMANDS.to_vec()
+    }
+
+    fn execute(&self, command: &str, args: &Value) -> Result<Value, CommandError> {
+        let link = &self.0;
+        match command {
+            "query-link" => {}
+            "cut" => {
+                let ms = args.get("ms").and_then(Value::as_u64).ok_or_else(|| {
+                    CommandError::invalid("cut needs 'ms', how long in milliseconds, e.g. ms=2000")
+                })?;
+                link.cut(Duration::from_millis(ms));
+            }
+            "drop" => link.drop_link(),
+            "reset" => link.reset(),
+            "blackhole" => link.blackhole(),
+            "restore" => link.restore(),
+            "set" => {
+                let delay = arg_str(args, "delay")
+                    .map(|d| parse_delay(&d))
+                    .transpose()
+                    .map_err(CommandError::invalid)?;
+                let rate = arg_str(args, "rate")
+                    .map(|r| match r.as_str() {
+                        "none" | "unlimited" => Ok(None),
+                        r => parse_rate(r).map(Some),
+                    })
+                    .transpose()
+                    .map_err(CommandError::invalid)?;
+                if delay.is_none() && rate.is_none() {
+                    return Err(CommandError::invalid(
+                        "set needs 'delay' (e.g. 16ms) and/or 'rate' (e.g. 1Gbit, or none)",
+                    ));
+                }
+                link.set_params(delay, rate);
+            }
+            other => {
+                return Err(CommandError {
+                    class: "CommandNotFound",
+                    desc: format!(
+                        "unknown command '{other}'; known commands: {}",
+                        LINK_COMMANDS.join(", ")
+                    ),
+                })
+            }
+        }
+        Ok(link.status().to_json())
+    }
+}
+
 /// Starts a link that accepts on `listen` and forwards every connection to `connect`. Returns
 /// the bound address (useful with port 0) and the handle that keeps it running.
 pub fn spawn(
@@ -344,11 +525,15 @@ pub fn spawn(
     let shared = Arc::new(Shared {
         listener,
         connect,
-        params,
+        params: Mutex::new(params),
+        params_gen: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
         conns: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(1),
         wire_free: [Mutex::new(Instant::now()), Mutex::new(Instant::now())],
+        state: AtomicU8::new(UP),
+        fault: Mutex::new(Fault::default()),
+        forwarded: [AtomicU64::new(0), AtomicU64::new(0)],
     });
     let acceptor = {
         let shared = Arc::clone(&shared);
@@ -370,7 +555,9 @@ pub fn spawn(
 struct Shared {
     listener: TcpListener,
     connect: SocketAddr,
-    params: LinkParams,
+    /// Changed at run time by `set`; readers copy them and look again when `params_gen` moves.
+    params: Mutex<LinkParams>,
+    params_gen: AtomicU64,
     stopping: AtomicBool,
     /// Established pairs, to close them on stop.
     conns: Mutex<Vec<Weak<Conn>>>,
@@ -378,6 +565,217 @@ struct Shared {
     /// When the emulated wire of each direction ([`Dir`] as index) has serialised everything
     /// reserved on it so far: all connections share the link's bandwidth, as on a real link.
     wire_free: [Mutex<Instant>; 2],
+    /// [`UP`], [`PAUSED`] or [`DROPPED`]: the one thing the forwarding threads look at per chunk.
+    state: AtomicU8,
+    /// The details of the fault, changed only under this lock.
+    fault: Mutex<Fault>,
+    /// Bytes written out per direction ([`Dir`] as index).
+    forwarded: [AtomicU64; 2],
+}
+
+/// The link carries bytes.
+const UP: u8 = 0;
+/// Cut or blackholed: no thread reads or writes ([`Fault::until`] says until when).
+const PAUSED: u8 = 1;
+/// Dropped: no connections at all until `restore`.
+const DROPPED: u8 = 2;
+
+#[derive(Debug, Default)]
+struct Fault {
+    /// While [`PAUSED`]: the end of the cut, or `None` for a blackhole (until `restore`).
+    until: Option<Instant>,
+    counts: FaultCounts,
+}
+
+/// How many faults a link has been given so far.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FaultCounts {
+    pub cuts: u64,
+    pub drops: u64,
+    pub resets: u64,
+    pub blackholes: u64,
+    pub restores: u64,
+    pub sets: u64,
+}
+
+/// What a link is doing to its connections right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Carrying bytes.
+    Up,
+    /// Cut: nothing moves for `left` more, then the link comes back by itself.
+    Cut { left: Duration },
+    /// Silent until `restore`: nothing moves, connections stay open, nobody is told.
+    Blackhole,
+    /// Every connection closed, new ones reset at once, until `restore`.
+    Dropped,
+}
+
+impl LinkState {
+    /// The name `query-link` reports: `up`, `cut`, `blackhole` or `dropped`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Cut { .. } => "cut",
+            LinkState::Blackhole => "blackhole",
+            LinkState::Dropped => "dropped",
+        }
+    }
+}
+
+/// A snapshot of a link, as `query-link` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub listen: SocketAddr,
+    pub connect: SocketAddr,
+    pub params: LinkParams,
+    pub state: LinkState,
+    /// Connections open now, and accepted since the start (not counting those reset at once
+    /// while the link was dropped).
+    pub open_connections: usize,
+    pub accepted_connections: u64,
+    /// Bytes delivered client -> target and target -> client.
+    pub bytes_to_target: u64,
+    pub bytes_to_client: u64,
+    pub faults: FaultCounts,
+}
+
+impl LinkStatus {
+    /// The `query-link` reply.
+    pub fn to_json(&self) -> Value {
+        let cut_left_ms = match self.state {
+            LinkState::Cut { left } => Some(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+            _ => None,
+        };
+        json!({
+            "listen": self.listen.to_string(),
+            "connect": self.connect.to_string(),
+            "delay": format_delay(self.params.delay),
+            "rate": self.params.rate.map(format_rate),
+            "buffer": self.params.buffer_bytes(),
+            "state": self.state.name(),
+            "cut_left_ms": cut_left_ms,
+            "connections": {"open": self.open_connections, "accepted": self.accepted_connections},
+            "bytes": {"to_target": self.bytes_to_target, "to_client": self.bytes_to_client},
+            "faults": self.faults,
+        })
+    }
+}
+
+impl Shared {
+    /// `Some(end)` while the link is cut (`end` = `Some`) or blackholed (`None`). One atomic
+    /// load when the link is up; an expired cut is cleared here.
+    fn paused(&self) -> Option<Option<Instant>> {
+        if self.state.load(Ordering::Acquire) != PAUSED {
+            return None;
+        }
+        let mut f = lock(&self.fault);
+        match f.until {
+            Some(end) if end <= Instant::now() => {
+                let _ =
+                    self.state
+                        .compare_exchange(PAUSED, UP, Ordering::AcqRel, Ordering::Acquire);
+                f.until = None;
+                None
+            }
+            until if self.state.load(Ordering::Acquire) == PAUSED => Some(until),
+            _ => None,
+        }
+    }
+
+    fn open_conns(&self) -> Vec<Arc<Conn>> {
+        lock(&self.conns).iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Wakes every forwarding thread waiting on a queue, so it looks at the state again.
+    fn wake_all(&self) {
+        for conn in self.open_conns() {
+            conn.up.wake();
+            conn.down.wake();
+        }
+    }
+
+    fn set_state(&self, state: u8, until: Option<Instant>, count: impl FnOnce(&mut FaultCounts)) {
+        {
+            let mut f = lock(&self.fault);
+            f.until = until;
+            count(&mut f.counts);
+            self.state.store(state, Ordering::Release);
+        }
+        self.wake_all();
+    }
+
+    fn cut(&self, d: Duration) {
+        info!("linkem: cut for {}", format_delay(d));
+        self.set_state(PAUSED, Some(Instant::now() + d), |c| c.cuts += 1);
+    }
+
+    fn blackhole(&self) {
+        info!("linkem: blackhole until restore");
+        self.set_state(PAUSED, None, |c| c.blackholes += 1);
+    }
+
+    fn restore(&self) {
+        info!("linkem: restored");
+        self.set_state(UP, None, |c| c.restores += 1);
+    }
+
+    fn drop_link(&self) {
+        info!("linkem: dropped: closing every connection, refusing new ones until restore");
+        self.set_state(DROPPED, None, |c| c.drops += 1);
+        for conn in self.open_conns() {
+            conn.abort();
+        }
+    }
+
+    fn reset(&self) {
+        let conns = self.open_conns();
+        info!("linkem: resetting {} connections", conns.len());
+        lock(&self.fault).counts.resets += 1;
+        for conn in conns {
+            conn.reset();
+        }
+    }
+
+    fn set_params(&self, delay: Option<Duration>, rate: Option<Option<u64>>) -> LinkParams {
+        let mut p = lock(&self.params);
+        if let Some(d) = delay {
+            p.delay = d;
+        }
+        if let Some(r) = rate {
+            p.rate = r;
+        }
+        lock(&self.fault).counts.sets += 1;
+        self.params_gen.fetch_add(1, Ordering::Release);
+        info!("linkem: now {p}");
+        *p
+    }
+
+    fn status(&self) -> LinkStatus {
+        let (state, counts) = {
+            let f = lock(&self.fault);
+            let state = match (self.state.load(Ordering::Acquire), f.until) {
+                (DROPPED, _) => LinkState::Dropped,
+                (PAUSED, None) => LinkState::Blackhole,
+                (PAUSED, Some(end)) if end > Instant::now() => LinkState::Cut {
+                    left: end - Instant::now(),
+                },
+                _ => LinkState::Up,
+            };
+            (state, f.counts)
+        };
+        LinkStatus {
+            listen: self.listener.local_addr().unwrap_or(self.connect),
+            connect: self.connect,
+            params: *lock(&self.params),
+            state,
+            open_connections: self.open_conns().len(),
+            accepted_connections: self.next_id.load(Ordering::Relaxed) - 1,
+            bytes_to_target: self.forwarded[Dir::Up as usize].load(Ordering::Relaxed),
+            bytes_to_client: self.forwarded[Dir::Down as usize].load(Ordering::Relaxed),
+            faults: counts,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -392,6 +790,11 @@ fn accept_loop(shared: &Arc<Shared>) {
             Ok((client, peer)) => {
                 if shared.stopping.load(Ordering::SeqCst) {
                     break;
+                }
+                if shared.state.load(Ordering::Acquire) == DROPPED {
+                    debug!("linkem: dropped: resetting the connection from {peer}");
+                    set_linger_zero(&client);
+                    continue; // dropping `client` sends the RST
                 }
                 setups.retain(|h| !h.is_finished());
                 let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -413,7 +816,7 @@ fn accept_loop(shared: &Arc<Shared>) {
             }
         }
     }
-    for conn in lock(&shared.conns).iter().filter_map(Weak::upgrade) {
+    for conn in shared.open_conns() {
         conn.abort();
     }
     for h in setups {
@@ -446,6 +849,24 @@ impl Conn {
         self.down.abort();
     }
 
+    /// Resets both sockets: the peers see ECONNRESET, not an EOF. SO_LINGER 0 makes the close
+    /// send an RST; shutdown(SHUT_RD) wakes the readers without sending anything, and the
+    /// sockets close (with the RST) once the four threads of the pair have let go of them. A
+    /// writer blocked in write(2) towards a peer that does not read holds on until it can write.
+    fn reset(&self) {
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for s in [&self.client, &self.server] {
+            set_linger_zero(s);
+        }
+        self.up.abort();
+        self.down.abort();
+        for s in [&self.client, &self.server] {
+            let _ = s.shutdown(Shutdown::Read);
+        }
+    }
+
     /// Logs why the pair ends (unless it is ending already) and aborts it.
     fn fail(&self, what: &str, e: &io::Error) {
         if !self.aborted.load(Ordering::SeqCst) {
@@ -462,6 +883,17 @@ impl Conn {
             );
         }
         self.abort();
+    }
+}
+
+/// SO_LINGER 0: closing the socket sends an RST instead of a FIN.
+fn set_linger_zero(s: &TcpStream) {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    if let Err(e) = nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger) {
+        warn!("linkem: setting SO_LINGER: {e}");
     }
 }
 
@@ -495,8 +927,9 @@ fn run_connection(shared: &Arc<Shared>, id: u64, client: TcpStream, peer: Socket
         conns.retain(|w| w.strong_count() > 0);
         conns.push(Arc::downgrade(&conn));
     }
-    // Registered before this check, so a stop either sees the connection or is seen here.
-    if shared.stopping.load(Ordering::SeqCst) {
+    // Registered before this check, so a stop (or drop) either sees the connection or is seen
+    // here.
+    if shared.stopping.load(Ordering::SeqCst) || shared.state.load(Ordering::Acquire) == DROPPED {
         return;
     }
     let mut workers = Vec::with_capacity(4);
@@ -512,9 +945,9 @@ fn run_connection(shared: &Arc<Shared>, id: u64, client: TcpStream, peer: Socket
             .name(format!("lk{id}-{name}"))
             .spawn(move || {
                 if writer {
-                    write_loop(&c, dir);
+                    write_loop(&c, dir, &s);
                 } else {
-                    read_loop(&c, dir, &s.params, &s.wire_free[dir as usize]);
+                    read_loop(&c, dir, &s);
                 }
             });
         match spawned {
@@ -582,6 +1015,14 @@ impl Queue {
         }
     }
 
+    /// Wakes the reader and the writer. Under the lock, so that a thread that has just seen the
+    /// old link state and is about to wait cannot miss it.
+    fn wake(&self) {
+        let _st = lock(&self.state);
+        self.ready.notify_all();
+        self.space.notify_all();
+    }
+
     fn abort(&self) {
         lock(&self.state).aborted = true;
         self.ready.notify_all();
@@ -589,22 +1030,51 @@ impl Queue {
     }
 }
 
-fn read_loop(conn: &Conn, dir: Dir, params: &LinkParams, wire_free: &Mutex<Instant>) {
+/// Waits on `cv` until `end` (`None`: until notified).
+fn wait_until<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    end: Option<Instant>,
+) -> MutexGuard<'a, T> {
+    match end {
+        Some(end) => {
+            cv.wait_timeout(guard, end.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0
+        }
+        None => cv
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    }
+}
+
+fn read_loop(conn: &Conn, dir: Dir, shared: &Shared) {
     let (mut src, _, queue) = conn.dir(dir);
-    let capacity = params.buffer_bytes();
-    let chunk = params.chunk_bytes();
+    let wire_free = &shared.wire_free[dir as usize];
+    let mut gen = shared.params_gen.load(Ordering::Acquire);
+    let mut params = *lock(&shared.params);
+    let mut capacity = params.buffer_bytes();
+    let mut chunk = params.chunk_bytes();
     let mut buf = vec![0u8; chunk];
     loop {
+        buf.resize(chunk, 0); // no-op unless `set` changed the chunk size
         {
             let mut st = lock(&queue.state);
-            while !st.aborted && st.bytes + chunk > capacity {
-                st = queue
-                    .space
-                    .wait(st)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-            }
-            if st.aborted {
-                return;
+            loop {
+                if st.aborted {
+                    return;
+                }
+                if let Some(end) = shared.paused() {
+                    // Cut or blackholed: stop reading, so the sender's TCP backs up.
+                    st = wait_until(&queue.space, st, end);
+                } else if st.bytes + chunk > capacity {
+                    st = queue
+                        .space
+                        .wait(st)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                } else {
+                    break;
+                }
             }
         }
         let n = match src.read(&mut buf) {
@@ -612,6 +1082,14 @@ fn read_loop(conn: &Conn, dir: Dir, params: &LinkParams, wire_free: &Mutex<Insta
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return conn.fail("reading", &e),
         };
+        if shared.params_gen.load(Ordering::Acquire) != gen {
+            // `set` changed the delay or the rate: bytes read from now on get the new ones
+            // (checked after the read, which may have waited long for them).
+            gen = shared.params_gen.load(Ordering::Acquire);
+            params = *lock(&shared.params);
+            capacity = params.buffer_bytes();
+            chunk = params.chunk_bytes();
+        }
         let now = Instant::now();
         let release = if params.rate.is_some() && n > 0 {
             // Reserve the chunk's serialisation time on the wire, after what is already on it.
@@ -642,7 +1120,7 @@ fn read_loop(conn: &Conn, dir: Dir, params: &LinkParams, wire_free: &Mutex<Insta
     }
 }
 
-fn write_loop(conn: &Conn, dir: Dir) {
+fn write_loop(conn: &Conn, dir: Dir, shared: &Shared) {
     let (_, mut dst, queue) = conn.dir(dir);
     // Timers of this thread fire on time rather than up to 50 us late (the default slack).
     if let Err(e) = nix::sys::prctl::set_timerslack(1) {
@@ -655,6 +1133,11 @@ fn write_loop(conn: &Conn, dir: Dir) {
             loop {
                 if st.aborted {
                     return;
+                }
+                if let Some(end) = shared.paused() {
+                    // Cut or blackholed: hold the queued bytes (and a pending half-close).
+                    st = wait_until(&queue.ready, st, end);
+                    continue;
                 }
                 let now = Instant::now();
                 match st.chunks.front() {
@@ -694,6 +1177,7 @@ fn write_loop(conn: &Conn, dir: Dir) {
         if let Err(e) = dst.write_all(&chunk.data) {
             return conn.fail("writing", &e);
         }
+        shared.forwarded[dir as usize].fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
         lock(&queue.state).bytes -= chunk.data.len();
         queue.space.notify_one();
     }
@@ -759,11 +1243,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stopping_closes_open_connections() {
+    /// A link with `delay` to a fresh target, and one connection through it: (the link's
+    /// address, the link, the client's end, the target's end).
+    fn connected(delay: Duration) -> (SocketAddr, LinkHandle, TcpStream, TcpStream) {
         let target = TcpListener::bind("127.0.0.1:0").unwrap();
         let params = LinkParams {
-            delay: Duration::from_secs(1),
+            delay,
             rate: None,
             buffer: None,
         };
@@ -773,15 +1258,61 @@ mod tests {
             params,
         )
         .unwrap();
-        let mut client = TcpStream::connect(addr).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let (server, _) = target.accept().unwrap();
+        (addr, link, client, server)
+    }
+
+    #[test]
+    fn stopping_closes_open_connections() {
+        let (addr, link, mut client, mut server) = connected(Duration::from_secs(1));
         client.write_all(b"still in flight").unwrap();
-        let (mut server, _) = target.accept().unwrap();
         // Joins every thread, although the writer waits for a release a second away.
         link.stop();
         let mut buf = [0u8; 32];
         assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
         assert!(matches!(server.read(&mut buf), Ok(0) | Err(_)));
         assert!(TcpStream::connect(addr).is_err(), "still accepting");
+    }
+
+    /// The in-process handle offers the faults of the control socket.
+    #[test]
+    fn the_handle_injects_faults() {
+        let (_, link, mut client, mut server) = connected(Duration::ZERO);
+        link.blackhole();
+        assert_eq!(link.status().state, LinkState::Blackhole);
+        client.write_all(b"held").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        assert!(server.read(&mut buf).is_err(), "bytes crossed a blackhole");
+        link.cut(Duration::from_millis(100));
+        assert!(matches!(link.status().state, LinkState::Cut { .. }));
+        server.set_read_timeout(None).unwrap();
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"held");
+        assert_eq!(link.status().state, LinkState::Up);
+        let p = link.set(Some(Duration::from_millis(2)), Some(Some(80_000_000)));
+        assert_eq!(p.to_string(), "2ms one-way delay, rate 80Mbit");
+        link.reset();
+        let err = client.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset);
+        link.drop_link();
+        assert_eq!(link.status().state, LinkState::Dropped);
+        link.restore();
+        let s = link.status();
+        assert_eq!(s.state, LinkState::Up);
+        assert_eq!(s.bytes_to_target, 4);
+        assert_eq!(
+            (
+                s.faults.blackholes,
+                s.faults.cuts,
+                s.faults.resets,
+                s.faults.drops
+            ),
+            (1, 1, 1, 1)
+        );
     }
 
     #[test]

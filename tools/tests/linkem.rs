@@ -1,12 +1,16 @@
 //! `tsubame linkem`, the TCP link emulator, as a real process between a client and a small test
 //! server: bytes arrive exact (with half-close), delay and rate are at least what was asked for,
-//! bad arguments are explained, and a failing target does not take the proxy down.
+//! bad arguments are explained, and a failing target does not take the proxy down. The faults
+//! (cut, drop, reset, blackhole, set), driven through `--control` with `tsubame ctl`, do what
+//! they say and lose no byte.
 //!
 //! Times are only checked from below: a lower bound is a correctness property, an upper bound
 //! would fail on a busy shared machine.
 
+use std::io::ErrorKind;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -18,6 +22,8 @@ struct Linkem {
     child: Child,
     addr: SocketAddr,
     stderr: mpsc::Receiver<String>,
+    /// The control socket, removed on drop (a killed linkem leaves it behind).
+    control: Option<PathBuf>,
 }
 
 impl Linkem {
@@ -44,6 +50,7 @@ impl Linkem {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             stderr,
+            control: None,
         };
         let line = l.expect_line("forwarding");
         let addr = line
@@ -79,6 +86,9 @@ impl Drop for Linkem {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(sock) = &self.control {
+            let _ = std::fs::remove_file(sock);
+        }
     }
 }
 
@@ -311,4 +321,167 @@ fn an_unreachable_target_closes_only_that_connection() {
         "linkem exited with {status} after SIGTERM"
     );
     link.expect_line("stopped by SIGTERM");
+}
+
+/// A linkem with a control socket, and the socket's path.
+fn controlled(connect: SocketAddr, name: &str, extra: &[&str]) -> (Linkem, PathBuf) {
+    let sock = std::env::temp_dir().join(format!("linkem-{}-{name}.sock", std::process::id()));
+    let mut link = Linkem::start(
+        connect,
+        &[&["--control", sock.to_str().unwrap()], extra].concat(),
+    );
+    link.control = Some(sock.clone());
+    (link, sock)
+}
+
+/// `tsubame ctl --json SOCK ARGS...`: the reply, or the error object if the command failed.
+fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_tsubame"))
+        .args(["ctl", "--json"])
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("running tsubame ctl");
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| {
+        panic!(
+            "ctl {args:?}: no JSON in '{out}'; stderr: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// A connection in echo mode that has carried one round trip.
+fn echoing(link: &Linkem) -> TcpStream {
+    let mut s = link.connect();
+    s.write_all(b"e!").unwrap();
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"!");
+    s
+}
+
+/// Whether the link closed or reset `s` (rather than leaving it open and silent).
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(n) => panic!("{n} bytes from a dropped link"),
+        Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+    }
+}
+
+#[test]
+fn a_cut_holds_bytes_for_its_duration_and_loses_none() {
+    let (link, sock) = controlled(test_server(), "cut", &["--delay", "0"]);
+    let s = echoing(&link);
+    let start = Instant::now();
+    let r = ctl(&sock, &["cut", "ms=800"]);
+    assert_eq!(r["state"], "cut", "{r}");
+    assert_eq!(r["faults"]["cuts"], 1);
+    // Sent during the cut, echoed after it: nothing arrives before the cut is over.
+    let data = pseudo_random(1 << 20, 99);
+    let echoed = exchange(s, b'e', data.clone());
+    let took = start.elapsed();
+    assert!(echoed[1..] == data[..], "bytes echoed across a cut differ");
+    assert!(
+        took >= Duration::from_millis(750),
+        "bytes crossed an 800 ms cut after only {took:?}"
+    );
+    let r = ctl(&sock, &["query-link"]);
+    assert_eq!(r["state"], "up", "the cut did not end by itself: {r}");
+    assert!(r["bytes"]["to_client"].as_u64().unwrap() > 1 << 20, "{r}");
+}
+
+#[test]
+fn a_drop_closes_connections_and_refuses_new_ones_until_restore() {
+    let (link, sock) = controlled(test_server(), "drop", &["--delay", "0"]);
+    let mut s = echoing(&link);
+    let r = ctl(&sock, &["drop"]);
+    assert_eq!(r["state"], "dropped", "{r}");
+    assert!(closed(&mut s), "a dropped link left the connection open");
+    // A new connection is accepted and reset at once.
+    let mut again = link.connect();
+    let _ = again.write_all(b"e?");
+    assert!(
+        closed(&mut again),
+        "a dropped link carried a new connection"
+    );
+    assert_eq!(ctl(&sock, &["restore"])["state"], "up");
+    let _open = echoing(&link);
+    let r = ctl(&sock, &["query-link"]);
+    assert_eq!(r["faults"]["drops"], 1, "{r}");
+    assert_eq!(r["connections"]["open"], 1, "{r}");
+}
+
+#[test]
+fn a_reset_gives_the_peers_econnreset_and_new_connections_work() {
+    let (link, sock) = controlled(test_server(), "reset", &["--delay", "1ms"]);
+    let mut s = echoing(&link);
+    let r = ctl(&sock, &["reset"]);
+    assert_eq!(r["faults"]["resets"], 1, "{r}");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("read {n} bytes (0 = EOF) instead of ECONNRESET"),
+    }
+    echoing(&link);
+}
+
+#[test]
+fn a_blackhole_is_silent_until_restore_and_loses_nothing() {
+    let (link, sock) = controlled(test_server(), "blackhole", &["--delay", "0"]);
+    let mut s = echoing(&link);
+    assert_eq!(ctl(&sock, &["blackhole"])["state"], "blackhole");
+    s.write_all(b"x").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut b = [0u8];
+    match s.read(&mut b) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("a blackholed link answered: {other:?}"),
+    }
+    assert_eq!(ctl(&sock, &["restore"])["state"], "up");
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x", "the byte sent into the blackhole");
+}
+
+#[test]
+fn set_changes_the_delay_and_rate_at_run_time() {
+    let (link, sock) = controlled(test_server(), "set", &["--delay", "0"]);
+    let mut s = echoing(&link);
+    let r = ctl(&sock, &["set", "delay=60ms", "rate=1Gbit"]);
+    assert_eq!(
+        (r["delay"].as_str(), r["rate"].as_str()),
+        (Some("60ms"), Some("1Gbit"))
+    );
+    let t = Instant::now();
+    s.write_all(b"?").unwrap();
+    let mut b = [0u8];
+    s.read_exact(&mut b).unwrap();
+    let rtt = t.elapsed();
+    assert!(
+        rtt >= Duration::from_millis(120),
+        "a round trip after set delay=60ms took {rtt:?}"
+    );
+    let r = ctl(&sock, &["set", "delay=0", "rate=none"]);
+    assert_eq!(
+        (r["delay"].as_str(), r["rate"].as_str()),
+        (Some("0ms"), None),
+        "{r}"
+    );
+    assert_eq!(r["faults"]["sets"], 2);
+    let e = ctl(&sock, &["set", "delay=5"]);
+    assert!(
+        e["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("number with a unit"),
+        "{e}"
+    );
+    let e = ctl(&sock, &["cut"]);
+    assert!(e["error"]["desc"].as_str().unwrap().contains("ms="), "{e}");
 }
