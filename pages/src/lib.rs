@@ -19,6 +19,7 @@
 mod addr;
 mod bitmap;
 mod layout;
+mod memstore;
 mod runs;
 mod store;
 
@@ -28,10 +29,10 @@ pub use layout::{
     LayoutError, Location, MemoryLayout, PageRun, RegionLayout, HIGH_MEMORY_BASE, LOW_MEMORY_TOP,
     MAX_MEMORY, MIN_MEMORY, SPLIT_THRESHOLD,
 };
+pub use memstore::{Budget, Full, MemStore, MemUsage};
 pub use runs::{for_each_page_run, for_each_page_run_hinted, gfn_runs, is_zero, take_run};
 pub use store::{
-    copy_run, receive_via, run_buffer, run_bytes, Delivery, MemStore, PageError, PageSink,
-    PageStore,
+    copy_run, receive_via, run_buffer, run_bytes, Delivery, PageError, PageSink, PageStore,
 };
 
 /// Size of a guest page: Tsubame tracks, moves and digests memory in 4 KiB pages.

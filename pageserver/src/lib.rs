@@ -66,7 +66,6 @@ pub mod frame;
 pub mod handshake;
 pub mod memserver;
 pub mod message;
-pub mod pagetree;
 pub mod prepage;
 pub mod server;
 pub mod session;

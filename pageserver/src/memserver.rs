@@ -2,10 +2,10 @@
 //! by (VM, gfn), and serves them back.
 //!
 //! It speaks the same sessions as every other endpoint, and is both ends of them over one
-//! radix tree of pages per VM ([`PageTree`]), all under one memory [`Budget`]:
+//! radix tree of pages per VM ([`MemStore`]), all under one memory [`Budget`]:
 //!
 //! ```text
-//!  a source   ══ Store session ══► PageClient ─► PageTree(vm) ─► PageServer ══ Fetch session ══► a destination
+//!  a source   ══ Store session ══► PageClient ─► MemStore(vm) ─► PageServer ══ Fetch session ══► a destination
 //!  (pages it hands over,           (receive_bulk,                 (demand replies,
 //!   or Discards: forget them)       acknowledged as stored)        push of what it holds)
 //! ```
@@ -23,13 +23,12 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
-use tsubame_pages::PageStore;
+use tsubame_pages::{Budget, MemStore, MemUsage, PageStore};
 
 use crate::client::{ClientError, ClientEvents, PageClient};
 use crate::flow::BulkWriter;
 use crate::frame::ProtocolError;
 use crate::message::{Hello, Message, Purpose};
-use crate::pagetree::{Budget, PageTree, TreeUsage};
 use crate::prepage::{HotPages, Prepage};
 use crate::server::{PageServer, PushOptions, ServeState};
 use crate::session::{Acceptor, Session};
@@ -40,7 +39,7 @@ pub struct VmUsage {
     pub vm: u64,
     pub memory_bytes: u64,
     #[serde(flatten)]
-    pub held: TreeUsage,
+    pub held: MemUsage,
 }
 
 /// What a memserver holds in all.
@@ -55,12 +54,12 @@ pub struct Usage {
     pub refused_full: u64,
 }
 
-/// A memserver: the VMs' page trees, their budget, and the secret sessions must know.
+/// A memserver: the VMs' stores, their budget, and the secret sessions must know.
 #[derive(Debug)]
 pub struct Memserver {
     secret: Vec<u8>,
     budget: Arc<Budget>,
-    vms: Mutex<HashMap<u64, Arc<PageTree>>>,
+    vms: Mutex<HashMap<u64, Arc<MemStore>>>,
     refused_full: std::sync::atomic::AtomicU64,
 }
 
@@ -145,7 +144,12 @@ impl Memserver {
             .lock()
             .expect("memserver lock")
             .entry(vm)
-            .or_insert_with(|| Arc::new(PageTree::new(&session.hello.layout, self.budget.clone())))
+            .or_insert_with(|| {
+                Arc::new(MemStore::with_budget(
+                    &session.hello.layout,
+                    self.budget.clone(),
+                ))
+            })
             .clone();
         match session.hello.purpose {
             Purpose::Store => {
@@ -187,7 +191,7 @@ impl Memserver {
 /// has every page it needs or goes away.
 fn serve_fetch(
     vm: u64,
-    store: &Arc<PageTree>,
+    store: &Arc<MemStore>,
     s: Session,
 ) -> Result<ServeState, crate::ServerError> {
     let server = Arc::new(PageServer::new(store.clone()));

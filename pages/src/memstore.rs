@@ -1,62 +1,42 @@
-//! [`PageTree`]: a memserver's pages of one VM, in a two-level radix tree (S-memV keeps its
-//! pages so), under a [`Budget`] shared by every VM of the memserver.
+//! [`MemStore`]: pages held in memory, for a VM of a given layout: a [`PageStore`] and a
+//! [`PageSink`] at once, optionally under a [`Budget`] shared with other stores (a memserver
+//! holds one store per VM under one `--max-mem`).
+//!
+//! The pages are a two-level radix tree (S-memV keeps its pages so):
 //!
 //! ```text
-//!  page index ──► leaf (index / 512) ──► slot (index % 512) ──► 4 KiB page, or held-as-zero
-//!  leaves: one pointer per 2 MiB of the VM's memory, a leaf allocated at its first held page
-//!  leaf:   512 page pointers + a 512-bit "held" mask (4 160 bytes)
+//!  page index ──► leaf (index / 512) ──► slot (index % 512) ──► 4 KiB page, or none (zero)
+//!  leaves: one pointer per 2 MiB of the VM's memory, a leaf allocated at its first data page
+//!  held:   one bit per page of the VM (held as data or as zero, or not held)
 //! ```
 //!
 //! A page is allocated on its own, and only if it is not zero: zero pages (and pages never
-//! stored) take no memory, are never sent as data, and a page stored as zero over a held one
-//! frees it. Metadata is the leaves (0.2 % of the data a full leaf holds) and one pointer per
-//! 2 MiB of the VM; [`PageTree::usage`] reports both. The budget refuses a page that would take
-//! the memserver's data over `--max-mem`, with an error that says so; nothing is evicted.
-//!
-//! Like [`tsubame_pages::MemStore`], the tree never makes up a page it was not given: reading a
-//! page that is not held fails.
+//! stored) take no memory, and a page stored as zero over a held one frees it. Metadata is the
+//! leaves (0.2 % of the data a full leaf holds), one pointer per 2 MiB and one bit per page of
+//! the VM; [`MemStore::usage`] reports it. A budget refuses a page that would take the data
+//! over its limit, with an error that says so; nothing is evicted. A page is *held* once
+//! installed (as data or as zero) until forgotten; reading a page that is not held fails
+//! ([`PageError::Absent`]): the store never makes up a zero page for a page it was not given.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
-use tsubame_pages::{
-    is_zero, run_buffer, Gfn, MemoryLayout, PageError, PageSink, PageStore, PAGE_BYTES,
-};
+
+use crate::store::{run_buffer, PageError, PageSink, PageStore};
+use crate::{is_zero, AtomicBitmap, Gfn, MemoryLayout, PAGE_BYTES};
 
 /// Pages per leaf (2 MiB).
 const LEAF_PAGES: usize = 512;
 
 type Page = Box<[u8; PAGE_BYTES]>;
 
-/// 512 page slots.
+/// 512 page slots: a page's data, or none for a zero page (or one not held).
 struct Leaf {
-    held: [u64; LEAF_PAGES / 64],
     pages: [Option<Page>; LEAF_PAGES],
 }
 
-impl Leaf {
-    fn new() -> Box<Self> {
-        Box::new(Self {
-            held: [0; LEAF_PAGES / 64],
-            pages: [const { None }; LEAF_PAGES],
-        })
-    }
-
-    fn is_held(&self, slot: usize) -> bool {
-        self.held[slot / 64] & (1 << (slot % 64)) != 0
-    }
-
-    fn set_held(&mut self, slot: usize, held: bool) {
-        if held {
-            self.held[slot / 64] |= 1 << (slot % 64);
-        } else {
-            self.held[slot / 64] &= !(1 << (slot % 64));
-        }
-    }
-}
-
-/// The memory all VMs' pages may take, shared by the trees of one memserver.
+/// The memory stores may take for page data, shared by the stores of one process.
 #[derive(Debug, Default)]
 pub struct Budget {
     /// Most bytes of page data (`None`: no limit).
@@ -73,7 +53,7 @@ pub struct Full {
 }
 
 impl Budget {
-    /// A budget of at most `max` bytes of page data.
+    /// A budget of at most `max` bytes of page data (`None`: no limit).
     pub fn new(max: Option<u64>) -> Arc<Self> {
         Arc::new(Self {
             max,
@@ -81,7 +61,7 @@ impl Budget {
         })
     }
 
-    /// Bytes of page data held, all VMs.
+    /// Bytes of page data held, all stores.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -113,102 +93,93 @@ impl Budget {
         }
     }
 
-    fn give_page(&self) {
-        self.used.fetch_sub(PAGE_BYTES as u64, Ordering::AcqRel);
+    fn give_pages(&self, pages: u64) {
+        self.used
+            .fetch_sub(pages * PAGE_BYTES as u64, Ordering::AcqRel);
     }
 }
 
-/// What a tree holds.
+/// What a store holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct TreeUsage {
+pub struct MemUsage {
     /// Pages held, as data or as zero.
     pub pages_held: u64,
     /// Of those, pages with data (4 KiB each).
     pub data_pages: u64,
     pub data_bytes: u64,
-    /// The tree itself: leaves and the top level.
+    /// The tree itself: leaves, the top level, the held bitmap.
     pub metadata_bytes: u64,
 }
 
-/// The pages of one VM (module docs): a [`PageStore`] and a [`PageSink`].
-pub struct PageTree {
+/// Pages held in memory (module docs).
+pub struct MemStore {
     layout: MemoryLayout,
+    held: AtomicBitmap,
     leaves: Vec<RwLock<Option<Box<Leaf>>>>,
     budget: Arc<Budget>,
-    held: AtomicU64,
     data: AtomicU64,
     leaf_count: AtomicU64,
 }
 
-impl std::fmt::Debug for PageTree {
+impl std::fmt::Debug for MemStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageTree")
+        f.debug_struct("MemStore")
             .field("usage", &self.usage())
             .finish_non_exhaustive()
     }
 }
 
-impl PageTree {
-    /// An empty tree for a VM of `layout`, drawing on `budget`.
-    pub fn new(layout: &MemoryLayout, budget: Arc<Budget>) -> Self {
+impl MemStore {
+    /// An empty store for memory of this layout, without a limit.
+    pub fn new(layout: &MemoryLayout) -> Self {
+        Self::with_budget(layout, Budget::new(None))
+    }
+
+    /// An empty store for memory of this layout, drawing on `budget`.
+    pub fn with_budget(layout: &MemoryLayout, budget: Arc<Budget>) -> Self {
         let leaves = usize::try_from(layout.total_pages().div_ceil(LEAF_PAGES as u64))
             .expect("leaf count fits usize");
         Self {
             layout: layout.clone(),
+            held: AtomicBitmap::new(layout.total_pages()),
             leaves: (0..leaves).map(|_| RwLock::new(None)).collect(),
             budget,
-            held: AtomicU64::new(0),
             data: AtomicU64::new(0),
             leaf_count: AtomicU64::new(0),
         }
     }
 
     /// What it holds.
-    pub fn usage(&self) -> TreeUsage {
+    pub fn usage(&self) -> MemUsage {
         let data_pages = self.data.load(Ordering::Relaxed);
-        TreeUsage {
-            pages_held: self.held.load(Ordering::Relaxed),
+        MemUsage {
+            pages_held: self.held.count_ones(),
             data_pages,
             data_bytes: data_pages * PAGE_BYTES as u64,
             metadata_bytes: self.leaf_count.load(Ordering::Relaxed)
                 * std::mem::size_of::<Leaf>() as u64
-                + (self.leaves.len() * std::mem::size_of::<RwLock<Option<Box<Leaf>>>>()) as u64,
+                + (self.leaves.len() * std::mem::size_of::<RwLock<Option<Box<Leaf>>>>()) as u64
+                + self.layout.total_pages().div_ceil(8),
         }
     }
 
     /// Pages held (data or zero).
     pub fn held_pages(&self) -> u64 {
-        self.held.load(Ordering::Relaxed)
+        self.held.count_ones()
+    }
+
+    /// Whether page `gfn` is held.
+    pub fn holds(&self, gfn: Gfn) -> bool {
+        self.layout
+            .page_index(gfn)
+            .is_some_and(|i| self.held.get(i))
     }
 
     /// Calls `f(gfn, pages)` for each run of pages not held, in layout order.
     pub fn for_each_absent(&self, mut f: impl FnMut(Gfn, u64)) {
-        let total = self.layout.total_pages();
-        let mut i = 0;
-        while i < total {
-            if self.index_held(i) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < total && !self.index_held(i) {
-                i += 1;
-            }
-            let mut j = start;
-            while let Some(run) = self.layout.run_at(j, i - j).filter(|_| j < i) {
-                f(run.gfn, run.pages);
-                j += run.pages;
-            }
+        for run in self.layout.runs_where(&self.held, false) {
+            f(run.gfn, run.pages);
         }
-    }
-
-    fn index_held(&self, index: u64) -> bool {
-        let (leaf, slot) = split(index);
-        self.leaves[leaf]
-            .read()
-            .expect("tree lock")
-            .as_ref()
-            .is_some_and(|l| l.is_held(slot))
     }
 
     fn index_of(&self, gfn: Gfn, pages: u64) -> Result<u64, PageError> {
@@ -221,10 +192,16 @@ impl PageTree {
     /// Stores `page` (None: a zero page) at page index `index`.
     fn put(&self, index: u64, page: Option<&[u8]>) -> Result<(), PageError> {
         let (leaf, slot) = split(index);
-        let mut l = self.leaves[leaf].write().expect("tree lock");
+        let mut l = self.leaves[leaf].write().expect("store lock");
+        if l.is_none() && page.is_none() {
+            self.held.test_and_set(index); // reads as zero already
+            return Ok(());
+        }
         let l = l.get_or_insert_with(|| {
             self.leaf_count.fetch_add(1, Ordering::Relaxed);
-            Leaf::new()
+            Box::new(Leaf {
+                pages: [const { None }; LEAF_PAGES],
+            })
         });
         match (page, &mut l.pages[slot]) {
             (Some(data), Some(held)) => held.copy_from_slice(data),
@@ -239,38 +216,31 @@ impl PageTree {
             }
             (None, held @ Some(_)) => {
                 *held = None;
-                self.budget.give_page();
+                self.budget.give_pages(1);
                 self.data.fetch_sub(1, Ordering::Relaxed);
             }
             (None, None) => {}
         }
-        if !l.is_held(slot) {
-            l.set_held(slot, true);
-            self.held.fetch_add(1, Ordering::Relaxed);
-        }
+        self.held.test_and_set(index);
         Ok(())
     }
 
+    /// Drops the page at page index `index` (data and held mark).
     fn drop_page(&self, index: u64) {
         let (leaf, slot) = split(index);
-        let mut l = self.leaves[leaf].write().expect("tree lock");
-        let Some(l) = l.as_mut() else { return };
-        if l.pages[slot].take().is_some() {
-            self.budget.give_page();
-            self.data.fetch_sub(1, Ordering::Relaxed);
+        if let Some(l) = self.leaves[leaf].write().expect("store lock").as_mut() {
+            if l.pages[slot].take().is_some() {
+                self.budget.give_pages(1);
+                self.data.fetch_sub(1, Ordering::Relaxed);
+            }
         }
-        if l.is_held(slot) {
-            l.set_held(slot, false);
-            self.held.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.held.clear(index);
     }
 }
 
-impl Drop for PageTree {
+impl Drop for MemStore {
     fn drop(&mut self) {
-        for _ in 0..self.data.load(Ordering::Relaxed) {
-            self.budget.give_page();
-        }
+        self.budget.give_pages(self.data.load(Ordering::Relaxed));
     }
 }
 
@@ -283,7 +253,7 @@ fn split(index: u64) -> (usize, usize) {
     )
 }
 
-impl PageStore for PageTree {
+impl PageStore for MemStore {
     fn layout(&self) -> &MemoryLayout {
         &self.layout
     }
@@ -295,16 +265,19 @@ impl PageStore for PageTree {
         scratch: &'a mut Vec<u8>,
     ) -> Result<&'a [u8], PageError> {
         let index = self.index_of(gfn, pages)?;
+        let missing = self.held.next_clear(index, index + pages);
+        if missing < index + pages {
+            return Err(PageError::Absent {
+                gfn: gfn + (missing - index),
+            });
+        }
         let buf = run_buffer(scratch, gfn, pages)?;
         for (k, out) in (0..pages).zip(buf.chunks_exact_mut(PAGE_BYTES)) {
             let (leaf, slot) = split(index + k);
-            let l = self.leaves[leaf].read().expect("tree lock");
-            match l.as_ref().filter(|l| l.is_held(slot)) {
-                None => return Err(PageError::Absent { gfn: gfn + k }),
-                Some(l) => match &l.pages[slot] {
-                    Some(p) => out.copy_from_slice(&p[..]),
-                    None => out.fill(0),
-                },
+            let l = self.leaves[leaf].read().expect("store lock");
+            match l.as_ref().and_then(|l| l.pages[slot].as_ref()) {
+                Some(p) => out.copy_from_slice(&p[..]),
+                None => out.fill(0),
             }
         }
         Ok(buf)
@@ -315,25 +288,28 @@ impl PageStore for PageTree {
         zero.clear();
         for k in 0..pages {
             let (leaf, slot) = split(index + k);
-            let l = self.leaves[leaf].read().expect("tree lock");
-            zero.push(
-                l.as_ref()
-                    .is_some_and(|l| l.is_held(slot) && l.pages[slot].is_none()),
-            );
+            let l = self.leaves[leaf].read().expect("store lock");
+            zero.push(l.as_ref().is_none_or(|l| l.pages[slot].is_none()));
         }
         Ok(())
     }
+
+    /// Released pages are no longer held (as if forgotten). Reads copy, so nothing borrowed
+    /// can see them go.
+    unsafe fn release(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        self.forget(gfn, pages)
+    }
 }
 
-impl PageSink for PageTree {
+impl PageSink for MemStore {
     fn install(&self, gfn: Gfn, data: &[u8]) -> Result<u64, PageError> {
         if data.is_empty() || data.len() % PAGE_BYTES != 0 {
             return Err(PageError::Unaligned { len: data.len() });
         }
         let pages = (data.len() / PAGE_BYTES) as u64;
         let index = self.index_of(gfn, pages)?;
-        for (k, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
-            self.put(index + k as u64, (!is_zero(page)).then_some(page))?;
+        for (k, page) in (0..pages).zip(data.chunks_exact(PAGE_BYTES)) {
+            self.put(index + k, (!is_zero(page)).then_some(page))?;
         }
         Ok(pages)
     }
@@ -356,24 +332,85 @@ impl PageSink for PageTree {
 
     fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
         let index = self.index_of(gfn, pages).ok()?;
-        Some((0..pages).all(|k| self.index_held(index + k)))
+        Some(self.held.next_clear(index, index + pages) == index + pages)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PAGE_SIZE;
 
     fn page(fill: u8) -> Vec<u8> {
         vec![fill; PAGE_BYTES]
     }
 
     #[test]
-    fn a_tree_holds_what_it_was_given_in_its_budget_and_nothing_else() {
+    fn a_store_holds_what_it_was_given_and_nothing_else() {
+        let layout = MemoryLayout::for_size(8 << 30).unwrap();
+        let s = MemStore::new(&layout);
+        let high = crate::Gpa(4 << 30).gfn();
+        let mut data = page(1);
+        data.extend(page(0));
+        data.extend(page(3));
+        assert_eq!(s.install(high + 10, &data).unwrap(), 3);
+        assert_eq!(s.install_zero(Gfn(5), 2).unwrap(), 2);
+        assert_eq!(s.held_pages(), 5);
+        assert_eq!(
+            s.usage().data_bytes,
+            2 * PAGE_BYTES as u64,
+            "zero pages take no memory"
+        );
+        let mut scratch = Vec::new();
+        assert_eq!(s.read(high + 10, 3, &mut scratch).unwrap(), &data[..]);
+        assert_eq!(
+            s.read(Gfn(5), 2, &mut scratch).unwrap(),
+            &[0u8; 2 * PAGE_BYTES][..]
+        );
+        let mut zero = Vec::new();
+        s.known_zero(Gfn(5), 1, &mut zero).unwrap();
+        assert_eq!(zero, [true]);
+        assert!(matches!(
+            s.read(high + 9, 2, &mut scratch),
+            Err(PageError::Absent { gfn }) if gfn == high + 9
+        ));
+        assert!(matches!(
+            s.read(layout.top().gfn(), 1, &mut scratch),
+            Err(PageError::OutOfRange { .. })
+        ));
+        // A newer copy replaces the old one; a forgotten page is absent again.
+        s.install(high + 11, &page(9)).unwrap();
+        assert_eq!(s.read(high + 11, 1, &mut scratch).unwrap(), &page(9)[..]);
+        s.install_zero(high + 12, 1).unwrap();
+        assert_eq!(s.read(high + 12, 1, &mut scratch).unwrap(), &page(0)[..]);
+        s.forget(high + 10, 1).unwrap();
+        assert!(!s.holds(high + 10) && s.holds(high + 11));
+        let mut absent = Vec::new();
+        s.for_each_absent(|g, n| absent.push((g, n)));
+        let low = (3 << 30) / PAGE_SIZE;
+        assert_eq!(
+            absent,
+            [
+                (Gfn(0), 5),
+                (Gfn(7), low - 7),
+                (high, 11),
+                (high + 13, layout.total_pages() - low - 13)
+            ],
+            "split at the region's end"
+        );
+        assert!(s.read(high + 10, 1, &mut scratch).is_err());
+        assert!(matches!(
+            s.install(Gfn(0), &[1; 100]),
+            Err(PageError::Unaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn a_store_holds_only_what_its_budget_allows() {
         let layout = MemoryLayout::for_size(8 << 30).unwrap();
         let budget = Budget::new(Some(3 * PAGE_BYTES as u64));
-        let t = PageTree::new(&layout, budget.clone());
-        let high = tsubame_pages::Gpa(4 << 30).gfn();
+        let t = MemStore::with_budget(&layout, budget.clone());
+        let high = crate::Gpa(4 << 30).gfn();
         let mut data = page(1);
         data.extend(page(0));
         data.extend(page(3));
@@ -416,7 +453,7 @@ mod tests {
     #[test]
     fn metadata_is_a_small_share_of_a_full_leaf() {
         let layout = MemoryLayout::for_size(64 << 20).unwrap();
-        let t = PageTree::new(&layout, Budget::new(None));
+        let t = MemStore::new(&layout);
         for i in 0..LEAF_PAGES as u64 {
             t.install(Gfn(i), &page(1)).unwrap();
         }
