@@ -134,11 +134,18 @@ fn source_vm(a: &CheckpointBenchArgs, dirty: u64) -> Result<Arc<Vm>> {
     Ok(Arc::new(vm))
 }
 
-/// A pair of processes (source running the workload of `dirty`, destination waiting), as
-/// `tsubame bench migrate` starts them.
-fn pair(a: &CheckpointBenchArgs, dirty: u64, tag: &str, dir: &Path) -> Result<runs::Pair> {
+/// A pair of processes, as `tsubame bench migrate` starts them: a source of `mem_bytes`
+/// running the workload of `dirty` (a serial line every `report_every` steps), a destination
+/// waiting. The migration itself is the caller's.
+fn pair(
+    mem_bytes: u64,
+    dirty: u64,
+    report_every: u64,
+    tag: &str,
+    dir: &Path,
+) -> Result<runs::Pair> {
     let setup = MigrationSetup {
-        mem_bytes: a.mem,
+        mem_bytes,
         vcpus: 1,
         workload: workload(dirty),
         steps: 0,
@@ -149,7 +156,7 @@ fn pair(a: &CheckpointBenchArgs, dirty: u64, tag: &str, dir: &Path) -> Result<ru
         delay_ms: 0.0,
         rate_bits: None,
         checkpoint_ms: None,
-        report_every: 50_000,
+        report_every,
         split: None,
     };
     runs::start_pair(&setup, dir, tag)
@@ -173,7 +180,8 @@ fn process_run(
     tag: &str,
     dir: &Path,
 ) -> Result<(f64, Value, Option<f64>)> {
-    let p = pair(a, dirty, tag, dir)?;
+    // Output to hold: a line every 50 000 steps (about 30 per second).
+    let p = pair(a.mem, dirty, 50_000, tag, dir)?;
     let mut src = ControlClient::connect(&p.source_sock)?;
     std::thread::sleep(Duration::from_millis(500));
     let mut args = json!({"uri": p.uri, "secret": SECRET, "prepage": "none"});
@@ -262,22 +270,7 @@ fn dirty_run(a: &CheckpointBenchArgs, dirty: u64, dir: &Path) -> Result<DirtyRun
 /// Kills the destination of a cancellable migration `after` the switchover; returns the time
 /// from the kill to the VM running at the source.
 fn kill_run(interval: u32, after: Duration, tag: &str, dir: &std::path::Path) -> Result<f64> {
-    let setup = MigrationSetup {
-        mem_bytes: 64 << 20,
-        vcpus: 1,
-        workload: "uniform:ws=16M,write=0.3,seed=9".into(),
-        steps: 0,
-        migrate_at_steps: 0,
-        baseline_from_steps: 0,
-        prepage: "none".into(),
-        precopy_rounds: 0,
-        delay_ms: 0.0,
-        rate_bits: None,
-        checkpoint_ms: Some(interval),
-        report_every: 0,
-        split: None,
-    };
-    let mut pair = runs::start_pair(&setup, dir, tag)?;
+    let mut pair = pair(64 << 20, 16 << 20, 0, tag, dir)?;
     let mut ctl = ControlClient::connect(&pair.source_sock)?;
     std::thread::sleep(Duration::from_millis(300));
     ctl.execute(
