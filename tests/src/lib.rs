@@ -107,13 +107,15 @@ impl VmProcess {
         Ok(p)
     }
 
-    /// Starts `tsubame run --serial none --quiet ARGS` and waits for a stderr line containing
-    /// `marker`, which it returns.
+    /// Starts `tsubame run --quiet ARGS` (with `--serial none` unless `ARGS` say where serial
+    /// output goes) and waits for a stderr line containing `marker`, which it returns.
     pub fn start_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
-        Self::command_until(
-            &[&["run", "--serial", "none", "--quiet"], args].concat(),
-            marker,
-        )
+        let serial: &[&str] = if args.contains(&"--serial") {
+            &[]
+        } else {
+            &["--serial", "none"]
+        };
+        Self::command_until(&[&["run", "--quiet"], serial, args].concat(), marker)
     }
 
     /// Starts a migration destination (`tsubame run --incoming` on an ephemeral port, with
@@ -152,17 +154,21 @@ impl VmProcess {
         )
     }
 
-    /// Starts `tsubame memserver --listen tcp:127.0.0.1:0 --secret SECRET`; returns it and its
-    /// `tcp:HOST:PORT`.
-    pub fn memserver(secret: &str) -> Result<(Self, String)> {
+    /// Starts `tsubame memserver --listen tcp:127.0.0.1:0 --secret SECRET EXTRA`; returns it
+    /// and its `tcp:HOST:PORT`.
+    pub fn memserver(secret: &str, extra: &[&str]) -> Result<(Self, String)> {
         let (p, line) = Self::command_until(
             &[
-                "memserver",
-                "--listen",
-                "tcp:127.0.0.1:0",
-                "--secret",
-                secret,
-            ],
+                &[
+                    "memserver",
+                    "--listen",
+                    "tcp:127.0.0.1:0",
+                    "--secret",
+                    secret,
+                ],
+                extra,
+            ]
+            .concat(),
             "memserver listening on",
         )?;
         let uri = line.rsplit(' ').next().unwrap_or_default().to_string();

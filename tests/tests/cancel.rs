@@ -73,32 +73,8 @@ fn wait_migration(p: &VmProcess, what: &str, f: impl Fn(&Value) -> bool) -> Valu
 /// cancellable, with the push slowed so that postcopy lasts seconds; returns the destination
 /// once the VM runs there.
 fn migrate_cancellable(source: &VmProcess, dest_extra: &[&str]) -> VmProcess {
-    let serial: &[&str] = if dest_extra.contains(&"--serial") {
-        &[]
-    } else {
-        &["--serial", "none"]
-    };
-    let (dest, line) = VmProcess::command_until(
-        &[
-            &[
-                "run",
-                "--quiet",
-                "--json",
-                "--incoming",
-                "tcp:127.0.0.1:0",
-                "--secret",
-                SECRET,
-                "--mem",
-                "64M",
-            ],
-            serial,
-            dest_extra,
-        ]
-        .concat(),
-        "waiting for an incoming migration on",
-    )
-    .unwrap();
-    let uri = line.rsplit(' ').next().unwrap().to_string();
+    let (dest, uri) =
+        VmProcess::destination(SECRET, &[&["--mem", "64M"], dest_extra].concat()).unwrap();
     let m = source
         .ctl(
             "migrate",
@@ -229,21 +205,13 @@ fn output_leaves_only_once_committed_and_a_cancel_loses_no_line() {
 
     let (src_file, dst_file) = (dir.path("src.txt"), dir.path("dst.txt"));
     let sock = dir.path("src.sock");
-    let (source, _) = VmProcess::command_until(
+    let source = VmProcess::start(
+        &sock,
         &[
-            &[
-                "run",
-                "--quiet",
-                "--json",
-                "--control",
-                sock.to_str().unwrap(),
-                "--serial",
-                src_file.to_str().unwrap(),
-            ],
+            &["--json", "--serial", src_file.to_str().unwrap()],
             &reference_args[..],
         ]
         .concat(),
-        "control socket ready",
     )
     .unwrap();
     let w = source

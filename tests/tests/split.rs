@@ -36,7 +36,7 @@ fn split_migration(
     ];
     let reference = run_to_end(&common).unwrap();
     let servers: Vec<(VmProcess, String)> = (0..memservers)
-        .map(|_| VmProcess::memserver(SECRET).unwrap())
+        .map(|_| VmProcess::memserver(SECRET, &[]).unwrap())
         .collect();
     let uris: Vec<String> = servers.iter().map(|(_, u)| u.clone()).collect();
     let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
@@ -172,22 +172,11 @@ fn an_unreachable_memserver_leaves_the_source_running() {
 fn a_full_memserver_refuses_with_its_reason_and_reports_its_usage() {
     let dir = Scratch::new("split-full");
     let sock = dir.path("ms.sock");
-    let (ms, line) = VmProcess::command_until(
-        &[
-            "memserver",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--secret",
-            SECRET,
-            "--max-mem",
-            "4M",
-            "--control",
-            sock.to_str().unwrap(),
-        ],
-        "memserver listening on",
+    let (ms, ms_uri) = VmProcess::memserver(
+        SECRET,
+        &["--max-mem", "4M", "--control", sock.to_str().unwrap()],
     )
     .unwrap();
-    let ms_uri = line.rsplit(' ').next().unwrap().to_string();
     let source = VmProcess::start(
         &dir.path("src.sock"),
         &[
