@@ -246,11 +246,11 @@ pub struct Checkpointer {
     tally: Mutex<Tally>,
     /// The pages of the checkpoint being taken (reused).
     scratch: Mutex<Vec<u8>>,
-    /// Set to stop the periodic checkpoints (fenced, handed over, failed).
-    stopping: AtomicBool,
     /// The checkpoint channel is over (the source closed it, handed the VM over, or is gone).
     over: AtomicBool,
-    wake: (Mutex<bool>, Condvar),
+    /// Set (and the checkpoint thread woken) to stop the periodic checkpoints: fenced, handed
+    /// over, failed.
+    stopping: (Mutex<bool>, Condvar),
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -282,9 +282,8 @@ impl Checkpointer {
             last_sent: AtomicU64::new(0),
             tally: Mutex::new(Tally::default()),
             scratch: Mutex::new(Vec::new()),
-            stopping: AtomicBool::new(false),
             over: AtomicBool::new(false),
-            wake: (Mutex::new(false), Condvar::new()),
+            stopping: (Mutex::new(false), Condvar::new()),
             threads: Mutex::new(Vec::new()),
         });
         drop(vm_dyn);
@@ -337,27 +336,26 @@ impl Checkpointer {
             .is_some_and(|d| d.lease.state() == LeaseState::Leased)
     }
 
-    /// Sleeps until the next checkpoint is due or the checkpointer is stopped.
-    fn sleep(&self, d: Duration) {
-        let (lock, cv) = &self.wake;
-        let woken = lock.lock().expect("checkpoint lock");
-        let _ = cv
-            .wait_timeout_while(woken, d, |w| !*w)
-            .expect("checkpoint lock");
+    /// Sleeps until the next checkpoint is due or the checkpointer is stopped; returns
+    /// whether it is stopped.
+    fn sleep(&self, d: Duration) -> bool {
+        let (lock, cv) = &self.stopping;
+        let stopped = lock.lock().expect("checkpoint lock");
+        *cv.wait_timeout_while(stopped, d, |s| !*s)
+            .expect("checkpoint lock")
+            .0
     }
 
     fn stop_checkpoints(&self) {
-        self.stopping.store(true, Ordering::Release);
-        *self.wake.0.lock().expect("checkpoint lock") = true;
-        self.wake.1.notify_all();
+        *self.stopping.0.lock().expect("checkpoint lock") = true;
+        self.stopping.1.notify_all();
     }
 
     fn checkpoint_loop(self: Arc<Self>) {
         // The first checkpoint comes early: until it is acknowledged the lease is the first one.
         let mut wait = Duration::from_millis(self.interval_ms.load(Ordering::Relaxed) / 2);
         loop {
-            self.sleep(wait);
-            if self.stopping.load(Ordering::Acquire) {
+            if self.sleep(wait) {
                 return;
             }
             let Some(vm) = self.vm.upgrade() else { return };
@@ -856,16 +854,15 @@ impl Reverse {
                         s.epoch
                     )));
                 }
-                let last = self.inner.lock().expect("checkpoint lock").tally.epoch;
+                let (last, vm, vcpus) = {
+                    let s = self.inner.lock().expect("checkpoint lock");
+                    (s.tally.epoch, s.committed.id, s.committed.vcpus.len())
+                };
                 if epoch <= last {
                     return Err(bad(format!("epoch {epoch} after {last}: epochs only grow")));
                 }
-                let committed = &self.inner.lock().expect("checkpoint lock").committed;
                 let state = VmState::from_bytes(&state).map_err(|e| bad(e.to_string()))?;
-                if state.layout != committed.layout
-                    || state.vcpus.len() != committed.vcpus.len()
-                    || state.id != committed.id
-                {
+                if state.layout != *layout || state.vcpus.len() != vcpus || state.id != vm {
                     return Err(bad(
                         "the state's VM, layout or vCPU count differs from this VM's".into(),
                     ));
