@@ -61,6 +61,18 @@ pub trait ClientEvents: Send + Sync {
     /// The client stopped receiving: the connection was lost, or what arrived could not be
     /// applied. Pages not installed stay missing.
     fn failed(&self, client: &PageClient, error: ClientError);
+    /// The server says that `endpoint` now holds `runs` of the pages it serves (`Owners` on
+    /// the bulk channel: a split migration's handover to memservers). `Err` says why that
+    /// cannot be taken; receivers that expect no such news refuse it.
+    fn owners(
+        &self,
+        client: &PageClient,
+        endpoint: &str,
+        runs: &[(Gfn, u64)],
+    ) -> Result<(), String> {
+        let _ = (client, runs);
+        Err(format!("an unexpected hand-over of pages to {endpoint}"))
+    }
 }
 
 /// The client's counters.
@@ -378,6 +390,13 @@ impl PageClient {
                 }),
                 Some(true) | None => Ok(()),
             },
+            Message::Owners { endpoint, runs } => self
+                .events
+                .owners(self, &endpoint, &runs)
+                .map_err(|what| ClientError::Unexpected {
+                    peer: self.peer.clone(),
+                    what,
+                }),
             Message::Error { message } => Err(ClientError::Unexpected {
                 peer: self.peer.clone(),
                 what: format!("an error: {message}"),

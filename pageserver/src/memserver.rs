@@ -10,6 +10,8 @@
 //!   or Discards: forget them)       acknowledged as stored)        push of what it holds)
 //! ```
 //!
+//! A fetching host gets the pages it asks for on demand; the memserver pushes everything it
+//! holds only when the host says `Resumed` (it takes the VM's pages back: consolidation).
 //! A page is held once it arrives (zero pages take no memory) and is served until it is
 //! forgotten (a `Discard` in a store session) or the process ends; a later store of the same
 //! page replaces it. With a limit (`--max-mem`), a store that would go over it fails, and the
@@ -103,10 +105,13 @@ impl Memserver {
         let mut acceptor = Acceptor::new(listener, &self.secret, "memserver");
         loop {
             let session = acceptor.next(|h| self.check(h))?;
+            // The VM's store exists once its store session is accepted, before that session
+            // has stored anything: a split's destination dials in between.
+            let store = self.store_of(&session.hello);
             let me = self.clone();
             std::thread::Builder::new()
                 .name(format!("memserver-{:x}", session.hello.vm))
-                .spawn(move || me.handle(session))?;
+                .spawn(move || me.handle(session, store))?;
         }
     }
 
@@ -137,20 +142,18 @@ impl Memserver {
         }
     }
 
-    fn handle(self: &Arc<Self>, session: Session) {
-        let vm = session.hello.vm;
-        let store = self
-            .vms
+    /// The store of the VM `hello` names, made empty if there is none.
+    fn store_of(&self, hello: &Hello) -> Arc<MemStore> {
+        self.vms
             .lock()
             .expect("memserver lock")
-            .entry(vm)
-            .or_insert_with(|| {
-                Arc::new(MemStore::with_budget(
-                    &session.hello.layout,
-                    self.budget.clone(),
-                ))
-            })
-            .clone();
+            .entry(hello.vm)
+            .or_insert_with(|| Arc::new(MemStore::with_budget(&hello.layout, self.budget.clone())))
+            .clone()
+    }
+
+    fn handle(self: &Arc<Self>, session: Session, store: Arc<MemStore>) {
+        let vm = session.hello.vm;
         match session.hello.purpose {
             Purpose::Store => {
                 let log = match session.urgent.try_clone() {
@@ -187,17 +190,23 @@ impl Memserver {
     }
 }
 
-/// Serves `store` to a fetching host (demand replies, and a push of every page held) until it
-/// has every page it needs or goes away.
+/// Serves `store` to a fetching host until it has every page it needs or goes away: demand
+/// replies from the start, and once the host says `Resumed` (it wants all of them back:
+/// consolidation), a push of every page held.
 fn serve_fetch(
     vm: u64,
     store: &Arc<MemStore>,
     s: Session,
 ) -> Result<ServeState, crate::ServerError> {
     let server = Arc::new(PageServer::new(store.clone()));
-    // Only what is held is pushed: the fetching host gets the rest from other owners.
-    store.for_each_absent(|gfn, pages| {
-        server.withhold(gfn, pages);
+    // Only what is held is pushed: the fetching host gets the rest from other owners. Looked
+    // at when the push starts: a split migration stores pages after the host dialled.
+    let (held, by) = (store.clone(), server.clone());
+    let withhold_absent = crate::server::PushHook::new(move |_| {
+        held.for_each_absent(|gfn, pages| {
+            by.withhold(gfn, pages);
+        });
+        Ok(())
     });
     let layout = store.layout().clone();
     let bulk = BulkWriter::new(s.bulk, s.rtt)?;
@@ -209,8 +218,12 @@ fn serve_fetch(
             prepage: Prepage::Address,
             rate: None,
             hot: HotPages::new(&layout),
-            // The fetching host says when its VM runs (or faults): not before.
+            // Pushed only when the fetching host asks for everything (`Resumed`); until then
+            // the pages live here and are fetched on demand.
             gate_timeout: None,
+            start_on_demand: false,
+            before_push: Some(withhold_absent),
+            after_push: None,
             // The memserver keeps what it holds after serving one host.
             release: false,
         },

@@ -10,7 +10,7 @@ use tsubame_pages::{Gfn, Gpa, MemoryLayout, RegionLayout, PAGE_BYTES};
 use crate::frame::{self, Cursor, Head, ProtocolError};
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Most pages in one `Pages` frame (4 MiB).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// Longest vCPU/device state accepted.

@@ -160,14 +160,44 @@ pub struct PushOptions {
     pub rate: Option<u64>,
     /// Pages pushed before anything else ([`Prepage::Hot`]; may be empty).
     pub hot: HotPages,
-    /// The push starts when the receiver says `Resumed` or first asks for a page: pushing
-    /// while it assembles its VM would take CPU time from that. `Some(t)`: after `t` at the
-    /// latest (a receiver that stays paused still gets its pages).
+    /// The push starts when the receiver says `Resumed` (or, with `start_on_demand`, first
+    /// asks for a page): pushing while it assembles its VM would take CPU time from that.
+    /// `Some(t)`: after `t` at the latest (a receiver that stays paused still gets its pages).
     pub gate_timeout: Option<Duration>,
+    /// Whether a demand request opens the gate too. A migration's destination may fault
+    /// before its `Resumed` arrives; a memserver hosting a VM's pages pushes them only when
+    /// the host asks for all of them (`Resumed`: consolidation), never because of a fault.
+    pub start_on_demand: bool,
+    /// Runs once the gate opens, before the first page is pushed (a memserver marks the
+    /// pages it does not hold then: it may have been given more since serving began).
+    pub before_push: Option<PushHook>,
+    /// Writes what goes after the last pushed page and before `PushDone` (a split's
+    /// ownership handover: the pages memservers now hold).
+    pub after_push: Option<PushHook>,
     /// Release mode (see the module docs): free each page at the store once the receiver
     /// holds it. Pages marked sent before serving (precopy rounds) must be installed at the
     /// receiver by then, and the store's pages must not change any more.
     pub release: bool,
+}
+
+/// A step of the push thread, given the bulk channel (see [`PushOptions`]).
+pub struct PushHook(pub Box<PushStep>);
+
+/// What a [`PushHook`] runs.
+pub type PushStep = dyn FnOnce(&mut BulkWriter) -> Result<(), ServerError> + Send;
+
+impl PushHook {
+    pub fn new(
+        f: impl FnOnce(&mut BulkWriter) -> Result<(), ServerError> + Send + 'static,
+    ) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for PushHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PushHook")
+    }
 }
 
 /// Reusable buffers of one sending thread.
@@ -515,10 +545,12 @@ impl<S: PageStore + 'static> PageServer<S> {
         let fault_tx = (options.prepage == Prepage::Bubble).then_some(fault_tx);
         let (gate_tx, gate) = crossbeam::channel::bounded(1);
         let (me, who) = (self.clone(), peer.to_string());
+        let on_demand = options.start_on_demand.then_some(gate_tx.clone());
         let urgent_thread = std::thread::Builder::new()
             .name("serve-urgent".into())
             .spawn(move || {
-                let result = me.serve_demand(urgent, fault_tx.as_ref(), &gate_tx);
+                let result =
+                    me.serve_demand(urgent, fault_tx.as_ref(), &gate_tx, on_demand.as_ref());
                 me.end(match result {
                     Ok(()) => ServeState::Completed,
                     Err(e) => ServeState::Failed(format!("lost {who}: {e}")),
@@ -529,7 +561,7 @@ impl<S: PageStore + 'static> PageServer<S> {
         let push_thread = std::thread::Builder::new()
             .name("serve-push".into())
             .spawn(move || {
-                if let Err(e) = me.push(bulk, &options, &gate, &faults) {
+                if let Err(e) = me.push(bulk, options, &gate, &faults) {
                     me.end(ServeState::Failed(format!("pushing pages failed: {e}")));
                 }
             })
@@ -605,6 +637,7 @@ impl<S: PageStore + 'static> PageServer<S> {
         urgent: TcpStream,
         faults: Option<&crossbeam::channel::Sender<Gfn>>,
         gate: &crossbeam::channel::Sender<()>,
+        gate_on_demand: Option<&crossbeam::channel::Sender<()>>,
     ) -> Result<(), ServerError> {
         let served_at = Arc::new(AtomicU64::new(0));
         let mut reader = BufReader::new(SpinRead::new(urgent.try_clone()?, served_at.clone()));
@@ -616,7 +649,9 @@ impl<S: PageStore + 'static> PageServer<S> {
                     let _ = gate.try_send(());
                 }
                 Message::PageRequest { gfn, count } => {
-                    let _ = gate.try_send(());
+                    if let Some(g) = gate_on_demand {
+                        let _ = g.try_send(());
+                    }
                     served_at.store(now_ns(), Ordering::Relaxed);
                     let sent = self.send(
                         &mut writer,
@@ -648,11 +683,11 @@ impl<S: PageStore + 'static> PageServer<S> {
     fn push(
         &self,
         w: BulkWriter,
-        options: &PushOptions,
+        mut options: PushOptions,
         gate: &crossbeam::channel::Receiver<()>,
         faults: &crossbeam::channel::Receiver<Gfn>,
     ) -> Result<(), ServerError> {
-        let pushed = self.push_all(w, options, gate, faults);
+        let pushed = self.push_all(w, &mut options, gate, faults);
         if options.release {
             // A failed push ends serving (the caller says so) unless it completed already.
             let end = match pushed {
@@ -669,7 +704,7 @@ impl<S: PageStore + 'static> PageServer<S> {
     fn push_all(
         &self,
         mut w: BulkWriter,
-        options: &PushOptions,
+        options: &mut PushOptions,
         gate: &crossbeam::channel::Receiver<()>,
         faults: &crossbeam::channel::Receiver<Gfn>,
     ) -> Result<(), ServerError> {
@@ -679,6 +714,9 @@ impl<S: PageStore + 'static> PageServer<S> {
             Some(t) => gate.recv_timeout(t).is_ok(),
             None => gate.recv().is_ok(),
         };
+        if let Some(PushHook(f)) = options.before_push.take() {
+            f(&mut w)?;
+        }
         let mut sender = BulkSender::new(self, options.rate);
         if options.release {
             sender = sender.releasing();
@@ -694,6 +732,9 @@ impl<S: PageStore + 'static> PageServer<S> {
                 }
             }
             self.scan(&mut w, &mut sender, faults)?;
+        }
+        if let Some(PushHook(f)) = options.after_push.take() {
+            f(&mut w)?;
         }
         {
             let mut p = self.progress.lock().expect("server lock");

@@ -125,6 +125,9 @@ fn options(prepage: Prepage) -> PushOptions {
         rate: None,
         hot: HotPages::new(&layout()),
         gate_timeout: None,
+        start_on_demand: true,
+        before_push: None,
+        after_push: None,
         release: false,
     }
 }

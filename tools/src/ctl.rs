@@ -19,8 +19,8 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
 ///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT]
-///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate, quit,
-///   query-commands.
+///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate,
+///   consolidate [wait=true] [timeout_ms=N], quit, query-commands.
 ///
 /// It also talks to the control socket of `tsubame linkem --control SOCKET`: query-link,
 /// cut ms=N, blackhole, drop, reset, restore, set [delay=D] [rate=R|none] (see
@@ -28,9 +28,15 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///
 /// split= hands AMOUNT of the VM's memory (a share from 0 to 1, or a size such as 512M), in
 /// 2 MiB stripes dealt in turn, to the memservers at tcp:HOST:PORT,... (see `tsubame memserver
-/// --help`), all in parallel, while the guest still runs; the destination then fetches those
-/// pages from the memservers and the rest from the source. migrate-cancel stops a migration
-/// that has not switched over yet: the VM keeps running here.
+/// --help`): from the switchover on, the source stores those stripes at the memservers, all in
+/// parallel with pushing the rest to the destination, then hands them over; the destination
+/// runs with those pages at the memservers (fetched when touched) and the migration ends when
+/// the larger half is sent. A memserver that fails gets nothing: its pages go to the
+/// destination. Migrating such a split VM on keeps its pages where they are (the new
+/// destination's owners are the same memservers). consolidate (at the VM with pages at
+/// memservers) brings them all back here, from every memserver in parallel, while the VM
+/// runs; wait=true returns when it is done. migrate-cancel stops a migration that has not
+/// switched over yet: the VM keeps running here.
 ///
 /// cancellable=on keeps a postcopy migration cancellable after its switchover, until the
 /// destination has every page: the destination sends a reverse checkpoint (dirty pages, vCPU
@@ -53,6 +59,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:127.0.0.1:5555:0.5
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 split=tcp:10.0.0.3:5555,tcp:10.0.0.4:5555:512M
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
+///   tsubame ctl /tmp/dest.sock consolidate wait=true
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 ///   tsubame ctl /tmp/link.sock cut ms=2000

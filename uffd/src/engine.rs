@@ -187,6 +187,9 @@ pub struct FaultEngine {
     /// Memory faulted in ahead of time that bulk pages are received into and moved from.
     staging: std::sync::OnceLock<Arc<StagingPool>>,
     stop: EventFd,
+    /// Written by [`Self::reroute`]: the fault thread asks again for the pages in `reroutes`.
+    kick: EventFd,
+    reroutes: Mutex<Vec<(Gfn, u64)>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// How long the fault thread looks for the next fault before sleeping.
     spin: Mutex<Duration>,
@@ -218,6 +221,8 @@ impl FaultEngine {
         let total = layout.total_pages();
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
             .map_err(|e| UffdError::Thread(e.into()))?;
+        let kick = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(|e| UffdError::Thread(e.into()))?;
         Ok(Arc::new(Self {
             uffd,
             layout: layout.clone(),
@@ -231,6 +236,8 @@ impl FaultEngine {
             fetch_error: Mutex::new(None),
             staging: std::sync::OnceLock::new(),
             stop,
+            kick,
+            reroutes: Mutex::new(Vec::new()),
             thread: Mutex::new(None),
             spin: Mutex::new(Duration::ZERO),
         }))
@@ -514,6 +521,7 @@ impl FaultEngine {
             let mut fds = [
                 PollFd::new(self.uffd_fd(), PollFlags::POLLIN),
                 PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.kick.as_fd(), PollFlags::POLLIN),
             ];
             // Right after a fault, look for the next one without sleeping (see `set_spin`).
             let spinning = last_fault.is_some_and(|t| t.elapsed() < spin);
@@ -536,6 +544,9 @@ impl FaultEngine {
             }
             if fds[1].revents().is_some_and(|r| !r.is_empty()) {
                 return;
+            }
+            if fds[2].revents().is_some_and(|r| !r.is_empty()) {
+                self.ask_again(fetcher);
             }
             msgs.clear();
             if let Err(e) = self.uffd.read_faults(&mut msgs) {
@@ -595,6 +606,51 @@ impl FaultEngine {
             // Fail closed: the thread keeps waiting; a later re-request may succeed.
             self.requested.clear(idx);
             self.fail(e);
+        }
+    }
+
+    /// The owner of `[gfn, gfn + pages)` changed: pages of it a thread waits for are asked for
+    /// again, by the fault thread, from whoever the fetcher says owns them now. (A request to
+    /// the former owner may be answered, or not: its copy is dropped or installed by the
+    /// sink's rules, and a page is installed once.) Call it after the change is visible to
+    /// the fetcher.
+    pub fn reroute(&self, gfn: Gfn, pages: u64) {
+        self.reroutes
+            .lock()
+            .expect("engine lock")
+            .push((gfn, pages));
+        let _ = self.kick.write(1);
+    }
+
+    /// The fault thread's side of [`Self::reroute`]: asks again for the waited-for pages of the
+    /// rerouted ranges.
+    fn ask_again(&self, fetcher: &dyn Fetcher) {
+        let _ = self.kick.read();
+        let ranges = std::mem::take(&mut *self.reroutes.lock().expect("engine lock"));
+        if ranges.is_empty() {
+            return;
+        }
+        let waiting: Vec<Gfn> = self
+            .pending
+            .lock()
+            .expect("engine lock")
+            .keys()
+            .copied()
+            .filter(|g| ranges.iter().any(|(f, n)| *g >= *f && *g < *f + *n))
+            .collect();
+        for gfn in waiting {
+            let Ok((idx, _)) = self.locate(gfn, 1) else {
+                continue;
+            };
+            if self.present.get(idx) {
+                continue;
+            }
+            self.requested.test_and_set(idx);
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = fetcher.request(gfn, self) {
+                self.requested.clear(idx);
+                self.fail(e);
+            }
         }
     }
 

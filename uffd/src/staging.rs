@@ -33,6 +33,8 @@ pub struct StagingPool {
     prepared: AtomicU64,
     /// Pages `[0, next)` have been handed out.
     next: AtomicU64,
+    /// Where handing out ended when the pool was retired (`u64::MAX`: it was not).
+    retired_at: AtomicU64,
     stop: AtomicBool,
 }
 
@@ -88,6 +90,7 @@ impl StagingPool {
             pages,
             prepared: AtomicU64::new(0),
             next: AtomicU64::new(0),
+            retired_at: AtomicU64::new(u64::MAX),
             stop: AtomicBool::new(false),
         })
     }
@@ -112,6 +115,37 @@ impl StagingPool {
     /// Makes [`Self::prepare`] return soon.
     pub fn stop_preparing(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Retires the pool: stops preparing, hands out nothing more, and gives the memory of the
+    /// pages not handed out back to the system (a split migration's destination, which will
+    /// not receive the memservers' share). Returns the pages given back.
+    pub fn retire(&self) -> u64 {
+        self.stop_preparing();
+        let from = self
+            .next
+            .fetch_max(self.pages, Ordering::AcqRel)
+            .min(self.pages);
+        self.retired_at.fetch_min(from, Ordering::AcqRel);
+        let pages = self.pages - from;
+        if pages > 0 {
+            let at = usize::try_from(from * PAGE_SIZE).expect("offset");
+            let len = usize::try_from(pages * PAGE_SIZE).expect("length");
+            // SAFETY: [at, at + len) lies inside the pool's mapping and was never handed out
+            // (the cursor now says everything was, so it never will be): nothing refers to
+            // it. `prepare` may still touch a page of it once more, which only maps it again.
+            let r = unsafe {
+                nix::sys::mman::madvise(
+                    NonNull::new_unchecked(self.base.as_ptr().add(at).cast()),
+                    len,
+                    nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+                )
+            };
+            if let Err(e) = r {
+                log::warn!("could not give the staging pool's unused memory back: {e}");
+            }
+        }
+        pages
     }
 
     /// The next `pages` prepared pages, or `None` if fewer are prepared and unused.
@@ -146,7 +180,9 @@ impl StagingPool {
 
     /// Pages handed out so far.
     pub fn used_pages(&self) -> u64 {
-        self.next.load(Ordering::Relaxed)
+        self.next
+            .load(Ordering::Relaxed)
+            .min(self.retired_at.load(Ordering::Relaxed))
     }
 
     /// Pages in the pool.

@@ -279,6 +279,7 @@ pub const VM_COMMANDS: &[&str] = &[
     "migrate",
     "migrate-cancel",
     "query-migrate",
+    "consolidate",
     "quit",
 ];
 
@@ -468,6 +469,31 @@ impl CommandHandler for VmCommands {
             "query-migrate" => Ok(vm
                 .migration_status()
                 .unwrap_or_else(|| json!({"phase": "none"}))),
+            "consolidate" => {
+                let started = vm.consolidate().map_err(failed)?;
+                if args.get("wait").and_then(Value::as_bool) != Some(true) {
+                    return to_value(&started);
+                }
+                // wait=true: until every page is here (or fetching failed).
+                let deadline = std::time::Instant::now()
+                    + Duration::from_millis(arg_u64(args, "timeout_ms")?.unwrap_or(600_000));
+                loop {
+                    let paging = vm.paging_stats().expect("consolidating: demand paging");
+                    if let Some(e) = paging.fetch_error {
+                        return Err(CommandError::generic(format!("consolidation stopped: {e}")));
+                    }
+                    if let Some(c) = paging.consolidation.filter(|c| c.ms.is_some()) {
+                        return to_value(&c);
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(CommandError::generic(format!(
+                            "consolidation still running after the timeout: {} pages missing",
+                            paging.total_pages - paging.present_pages
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
             "quit" => {
                 (self.quit)();
                 Ok(json!({}))

@@ -68,6 +68,8 @@ pub enum Error {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("this VM's memory is all here: there is nothing to consolidate (only a VM with pages at memservers or other page servers has)")]
+    NothingRemote,
     #[error("memory layout mismatch: expected {expected:?}, found {found:?}")]
     LayoutMismatch {
         expected: MemoryLayout,

@@ -503,7 +503,13 @@ impl Vm {
             "cancelled"
         } else if paging.fetch_error.is_some() {
             "failed"
-        } else if paging.present_pages == paging.total_pages {
+        } else if paging.present_pages == paging.total_pages
+            || paging
+                .owners
+                .first()
+                .is_some_and(|source| source.pages_owned == 0)
+        {
+            // Every page here, or (a split) every page here or at the memservers.
             "completed"
         } else {
             "postcopy"
@@ -531,6 +537,14 @@ impl Vm {
                     migration::Phase::Completed | migration::Phase::Failed
                 )
             })
+    }
+
+    /// `consolidate`: brings every page of this VM that memservers (or other page servers)
+    /// hold back into this host, from all of them in parallel, while the VM runs. Returns once
+    /// they are asked; `query-migrate` shows the progress.
+    pub fn consolidate(&self) -> Result<crate::paging::ConsolidationStatus, Error> {
+        let paging = self.paging.as_ref().ok_or(Error::NothingRemote)?;
+        Ok(paging.consolidate()?)
     }
 
     /// Demand-paging statistics (lazy restore, incoming migration).
@@ -854,6 +868,12 @@ impl Vm {
 impl migration::source::MigratableVm for Vm {
     fn memory(&self) -> &Arc<GuestMemory> {
         &self.memory
+    }
+
+    fn page_owners(&self) -> Option<migration::source::PageOwners> {
+        let router = self.paging.as_ref()?.router();
+        let servers = router.dialable();
+        (!servers.is_empty()).then(|| (router.owners().clone(), servers))
     }
 
     fn id(&self) -> u64 {

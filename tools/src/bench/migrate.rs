@@ -43,7 +43,8 @@ pub struct MigrateBenchArgs {
     pub reps: u32,
     /// Configurations, comma-separated: Tsubame's postcopy-address, postcopy-bubble,
     /// postcopy-hot, postcopy-cancellable (address order, reverse checkpoints every 100 ms),
-    /// split-SHARE (address order, SHARE of the memory handed to a memserver process first),
+    /// split-SHARE (address order, SHARE of the memory stored at a memserver process in parallel
+    /// with the push, then consolidated back at the destination),
     /// hybrid-N (N precopy rounds, then postcopy, address order); QEMU's
     /// qemu-postcopy, qemu-postcopy-preempt, qemu-precopy.
     #[arg(

@@ -119,6 +119,7 @@ pub fn migrate(
         switchover_s: switchover,
         steal_pct: q.steal_pct,
         digest: q.digests.map(|d| d.workload.to_string()),
+        consolidation: None,
     };
     Ok((result, q))
 }

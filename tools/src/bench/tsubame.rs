@@ -97,6 +97,10 @@ pub struct MigrationResult {
     /// at the destination, in percent (see `tsubame_qemu_peer::hoststat`): a noisy run shows here.
     pub steal_pct: Option<f64>,
     pub digest: Option<String>,
+    /// A split: the destination's consolidation once the source was done (every page
+    /// brought back from the memservers, the guest running): ms and GB/s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<Value>,
 }
 
 /// Two `tsubame run` processes and a link between them.
@@ -354,6 +358,15 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     if src["phase"] != "completed" {
         bail!("the migration failed: {}", src["error"]);
     }
+    // A split VM runs with part of its memory at the memserver: bring it all back.
+    let consolidation = match setup.split {
+        Some(_) => Some(
+            ControlClient::connect(&pair.dest_sock)
+                .and_then(|mut c| c.execute("consolidate", json!({"wait": true})))
+                .context("consolidating the split VM at the destination")?,
+        ),
+        None => None,
+    };
     // Keep sampling a little after the last page arrived: the guest at full speed.
     std::thread::sleep(Duration::from_millis(300));
     let dest_status = ControlClient::connect(&pair.dest_sock)
@@ -428,6 +441,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         switchover_s: switched,
         steal_pct,
         digest: summary["digest"].as_str().map(String::from),
+        consolidation,
     })
 }
 

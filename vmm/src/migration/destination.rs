@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tsubame_pages::Gfn;
 use tsubame_pageserver::session::{self, Acceptor, Session};
 use tsubame_pageserver::spin::{set_nice, DEMAND_SPIN};
 use tsubame_pageserver::{
@@ -34,7 +35,7 @@ use tsubame_uffd::{FaultEngine, FetchError, StagingPool};
 
 use super::MigrationError;
 use crate::memory::{GuestMemory, MemoryLayout};
-use crate::paging::owners::{EndpointId, OwnedSink, Owner};
+use crate::paging::owners::{EndpointId, OwnedSink, Owner, OwnerMap};
 use crate::paging::router::RemoteOwner;
 use crate::paging::DemandPaging;
 use crate::state::VmState;
@@ -166,25 +167,43 @@ fn check_hello(h: &Hello, expect: Option<&MemoryLayout>) -> Result<(), ProtocolE
 }
 
 /// What the destination's page clients report to: the switchover's wait for the end of the
-/// precopy phase, failures, and completion (every page local: every owner is told).
+/// precopy phase, a split's hand-over of pages to memservers, failures, and completion (the
+/// source is told once it owns no page here; every owner once every page is local).
 struct Arrival {
     engine: Arc<FaultEngine>,
+    owners: Arc<OwnerMap>,
     /// Every owner's client, the source's first.
     clients: Mutex<Vec<Arc<PageClient>>>,
+    /// The page servers the source named, by address, and their endpoints.
+    dialled: Mutex<HashMap<String, EndpointId>>,
     /// Set once the VM state arrived: before, the precopy rounds may fill memory and empty it
     /// again, and `Complete` would come too early.
     armed: AtomicBool,
+    /// The source was told `Complete`: it owns no page here.
+    source_done: AtomicBool,
     completed: AtomicBool,
+    /// Called when the source is done (the staging pool is retired).
+    source_released: Box<dyn Fn() + Send + Sync>,
     done: Box<dyn Fn() + Send + Sync>,
     /// Told once the source's bulk channel passed `PrecopyDone` (or failed first).
     precopy_done: Mutex<Option<crossbeam::channel::Sender<Result<(), String>>>>,
 }
 
 impl Arrival {
-    /// Sends `Complete` to every owner once every page is local (after the switchover).
+    /// After the switchover: sends `Complete` to the source once it owns no page here (pages
+    /// handed over to memservers stay theirs: the migration is over, the VM runs split), and
+    /// to every owner once every page is local.
     fn check_complete(&self) {
-        if self.armed.load(Ordering::Acquire)
-            && self.engine.present_pages() == self.engine.total_pages()
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        if self.owners.owned_by(SOURCE) == 0 && !self.source_done.swap(true, Ordering::AcqRel) {
+            (self.source_released)();
+            if let Some(source) = self.clients.lock().expect("arrival lock").first() {
+                source.complete();
+            }
+        }
+        if self.engine.present_pages() == self.engine.total_pages()
             && !self.completed.swap(true, Ordering::AcqRel)
         {
             (self.done)();
@@ -193,6 +212,14 @@ impl Arrival {
                 c.complete();
             }
         }
+    }
+
+    fn is_source(&self, client: &PageClient) -> bool {
+        self.clients
+            .lock()
+            .expect("arrival lock")
+            .first()
+            .is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), client))
     }
 }
 
@@ -207,9 +234,46 @@ impl ClientEvents for Arrival {
         }
     }
 
-    fn failed(&self, _: &PageClient, error: ClientError) {
-        if self.completed.load(Ordering::Acquire) {
-            return; // every page is here: nobody needs that owner any more
+    /// A split's hand-over (from the source only, on its bulk channel): the memserver named
+    /// holds these pages now. Pages not here yet are its from now on, and any of them a vCPU
+    /// waits for is asked for again, from it (the source's reply, if it still comes, is the
+    /// same frozen copy and is dropped or installed once); pages here stay.
+    fn owners(
+        &self,
+        client: &PageClient,
+        endpoint: &str,
+        runs: &[(Gfn, u64)],
+    ) -> Result<(), String> {
+        if !self.is_source(client) {
+            return Err(format!(
+                "a hand-over of pages to {endpoint} from a page server other than the source"
+            ));
+        }
+        let id = *self
+            .dialled
+            .lock()
+            .expect("arrival lock")
+            .get(endpoint)
+            .ok_or_else(|| format!("a hand-over of pages to {endpoint}, which it never named before the switchover"))?;
+        for &(gfn, n) in runs {
+            if self.engine.layout().locate(gfn, n).is_none() {
+                return Err(format!(
+                    "a hand-over of pages outside the VM ({gfn}, {n} pages)"
+                ));
+            }
+        }
+        for &(gfn, n) in runs {
+            self.owners.hand_over(gfn, n, SOURCE, id);
+            self.engine.reroute(gfn, n);
+        }
+        Ok(())
+    }
+
+    fn failed(&self, client: &PageClient, error: ClientError) {
+        if self.completed.load(Ordering::Acquire)
+            || (self.source_done.load(Ordering::Acquire) && client.is_completed())
+        {
+            return; // nobody needs that owner any more
         }
         let why = error.to_string();
         if let Some(tx) = self.precopy_done.lock().expect("arrival lock").take() {
@@ -244,11 +308,23 @@ impl Incoming {
         let (tx, precopy_done) = crossbeam::channel::bounded(1);
         let completion = paging.completion();
         let pool = self.staging.clone();
+        let retire = self.staging.clone();
         let arrival = Arc::new(Arrival {
             engine: engine.clone(),
+            owners: paging.router().owners().clone(),
             clients: Mutex::new(Vec::new()),
+            dialled: Mutex::new(HashMap::new()),
             armed: AtomicBool::new(false),
+            source_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
+            source_released: Box::new(move || {
+                if let Some(p) = &retire {
+                    let freed = p.retire();
+                    if freed > 0 {
+                        log::debug!("staging pool retired: {freed} unused pages given back");
+                    }
+                }
+            }),
             done: Box::new(move || {
                 completion();
                 if let Some(p) = &pool {
@@ -278,6 +354,7 @@ impl Incoming {
             .add_remote(RemoteOwner {
                 client: source.clone(),
                 sink,
+                address: None,
             })
             .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
         debug_assert_eq!(id, SOURCE);
@@ -301,7 +378,6 @@ impl Incoming {
             .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
 
         // Owner announcements, then the state.
-        let mut dialled: HashMap<String, EndpointId> = HashMap::new();
         let json = loop {
             match Message::read_from(&mut &urgent)
                 .map_err(|e| MigrationError::SourceLost(e.to_string()))?
@@ -312,12 +388,22 @@ impl Incoming {
                     }
                 }
                 Message::Owners { endpoint, runs } => {
-                    let id = match dialled.get(&endpoint) {
-                        Some(id) => *id,
+                    let known = arrival
+                        .dialled
+                        .lock()
+                        .expect("arrival lock")
+                        .get(&endpoint)
+                        .copied();
+                    let id = match known {
+                        Some(id) => id,
                         None => {
                             let id =
                                 dial_owner(&endpoint, &self.secret, &hello, &mut paging, &arrival)?;
-                            dialled.insert(endpoint.clone(), id);
+                            arrival
+                                .dialled
+                                .lock()
+                                .expect("arrival lock")
+                                .insert(endpoint.clone(), id);
                             id
                         }
                     };
@@ -359,12 +445,11 @@ impl Incoming {
         source.attach_replies(urgent);
         arrival.armed.store(true, Ordering::Release);
         arrival.check_complete();
-        let clients = arrival.clients.lock().expect("arrival lock").clone();
+        let source_client = source.clone();
         paging.on_resume(move || {
-            // The owners start their push on this; if one is gone, its receiver reports it.
-            for c in &clients {
-                let _ = c.send(&Message::Resumed);
-            }
+            // The source starts its push on this (if it is gone, its receiver reports it).
+            // Memservers push only when the VM consolidates: until then their pages stay there.
+            let _ = source_client.send(&Message::Resumed);
         });
         Ok(Received {
             paging,
@@ -427,6 +512,7 @@ fn dial_owner(
         .add_remote(RemoteOwner {
             client: client.clone(),
             sink,
+            address: Some(uri.to_string()),
         })
         .map_err(|e| failed(e.to_string()))?;
     debug_assert_eq!(added, id);

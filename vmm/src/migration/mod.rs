@@ -204,6 +204,11 @@ impl MigrateOptions {
                 "split and precopy rounds cannot be combined yet: use one or the other".into(),
             ));
         }
+        if self.split.is_some() && self.checkpoint_ms.is_some() {
+            return Err(MigrationError::Unsupported(
+                "split and cancellable=on cannot be combined yet: a cancelled split would leave the VM's pages at the memservers. Use one or the other".into(),
+            ));
+        }
         if self.release && self.checkpoint_ms.is_some() {
             return Err(MigrationError::Unsupported(
                 "release=on frees the source's copy of each page as soon as the destination has it, and cancellable=on needs that copy to resume the VM here: choose one".into(),
@@ -263,10 +268,13 @@ pub struct MigrationStatus {
     pub prepage: Prepage,
     /// `hot`: pages the profile found written (pushed first).
     pub hot_pages: u64,
-    /// Split: the memserver, the pages stored there, and those of them the guest wrote before
-    /// the switchover (served by the source instead).
+
+    /// Split: the memservers, the pages stored at each, and how the stores went.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split: Option<SplitStatus>,
+    /// A VM that ran split: its pages left at memservers (empty: none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldStatus>,
     /// Switchover -> the background push sent its last page.
     pub push_ms: Option<f64>,
     /// Switchover -> `Complete` from the destination.
@@ -276,16 +284,32 @@ pub struct MigrationStatus {
     pub checkpoints: Option<checkpoint::CheckpointStatus>,
 }
 
+/// A split VM migrating on: what stays at one of its memservers.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeldStatus {
+    pub memserver: String,
+    /// Pages the new destination fetches from it.
+    pub pages_kept: u64,
+    /// Pages it held that the guest faulted in here before the pause: sent from here.
+    pub pages_taken_back: u64,
+    /// Its copies of pages fetched here (maybe written since), forgotten once the VM left.
+    pub stale_copies_dropped: u64,
+}
+
 /// The split part of `query-migrate`.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SplitStatus {
-    /// The memservers, and the pages stored at each.
+    /// The memservers, and the pages stored at each so far.
     pub memservers: Vec<String>,
     pub pages_stored_each: Vec<u64>,
     pub pages_stored: u64,
-    pub pages_reverted: u64,
-    /// Split start -> every stored page acknowledged by every memserver.
+    /// Pages dealt to the memservers.
+    pub pages_planned: u64,
+    /// Switchover -> every store ended (and the pages were handed over).
     pub store_ms: Option<f64>,
+    /// Memservers that did not store their pages, and why (their pages went to the
+    /// destination instead).
+    pub failed: Vec<String>,
 }
 
 /// Stops a migration that has not switched over: the worker checks it between steps, and the

@@ -15,19 +15,26 @@
 //!    starts. Rounds never have to converge: whatever the guest wrote after the last one
 //!    simply goes postcopy. Discard-only passes then drop what the guest wrote since the last
 //!    round until a pass is small, so that the switchover's own discards are few.
-//! 3. *Split* (optional): stripes of memory are stored at memservers while the guest runs
-//!    (dealt in turn, all memservers in parallel; dirty log on), and the destination is told
-//!    which memserver owns which (`Owners`); it dials each and says `Ready`. Pages the guest
-//!    writes afterwards are the source's again at the switchover.
-//! 4. *Switchover*: pause the vCPUs, send the pages taken back from the memserver (`Owners`
-//!    naming the source), the vCPU and device state, then drop the pages written since the last
-//!    round and end the precopy phase (`PrecopyDone`) on the bulk channel; the destination reads
-//!    the state while it drops them. Without precopy rounds nothing precedes `PrecopyDone` on
-//!    the bulk channel, and it goes before the pause, so that the destination has it when the
-//!    state arrives.
+//! 3. *Split* (optional), still before the pause: the stripes of memory the memservers will
+//!    hold are dealt to them in turn, a store session is opened at each, and each is named to
+//!    the destination (`Owners` without pages), which dials it and says `Ready`. The stripes
+//!    are withheld from the destination's push.
+//! 4. *Switchover*: pause the vCPUs, send the vCPU and device state, then drop the pages
+//!    written since the last round and end the precopy phase (`PrecopyDone`) on the bulk
+//!    channel; the destination reads the state while it drops them. Without precopy rounds
+//!    nothing precedes `PrecopyDone` on the bulk channel, and it goes before the pause, so
+//!    that the destination has it when the state arrives.
 //! 5. *Postcopy*: the worker ends; the page server answers demand requests and pushes every
 //!    other page (address order, around faults, or hot pages first: [`Prepage`]) straight from
-//!    the frozen guest memory until the destination says `Complete`.
+//!    the frozen guest memory until the destination says `Complete`. A split's stripes are
+//!    stored at the memservers meanwhile, all in parallel with the push, straight from the
+//!    same frozen memory; when the push has sent its last page and every store has ended, the
+//!    source hands each memserver's stripes over to it (`Owners` on the bulk channel, before
+//!    `PushDone`): the destination asks the memservers for those pages from then on, and
+//!    keeps them there (split-memory hosting) until it consolidates. A memserver that failed
+//!    gets nothing handed over: its stripes are pushed to the destination instead. The
+//!    destination says `Complete` once the source owns none of its pages, so the migration
+//!    ends when the larger of the two halves has been sent, not the sum.
 //!
 //! *Release* (`release=on`, eviction): from the switchover on, the page server frees each page
 //! of the frozen guest memory once the destination holds it (`MADV_DONTNEED`, see
@@ -52,16 +59,18 @@ use tsubame_pageserver::flow::BulkWriter;
 use tsubame_pageserver::message::MAX_OWNER_RUNS;
 use tsubame_pageserver::session::{self, Session};
 use tsubame_pageserver::{
-    BulkSender, Hello, HotPages, Message, PageServer, Prepage, ProtocolError, Purpose, PushOptions,
-    SendKind, ServeState,
+    server::PushHook, BulkSender, Hello, HotPages, Message, PageServer, Prepage, ProtocolError,
+    Purpose, PushOptions, SendKind, ServeState,
 };
 
 use super::checkpoint::{ResumableVm, Reverse, ServingEnd};
 use super::{
-    CancelToken, MigrateOptions, MigrationError, MigrationStatus, Phase, Split, SplitStatus,
+    CancelToken, HeldStatus, MigrateOptions, MigrationError, MigrationStatus, Phase, Split,
+    SplitStatus,
 };
 use crate::clock::unix_us;
 use crate::memory::GuestMemory;
+use crate::paging::owners::{EndpointId, Owner, OwnerMap};
 use crate::state::VmState;
 
 /// What a VM offers the migration of it (implemented by [`crate::Vm`]): its memory, its dirty
@@ -77,6 +86,12 @@ pub trait MigratableVm: ResumableVm {
     fn set_dirty_logging(&self, on: bool) -> Result<(), MigrationError>;
     /// The pages written since the last call (or since the log started), sorted.
     fn take_dirty_pages(&self) -> Result<Vec<Gfn>, MigrationError>;
+    /// The VM's owner map and the page servers another host could fetch its pages from (it
+    /// runs split: it arrived by a split migration, or evicts to memservers); `None`: all its
+    /// memory is here.
+    fn page_owners(&self) -> Option<PageOwners> {
+        None
+    }
     /// Pauses every vCPU and captures the VM state, then runs `switch` with it and the time of
     /// the pause. If that fails and the VM has not `left` (its state never reached a
     /// destination that could run it), the vCPUs resume, unless the operator had paused them.
@@ -86,6 +101,10 @@ pub trait MigratableVm: ResumableVm {
         left: impl Fn() -> bool,
     ) -> Result<(), MigrationError>;
 }
+
+/// A split VM's owner map, and the page servers (memservers) other hosts can fetch its pages
+/// from, with their addresses.
+pub type PageOwners = (Arc<OwnerMap>, Vec<(EndpointId, String)>);
 
 /// Drop passes before the pause stop once one covers at most this many pages (4 MiB: a few
 /// hundred microseconds for the destination to drop)...
@@ -209,6 +228,8 @@ pub struct Outgoing {
     state_bytes: AtomicU64,
     prepage: Mutex<(Prepage, u64)>,
     split: Mutex<Option<SplitStatus>>,
+    /// A split VM: the pages left at each memserver.
+    held: Mutex<Vec<HeldStatus>>,
     /// A failure before the server took over.
     failed: Mutex<Option<String>>,
     /// A cancellable migration: reverse checkpoints this often (ms).
@@ -250,6 +271,7 @@ impl Outgoing {
             state_bytes: AtomicU64::new(0),
             prepage: Mutex::new((options.prepage, 0)),
             split: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
             checkpoint_ms: options.checkpoint_ms,
             reverse: Mutex::new(None),
@@ -353,6 +375,7 @@ impl Outgoing {
             prepage,
             hot_pages,
             split: self.split.lock().expect("migration lock").clone(),
+            held: self.held.lock().expect("migration lock").clone(),
             push_ms: s.push_ms,
             total_ms: s.serve_ms,
             checkpoints,
@@ -396,6 +419,16 @@ pub fn run<V: MigratableVm + 'static>(
 ) -> Result<(), MigrationError> {
     options.check()?;
     let vm = vm_arc.as_ref();
+    let owners = vm.page_owners();
+    if owners
+        .as_ref()
+        .is_some_and(|(map, servers)| servers.iter().any(|(id, _)| map.owned_by(*id) > 0))
+        && options.checkpoint_ms.is_some()
+    {
+        return Err(MigrationError::Unsupported(
+            "this VM has pages at memservers, and cancellable=on cannot keep them there yet: consolidate first (ctl consolidate wait=true) or migrate without cancellable=on".into(),
+        ));
+    }
     let resumable: Arc<dyn ResumableVm> = vm_arc.clone();
     let resumable = Arc::downgrade(&resumable);
     let hello = Hello {
@@ -423,6 +456,10 @@ pub fn run<V: MigratableVm + 'static>(
         cancel.watch(c)?;
     }
     wait_ready(&urgent, cancel)?;
+    let held = match owners {
+        Some((map, servers)) => announce_held(out, map, &servers, &mut urgent)?,
+        None => None,
+    };
     let mut bulk = BulkWriter::new(bulk, rtt)?;
     let mut hot = HotPages::new(vm.memory().layout());
     if options.precopy_rounds > 0 {
@@ -442,14 +479,10 @@ pub fn run<V: MigratableVm + 'static>(
             options.profile.unwrap_or(PROFILE_DEFAULT),
         )?);
     }
-    if let Some(split) = &options.split {
-        vm.set_dirty_logging(true)?;
-        let stored = store_split(vm, out, split, secret, &hello, &mut urgent);
-        if stored.is_err() {
-            let _ = vm.set_dirty_logging(false);
-        }
-        stored?;
-    }
+    let split = match &options.split {
+        Some(split) => Some(prepare_split(vm, out, split, secret, &hello, &mut urgent)?),
+        None => None,
+    };
     if options.precopy_rounds == 0 {
         // Nothing precedes `PrecopyDone` on the bulk channel then (no pages, no discards), and
         // the destination, which resumes the VM only after reading it, has it in hand when the
@@ -460,11 +493,10 @@ pub fn run<V: MigratableVm + 'static>(
         bulk.flush()?;
     }
     cancel.check()?;
-    let logging = options.precopy_rounds > 0 || options.split.is_some();
+    let logging = options.precopy_rounds > 0;
     let switched = vm.pause_for_switchover(
         |state, paused_at| {
-            // Written since the last round (or the split): dropped at the destination, sent
-            // postcopy. (The log stays on: turning it off rebuilds the memory slots, which
+            // Written since the last round: dropped at the destination, sent postcopy. (The log stays on: turning it off rebuilds the memory slots, which
             // would only lengthen the downtime; see below.)
             let stale = if logging {
                 vm.take_dirty_pages()?
@@ -483,8 +515,14 @@ pub fn run<V: MigratableVm + 'static>(
                 bulk,
                 checkpoint,
             };
+            let leftovers = Leftovers {
+                split,
+                held,
+                secret,
+                hello: &hello,
+            };
             switch_over(
-                out, state, channels, paused_at, options, hot, &stale, resumable,
+                out, state, channels, paused_at, options, hot, &stale, resumable, leftovers,
             )
         },
         || out.switched_over(),
@@ -634,91 +672,147 @@ fn split_stripes(layout: &MemoryLayout, share: f64) -> Vec<PageRun> {
         .collect()
 }
 
-/// The split (module docs, step 3): stores the stripes at the memservers while the guest
-/// runs (dealt to them in turn, all memservers in parallel), then tells the destination which
-/// memserver owns which and waits until it has dialled each. The dirty log is on (the caller
-/// turned it on and took nothing from it yet).
-fn store_split(
+/// A split prepared before the switchover: a store session open at each memserver, with the
+/// stripes dealt to it (withheld from the destination's push).
+struct SplitPlan {
+    memservers: Vec<(String, Session, Vec<PageRun>)>,
+}
+
+/// The split's first half (module docs, step 3), while the guest still runs: deals the stripes
+/// to the memservers, opens a store session at each, and names each to the destination
+/// (an `Owners` frame without pages), which dials it and says `Ready`. Nothing is stored yet:
+/// the pages go once memory is frozen, in parallel with the push ([`store_split`]). A
+/// memserver that cannot be reached stops the migration here, the VM still running.
+fn prepare_split(
     vm: &impl MigratableVm,
     out: &Outgoing,
     split: &Split,
     secret: &[u8],
     hello: &Hello,
     urgent: &mut TcpStream,
-) -> Result<(), MigrationError> {
-    let t0 = Instant::now();
-    vm.take_dirty_pages()?; // from here on, a write takes its page back from the memserver
+) -> Result<SplitPlan, MigrationError> {
     let layout = vm.memory().layout();
     let stripes = split_stripes(layout, split.share(layout.total_bytes()));
     let n = split.uris.len().max(1);
-    let dealt: Vec<Vec<PageRun>> = (0..n)
-        .map(|m| stripes.iter().skip(m).step_by(n).copied().collect())
-        .collect();
-    *out.split.lock().expect("migration lock") = Some(SplitStatus {
-        memservers: split.uris.clone(),
-        ..SplitStatus::default()
-    });
-    let stored: Vec<Result<u64, MigrationError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = split
-            .uris
-            .iter()
-            .zip(&dealt)
-            .map(|(uri, stripes)| {
-                scope.spawn(move || store_stripes(vm, out, uri, stripes, secret, hello))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a split store thread panicked"))
-            .collect()
-    });
-    let stored = stored.into_iter().collect::<Result<Vec<u64>, _>>()?;
-    for stripe in &stripes {
-        out.server.withhold(stripe.gfn, stripe.pages);
-    }
-    if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
-        s.pages_stored = stored.iter().sum();
-        s.pages_stored_each = stored;
-        s.store_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    for (uri, stripes) in split.uris.iter().zip(&dealt) {
-        let runs: Vec<(Gfn, u64)> = stripes.iter().map(|s| (s.gfn, s.pages)).collect();
-        // The destination dials the memserver, and says Ready, for each `Owners` frame.
-        for _ in 0..announce_owners(urgent, uri, &runs)? {
-            wait_ready(urgent, &out.cancel)?;
-        }
-    }
-    Ok(())
-}
-
-/// Stores `stripes` at the memserver at `uri`; returns the pages stored.
-fn store_stripes(
-    vm: &impl MigratableVm,
-    out: &Outgoing,
-    uri: &str,
-    stripes: &[PageRun],
-    secret: &[u8],
-    hello: &Hello,
-) -> Result<u64, MigrationError> {
     let store = Hello {
         purpose: Purpose::Store,
         ..hello.clone()
     };
-    let ms = session::open(uri, secret, &store)
-        .map_err(|e| MigrationError::opening("memserver", "tsubame memserver", e))?;
-    out.cancel.watch(&ms.urgent)?;
-    out.cancel.watch(&ms.bulk)?;
-    // The memserver gets its pages from a server of its own over the same memory (its own
-    // "sent" marks), copied out while the guest runs.
-    let server = PageServer::new(GuestMemoryStore::new(vm.memory().clone()));
-    let mut w = BulkWriter::new(ms.bulk, ms.rtt)?;
+    let mut memservers = Vec::new();
+    for (m, uri) in split.uris.iter().enumerate() {
+        let dealt: Vec<PageRun> = stripes.iter().skip(m).step_by(n).copied().collect();
+        let session = session::open(uri, secret, &store)
+            .map_err(|e| MigrationError::opening("memserver", "tsubame memserver", e))?;
+        out.cancel.watch(&session.urgent)?;
+        out.cancel.watch(&session.bulk)?;
+        memservers.push((uri.clone(), session, dealt));
+    }
+    for (uri, _, _) in &memservers {
+        // The destination dials the memserver now, outside the downtime.
+        announce_owners(urgent, uri, &[])?;
+        wait_ready(urgent, &out.cancel)?;
+    }
+    for stripe in &stripes {
+        out.server.withhold(stripe.gfn, stripe.pages);
+    }
+    *out.split.lock().expect("migration lock") = Some(SplitStatus {
+        memservers: split.uris.clone(),
+        pages_planned: stripes.iter().map(|s| s.pages).sum(),
+        pages_stored_each: vec![0; memservers.len()],
+        ..SplitStatus::default()
+    });
+    Ok(SplitPlan { memservers })
+}
+
+/// The split's second half, from the switchover on (memory frozen): stores each memserver's
+/// stripes at it, all in parallel and in parallel with the destination's push, and returns
+/// the push's last step ([`PushOptions::after_push`]): once every store has ended, it hands
+/// each memserver's pages over to it (`Owners` on the bulk channel: the destination asks the
+/// memserver for them from then on), and pushes the stripes of any memserver that failed
+/// itself, so that the destination still gets every page.
+fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> PushHook {
+    let t0 = Instant::now();
+    let stores: Vec<_> = plan
+        .memservers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (uri, session, stripes))| {
+            let out = out.clone();
+            let thread = std::thread::Builder::new()
+                .name("split-store".into())
+                .spawn({
+                    let (uri, stripes) = (uri.clone(), stripes.clone());
+                    move || store_stripes(&out, i, &uri, session, &stripes)
+                });
+            (uri, stripes, thread)
+        })
+        .collect();
+    let out = out.clone();
+    PushHook::new(move |w| {
+        let mut failed = Vec::new();
+        for (uri, stripes, thread) in stores {
+            let stored = match thread {
+                Ok(t) => t.join().unwrap_or_else(|_| {
+                    Err(MigrationError::Unsupported(
+                        "the store thread panicked".into(),
+                    ))
+                }),
+                Err(e) => Err(MigrationError::Io(e)),
+            };
+            match stored {
+                Ok(_) => {
+                    let runs: Vec<(Gfn, u64)> = stripes.iter().map(|s| (s.gfn, s.pages)).collect();
+                    announce_owners(w, &uri, &runs)?;
+                }
+                Err(e) => {
+                    log::warn!(
+                        "split: the memserver {uri} did not store its pages ({e}); they go to \
+                         the destination instead"
+                    );
+                    failed.push(format!("{uri}: {e}"));
+                    let mut sender = BulkSender::new(&out.server, None);
+                    for s in &stripes {
+                        out.server.unsend(s.gfn, s.pages);
+                        let mut done = 0;
+                        while done < s.pages {
+                            let n = w.run_pages().min(s.pages - done);
+                            sender.send(w, s.gfn + done, n, SendKind::Push)?;
+                            done += n;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
+            s.store_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+            s.failed = failed;
+        }
+        Ok(())
+    })
+}
+
+/// Stores `stripes` of the frozen guest memory at the memserver `uri` (the `i`th of the
+/// split) on its open store `session`; returns the pages stored.
+fn store_stripes(
+    out: &Outgoing,
+    i: usize,
+    uri: &str,
+    session: Session,
+    stripes: &[PageRun],
+) -> Result<u64, MigrationError> {
+    // Its own server over the same frozen memory (its own "sent" marks), read in place.
+    let store = GuestMemoryStore::new(out.server.store().memory.clone());
+    store.freeze();
+    let server = PageServer::new(store);
+    let mut w = BulkWriter::new(session.bulk, session.rtt)?;
     let mut sender = BulkSender::new(&server, None);
-    let mut stored = 0;
     let sent = (|| -> Result<(), MigrationError> {
         for stripe in stripes {
-            out.cancel.check()?;
             sender.send(&mut w, stripe.gfn, stripe.pages, SendKind::Precopy)?;
-            stored += stripe.pages;
+            if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
+                s.pages_stored_each[i] += stripe.pages;
+                s.pages_stored += stripe.pages;
+            }
         }
         Message::PushDone.write_to(&mut w)?;
         w.wait_all_acknowledged()?;
@@ -726,9 +820,9 @@ fn store_stripes(
         Ok(())
     })();
     match sent {
-        Ok(()) => Ok(stored),
+        Ok(()) => Ok(stripes.iter().map(|s| s.pages).sum()),
         // A memserver that refuses (full, say) says why on the urgent channel.
-        Err(e) => Err(match told_why(&ms.urgent) {
+        Err(e) => Err(match told_why(&session.urgent) {
             Some(reason) => MigrationError::Owner {
                 endpoint: uri.to_string(),
                 reason,
@@ -736,6 +830,151 @@ fn store_stripes(
             None => e,
         }),
     }
+}
+
+/// What the switchover does besides the state: a split's stores, pages left at memservers.
+struct Leftovers<'a> {
+    split: Option<SplitPlan>,
+    held: Option<Held>,
+    secret: &'a [u8],
+    hello: &'a Hello,
+}
+
+/// Pages of a VM that runs split (see [`MigratableVm::page_owners`]) which stay at their
+/// memservers when it migrates on: the new destination's owner map points at them.
+///
+/// Source-of-truth rules of a split VM on the move:
+/// - a page a memserver owns here is not here, and its copy there is the only one: the
+///   destination is told to fetch it there (`Owners`, before the switchover, which it dials);
+/// - a page the guest faults in here before the pause is here and may be written: at the
+///   pause it is taken back (`Owners` naming the source) and sent from here like any other;
+/// - a memserver's copy of a page fetched here (and maybe written since) is stale: once the
+///   VM has left, the memserver is told to forget it, so it never holds a page the VM has
+///   rewritten elsewhere.
+struct Held {
+    map: Arc<OwnerMap>,
+    /// Each memserver, its address, and the pages announced as its own.
+    servers: Vec<(EndpointId, String, Vec<PageRun>)>,
+}
+
+/// Announces the pages each memserver holds to the destination (which dials each and says
+/// `Ready`), and withholds them from the push; `None` if no memserver holds any.
+fn announce_held(
+    out: &Outgoing,
+    map: Arc<OwnerMap>,
+    servers: &[(EndpointId, String)],
+    urgent: &mut TcpStream,
+) -> Result<Option<Held>, MigrationError> {
+    let mut held = Vec::new();
+    for (id, uri) in servers {
+        let runs = map.all_owned_runs(Owner::Endpoint(*id));
+        if runs.is_empty() {
+            continue;
+        }
+        let pairs: Vec<(Gfn, u64)> = runs.iter().map(|r| (r.gfn, r.pages)).collect();
+        for _ in 0..announce_owners(urgent, uri, &pairs)? {
+            wait_ready(urgent, &out.cancel)?;
+        }
+        for r in &runs {
+            out.server.withhold(r.gfn, r.pages);
+        }
+        held.push((*id, uri.clone(), runs));
+    }
+    *out.held.lock().expect("migration lock") = held
+        .iter()
+        .map(|(_, uri, runs)| HeldStatus {
+            memserver: uri.clone(),
+            pages_kept: runs.iter().map(|r| r.pages).sum(),
+            ..HeldStatus::default()
+        })
+        .collect();
+    Ok((!held.is_empty()).then_some(Held { map, servers: held }))
+}
+
+/// At the pause: the announced pages the guest faulted in here since are the source's again
+/// (see [`Held`]).
+fn take_back_fetched(
+    out: &Outgoing,
+    held: &Held,
+    urgent: &mut TcpStream,
+) -> Result<(), MigrationError> {
+    let mut back = Vec::new();
+    for (i, (id, _, runs)) in held.servers.iter().enumerate() {
+        let mut pages = 0;
+        for r in runs {
+            for g in r.gfn.0..r.gfn.0 + r.pages {
+                if held.map.get(Gfn(g)) != Some(Owner::Endpoint(*id)) {
+                    back.push(Gfn(g));
+                    pages += 1;
+                }
+            }
+        }
+        if let Some(s) = out.held.lock().expect("migration lock").get_mut(i) {
+            s.pages_kept -= pages;
+            s.pages_taken_back = pages;
+        }
+    }
+    back.sort_unstable();
+    let runs: Vec<(Gfn, u64)> = gfn_runs(&back, u64::MAX).collect();
+    for &(gfn, n) in &runs {
+        out.server.unsend(gfn, n);
+    }
+    if !runs.is_empty() {
+        announce_owners(urgent, "", &runs)?;
+    }
+    Ok(())
+}
+
+/// Once the VM has left: tells each memserver to forget its copies of the pages fetched here
+/// (see [`Held`]), in the background.
+fn drop_stale_copies(out: &Arc<Outgoing>, held: Held, secret: &[u8], hello: &Hello) {
+    let (out, secret, hello) = (out.clone(), secret.to_vec(), hello.clone());
+    let spawned = std::thread::Builder::new()
+        .name("split-forget".into())
+        .spawn(move || {
+            for (i, (id, uri, _)) in held.servers.iter().enumerate() {
+                let stale = held.map.all_installed_from(*id);
+                let pairs: Vec<(Gfn, u64)> = stale.iter().map(|r| (r.gfn, r.pages)).collect();
+                match forget_at(uri, &secret, &hello, &pairs) {
+                    Ok(()) => {
+                        if let Some(s) = out.held.lock().expect("migration lock").get_mut(i) {
+                            s.stale_copies_dropped = pairs.iter().map(|p| p.1).sum();
+                        }
+                    }
+                    Err(e) => log::warn!(
+                        "the memserver {uri} keeps {} stale copies of this VM's pages: {e}",
+                        pairs.len()
+                    ),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("memservers keep stale copies of this VM's pages: {e}");
+    }
+}
+
+/// Tells the memserver at `uri` to forget `runs` of the VM `hello` names (`Discard` in a
+/// store session), and waits until it has.
+fn forget_at(
+    uri: &str,
+    secret: &[u8],
+    hello: &Hello,
+    runs: &[(Gfn, u64)],
+) -> Result<(), MigrationError> {
+    let store = Hello {
+        purpose: Purpose::Store,
+        ..hello.clone()
+    };
+    let s = session::open(uri, secret, &store)
+        .map_err(|e| MigrationError::opening("memserver", "tsubame memserver", e))?;
+    let mut w = BulkWriter::new(s.bulk, s.rtt)?;
+    for &(gfn, count) in runs {
+        Message::Discard { gfn, count }.write_to(&mut w)?;
+    }
+    Message::PushDone.write_to(&mut w)?;
+    w.wait_all_acknowledged()?;
+    w.finish()?;
+    Ok(())
 }
 
 /// The `Error` a peer sent on `urgent` before closing, if any (read within 200 ms).
@@ -750,19 +989,23 @@ fn told_why(urgent: &TcpStream) -> Option<String> {
 }
 
 /// Tells the destination that `endpoint` ("" for the source itself) owns `runs`, in as many
-/// `Owners` frames as it takes; returns how many.
+/// `Owners` frames as it takes (at least one); returns how many.
 fn announce_owners(
-    urgent: &mut TcpStream,
+    w: &mut impl Write,
     endpoint: &str,
     runs: &[(Gfn, u64)],
-) -> Result<usize, MigrationError> {
+) -> Result<usize, ProtocolError> {
     let mut frames = 0;
-    for chunk in runs.chunks(MAX_OWNER_RUNS as usize) {
+    // An empty list names the endpoint (the destination dials it) and gives it nothing yet.
+    for chunk in runs
+        .chunks(MAX_OWNER_RUNS as usize)
+        .chain(runs.is_empty().then_some(&[][..]))
+    {
         Message::Owners {
             endpoint: endpoint.to_string(),
             runs: chunk.to_vec(),
         }
-        .write_to(urgent)?;
+        .write_to(w)?;
         frames += 1;
     }
     Ok(frames)
@@ -776,14 +1019,14 @@ struct Channels {
     checkpoint: Option<TcpStream>,
 }
 
-/// Switchover with the vCPUs paused since `paused_at` (module docs, step 4), then serving,
-/// and for a cancellable migration receiving checkpoints (`vm` is resumed from them if it
-/// comes to that). `stale`: pages written since the last round or the split (sorted). An
-/// error before both the state and `PrecopyDone` are out leaves the destination unable to run
-/// the VM: the caller may resume it here.
+/// Switchover with the vCPUs paused since `paused_at` (module docs, step 4), then serving
+/// (and storing a split's stripes), and for a cancellable migration receiving checkpoints
+/// (`vm` is resumed from them if it comes to that). `stale`: pages written since the last
+/// round (sorted). An error before both the state and `PrecopyDone` are out leaves the
+/// destination unable to run the VM: the caller may resume it here.
 #[allow(clippy::too_many_arguments)]
 fn switch_over(
-    out: &Outgoing,
+    out: &Arc<Outgoing>,
     state: VmState,
     channels: Channels,
     paused_at: Instant,
@@ -791,7 +1034,14 @@ fn switch_over(
     hot: HotPages,
     stale: &[Gfn],
     vm: std::sync::Weak<dyn ResumableVm>,
+    leftovers: Leftovers<'_>,
 ) -> Result<(), MigrationError> {
+    let Leftovers {
+        split,
+        held,
+        secret,
+        hello,
+    } = leftovers;
     let Channels {
         mut urgent,
         mut bulk,
@@ -799,20 +1049,8 @@ fn switch_over(
     } = channels;
     let server = &out.server;
     *out.prepage.lock().expect("migration lock") = (options.prepage, hot.len());
-    if options.split.is_some() {
-        // Stored at the memserver, then written: the source's again.
-        let (mut reverted, mut pages) = (Vec::new(), 0);
-        for (gfn, n) in gfn_runs(stale, u64::MAX) {
-            let taken_back = server.unsend(gfn, n);
-            if taken_back > 0 {
-                reverted.push((gfn, n));
-                pages += taken_back;
-            }
-        }
-        if let Some(s) = out.split.lock().expect("migration lock").as_mut() {
-            s.pages_reverted = pages;
-        }
-        announce_owners(&mut urgent, "", &reverted)?;
+    if let Some(held) = &held {
+        take_back_fetched(out, held, &mut urgent)?;
     }
     let json = state.to_bytes();
     out.state_bytes.store(json.len() as u64, Ordering::Relaxed);
@@ -850,6 +1088,10 @@ fn switch_over(
     // write it only while the server reads none of it (`PageServer::exclusive`).
     server.store().freeze();
     out.cancel.release();
+    let after_push = split.map(|plan| store_split(out, plan));
+    if let Some(held) = held {
+        drop_stale_copies(out, held, secret, hello);
+    }
     server
         .serve(
             &format!("the destination {}", out.destination),
@@ -861,6 +1103,9 @@ fn switch_over(
                 hot,
                 // A destination that stays paused after the state arrived still gets its pages.
                 gate_timeout: Some(Duration::from_millis(500)),
+                start_on_demand: true,
+                before_push: None,
+                after_push,
                 // Frozen above: `check` refuses release with a cancellable migration.
                 release: options.release,
             },

@@ -80,6 +80,24 @@ pub struct PagingStats {
     pub fetch_error: Option<String>,
     /// Where the pages come from.
     pub owners: Vec<router::OwnerStats>,
+    /// Pages owned by endpoints (not here): a split VM's pages at its memservers.
+    pub remote_pages: u64,
+    /// The last consolidation (`consolidate`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consolidation: Option<ConsolidationStatus>,
+}
+
+/// A consolidation: every page brought back from the endpoints that own it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsolidationStatus {
+    /// The endpoints asked, with the pages each owned then.
+    pub endpoints: Vec<(String, u64)>,
+    /// Pages missing here when it started.
+    pub pages: u64,
+    /// Start -> every page local (None: still running).
+    pub ms: Option<f64>,
+    /// `pages` over `ms`.
+    pub gb_per_s: Option<f64>,
 }
 
 /// The fault engine of a VM whose RAM arrives on demand, the owners its faults go to, and the
@@ -103,6 +121,17 @@ pub struct DemandPaging {
     resumed_unix_us: std::sync::atomic::AtomicU64,
     /// The staging pool pages are received into, if any (for statistics).
     staging: Option<Arc<tsubame_uffd::StagingPool>>,
+    /// The last consolidation: when, from whom, how many pages were missing.
+    consolidation: Mutex<Option<Consolidation>>,
+}
+
+/// A consolidation asked for: when, from whom (with the pages each owned), how many pages
+/// were missing.
+#[derive(Clone, Debug)]
+struct Consolidation {
+    started: Instant,
+    endpoints: Vec<(String, u64)>,
+    pages: u64,
 }
 
 /// What runs when the VM first resumes.
@@ -134,6 +163,7 @@ impl DemandPaging {
             resumed: Mutex::new(None),
             resumed_unix_us: std::sync::atomic::AtomicU64::new(0),
             staging: None,
+            consolidation: Mutex::new(None),
         })
     }
 
@@ -249,9 +279,45 @@ impl DemandPaging {
         self.sockets.push(s);
     }
 
+    /// Consolidation: brings every page the VM's endpoints own (memservers) back here, all of
+    /// them pushing in parallel, while the VM runs (its faults still go to the owners, ahead of
+    /// the pushes). Returns at once; [`Self::stats`] shows the progress. Nothing to bring is
+    /// not an error.
+    pub fn consolidate(&self) -> Result<ConsolidationStatus, PagingError> {
+        let missing = self.engine.total_pages() - self.engine.present_pages();
+        let asked = self.router.ask_every_push()?;
+        *self.consolidation.lock().expect("paging lock") = Some(Consolidation {
+            started: Instant::now(),
+            endpoints: asked,
+            pages: missing,
+        });
+        Ok(self.consolidation_status().expect("just set"))
+    }
+
+    #[allow(clippy::cast_precision_loss)] // rates for people
+    fn consolidation_status(&self) -> Option<ConsolidationStatus> {
+        let Consolidation {
+            started: t0,
+            endpoints,
+            pages,
+        } = self.consolidation.lock().expect("paging lock").clone()?;
+        let done = *self.all_present.lock().expect("paging lock");
+        let ms = done.map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1e3);
+        Some(ConsolidationStatus {
+            endpoints,
+            pages,
+            ms,
+            gb_per_s: ms
+                .filter(|ms| *ms > 0.0)
+                .map(|ms| (pages * tsubame_pages::PAGE_SIZE) as f64 / ms / 1e6),
+        })
+    }
+
     #[allow(clippy::cast_precision_loss)] // microseconds for people
     pub fn stats(&self) -> PagingStats {
         let s = self.engine.stats();
+        let consolidation = self.consolidation_status(); // (takes the `all_present` lock)
+        let all_present = *self.all_present.lock().expect("paging lock");
         let us = |d: Duration| d.as_nanos() as f64 / 1e3;
         PagingStats {
             origin: self.origin,
@@ -277,13 +343,14 @@ impl DemandPaging {
             resumed_unix_us: self
                 .resumed_unix_us
                 .load(std::sync::atomic::Ordering::Relaxed),
-            all_present_ms: self
-                .all_present
-                .lock()
-                .expect("paging lock")
+            all_present_ms: all_present
                 .map(|t| t.saturating_duration_since(self.started).as_secs_f64() * 1e3),
             fetch_error: self.engine.fetch_error().map(|e| e.to_string()),
             owners: self.router.owner_stats(),
+            remote_pages: self.engine.total_pages()
+                - self.router.owners().count(Owner::Local)
+                - self.router.owners().count(Owner::Zero),
+            consolidation,
         }
     }
 }

@@ -66,20 +66,38 @@ impl Owner {
     }
 }
 
-/// One owner per page (a byte per page, by page index).
+/// One owner per page (a byte per page, by page index), and how many pages each entry has.
 #[derive(Debug)]
 pub struct OwnerMap {
     layout: MemoryLayout,
     owners: Vec<AtomicU8>,
+    /// Pages per entry code (kept with every change, so that "does it still own anything"
+    /// costs nothing on the install path).
+    counts: Vec<AtomicU64>,
 }
 
 impl OwnerMap {
     /// A map of `layout`'s pages, all owned by `owner`.
     pub fn new(layout: &MemoryLayout, owner: Owner) -> Self {
         let pages = usize::try_from(layout.total_pages()).expect("owner map fits memory");
+        let counts: Vec<AtomicU64> = (0..256).map(|_| AtomicU64::new(0)).collect();
+        counts[usize::from(owner.code())].store(layout.total_pages(), Ordering::Relaxed);
         Self {
             layout: layout.clone(),
             owners: (0..pages).map(|_| AtomicU8::new(owner.code())).collect(),
+            counts,
+        }
+    }
+
+    fn counted(&self, code: u8) -> &AtomicU64 {
+        &self.counts[usize::from(code)]
+    }
+
+    /// Moves `n` pages from entry `old` to entry `new` in the counts.
+    fn recount(&self, old: u8, new: u8, n: u64) {
+        if n > 0 && old != new {
+            self.counted(old).fetch_sub(n, Ordering::Relaxed);
+            self.counted(new).fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -107,12 +125,71 @@ impl OwnerMap {
     fn set_code(&self, gfn: Gfn, pages: u64, code: u8) -> u64 {
         let mut n = 0;
         for run in self.layout.split(gfn, pages, u64::MAX) {
+            // Consecutive pages mostly share their old entry: counted once per stretch.
+            let (mut old, mut same) = (code, 0);
             for k in 0..run.pages {
-                self.slot(run.index + k).store(code, Ordering::Release);
+                let was = self.slot(run.index + k).swap(code, Ordering::AcqRel);
+                if was != old {
+                    self.recount(old, code, same);
+                    (old, same) = (was, 0);
+                }
+                same += 1;
             }
+            self.recount(old, code, same);
             n += run.pages;
         }
         n
+    }
+
+    /// Hands the pages of `[gfn, gfn + pages)` that `from` owns over to `to`, and records
+    /// those installed from `from` as installed from `to` (which holds a copy of them now);
+    /// the rest (other owners', other local pages) stay. For an owner whose copies `to` has
+    /// taken over whole, e.g. a split migration's source, whose frozen memory a memserver now
+    /// holds part of. Returns how many pages `to` owns now out of the range.
+    pub fn hand_over(&self, gfn: Gfn, pages: u64, from: EndpointId, to: EndpointId) -> u64 {
+        let mut owned = 0;
+        for run in self.layout.split(gfn, pages, u64::MAX) {
+            for k in 0..run.pages {
+                let slot = self.slot(run.index + k);
+                for (old, new) in [(from.0, to.0), (FROM | from.0, FROM | to.0)] {
+                    if slot
+                        .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        self.recount(old, new, 1);
+                        owned += u64::from(new == to.0);
+                        break;
+                    }
+                }
+            }
+        }
+        owned
+    }
+
+    /// Every run of the map that `owner` owns.
+    pub fn all_owned_runs(&self, owner: Owner) -> Vec<PageRun> {
+        self.layout
+            .regions
+            .iter()
+            .flat_map(|r| self.owned_runs(r.first_gfn(), r.pages(), owner))
+            .collect()
+    }
+
+    /// Every run of the map that is local and was installed from `endpoint` (it holds a copy
+    /// of those pages, which the guest may have written since).
+    pub fn all_installed_from(&self, endpoint: EndpointId) -> Vec<PageRun> {
+        self.layout
+            .regions
+            .iter()
+            .flat_map(|r| {
+                self.runs_where(r.first_gfn(), r.pages(), |c| c == FROM | endpoint.0, |_| {})
+            })
+            .collect()
+    }
+
+    /// Pages `endpoint` owns (not here yet), at no cost.
+    pub fn owned_by(&self, endpoint: EndpointId) -> u64 {
+        self.counted(endpoint.0).load(Ordering::Relaxed)
     }
 
     /// Records `[gfn, gfn + pages)` as local, installed from `endpoint`.
@@ -122,10 +199,12 @@ impl OwnerMap {
 
     /// Pages owned by `owner`.
     pub fn count(&self, owner: Owner) -> u64 {
-        self.owners
-            .iter()
-            .filter(|o| Owner::from_code(o.load(Ordering::Relaxed)) == owner)
-            .count() as u64
+        match owner {
+            Owner::Local => (FROM..=LOCAL)
+                .map(|c| self.counted(c).load(Ordering::Relaxed))
+                .sum(),
+            o => self.counted(o.code()).load(Ordering::Relaxed),
+        }
     }
 
     /// The parts of `[gfn, gfn + pages)` that `owner` owns, as runs.
@@ -425,6 +504,48 @@ mod tests {
         assert_eq!(map.get(Gfn(9)), Some(Owner::Local));
         assert_eq!(map.get(Gfn(10)), Some(Owner::Endpoint(EndpointId(1))));
         assert!(s0.install(Gfn(200_000), &page(0)).is_err());
+    }
+
+    #[test]
+    fn counts_follow_every_change_and_a_hand_over_moves_only_the_former_owners_pages() {
+        let layout = MemoryLayout::for_size(8 << 20).unwrap();
+        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
+        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (src, ms) = (EndpointId(0), EndpointId(1));
+        let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(src)));
+        let total = layout.total_pages();
+        assert_eq!(map.owned_by(src), total);
+        let sink = OwnedSink::new(engine.clone(), map.clone(), src);
+        // Pages 0..4 arrive from the source; 10 is a zero page.
+        sink.install(Gfn(0), &vec![1u8; tsubame_pages::PAGE_BYTES * 4])
+            .unwrap();
+        map.set(Gfn(10), 1, Owner::Zero);
+        assert_eq!(map.owned_by(src), total - 5);
+        assert_eq!(map.count(Owner::Local), 4);
+        assert_eq!(map.count(Owner::Zero), 1);
+        // The source hands 0..16 over to a memserver: the local pages stay local (now "from"
+        // the memserver, which holds a copy), the zero page stays zero.
+        assert_eq!(map.hand_over(Gfn(0), 16, src, ms), 11);
+        assert_eq!(map.owned_by(ms), 11);
+        assert_eq!(map.owned_by(src), total - 16);
+        assert_eq!(map.count(Owner::Local), 4);
+        assert_eq!(map.get(Gfn(2)), Some(Owner::Local));
+        assert_eq!(map.get(Gfn(10)), Some(Owner::Zero));
+        assert_eq!(map.get(Gfn(12)), Some(Owner::Endpoint(ms)));
+        let from_ms: u64 = map.all_installed_from(ms).iter().map(|r| r.pages).sum();
+        assert_eq!(from_ms, 4);
+        assert!(map.all_installed_from(src).is_empty());
+        let owned: u64 = map
+            .all_owned_runs(Owner::Endpoint(ms))
+            .iter()
+            .map(|r| r.pages)
+            .sum();
+        assert_eq!(owned, 11);
+        // The source's late copy of a handed-over page is not installed.
+        sink.install(Gfn(12), &[2u8; tsubame_pages::PAGE_BYTES])
+            .unwrap();
+        assert!(!engine.is_present(Gfn(12)));
+        assert_eq!(sink.stats().pages_not_owned, 1);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct OwnerStats {
 
 struct Endpoint {
     name: String,
+    /// Where a remote owner can be dialled (a memserver's `tcp:HOST:PORT`), if another host
+    /// can dial it too.
+    address: Option<String>,
     fetcher: Arc<dyn Fetcher>,
     sink: Arc<OwnedSink>,
     client: Option<Arc<PageClient>>,
@@ -86,6 +89,7 @@ impl OwnerRouter {
     ) -> Result<EndpointId, FetchError> {
         self.add(Endpoint {
             name: name.to_string(),
+            address: None,
             sink: local.sink.clone(),
             fetcher: local,
             client: None,
@@ -97,6 +101,7 @@ impl OwnerRouter {
         let remote = Arc::new(remote);
         self.add(Endpoint {
             name: remote.client.peer().to_string(),
+            address: remote.address.clone(),
             sink: remote.sink.clone(),
             client: Some(remote.client.clone()),
             fetcher: remote,
@@ -115,6 +120,47 @@ impl OwnerRouter {
         Ok(EndpointId(
             u8::try_from(e.len() - 1).expect("checked above"),
         ))
+    }
+
+    /// Asks every remote owner that still owns pages here to push all of them now
+    /// (`Resumed`; a memserver pushes only when asked); returns their names and the pages
+    /// they own. An owner that cannot push (a local store) or cannot be reached is an error:
+    /// pages would stay behind.
+    pub fn ask_every_push(&self) -> Result<Vec<(String, u64)>, FetchError> {
+        let endpoints = self.endpoints.read().expect("router lock");
+        let mut asked = Vec::new();
+        for (i, e) in endpoints.iter().enumerate() {
+            let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+            let owned = self.owners.owned_by(id);
+            if owned == 0 {
+                continue;
+            }
+            let client = e.client.as_ref().ok_or_else(|| {
+                FetchError(format!(
+                    "{} owns {owned} pages but cannot push them",
+                    e.name
+                ))
+            })?;
+            client
+                .send(&tsubame_pageserver::Message::Resumed)
+                .map_err(|err| FetchError(format!("asking {} for its pages: {err}", e.name)))?;
+            asked.push((e.name.clone(), owned));
+        }
+        Ok(asked)
+    }
+
+    /// The remote owners another host could dial (memservers), with their addresses.
+    pub fn dialable(&self) -> Vec<(EndpointId, String)> {
+        self.endpoints
+            .read()
+            .expect("router lock")
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                e.address.clone().map(|a| (id, a))
+            })
+            .collect()
     }
 
     /// Every owner, with what it owns and has sent.
@@ -201,6 +247,8 @@ impl Fetcher for OwnerRouter {
 pub struct RemoteOwner {
     pub client: Arc<PageClient>,
     pub sink: Arc<OwnedSink>,
+    /// Where another host can dial it (a memserver), `None` for a migration source.
+    pub address: Option<String>,
 }
 
 impl Fetcher for RemoteOwner {
