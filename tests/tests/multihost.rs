@@ -148,5 +148,4 @@ fn split_migration_with_the_memserver_on_a_third_host() {
     }
     let (status, _) = source.wait().unwrap();
     assert!(status.success(), "source: {status}");
-    ms.ctl("quit", json!({})).unwrap();
 }
