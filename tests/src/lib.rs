@@ -1,5 +1,8 @@
 //! Helpers for Tsubame's end-to-end tests: find the `tsubame` binary, make scratch directories,
-//! start VM processes and talk to their control sockets.
+//! start VM processes (on this host, or in a network namespace of [`netns`]) and talk to their
+//! control sockets.
+
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -88,6 +91,20 @@ pub fn run_to_end(args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing the run summary")
 }
 
+/// Where a process runs: its network namespace (`None`: the test's own) and the address it
+/// listens on there.
+#[derive(Clone, Copy, Debug)]
+pub struct Place<'a> {
+    pub netns: Option<&'a str>,
+    pub ip: &'a str,
+}
+
+/// The test's own network namespace, listening on loopback.
+pub const LOOPBACK: Place<'static> = Place {
+    netns: None,
+    ip: "127.0.0.1",
+};
+
 /// A `tsubame` process (`run` with a control socket, or another command).
 #[derive(Debug)]
 pub struct VmProcess {
@@ -99,8 +116,14 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts `tsubame run --control SOCKET ARGS` and waits until its control socket is ready.
     pub fn start(socket: &Path, args: &[&str]) -> Result<Self> {
+        Self::start_at(LOOPBACK, socket, args)
+    }
+
+    /// [`Self::start`] at `place`.
+    pub fn start_at(place: Place<'_>, socket: &Path, args: &[&str]) -> Result<Self> {
         let sock = socket.to_str().context("socket path")?;
-        let (p, _) = Self::start_until(
+        let (p, _) = Self::start_until_at(
+            place,
             &[&["--control", sock], args].concat(),
             "control socket ready",
         )?;
@@ -110,29 +133,38 @@ impl VmProcess {
     /// Starts `tsubame run --quiet ARGS` (with `--serial none` unless `ARGS` say where serial
     /// output goes) and waits for a stderr line containing `marker`, which it returns.
     pub fn start_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
+        Self::start_until_at(LOOPBACK, args, marker)
+    }
+
+    /// [`Self::start_until`] at `place`.
+    pub fn start_until_at(place: Place<'_>, args: &[&str], marker: &str) -> Result<(Self, String)> {
         let serial: &[&str] = if args.contains(&"--serial") {
             &[]
         } else {
             &["--serial", "none"]
         };
-        Self::command_until(&[&["run", "--quiet"], serial, args].concat(), marker)
+        Self::command_until_at(place, &[&["run", "--quiet"], serial, args].concat(), marker)
     }
 
     /// Starts a migration destination (`tsubame run --incoming` on an ephemeral port, with
     /// `secret` and `extra` arguments, summary as JSON); returns it and its `tcp:HOST:PORT`.
     pub fn destination(secret: &str, extra: &[&str]) -> Result<(Self, String)> {
+        Self::destination_at(LOOPBACK, secret, extra)
+    }
+
+    /// [`Self::destination`] at `place`, listening on its address.
+    pub fn destination_at(
+        place: Place<'_>,
+        secret: &str,
+        extra: &[&str],
+    ) -> Result<(Self, String)> {
+        let listen = format!("tcp:{}:0", place.ip);
         let args = [
-            &[
-                "--incoming",
-                "tcp:127.0.0.1:0",
-                "--secret",
-                secret,
-                "--json",
-            ],
+            &["--incoming", &listen, "--secret", secret, "--json"],
             extra,
         ]
         .concat();
-        let (p, line) = Self::start_until(&args, "waiting for an incoming migration on")?;
+        let (p, line) = Self::start_until_at(place, &args, "waiting for an incoming migration on")?;
         let uri = line.rsplit(' ').next().unwrap_or_default().to_string();
         Ok((p, uri))
     }
@@ -157,15 +189,16 @@ impl VmProcess {
     /// Starts `tsubame memserver --listen tcp:127.0.0.1:0 --secret SECRET EXTRA`; returns it
     /// and its `tcp:HOST:PORT`.
     pub fn memserver(secret: &str, extra: &[&str]) -> Result<(Self, String)> {
-        let (p, line) = Self::command_until(
+        Self::memserver_at(LOOPBACK, secret, extra)
+    }
+
+    /// [`Self::memserver`] at `place`, listening on its address.
+    pub fn memserver_at(place: Place<'_>, secret: &str, extra: &[&str]) -> Result<(Self, String)> {
+        let listen = format!("tcp:{}:0", place.ip);
+        let (p, line) = Self::command_until_at(
+            place,
             &[
-                &[
-                    "memserver",
-                    "--listen",
-                    "tcp:127.0.0.1:0",
-                    "--secret",
-                    secret,
-                ],
+                &["memserver", "--listen", &listen, "--secret", secret],
                 extra,
             ]
             .concat(),
@@ -178,13 +211,31 @@ impl VmProcess {
     /// Starts `tsubame ARGS` (any command) and waits for a stderr line containing `marker`,
     /// which it returns.
     pub fn command_until(args: &[&str], marker: &str) -> Result<(Self, String)> {
+        Self::command_until_at(LOOPBACK, args, marker)
+    }
+
+    /// [`Self::command_until`] at `place` (in its network namespace: `ip netns exec`, which
+    /// execs `tsubame`, so the child is the `tsubame` process itself).
+    pub fn command_until_at(
+        place: Place<'_>,
+        args: &[&str],
+        marker: &str,
+    ) -> Result<(Self, String)> {
         let socket = args
             .iter()
             .position(|a| *a == "--control")
             .and_then(|i| args.get(i + 1))
             .map(PathBuf::from)
             .unwrap_or_default();
-        let mut child = Command::new(tsubame_bin())
+        let mut command = match place.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(tsubame_bin());
+                c
+            }
+            None => Command::new(tsubame_bin()),
+        };
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

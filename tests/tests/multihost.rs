@@ -1,0 +1,151 @@
+//! Migrations between hosts that are network namespaces joined by a bridge (`tsubame_tests::netns`):
+//! the source, the memserver and the destination each in a namespace of its own, every session
+//! over a real network path (veth, bridge, veth) rather than loopback. The oracle: the migrated
+//! VM's memory after N steps equals a run that never migrated.
+
+use serde_json::{json, Value};
+use tsubame_tests::netns::Network;
+use tsubame_tests::{run_to_end, Scratch, VmProcess};
+
+const SECRET: &str = "multihost secret";
+
+/// The VM every test here migrates, and the step at which it migrates.
+const COMMON: [&str; 8] = [
+    "--mem",
+    "64M",
+    "--vcpus",
+    "1",
+    "--workload",
+    "uniform:ws=32M,write=0.3,seed=141",
+    "--steps",
+    "1500000",
+];
+const MIGRATE_AT: u64 = 300_000;
+
+/// Starts the source on `net`'s host "src" and the destination on "dst", runs the source to
+/// [`MIGRATE_AT`]; returns both and the destination's URI (on its own address).
+fn source_and_destination(net: &Network, dir: &Scratch) -> (VmProcess, VmProcess, String) {
+    let source =
+        VmProcess::start_at(net.host("src").place(), &dir.path("src.sock"), &COMMON).unwrap();
+    let (dest, uri) =
+        VmProcess::destination_at(net.host("dst").place(), SECRET, &["--mem", "64M"]).unwrap();
+    assert!(
+        uri.starts_with(&format!("tcp:{}:", net.host("dst").ip)),
+        "{uri}"
+    );
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": MIGRATE_AT}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    (source, dest, uri)
+}
+
+/// Waits for the destination's summary and checks its digest against `reference`.
+fn finished_with(dest: VmProcess, reference: &Value) -> Value {
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination failed: {status}\n{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert!(reference["digest"].is_string(), "{reference}");
+    assert_eq!(
+        summary["digest"], reference["digest"],
+        "the migration across hosts changed the result: {summary}"
+    );
+    summary
+}
+
+#[test]
+fn postcopy_from_one_host_to_another() {
+    let net = Network::new("postcopy", &["src", "dst"]).unwrap();
+    let dir = Scratch::new("multihost-postcopy");
+    let reference = run_to_end(&COMMON).unwrap();
+    let (source, dest, uri) = source_and_destination(&net, &dir);
+
+    // The destination is not on the source's loopback: the path is the network's.
+    let port = uri.rsplit(':').next().unwrap();
+    let e = source
+        .ctl(
+            "migrate",
+            json!({"uri": format!("tcp:127.0.0.1:{port}"), "secret": SECRET}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listening"), "{e}");
+
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "prepage": "bubble"}),
+        )
+        .unwrap();
+    assert!(m["phase"] == "postcopy" || m["phase"] == "completed", "{m}");
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    let summary = finished_with(dest, &reference);
+    let owners = summary["demand_paging"]["owners"].as_array().unwrap();
+    assert_eq!(owners.len(), 1, "{summary}");
+    assert_eq!(owners[0]["pages_owned"], 0, "{summary}");
+    assert!(
+        owners[0]["pages_installed"].as_u64() >= summary["demand_paging"]["total_pages"].as_u64(),
+        "{summary}"
+    );
+}
+
+#[test]
+fn split_migration_with_the_memserver_on_a_third_host() {
+    let net = Network::new("split", &["src", "ms", "dst"]).unwrap();
+    let dir = Scratch::new("multihost-split");
+    let reference = run_to_end(&COMMON).unwrap();
+    let ms_sock = dir.path("ms.sock");
+    let (ms, ms_uri) = VmProcess::memserver_at(
+        net.host("ms").place(),
+        SECRET,
+        &["--control", ms_sock.to_str().unwrap()],
+    )
+    .unwrap();
+    assert!(
+        ms_uri.starts_with(&format!("tcp:{}:", net.host("ms").ip)),
+        "{ms_uri}"
+    );
+    let (source, dest, uri) = source_and_destination(&net, &dir);
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "prepage": "bubble",
+                   "split": format!("{ms_uri}:0.5")}),
+        )
+        .unwrap();
+    let split = &m["split"];
+    assert_eq!(split["memservers"], json!([ms_uri]), "{m}");
+    let stored = split["pages_stored"].as_u64().unwrap();
+    let total = m["total_pages"].as_u64().unwrap();
+    assert!(
+        stored.abs_diff(total / 2) < total / 20,
+        "{stored} of {total} pages stored for half: {m}"
+    );
+    // The memserver holds what the source stored, all of it from the source's host.
+    let usage = ms.ctl("query-usage", json!({})).unwrap();
+    assert_eq!(usage["vms"][0]["pages_held"], stored, "{usage}");
+
+    let summary = finished_with(dest, &reference);
+    let owners = summary["migration"]["demand_paging"]["owners"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no owners in {summary}"))
+        .clone();
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert_eq!(owners[0]["endpoint"], "the migration source");
+    // The destination fetched from the memserver at its own address, across the bridge.
+    assert_eq!(owners[1]["endpoint"], format!("the page server {ms_uri}"));
+    let reverted = split["pages_reverted"].as_u64().unwrap();
+    assert_eq!(
+        owners[1]["pages_installed"].as_u64().unwrap(),
+        stored - reverted,
+        "every page the memserver still owned came from it: {owners:?}"
+    );
+    for o in &owners {
+        assert!(o["pages_received"].as_u64().unwrap() > 0, "{o}");
+        assert_eq!(o["pages_owned"], 0, "every page is here now: {o}");
+    }
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+}
