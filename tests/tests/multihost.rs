@@ -117,34 +117,31 @@ fn split_migration_with_the_memserver_on_a_third_host() {
         .unwrap();
     let split = &m["split"];
     assert_eq!(split["memservers"], json!([ms_uri]), "{m}");
-    let stored = split["pages_stored"].as_u64().unwrap();
     let total = m["total_pages"].as_u64().unwrap();
+    let planned = split["pages_planned"].as_u64().unwrap();
     assert!(
-        stored.abs_diff(total / 2) < total / 20,
-        "{stored} of {total} pages stored for half: {m}"
+        planned.abs_diff(total / 2) < total / 20,
+        "{planned} of {total} pages dealt for half: {m}"
     );
-    // The memserver holds what the source stored, all of it from the source's host.
-    let usage = ms.ctl("query-usage", json!({})).unwrap();
-    assert_eq!(usage["vms"][0]["pages_held"], stored, "{usage}");
 
     let summary = finished_with(dest, &reference);
+    // The memserver holds what the source stored, all of it from the source's host (stored
+    // after the switchover, in parallel with the push to the destination).
+    let usage = ms.ctl("query-usage", json!({})).unwrap();
+    assert_eq!(usage["vms"][0]["pages_held"], planned, "{usage}");
     let owners = summary["migration"]["demand_paging"]["owners"]
         .as_array()
         .unwrap_or_else(|| panic!("no owners in {summary}"))
         .clone();
     assert_eq!(owners.len(), 2, "{owners:?}");
     assert_eq!(owners[0]["endpoint"], "the migration source");
+    assert_eq!(owners[0]["pages_owned"], 0, "{owners:?}");
     // The destination fetched from the memserver at its own address, across the bridge.
     assert_eq!(owners[1]["endpoint"], format!("the page server {ms_uri}"));
-    let reverted = split["pages_reverted"].as_u64().unwrap();
-    assert_eq!(
-        owners[1]["pages_installed"].as_u64().unwrap(),
-        stored - reverted,
-        "every page the memserver still owned came from it: {owners:?}"
-    );
+    let from_ms = owners[1]["pages_installed"].as_u64().unwrap();
+    assert!(from_ms > 0 && from_ms <= planned, "{owners:?}");
     for o in &owners {
         assert!(o["pages_received"].as_u64().unwrap() > 0, "{o}");
-        assert_eq!(o["pages_owned"], 0, "every page is here now: {o}");
     }
     let (status, _) = source.wait().unwrap();
     assert!(status.success(), "source: {status}");

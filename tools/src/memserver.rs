@@ -60,14 +60,18 @@ impl CommandHandler for Commands {
         COMMANDS.to_vec()
     }
 
+    fn after_reply(&self, command: &str) {
+        if command == "quit" {
+            let _ = self.quit.lock().map(|q| q.send(()));
+        }
+    }
+
     fn execute(&self, command: &str, _args: &Value) -> Result<Value, CommandError> {
         match command {
             "query-usage" => serde_json::to_value(self.memserver.usage())
                 .map_err(|e| CommandError::generic(e.to_string())),
-            "quit" => {
-                let _ = self.quit.lock().map(|q| q.send(()));
-                Ok(json!({}))
-            }
+            // Quits once the reply is out (`after_reply`).
+            "quit" => Ok(json!({})),
             other => Err(CommandError {
                 class: "CommandNotFound",
                 desc: format!(

@@ -69,6 +69,11 @@ pub trait CommandHandler: Send + Sync {
     fn commands(&self) -> Vec<&'static str>;
     /// Runs `command` with `args` (a JSON object, empty if none were given).
     fn execute(&self, command: &str, args: &Value) -> Result<Value, CommandError>;
+    /// Called once the reply to a successful `command` has been written: what must not
+    /// happen before the client has its answer (`quit` ending the process) goes here.
+    fn after_reply(&self, command: &str) {
+        let _ = command;
+    }
 }
 
 /// A running control server; stops and removes its socket on drop.
@@ -215,6 +220,12 @@ fn serve_client(stream: &StdUnixStream, handler: &dyn CommandHandler) -> std::io
         }
         let reply = handle_line(line.trim(), handler);
         send_line(&mut out, &reply)?;
+        if reply.get("return").is_some() {
+            let req: Value = serde_json::from_str(line.trim()).unwrap_or_default();
+            if let Some(cmd) = req.get("execute").and_then(Value::as_str) {
+                handler.after_reply(cmd);
+            }
+        }
     }
 }
 
@@ -341,6 +352,12 @@ fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, CommandError> {
 impl CommandHandler for VmCommands {
     fn commands(&self) -> Vec<&'static str> {
         VM_COMMANDS.to_vec()
+    }
+
+    fn after_reply(&self, command: &str) {
+        if command == "quit" {
+            (self.quit)();
+        }
     }
 
     fn execute(&self, command: &str, args: &Value) -> Result<Value, CommandError> {
@@ -494,10 +511,8 @@ impl CommandHandler for VmCommands {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }
-            "quit" => {
-                (self.quit)();
-                Ok(json!({}))
-            }
+            // Quits once the reply is out (`after_reply`).
+            "quit" => Ok(json!({})),
             other => Err(CommandError {
                 class: "CommandNotFound",
                 desc: format!(
