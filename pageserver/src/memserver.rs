@@ -131,6 +131,14 @@ impl Memserver {
                 }),
                 Some(_) => Ok(()),
             },
+            // The host that pages its VM out may open this before it stored anything.
+            Purpose::Recall => match self.vms.lock().expect("memserver lock").get(&h.vm) {
+                Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {
+                    theirs: h.layout.clone(),
+                    ours: s.layout().clone(),
+                }),
+                _ => Ok(()),
+            },
             Purpose::Migrate => Err(ProtocolError::Refused(
                 "this is a memserver: migrate to a `tsubame run --incoming` destination".into(),
             )),
@@ -175,7 +183,7 @@ impl Memserver {
                     store.held_pages()
                 );
             }
-            Purpose::Fetch => match serve_fetch(vm, &store, session) {
+            Purpose::Fetch | Purpose::Recall => match serve_fetch(vm, &store, session) {
                 Ok(ServeState::Completed) => {
                     log::info!("VM {vm:#x}: the fetching host has every page");
                 }
@@ -195,11 +203,18 @@ fn serve_fetch(
     s: Session,
 ) -> Result<ServeState, crate::ServerError> {
     let server = Arc::new(PageServer::new(store.clone()));
-    // Only what is held is pushed: the fetching host gets the rest from other owners.
-    store.for_each_absent(|gfn, pages| {
-        server.withhold(gfn, pages);
-    });
     let layout = store.layout().clone();
+    if s.hello.purpose == Purpose::Recall {
+        // Demand replies only: the host recalls a page when its guest touches it.
+        for r in &layout.regions {
+            server.withhold(r.first_gfn(), r.size / tsubame_pages::PAGE_SIZE);
+        }
+    } else {
+        // Only what is held is pushed: the fetching host gets the rest from other owners.
+        store.for_each_absent(|gfn, pages| {
+            server.withhold(gfn, pages);
+        });
+    }
     let bulk = BulkWriter::new(s.bulk, s.rtt)?;
     server.serve(
         &format!("the host fetching VM {vm:#x}"),
