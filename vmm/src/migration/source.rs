@@ -739,7 +739,7 @@ fn store_stripes(
 }
 
 /// The `Error` a peer sent on `urgent` before closing, if any (read within 200 ms).
-fn told_why(urgent: &TcpStream) -> Option<String> {
+pub(crate) fn told_why(urgent: &TcpStream) -> Option<String> {
     urgent
         .set_read_timeout(Some(Duration::from_millis(200)))
         .ok()?;
