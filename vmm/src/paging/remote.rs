@@ -177,6 +177,8 @@ pub struct Pager {
     per_memserver: Vec<(AtomicU64, AtomicU64)>,
     counters: Counters,
     error: Mutex<Option<String>>,
+    /// Wakes the evictor before its tick when a fault-in took resident memory over the limit.
+    nudge: std::sync::mpsc::SyncSender<()>,
 }
 
 impl Pager {
@@ -187,6 +189,7 @@ impl Pager {
         owners: Arc<OwnerMap>,
         limit_pages: u64,
         endpoints: Vec<EndpointId>,
+        nudge: std::sync::mpsc::SyncSender<()>,
     ) -> Self {
         let layout = owners.layout().clone();
         let pages = usize::try_from(layout.total_pages()).expect("pages fit memory");
@@ -208,6 +211,25 @@ impl Pager {
             endpoints,
             counters: Counters::default(),
             error: Mutex::new(None),
+            nudge,
+        }
+    }
+
+    /// Called after a fault-in: wakes the evictor if resident memory is over the limit, and
+    /// past an eighth over it holds the fault thread back (at most 2 ms a fault) until the
+    /// evictor caught up: on a busy host the guest's vCPUs can outrun the evictor's CPU time.
+    fn faulted_in(&self) {
+        if !self.over_limit() {
+            return;
+        }
+        let _ = self.nudge.try_send(());
+        let cap = self.limit_pages + self.limit_pages / 8;
+        let t0 = Instant::now();
+        while self.engine.present_pages() > cap
+            && self.error.lock().expect("pager lock").is_none()
+            && t0.elapsed() < Duration::from_millis(2)
+        {
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 
@@ -237,12 +259,18 @@ impl Pager {
         self.epoch.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// First touch of a never-written page: zero-fills the Zero-owned pages of its chunk.
+    /// First touch of a never-written page: zero-fills the Zero-owned pages of its chunk (one
+    /// fault for 16 pages), or only that page once resident memory is over the limit (a guest
+    /// filling its memory would otherwise outrun the evictor).
     fn zero_fill(&self, gfn: Gfn) -> Result<(), FetchError> {
-        let start = Gfn(gfn.0 / CHUNK_PAGES * CHUNK_PAGES);
+        let (start, pages) = if self.over_limit() {
+            (gfn, 1)
+        } else {
+            (Gfn(gfn.0 / CHUNK_PAGES * CHUNK_PAGES), CHUNK_PAGES)
+        };
         let epoch = self.epoch.load(Ordering::Relaxed);
         self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
-        for run in self.owners.owned_runs(start, CHUNK_PAGES, Owner::Zero) {
+        for run in self.owners.owned_runs(start, pages, Owner::Zero) {
             let n = self
                 .engine
                 .install_zero(run.gfn, run.pages)
@@ -254,6 +282,7 @@ impl Pager {
             }
             self.counters.zero_pages.fetch_add(n, Ordering::Relaxed);
         }
+        self.faulted_in();
         Ok(())
     }
 
@@ -550,6 +579,7 @@ impl InstallWatch for FaultedBack {
         pager.per_memserver[self.memserver]
             .1
             .fetch_add(run.pages, Ordering::Relaxed);
+        pager.faulted_in();
     }
 }
 
@@ -662,7 +692,8 @@ pub struct RemotePaging {
     router: Arc<OwnerRouter>,
     pager: Arc<Pager>,
     uris: Vec<String>,
-    links: Mutex<Option<Links>>,
+    /// The store sessions and the nudges, until the evictor takes them.
+    links: Mutex<Option<(Links, std::sync::mpsc::Receiver<()>)>>,
     stop: Arc<AtomicBool>,
     evictor: Mutex<Option<JoinHandle<()>>>,
     threads: Vec<JoinHandle<()>>,
@@ -784,7 +815,14 @@ impl RemotePaging {
                 server: PageServer::new(GuestMemoryStore::new(memory.clone())),
             });
         }
-        let pager = Arc::new(Pager::new(engine.clone(), owners, limit_pages, endpoints));
+        let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
+        let pager = Arc::new(Pager::new(
+            engine.clone(),
+            owners,
+            limit_pages,
+            endpoints,
+            nudge,
+        ));
         for w in watches {
             let _ = w.pager.set(pager.clone());
         }
@@ -797,7 +835,7 @@ impl RemotePaging {
             router,
             pager,
             uris: config.memservers.clone(),
-            links: Mutex::new(Some(Links(links))),
+            links: Mutex::new(Some((Links(links), nudged))),
             stop: Arc::new(AtomicBool::new(false)),
             evictor: Mutex::new(None),
             threads,
@@ -805,13 +843,14 @@ impl RemotePaging {
         })
     }
 
-    /// Starts the evictor thread (`evictor`): every tick it collects the guest's writes with
-    /// `take_dirty` (the KVM dirty log, which it alone reads) and evicts if over the limit.
+    /// Starts the evictor thread (`evictor`): every tick, and whenever a fault-in takes resident
+    /// memory over the limit, it collects the guest's writes with `take_dirty` (the KVM dirty
+    /// log, which it alone reads) and evicts if over the limit.
     pub fn start_evictor(
         &self,
         mut take_dirty: impl FnMut() -> Result<Vec<Gfn>, String> + Send + 'static,
     ) -> Result<(), PagingError> {
-        let Some(mut links) = self.links.lock().expect("paging lock").take() else {
+        let Some((mut links, nudged)) = self.links.lock().expect("paging lock").take() else {
             return Ok(());
         };
         let (pager, stop) = (self.pager.clone(), self.stop.clone());
@@ -820,7 +859,7 @@ impl RemotePaging {
             .spawn(move || {
                 let mut failed = false;
                 while !stop.load(Ordering::Acquire) {
-                    std::thread::sleep(TICK);
+                    let _ = nudged.recv_timeout(TICK);
                     match take_dirty() {
                         Ok(gfns) => {
                             pager.note_written(&gfns);
@@ -876,5 +915,115 @@ impl Drop for RemotePaging {
             let _ = t.join();
         }
         self.engine.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsubame_pages::Gpa;
+
+    /// A pager over 8 MiB with a limit of `limit` pages, its memory, and the fault thread.
+    fn pager(limit: u64) -> (Arc<Pager>, Arc<GuestMemory>) {
+        let layout = MemoryLayout::for_size(8 << 20).unwrap();
+        let memory = Arc::new(GuestMemory::new(&layout).unwrap());
+        let engine = FaultEngine::new_write_protected(&layout, memory.hvas()).unwrap();
+        let owners = Arc::new(OwnerMap::new(&layout, Owner::Zero));
+        let (nudge, _) = std::sync::mpsc::sync_channel(1);
+        let pager = Arc::new(Pager::new(
+            engine.clone(),
+            owners.clone(),
+            limit,
+            vec![EndpointId(0)],
+            nudge,
+        ));
+        engine
+            .start(Arc::new(PagedRouter {
+                router: Arc::new(OwnerRouter::new(owners)),
+                pager: pager.clone(),
+            }))
+            .unwrap();
+        (pager, memory)
+    }
+
+    fn touch(memory: &GuestMemory, gfns: std::ops::Range<u64>, byte: u8) {
+        for g in gfns {
+            memory.write(Gfn(g).gpa(), &[byte; 8]).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_coldest_chunks_go_first_not_the_lowest_addresses() {
+        let (pager, memory) = pager(1024);
+        // Chunks 0..4 written in the order 3, 1, 0, 2, one pass each.
+        for chunk in [3u64, 1, 0, 2] {
+            let gfns: Vec<Gfn> = (chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES)
+                .map(Gfn)
+                .collect();
+            touch(&memory, chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES, 1);
+            pager.note_written(&gfns);
+        }
+        let chosen: Vec<u64> = pager
+            .coldest_chunks(2 * CHUNK_PAGES)
+            .iter()
+            .map(|r| r.gfn.0 / CHUNK_PAGES)
+            .collect();
+        assert_eq!(chosen, [1, 3], "chunks 3 and 1 were written longest ago");
+        pager.engine.stop();
+    }
+
+    /// Stores nothing, but writes to `victim` during the copy, as a running guest would.
+    struct WriteDuringCopy {
+        memory: Arc<GuestMemory>,
+        victim: Gfn,
+        stored: Vec<PageRun>,
+    }
+
+    impl PageOut for WriteDuringCopy {
+        fn store(&mut self, _: usize, runs: &[PageRun]) -> Result<(), String> {
+            let (m, g) = (self.memory.clone(), self.victim);
+            // Waits in the fault thread until it cancels the page's eviction.
+            std::thread::spawn(move || m.write(Gpa(g.gpa().0 + 16), &[7u8; 8]).unwrap())
+                .join()
+                .unwrap();
+            self.stored.extend_from_slice(runs);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_during_the_copy_cancels_that_pages_eviction_and_lands() {
+        let (pager, memory) = pager(256);
+        touch(&memory, 0..512, 1);
+        assert!(pager.over_limit());
+        let victim = Gfn(5);
+        let mut out = WriteDuringCopy {
+            memory: memory.clone(),
+            victim,
+            stored: Vec::new(),
+        };
+        let evicted = pager.evict(&mut out).unwrap();
+        let copied: u64 = out.stored.iter().map(|r| r.pages).sum();
+        assert!(out
+            .stored
+            .iter()
+            .any(|r| r.gfn <= victim && victim < r.gfn + r.pages));
+        assert_eq!(evicted, copied - 1, "all but the written page");
+        let stats = pager.stats(&["test".into()]);
+        assert_eq!(stats.cancelled_evictions, 1);
+        assert_eq!(stats.evicted_pages, evicted);
+        assert!(stats.resident_pages <= pager.low_pages + 1);
+        // The written page stayed, with the write; its neighbour is the memserver's now.
+        assert!(pager.engine.is_present(victim));
+        assert_eq!(pager.owners.get(victim), Some(Owner::Local));
+        assert_eq!(
+            pager.owners.get(Gfn(6)),
+            Some(Owner::Endpoint(EndpointId(0)))
+        );
+        assert!(!pager.engine.is_present(Gfn(6)));
+        let mut b = [0u8; 8];
+        memory.read(Gpa(victim.gpa().0 + 16), &mut b).unwrap();
+        assert_eq!(b, [7u8; 8]);
+        pager.engine.stop();
     }
 }
