@@ -631,11 +631,13 @@ impl Fetcher for PagedRouter {
 struct RecallEvents {
     engine: std::sync::Weak<FaultEngine>,
     uri: String,
+    /// Set when remote paging ends: the connections close on purpose.
+    closing: Arc<AtomicBool>,
 }
 
 impl ClientEvents for RecallEvents {
     fn failed(&self, client: &PageClient, error: ClientError) {
-        if client.is_completed() {
+        if client.is_completed() || self.closing.load(Ordering::Acquire) {
             return;
         }
         if let Some(engine) = self.engine.upgrade() {
@@ -746,6 +748,7 @@ impl RemotePaging {
             checkpoint_ms: 0,
         };
         let (mut links, mut threads, mut sockets) = (Vec::new(), Vec::new(), Vec::new());
+        let stop = Arc::new(AtomicBool::new(false));
         let mut endpoints = Vec::new();
         let mut watches = Vec::new();
         for (n, uri) in config.memservers.iter().enumerate() {
@@ -784,6 +787,7 @@ impl RemotePaging {
                 Arc::new(RecallEvents {
                     engine: Arc::downgrade(&engine),
                     uri: uri.clone(),
+                    closing: stop.clone(),
                 }),
             )
             .map_err(io)?;
@@ -836,7 +840,7 @@ impl RemotePaging {
             pager,
             uris: config.memservers.clone(),
             links: Mutex::new(Some((Links(links), nudged))),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
             evictor: Mutex::new(None),
             threads,
             sockets,
