@@ -58,6 +58,8 @@
 //! Fetching from a memserver (`Purpose::Fetch`) is the same from `Resumed` on, the destination
 //! dialling; storing into one (`Purpose::Store`) is a bulk stream of pages the memserver
 //! acknowledges as it stores them.
+//! Recalling from one (`Purpose::Recall`) is fetching without the push: a host that pages its
+//! VM's memory out to the memserver asks for each page back when its guest touches it.
 
 pub mod auth;
 pub mod client;

@@ -136,6 +136,14 @@ impl Memserver {
                 }),
                 Some(_) => Ok(()),
             },
+            // The host that pages its VM out may open this before it stored anything.
+            Purpose::Recall => match self.vms.lock().expect("memserver lock").get(&h.vm) {
+                Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {
+                    theirs: h.layout.clone(),
+                    ours: s.layout().clone(),
+                }),
+                _ => Ok(()),
+            },
             Purpose::Migrate => Err(ProtocolError::Refused(
                 "this is a memserver: migrate to a `tsubame run --incoming` destination".into(),
             )),
@@ -178,7 +186,7 @@ impl Memserver {
                     store.held_pages()
                 );
             }
-            Purpose::Fetch => match serve_fetch(vm, &store, session) {
+            Purpose::Fetch | Purpose::Recall => match serve_fetch(vm, &store, session) {
                 Ok(ServeState::Completed) => {
                     log::info!("VM {vm:#x}: the fetching host has every page");
                 }
@@ -209,6 +217,12 @@ fn serve_fetch(
         Ok(())
     });
     let layout = store.layout().clone();
+    if s.hello.purpose == Purpose::Recall {
+        // Demand replies only: the host recalls a page when its guest touches it.
+        for r in &layout.regions {
+            server.withhold(r.first_gfn(), r.size / tsubame_pages::PAGE_SIZE);
+        }
+    }
     let bulk = BulkWriter::new(s.bulk, s.rtt)?;
     server.serve(
         &format!("the host fetching VM {vm:#x}"),
@@ -222,7 +236,7 @@ fn serve_fetch(
             // the pages live here and are fetched on demand.
             gate_timeout: None,
             start_on_demand: false,
-            before_push: Some(withhold_absent),
+            before_push: (s.hello.purpose != Purpose::Recall).then_some(withhold_absent),
             after_push: None,
             // The memserver keeps what it holds after serving one host.
             release: false,

@@ -55,6 +55,9 @@ pub enum Purpose {
     /// It sends pages of VM `vm` for the other side to hold (a source handing part of a VM's
     /// memory to a memserver).
     Store = 3,
+    /// It wants back, one demand request at a time, pages of VM `vm` that it stored itself (a
+    /// host paging its VM's memory out to a memserver): like `Fetch`, but nothing is pushed.
+    Recall = 4,
 }
 
 /// What a connection is about: sent by the side that opens it, checked by the other before
@@ -420,6 +423,7 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                 1 => Purpose::Migrate,
                 2 => Purpose::Fetch,
                 3 => Purpose::Store,
+                4 => Purpose::Recall,
                 _ => return Err(bad("unknown purpose")),
             };
             let channel = match c.u8()? {

@@ -24,6 +24,8 @@ use tsubame_vmm::{SerialOutput, Vm, VmConfig, VmRunState};
 ///   tsubame run --mem 256M --workload uniform:ws=64M --control /tmp/vm.sock --hold
 ///   tsubame run --restore /tmp/vm.snap --control /tmp/vm.sock
 ///   TSUBAME_SECRET=... tsubame run --incoming tcp:0.0.0.0:4444   (destination of a migration)
+///   TSUBAME_SECRET=... tsubame run --mem 256M --local-mem 64M --memserver tcp:10.0.0.2:7000
+///                                                        (cold pages live on a memserver)
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -75,7 +77,25 @@ pub struct RunArgs {
     /// into guest memory as they arrive, which is slower where fresh memory is expensive.
     #[arg(long, requires = "incoming")]
     pub no_staging_pool: bool,
-    /// Shared secret of migrations (both hosts must have the same one).
+    /// Keep at most SIZE of guest memory resident here (e.g. 64M): when the guest's memory
+    /// passes it, a background thread writes cold pages (least recently written or faulted
+    /// in, by KVM's dirty log) back to the --memserver(s) and drops them; a touch faults them
+    /// back in. RAM starts empty under userfaultfd. Needs --memserver and TSUBAME_SECRET;
+    /// `tsubame ctl SOCK query-memory` shows resident, evicted and faulted-back pages. A VM
+    /// run so cannot be migrated.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "memserver", conflicts_with_all = ["restore", "incoming"])]
+    pub local_mem: Option<u64>,
+    /// Memserver(s) that hold the pages --local-mem evicts, tcp:HOST:PORT (started with
+    /// `tsubame memserver`); repeat the flag or separate with commas to spread pages over
+    /// several (2 MiB stripes).
+    #[arg(
+        long,
+        value_name = "URI",
+        value_delimiter = ',',
+        requires = "local_mem"
+    )]
+    pub memserver: Vec<String>,
+    /// Shared secret of migrations and memservers (both hosts must have the same one).
     #[arg(long, env = "TSUBAME_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Serve the JSON control socket here (see `tsubame ctl --help`).
@@ -97,6 +117,11 @@ pub struct RunArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses a size such as 64M.
+fn parse_size(s: &str) -> Result<u64, String> {
+    tsubame_vmm::guest::parse_size(s)
 }
 
 /// Parses a guest memory size such as 256M or 1G.
@@ -164,16 +189,34 @@ fn local_vm(a: &RunArgs, serial: SerialOutput) -> Result<Vm> {
         }
         Some(path) => Vm::restore(path, &serial)
             .with_context(|| format!("restoring the VM from {}", path.display()))?,
-        None => Vm::new(&VmConfig {
-            mem_bytes: a.mem.unwrap_or(256 << 20),
-            vcpus: a.vcpus as usize,
-            workload: a.workload.clone(),
-            steps: a.steps,
-            report_every: a.report_every,
-            verify_at_end: !a.no_verify_at_end,
-            serial,
-        })
-        .context("creating the VM")?,
+        None => {
+            let config = VmConfig {
+                mem_bytes: a.mem.unwrap_or(256 << 20),
+                vcpus: a.vcpus as usize,
+                workload: a.workload.clone(),
+                steps: a.steps,
+                report_every: a.report_every,
+                verify_at_end: !a.no_verify_at_end,
+                serial,
+            };
+            match a.local_mem {
+                Some(local_bytes) => {
+                    crate::check::require_userfaultfd()?;
+                    let secret = a
+                        .secret
+                        .as_ref()
+                        .ok_or(tsubame_vmm::migration::MigrationError::NoSecret)?;
+                    let remote = tsubame_vmm::paging::remote::RemotePagingConfig {
+                        local_bytes,
+                        memservers: a.memserver.clone(),
+                        secret: secret.as_bytes().to_vec(),
+                    };
+                    Vm::new_paged(&config, &remote)
+                        .context("creating the VM with its memory paged out to memservers")?
+                }
+                None => Vm::new(&config).context("creating the VM")?,
+            }
+        }
     })
 }
 
@@ -306,6 +349,8 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
     let elapsed = finished_at
         .unwrap_or_else(Instant::now)
         .duration_since(started);
+    // Before the digest, which reads (so faults back) every page.
+    let remote = vm.remote_paging_stats();
     let (digest, _) = vm.digest()?;
     let p = vm.progress();
     let state = vm.run_state();
@@ -316,6 +361,7 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             "progress": p,
             "digest": digest.to_string(),
             "demand_paging": vm.paging_stats(),
+            "remote_paging": remote,
             "migration": vm.migration_status(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -349,6 +395,24 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
                 l.pages_zeroed,
                 l.all_present_ms
                     .map_or("-".into(), |ms| format!("{ms:.0} ms")),
+            );
+        }
+        if let Some(r) = &remote {
+            eprintln!(
+                "remote paging: limit {} MiB, {} MiB resident (peak {} MiB), {} pages on \
+                 memservers; {} written back, {} dropped clean, {} faulted back, {} evictions \
+                 cancelled by writes{}",
+                r.limit_bytes >> 20,
+                r.resident_bytes >> 20,
+                (r.resident_peak_pages * 4096) >> 20,
+                r.evicted_pages,
+                r.pages_written_back,
+                r.clean_drops,
+                r.faults_back,
+                r.cancelled_evictions,
+                r.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("; eviction stopped: {e}")),
             );
         }
         for c in vm.status().vcpus.iter().filter(|c| c.guest.is_failure()) {

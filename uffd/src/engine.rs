@@ -37,6 +37,16 @@ pub trait Fetcher: Send + Sync {
         let _ = engine;
         Ok(())
     }
+
+    /// A thread wrote to `gfn` while it was write-protected (memory registered with
+    /// [`FaultEngine::new_write_protected`]); the thread waits until the page is un-protected
+    /// and woken ([`FaultEngine::unprotect`]), or dropped and woken (it then faults the page
+    /// in again). The default lifts the protection at once.
+    fn write_fault(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
+        engine
+            .unprotect(gfn, 1)
+            .map_err(|e| FetchError(e.to_string()))
+    }
 }
 
 /// Latency histogram with ~9% resolution (8 buckets per power of two of nanoseconds).
@@ -153,6 +163,8 @@ pub struct FaultStats {
     pub already_present: u64,
     /// Installed pages dropped again as stale ([`FaultEngine::forget`]).
     pub pages_discarded: u64,
+    /// Write-protect faults read (writes to write-protected pages).
+    pub write_faults: u64,
     /// Fault read -> page installed, for faults that waited on an install.
     pub latency: LatencyHistogram,
     /// Faults per faulting thread id (as the kernel reports it).
@@ -168,6 +180,7 @@ struct Counters {
     pages_zeroed: AtomicU64,
     already_present: AtomicU64,
     pages_discarded: AtomicU64,
+    write_faults: AtomicU64,
 }
 
 /// The fault engine of one VM's memory.
@@ -209,6 +222,24 @@ impl FaultEngine {
     /// (page-aligned, normally empty), with a new userfaultfd in missing mode. Faults are
     /// served once [`FaultEngine::start`] runs.
     pub fn new(layout: &MemoryLayout, hvas: Vec<u64>) -> Result<Arc<Self>, UffdError> {
+        Self::create(layout, hvas, false)
+    }
+
+    /// [`FaultEngine::new`], with the memory registered in write-protect mode too: pages can
+    /// be write-protected ([`Self::write_protect`], [`Self::install_protected`]), and a write
+    /// to one goes to the fetcher's [`Fetcher::write_fault`].
+    pub fn new_write_protected(
+        layout: &MemoryLayout,
+        hvas: Vec<u64>,
+    ) -> Result<Arc<Self>, UffdError> {
+        Self::create(layout, hvas, true)
+    }
+
+    fn create(
+        layout: &MemoryLayout,
+        hvas: Vec<u64>,
+        write_protect: bool,
+    ) -> Result<Arc<Self>, UffdError> {
         assert_eq!(
             hvas.len(),
             layout.regions.len(),
@@ -216,7 +247,11 @@ impl FaultEngine {
         );
         let uffd = Userfaultfd::new()?;
         for (r, hva) in layout.regions.iter().zip(&hvas) {
-            uffd.register_missing(*hva, r.size)?;
+            if write_protect {
+                uffd.register_missing_wp(*hva, r.size)?;
+            } else {
+                uffd.register_missing(*hva, r.size)?;
+            }
         }
         let total = layout.total_pages();
         let stop = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -338,6 +373,7 @@ impl FaultEngine {
             pages_zeroed: c.pages_zeroed.load(Ordering::Relaxed),
             already_present: c.already_present.load(Ordering::Relaxed),
             pages_discarded: c.pages_discarded.load(Ordering::Relaxed),
+            write_faults: c.write_faults.load(Ordering::Relaxed),
             latency: self.latency.lock().expect("engine lock").clone(),
             faults_by_thread: self.by_thread.lock().expect("engine lock").clone(),
         }
@@ -368,6 +404,17 @@ impl FaultEngine {
     /// where possible, waking waiters. Pages already present are kept (never overwritten).
     /// Returns the number of pages this call installed.
     pub fn install(&self, gfn: Gfn, data: &[u8]) -> Result<u64, UffdError> {
+        self.copy_in(gfn, data, false)
+    }
+
+    /// [`Self::install`], with the pages write-protected (memory registered with
+    /// [`Self::new_write_protected`]): the first write to each goes to
+    /// [`Fetcher::write_fault`], so that until then the copy it came from is known current.
+    pub fn install_protected(&self, gfn: Gfn, data: &[u8]) -> Result<u64, UffdError> {
+        self.copy_in(gfn, data, true)
+    }
+
+    fn copy_in(&self, gfn: Gfn, data: &[u8], protect: bool) -> Result<u64, UffdError> {
         if data.is_empty() || data.len() as u64 % PAGE_SIZE != 0 {
             return Err(UffdError::Unaligned { len: data.len() });
         }
@@ -377,7 +424,7 @@ impl FaultEngine {
             let at = usize::try_from(off).expect("offset");
             // SAFETY: data[at..] is valid for len bytes (off + len = data.len()); the
             // destination lies in a range registered on this uffd (fill located it).
-            let r = unsafe { sys::copy(fd, dst, data[at..].as_ptr(), len, true) };
+            let r = unsafe { sys::copy(fd, dst, data[at..].as_ptr(), len, true, protect) };
             r.map_err(|source| UffdError::Copy {
                 gfn: gfn + off / PAGE_SIZE,
                 len,
@@ -386,12 +433,39 @@ impl FaultEngine {
         })
     }
 
+    /// Write-protects the installed pages of `[gfn, gfn + pages)` (memory registered with
+    /// [`Self::new_write_protected`]): a write to one waits in [`Fetcher::write_fault`] from
+    /// now on. Pages not installed are left alone.
+    pub fn write_protect(&self, gfn: Gfn, pages: u64) -> Result<(), UffdError> {
+        let (_, hva) = self.locate(gfn, pages)?;
+        sys::writeprotect(self.uffd.raw_fd(), hva, pages * PAGE_SIZE, true, false)
+            .map_err(|source| UffdError::WriteProtect { gfn, pages, source })
+    }
+
+    /// Lifts the write protection of `[gfn, gfn + pages)` and wakes the threads waiting to
+    /// write there.
+    pub fn unprotect(&self, gfn: Gfn, pages: u64) -> Result<(), UffdError> {
+        let (_, hva) = self.locate(gfn, pages)?;
+        sys::writeprotect(self.uffd.raw_fd(), hva, pages * PAGE_SIZE, false, true)
+            .map_err(|source| UffdError::WriteProtect { gfn, pages, source })
+    }
+
+    /// Wakes the threads waiting on a fault in `[gfn, gfn + pages)` (after a drop: they fault
+    /// again, on a missing page).
+    pub fn wake(&self, gfn: Gfn, pages: u64) -> Result<(), UffdError> {
+        let (_, hva) = self.locate(gfn, pages)?;
+        sys::wake(self.uffd.raw_fd(), hva, pages * PAGE_SIZE)
+            .map_err(|source| UffdError::Wake { gfn, source })
+    }
+
     /// Drops the installed pages `[gfn, gfn + pages)` (`MADV_DONTNEED`): they are missing again,
     /// and the next touch faults and requests them. For copies that went stale, such as pages a
-    /// precopy round sent before the guest wrote them again. Call it only while nothing touches
-    /// these pages (the destination's vCPUs have not started): a running thread could read a
-    /// page between its drop and its re-install and see it fault, which is harmless, but an
-    /// install racing the drop would be lost.
+    /// precopy round sent before the guest wrote them again, and for pages evicted to another
+    /// host. Call it only while nothing writes these pages (the destination's vCPUs have not
+    /// started, or the pages are write-protected: a write waits in [`Fetcher::write_fault`],
+    /// and must be woken after the drop, see [`Self::wake`]) and nothing installs them: a
+    /// running thread could read a page between its drop and its re-install and see it fault,
+    /// which is harmless, but a write or an install racing the drop would be lost.
     pub fn forget(&self, gfn: Gfn, pages: u64) -> Result<(), UffdError> {
         let (idx, hva) = self.locate(gfn, pages)?;
         let len = usize::try_from(pages * PAGE_SIZE).expect("range fits usize");
@@ -587,6 +661,13 @@ impl FaultEngine {
             log::error!("fault at {hva:#x} outside registered guest memory");
             return;
         };
+        if m.flags & sys::PAGEFAULT_FLAG_WP != 0 {
+            self.counters.write_faults.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = fetcher.write_fault(gfn, self) {
+                self.fail(e);
+            }
+            return;
+        }
         if self.present.get(idx) {
             // Installed between the fault and now: the install already woke it; wake again in
             // case the fault raced the install's wake.

@@ -61,6 +61,8 @@ pub enum UffdError {
     Zero { gfn: Gfn, len: u64, source: Errno },
     #[error("cannot drop the stale pages at gfn {gfn} (+{pages}): {source}")]
     Discard { gfn: Gfn, pages: u64, source: Errno },
+    #[error("UFFDIO_WRITEPROTECT of gfn {gfn} (+{pages} pages) failed: {source}")]
+    WriteProtect { gfn: Gfn, pages: u64, source: Errno },
     #[error("UFFDIO_WAKE at gfn {gfn} failed: {source}")]
     Wake { gfn: Gfn, source: Errno },
     #[error("gfn {gfn} (+{pages} pages) is outside the registered guest memory")]
@@ -88,14 +90,17 @@ impl From<UffdError> for PageError {
 pub struct Userfaultfd {
     fd: OwnedFd,
     can_move: bool,
+    can_write_protect: bool,
 }
 
 impl Userfaultfd {
     /// Opens a userfaultfd and negotiates the API (with fault thread ids).
     pub fn new() -> Result<Self, UffdError> {
-        // With `UFFDIO_MOVE` where the kernel has it (6.8+); the API handshake happens once
-        // per fd, so a kernel without it gets a fresh fd and the required features only.
-        match Self::with_features(sys::FEATURE_THREAD_ID | sys::FEATURE_MOVE) {
+        // With `UFFDIO_MOVE` (6.8+) and write-protect mode (5.7+) where the kernel has them;
+        // the API handshake happens once per fd, so a kernel without them gets a fresh fd and
+        // the required features only.
+        let optional = sys::FEATURE_MOVE | sys::FEATURE_PAGEFAULT_FLAG_WP;
+        match Self::with_features(sys::FEATURE_THREAD_ID | optional) {
             Err(UffdError::Api(_) | UffdError::Features { .. }) => {
                 Self::with_features(sys::FEATURE_THREAD_ID)
             }
@@ -119,7 +124,13 @@ impl Userfaultfd {
         Ok(Self {
             fd,
             can_move: api.features & sys::FEATURE_MOVE != 0,
+            can_write_protect: api.features & sys::FEATURE_PAGEFAULT_FLAG_WP != 0,
         })
+    }
+
+    /// Whether ranges can be registered in write-protect mode too.
+    pub fn can_write_protect(&self) -> bool {
+        self.can_write_protect
     }
 
     /// Whether pages can be moved in (`UFFDIO_MOVE`) rather than copied.
@@ -129,9 +140,28 @@ impl Userfaultfd {
 
     /// Registers `[start, start + len)` (page-aligned host addresses) in missing mode.
     pub fn register_missing(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        self.register(start, len, sys::REGISTER_MODE_MISSING)
+    }
+
+    /// Registers `[start, start + len)` in missing and write-protect modes: a write to a page
+    /// write-protected with [`sys::writeprotect`] (or installed so) faults here too.
+    pub fn register_missing_wp(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        if !self.can_write_protect {
+            return Err(UffdError::Features {
+                missing: sys::FEATURE_PAGEFAULT_FLAG_WP,
+            });
+        }
+        self.register(
+            start,
+            len,
+            sys::REGISTER_MODE_MISSING | sys::REGISTER_MODE_WP,
+        )
+    }
+
+    fn register(&self, start: u64, len: u64, mode: u64) -> Result<(), UffdError> {
         let mut reg = sys::UffdioRegister {
             range: sys::UffdioRange { start, len },
-            mode: sys::REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
         };
         // SAFETY: reg is a valid uffdio_register; the kernel checks the range is mapped.

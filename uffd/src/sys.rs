@@ -12,14 +12,26 @@ const UFFDIO: u8 = 0xAA;
 pub const FEATURE_THREAD_ID: u64 = 1 << 8;
 /// `UFFD_FEATURE_MOVE`: `UFFDIO_MOVE` is available (Linux 6.8).
 pub const FEATURE_MOVE: u64 = 1 << 16;
+/// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`: write-protect mode on anonymous memory (Linux 5.7).
+pub const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 pub const REGISTER_MODE_MISSING: u64 = 1;
+/// `UFFDIO_REGISTER_MODE_WP`: writes to write-protected pages fault to the uffd.
+pub const REGISTER_MODE_WP: u64 = 1 << 1;
 /// `UFFDIO_COPY_MODE_DONTWAKE` (same bit for ZEROPAGE).
 pub const MODE_DONTWAKE: u64 = 1;
+/// `UFFDIO_COPY_MODE_WP`: the copied pages are installed write-protected.
+pub const COPY_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_WRITEPROTECT_MODE_WP` (protect; without it, un-protect).
+pub const WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFDIO_WRITEPROTECT_MODE_DONTWAKE`.
+pub const WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 /// `UFFD_EVENT_PAGEFAULT`.
 pub const EVENT_PAGEFAULT: u8 = 0x12;
 /// `UFFD_PAGEFAULT_FLAG_WRITE`.
 pub const PAGEFAULT_FLAG_WRITE: u64 = 1;
+/// `UFFD_PAGEFAULT_FLAG_WP`: a write to a write-protected page (not a missing page).
+pub const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -72,6 +84,13 @@ pub struct UffdioMove {
     pub moved: i64,
 }
 
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UffdioWriteprotect {
+    pub range: UffdioRange,
+    pub mode: u64,
+}
+
 /// `struct uffd_msg` (32 bytes); only the page-fault member of its union is decoded.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -98,6 +117,7 @@ nix::ioctl_read!(uffdio_wake, UFFDIO, 0x02, UffdioRange);
 nix::ioctl_readwrite!(uffdio_copy, UFFDIO, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(uffdio_zeropage, UFFDIO, 0x04, UffdioZeropage);
 nix::ioctl_readwrite!(uffdio_move, UFFDIO, 0x05, UffdioMove);
+nix::ioctl_readwrite!(uffdio_writeprotect, UFFDIO, 0x06, UffdioWriteprotect);
 
 /// Opens a userfaultfd through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`), which works without
 /// `vm.unprivileged_userfaultfd` and is not limited to user-mode faults.
@@ -153,18 +173,21 @@ fn outcome(r: Result<libc::c_int, Errno>, count: i64, len: u64) -> Result<Instal
 /// # Safety
 /// `src` must be valid for reads of `len` bytes; `dst..dst+len` must lie in a range registered
 /// on `fd` (the kernel checks the latter and fails with `ENOENT`/`EINVAL` otherwise).
+/// With `protect`, the pages are installed write-protected (the range must be registered in
+/// write-protect mode too): the first write to each faults to the uffd.
 pub unsafe fn copy(
     fd: RawFd,
     dst: u64,
     src: *const u8,
     len: u64,
     wake: bool,
+    protect: bool,
 ) -> Result<InstallOutcome, Errno> {
     let mut arg = UffdioCopy {
         dst,
         src: src as u64,
         len,
-        mode: if wake { 0 } else { MODE_DONTWAKE },
+        mode: if wake { 0 } else { MODE_DONTWAKE } | if protect { COPY_MODE_WP } else { 0 },
         copy: 0,
     };
     // SAFETY: arg is a valid uffdio_copy; the caller guarantees the source buffer.
@@ -209,6 +232,30 @@ pub unsafe fn move_pages(
     // gives up the source pages.
     let r = unsafe { uffdio_move(fd, &mut arg) };
     outcome(r, arg.moved, len)
+}
+
+/// `UFFDIO_WRITEPROTECT`: write-protects `start..start+len` (`protect`), or lifts the
+/// protection and, unless `wake` is false, wakes the threads waiting on a write there (the
+/// kernel refuses "don't wake" with protecting). The range must be registered in
+/// write-protect mode; pages not present are left alone.
+pub fn writeprotect(
+    fd: RawFd,
+    start: u64,
+    len: u64,
+    protect: bool,
+    wake: bool,
+) -> Result<(), Errno> {
+    let mode = match (protect, wake) {
+        (true, _) => WRITEPROTECT_MODE_WP,
+        (false, true) => 0,
+        (false, false) => WRITEPROTECT_MODE_DONTWAKE,
+    };
+    let mut arg = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode,
+    };
+    // SAFETY: arg is a valid uffdio_writeprotect; the kernel validates the range.
+    unsafe { uffdio_writeprotect(fd, &mut arg) }.map(drop)
 }
 
 /// `UFFDIO_WAKE`: wakes threads waiting on faults in `start..start+len`.

@@ -283,6 +283,7 @@ pub const VM_COMMANDS: &[&str] = &[
     "query-digest",
     "query-layout",
     "query-serial",
+    "query-memory",
     "stop",
     "cont",
     "save",
@@ -367,6 +368,14 @@ impl CommandHandler for VmCommands {
             "query-status" => to_value(&vm.status()),
             "query-progress" => to_value(&vm.progress()),
             "query-layout" => to_value(vm.memory().layout()),
+            "query-memory" => match vm.remote_paging_stats() {
+                Some(r) => to_value(&r),
+                None => Ok(json!({
+                    "limit_bytes": null,
+                    "resident_bytes": vm.memory().layout().total_bytes(),
+                    "memservers": [],
+                })),
+            },
             "query-digest" => {
                 let (digest, paused) = vm.digest().map_err(failed)?;
                 Ok(json!({"digest": digest.to_string(), "paused_for_digest": paused}))

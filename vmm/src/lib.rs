@@ -53,6 +53,8 @@ pub enum Error {
     Snapshot(#[from] snapshot::SnapshotError),
     #[error(transparent)]
     Uffd(#[from] tsubame_uffd::UffdError),
+    #[error("this VM pages memory out to memservers (--local-mem): migrating it is not supported yet (evicted pages would have to be fetched, and the evictor owns the dirty log); run it without --local-mem to migrate it")]
+    RemotePaged,
     #[error("this VM stopped here for good: its cancellable migration was called off or lost its lease, and the source runs it")]
     Fenced,
     #[error("this VM migrated to {destination} and runs there now")]

@@ -16,6 +16,7 @@ use crate::guest::{self, abi, RunOptions, WorkloadSpec};
 use crate::memory::{Digest, Gfn, Gpa, GuestMemory, MemoryLayout};
 use crate::migration::checkpoint::{self, Captured, Checkpointer};
 use crate::migration::{self, MigrateOptions, MigrationError, MigrationStatus, Outgoing};
+use crate::paging::remote::{RemotePaging, RemotePagingConfig, RemotePagingStats};
 use crate::paging::{DemandPaging, PagingStats};
 use crate::snapshot;
 use crate::state::{VmState, STATE_FORMAT, STATE_VERSION};
@@ -102,6 +103,9 @@ pub struct VmStatus {
     /// Demand paging, when the VM was restored lazily or migrated in.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demand_paging: Option<PagingStats>,
+    /// Remote paging (`--local-mem`): limit, resident, evicted, faults back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_paging: Option<RemotePagingStats>,
 }
 
 /// A bad page the in-guest verifier found.
@@ -156,7 +160,10 @@ pub struct Vm {
     /// Serves guest pages on demand (lazy restore, incoming migration); outlives the vCPU
     /// threads, which may wait on a fault while they stop.
     paging: Option<DemandPaging>,
-    kvm: KvmVm,
+    /// Remote paging (`--local-mem`): cold pages live on memservers; outlives the vCPU threads
+    /// for the same reason.
+    remote: Option<RemotePaging>,
+    kvm: Arc<KvmVm>,
     devices: Arc<Devices>,
     memory: Arc<GuestMemory>,
     /// The VM's identity (see [`VmState::id`]).
@@ -176,6 +183,17 @@ impl Vm {
     /// Builds a VM with the built-in guest and `config`'s workload. The VM starts paused: call
     /// [`Vm::resume`] to boot it.
     pub fn new(config: &VmConfig) -> Result<Self, Error> {
+        Self::build(config, None)
+    }
+
+    /// [`Vm::new`] with remote paging: guest RAM is under userfaultfd from the start (never
+    /// written pages are zero-filled on first touch), at most `remote.local_bytes` of it stays
+    /// resident, and cold pages are evicted to the memservers (see [`crate::paging::remote`]).
+    pub fn new_paged(config: &VmConfig, remote: &RemotePagingConfig) -> Result<Self, Error> {
+        Self::build(config, Some(remote))
+    }
+
+    fn build(config: &VmConfig, remote: Option<&RemotePagingConfig>) -> Result<Self, Error> {
         let layout = MemoryLayout::for_size(config.mem_bytes)?;
         let run = RunOptions {
             vcpus: u32::try_from(config.vcpus).unwrap_or(u32::MAX),
@@ -185,10 +203,21 @@ impl Vm {
         };
         let block = guest::config_block(&config.workload, &layout, &run)?;
         let memory = Arc::new(GuestMemory::new(&layout)?);
+        let id = new_id();
+        // Under remote paging, even the image is written through the fault engine.
+        let remote = remote
+            .map(|r| RemotePaging::new(&memory, r, id, run.vcpus))
+            .transpose()?;
         let entry = guest::load_image(&memory, guest::GUEST_IMAGE)?;
         memory.write(Gpa(abi::CONFIG_GPA), &block.to_bytes())?;
         let info = guest::write_multiboot_info(&memory)?;
-        let kvm = KvmVm::new(&memory)?;
+        let kvm = Arc::new(KvmVm::new(&memory)?);
+        if let Some(r) = &remote {
+            // The evictor is the dirty log's only reader (see `paging::remote`).
+            kvm.set_dirty_logging(&memory, true)?;
+            let (k, m) = (kvm.clone(), memory.clone());
+            r.start_evictor(move || k.take_dirty_pages(&m).map_err(|e| e.to_string()))?;
+        }
         let devices = Arc::new(Devices::new(config.serial.open()?, config.vcpus));
         let mut vcpus = Vec::with_capacity(config.vcpus);
         for index in 0..config.vcpus {
@@ -208,10 +237,11 @@ impl Vm {
         Ok(Self {
             vcpus,
             paging: None,
+            remote,
             kvm,
             devices,
             memory,
-            id: new_id(),
+            id,
             workload: config.workload.to_string(),
             operator_paused: Mutex::new(true),
             created: Instant::now(),
@@ -268,7 +298,7 @@ impl Vm {
         state: VmState,
         serial: &SerialOutput,
     ) -> Result<Self, Error> {
-        let kvm = KvmVm::new(&memory)?;
+        let kvm = Arc::new(KvmVm::new(&memory)?);
         let devices = Arc::new(Devices::new(serial.open()?, state.vcpus.len()));
         let vcpus = (0..state.vcpus.len())
             .map(|i| VcpuHandle::spawn(Vcpu::new(&kvm, i)?, devices.clone()))
@@ -279,7 +309,7 @@ impl Vm {
     /// [`Vm::assemble`] with the KVM VM, devices and vCPUs (one per saved vCPU) already
     /// created: loads their state, and runs them right away if `resume`.
     fn assemble_with(
-        kvm: KvmVm,
+        kvm: Arc<KvmVm>,
         memory: Arc<GuestMemory>,
         paging: Option<DemandPaging>,
         state: VmState,
@@ -298,6 +328,7 @@ impl Vm {
         let vm = Self {
             vcpus,
             paging,
+            remote: None,
             kvm,
             devices,
             memory,
@@ -341,7 +372,7 @@ impl Vm {
         // and their threads; the switchover only loads their state.
         let created = (|| -> Result<_, Error> {
             let memory = Arc::new(GuestMemory::new(&inc.layout)?);
-            let kvm = KvmVm::new(&memory)?;
+            let kvm = Arc::new(KvmVm::new(&memory)?);
             if checkpoint_ms > 0 {
                 // Every page the guest writes here, from its first instruction on.
                 kvm.set_dirty_logging(&memory, true)?;
@@ -404,6 +435,9 @@ impl Vm {
     ) -> Result<MigrationStatus, Error> {
         // Refused as it is: nothing started, nothing to abort.
         options.check()?;
+        if self.remote.is_some() {
+            return Err(Error::RemotePaged);
+        }
         let out = {
             let mut outgoing = self.outgoing.lock().expect("vm lock");
             if outgoing.as_ref().is_some_and(|o| !o.rolled_back()) {
@@ -543,8 +577,19 @@ impl Vm {
     /// hold back into this host, from all of them in parallel, while the VM runs. Returns once
     /// they are asked; `query-migrate` shows the progress.
     pub fn consolidate(&self) -> Result<crate::paging::ConsolidationStatus, Error> {
+        if self.remote.is_some() {
+            return Err(Error::Migration(migration::MigrationError::Unsupported(
+                "this VM pages to memservers under --local-mem: bringing every page back would                  go over that limit; start it without --local-mem to hold all its memory"
+                    .into(),
+            )));
+        }
         let paging = self.paging.as_ref().ok_or(Error::NothingRemote)?;
         Ok(paging.consolidate()?)
+    }
+
+    /// Remote-paging statistics (`--local-mem`): `query-memory`.
+    pub fn remote_paging_stats(&self) -> Option<RemotePagingStats> {
+        self.remote.as_ref().map(RemotePaging::stats)
     }
 
     /// Demand-paging statistics (lazy restore, incoming migration).
@@ -684,6 +729,7 @@ impl Vm {
                 })
                 .collect(),
             demand_paging: self.paging_stats(),
+            remote_paging: self.remote_paging_stats(),
         }
     }
 
@@ -698,6 +744,15 @@ impl Vm {
     /// Fails if reading all guest memory could wait forever: some pages are still remote and
     /// their source has failed.
     fn require_reachable_memory(&self) -> Result<(), Error> {
+        if let Some(r) = &self.remote {
+            if let Some(e) = r.engine().fetch_error() {
+                let s = r.stats();
+                return Err(Error::MemoryUnreachable {
+                    missing: s.evicted_pages,
+                    why: e.to_string(),
+                });
+            }
+        }
         match self.paging_stats() {
             Some(p) if p.present_pages < p.total_pages && p.fetch_error.is_some() => {
                 Err(Error::MemoryUnreachable {

@@ -978,7 +978,7 @@ fn forget_at(
 }
 
 /// The `Error` a peer sent on `urgent` before closing, if any (read within 200 ms).
-fn told_why(urgent: &TcpStream) -> Option<String> {
+pub(crate) fn told_why(urgent: &TcpStream) -> Option<String> {
     urgent
         .set_read_timeout(Some(Duration::from_millis(200)))
         .ok()?;

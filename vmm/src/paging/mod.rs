@@ -1,7 +1,8 @@
 //! Demand paging: guest RAM registered with the userfaultfd fault engine, whose missing pages
 //! come from their owners (a snapshot file for a lazy restore; the migration source, and any
 //! page servers it names, for an incoming migration), with background workers that bring in
-//! the rest until every page is local.
+//! the rest until every page is local. Remote paging ([`remote`]) runs the other way too: a VM
+//! under a local memory limit evicts cold pages to memservers and faults them back.
 //!
 //! ```text
 //!  vCPU faults ─► FaultEngine ─► OwnerRouter ─► OwnerMap[gfn] ─┬─ Zero ──────► install zeros
@@ -11,6 +12,7 @@
 //! ```
 
 pub mod owners;
+pub mod remote;
 pub mod router;
 
 use std::net::{Shutdown, TcpStream};
@@ -37,6 +39,8 @@ pub enum PagingError {
     Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     Endpoint(#[from] tsubame_uffd::FetchError),
+    #[error("{0}")]
+    Remote(String),
     #[error("cannot start the paging thread {name}: {source}")]
     Thread {
         name: String,

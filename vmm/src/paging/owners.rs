@@ -12,9 +12,9 @@
 //! - An owner that says its copy went stale (`Discard`) takes a local page back: it is dropped
 //!   here and owned by that endpoint again. Nothing else makes a local page missing.
 //!
-//! Owners change only before the vCPUs run (a migration's switchover) for now; changing them
-//! under a running guest (eviction, destination switch) needs the change and the installs
-//! ordered, which the map's users will add with those features.
+//! Owners change before the vCPUs run (a migration's switchover), and under a running guest
+//! only through remote paging ([`super::remote`]), which orders each change with the page's
+//! write protection and its drop.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -192,6 +192,17 @@ impl OwnerMap {
         self.counted(endpoint.0).load(Ordering::Relaxed)
     }
 
+    /// The endpoint a local page was installed from (and not written since, for a page whose
+    /// first write is watched: see [`super::remote`]); `None` for other pages.
+    pub fn came_from(&self, gfn: Gfn) -> Option<EndpointId> {
+        let i = self.layout.page_index(gfn)?;
+        match self.slot(i).load(Ordering::Acquire) {
+            ZERO | LOCAL => None,
+            c if c >= FROM => Some(EndpointId(c & !FROM)),
+            _ => None,
+        }
+    }
+
     /// Records `[gfn, gfn + pages)` as local, installed from `endpoint`.
     fn set_local_from(&self, gfn: Gfn, pages: u64, endpoint: EndpointId) {
         self.set_code(gfn, pages, FROM | endpoint.0);
@@ -249,6 +260,11 @@ impl OwnerMap {
     }
 }
 
+/// Told of what an [`OwnedSink`] installed, once the owner map says it is local.
+pub trait InstallWatch: Send + Sync + std::fmt::Debug {
+    fn installed(&self, run: &PageRun);
+}
+
 /// The fault engine, as the sink of one owner's pages: installs only what that owner owns, and
 /// makes it local (see the module docs).
 #[derive(Debug)]
@@ -257,6 +273,8 @@ pub struct OwnedSink {
     owners: Arc<OwnerMap>,
     endpoint: EndpointId,
     owner: Owner,
+    /// Pages are installed write-protected (zero pages too, as copies), and `watch` is told.
+    protect: Option<Arc<dyn InstallWatch>>,
     /// Pages installed from this endpoint.
     installed: AtomicU64,
     /// Pages that arrived from this endpoint when they were local already: dropped.
@@ -280,9 +298,24 @@ impl OwnedSink {
             owners,
             endpoint,
             owner: Owner::Endpoint(endpoint),
+            protect: None,
             installed: AtomicU64::new(0),
             already_local: AtomicU64::new(0),
             not_owned: AtomicU64::new(0),
+        }
+    }
+
+    /// A sink that installs pages write-protected, so that the first write to each is seen
+    /// (the engine must be [`FaultEngine::new_write_protected`]), and tells `watch` of them.
+    pub fn write_protected(
+        engine: Arc<FaultEngine>,
+        owners: Arc<OwnerMap>,
+        endpoint: EndpointId,
+        watch: Arc<dyn InstallWatch>,
+    ) -> Self {
+        Self {
+            protect: Some(watch),
+            ..Self::new(engine, owners, endpoint)
         }
     }
 
@@ -324,6 +357,9 @@ impl OwnedSink {
             installed += f(run)?;
             self.owners
                 .set_local_from(run.gfn, run.pages, self.endpoint);
+            if let Some(watch) = &self.protect {
+                watch.installed(&run);
+            }
         }
         self.installed.fetch_add(installed, Ordering::Relaxed);
         Ok(installed)
@@ -339,13 +375,24 @@ impl PageSink for OwnedSink {
         self.each_owned(gfn, pages, |run| {
             let at = usize::try_from(run.gfn - gfn).expect("offset") * tsubame_pages::PAGE_BYTES;
             let len = usize::try_from(run.pages).expect("pages") * tsubame_pages::PAGE_BYTES;
-            Ok(self.engine.install(run.gfn, &data[at..at + len])?)
+            let data = &data[at..at + len];
+            Ok(if self.protect.is_some() {
+                self.engine.install_protected(run.gfn, data)?
+            } else {
+                self.engine.install(run.gfn, data)?
+            })
         })
     }
 
+    /// `UFFDIO_ZEROPAGE` cannot write-protect: a protected sink copies zeros in instead.
     fn install_zero(&self, gfn: Gfn, pages: u64) -> Result<u64, PageError> {
         self.each_owned(gfn, pages, |run| {
-            Ok(self.engine.install_zero(run.gfn, run.pages)?)
+            Ok(if self.protect.is_some() {
+                let len = usize::try_from(run.pages).expect("pages") * tsubame_pages::PAGE_BYTES;
+                self.engine.install_protected(run.gfn, &vec![0; len])?
+            } else {
+                self.engine.install_zero(run.gfn, run.pages)?
+            })
         })
     }
 
@@ -395,7 +442,8 @@ impl PageSink for OwnedSink {
                 _ => others += 1,
             },
         );
-        if others > 0 || self.engine.layout().locate(gfn, pages).is_none() {
+        if others > 0 || self.protect.is_some() || self.engine.layout().locate(gfn, pages).is_none()
+        {
             return tsubame_pages::receive_via(self, gfn, pages, scratch, fill);
         }
         let installed = self.engine.receive(gfn, pages, delivery, scratch, fill)?;

@@ -1,0 +1,1036 @@
+//! Remote paging (S-memV on the main host): a VM whose resident guest memory is kept under a
+//! limit by writing cold pages back to memservers and dropping them here; a later touch faults
+//! them back in through the fault engine, like any page another endpoint owns.
+//!
+//! ```text
+//!  evictor thread (every TICK):  KVM dirty log ─► seen[page] = epoch
+//!     resident > limit? ─► coldest chunks ─► clean pages: owner = memserver, drop (no copy)
+//!                                        └─► other pages: EVICTING, write-protect, copy out
+//!                                            (Store session) ─► acknowledged ─► still EVICTING?
+//!                                            ─► GONE, owner = memserver, MADV_DONTNEED, wake
+//!  fault thread:  missing, owner Zero ─► UFFDIO_ZEROPAGE over the page's chunk
+//!                 missing, owner memserver ─► Recall session ─► installed write-protected: CLEAN
+//!                 write to a protected page ─► CLEAN/EVICTING ─► DIRTY (eviction cancelled),
+//!                                              un-protect, wake;  GONE ─► woken after the drop
+//! ```
+//!
+//! **Source-of-truth rules.** The owner map says where a page's freshest copy is; the pager
+//! adds a state per page that orders the change of owner with the guest's writes:
+//! - `DIRTY`: local (or never touched), and no memserver copy is known current.
+//! - `CLEAN`: local, installed write-protected from memserver E (owner code "local, from E"),
+//!   not written since: E's copy is current, so the page is dropped without a copy.
+//! - `EVICTING`: the evictor write-protected it and is copying it out. A write faults; the
+//!   fault thread makes it `DIRTY` and un-protects it: that page's eviction is cancelled.
+//! - `GONE`: owned by a memserver that acknowledged storing it. Only the evictor moves a page
+//!   to `GONE` (by compare-and-swap from `CLEAN` or `EVICTING`, so a cancelling write and the
+//!   commit cannot both win), and then, in this order: owner = memserver, `MADV_DONTNEED`
+//!   ([`FaultEngine::forget`]), wake. A write that faulted while it was protected stays
+//!   blocked until that wake and then faults the page back in: no write is lost, and a fault
+//!   after the drop goes to the memserver, never to a zero page.
+//!
+//! **Cold pages.** This kernel has no idle-page tracking, so the pager uses what it can see:
+//! KVM's dirty log (collected every pass; exact for the guest's CPL3 writes) and the time each
+//! page was last faulted in. A page's recency is the last pass in which either happened; the
+//! evictor takes the chunks (16 pages, 64 KiB) whose newest page is oldest. Pages that the
+//! guest only *reads* are invisible to both after their fault-in: a read-mostly hot page ages
+//! like a cold one, is evicted (cheaply: it is clean) and faults back in on its next read. The
+//! chunk granularity keeps the write-protect and drop calls (each a TLB flush) few.
+//!
+//! **The dirty log has one consumer.** `KVM_GET_DIRTY_LOG` clears what it returns, so the
+//! evictor is its only reader on such a VM: migrations and reverse checkpoints of a VM that
+//! pages out are refused ([`crate::Vm::migrate`]; migrating would also have to fetch evicted
+//! pages rather than take them as never written).
+//!
+//! **Accounting.** Resident pages are the engine's present pages (zero-filled ones count). The
+//! evictor runs when they pass the limit and evicts down to a low watermark; between passes the
+//! guest can fault a few pages in over the limit. A memserver that refuses a store (full, gone)
+//! leaves the pages local (nothing is lost, the VM runs over its limit) and the reason in
+//! [`RemotePagingStats::error`]; a recall that cannot be served leaves the vCPU waiting and the
+//! reason in the engine's fetch error, as for any remote owner.
+//!
+//! Evicted pages are spread over the memservers by stripe: 2 MiB of guest-physical memory
+//! (512 pages) per memserver in turn.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tsubame_pages::{Gfn, MemoryLayout, PageRun, PAGE_SIZE};
+use tsubame_pageserver::flow::BulkWriter;
+use tsubame_pageserver::message::{Hello, Purpose};
+use tsubame_pageserver::server::{BulkSender, PageServer, SendKind};
+use tsubame_pageserver::session;
+use tsubame_pageserver::{ClientError, ClientEvents, PageClient};
+use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
+
+use super::owners::{EndpointId, InstallWatch, OwnedSink, Owner, OwnerMap};
+use super::router::{OwnerRouter, RemoteOwner};
+use super::PagingError;
+use crate::memory::GuestMemory;
+use crate::migration::source::GuestMemoryStore;
+
+/// Pages per chunk: the unit of zero-fill on first touch and of the cold-page choice.
+pub const CHUNK_PAGES: u64 = 16;
+/// Pages per stripe: consecutive stripes go to consecutive memservers.
+pub const STRIPE_PAGES: u64 = 512;
+/// How often the evictor collects the dirty log and looks at the resident size.
+const TICK: Duration = Duration::from_millis(10);
+
+const DIRTY: u8 = 0;
+const CLEAN: u8 = 1;
+const EVICTING: u8 = 2;
+const GONE: u8 = 3;
+
+/// What `--local-mem` and `--memserver` ask for.
+#[derive(Clone, Debug)]
+pub struct RemotePagingConfig {
+    /// Most bytes of guest memory resident here.
+    pub local_bytes: u64,
+    /// The memservers cold pages go to (`tcp:HOST:PORT`), at least one.
+    pub memservers: Vec<String>,
+    pub secret: Vec<u8>,
+}
+
+/// One memserver, as `query-memory` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemserverStats {
+    pub uri: String,
+    /// Pages it owns now (evicted, not faulted back).
+    pub pages_owned: u64,
+    /// Pages written to it, and faulted back from it.
+    pub pages_written_back: u64,
+    pub pages_faulted_back: u64,
+}
+
+/// `query-memory` of a VM that pages out.
+#[derive(Clone, Debug, Serialize)]
+pub struct RemotePagingStats {
+    pub limit_bytes: u64,
+    pub low_watermark_bytes: u64,
+    pub total_pages: u64,
+    pub resident_pages: u64,
+    pub resident_bytes: u64,
+    /// Most pages resident at any pass once eviction had started (how far the guest got over
+    /// the limit between passes).
+    pub resident_peak_pages: u64,
+    /// Pages owned by memservers now.
+    pub evicted_pages: u64,
+    /// Pages written back (copied out), dropped clean (no copy), faulted back in.
+    pub pages_written_back: u64,
+    pub clean_drops: u64,
+    pub faults_back: u64,
+    /// Evictions cancelled by a write to the page while it was copied out.
+    pub cancelled_evictions: u64,
+    /// Writes to write-protected pages (first writes to pages faulted back, and cancels).
+    pub write_faults: u64,
+    /// First touches of never-written pages, and the pages zero-filled for them.
+    pub zero_fill_faults: u64,
+    pub zero_filled_pages: u64,
+    /// Evictor passes that evicted something, and their time in all.
+    pub eviction_passes: u64,
+    pub eviction_ms: f64,
+    /// Bytes written back per second of write-back (copy out until acknowledged).
+    pub writeback_gbps: Option<f64>,
+    pub memservers: Vec<MemserverStats>,
+    /// Why eviction stopped, if it did (the guest runs on, over its limit).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    written_back: AtomicU64,
+    clean_drops: AtomicU64,
+    faults_back: AtomicU64,
+    cancelled: AtomicU64,
+    zero_faults: AtomicU64,
+    zero_pages: AtomicU64,
+    passes: AtomicU64,
+    eviction_ns: AtomicU64,
+    writeback_ns: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// Where evicted pages are copied to.
+pub trait PageOut {
+    /// Stores `runs` (write-protected guest pages) at memserver number `memserver`; returns
+    /// once it has acknowledged storing all of them.
+    fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String>;
+}
+
+/// The pager's per-page state, its cold-page policy and its eviction state machine (see the
+/// module docs).
+#[derive(Debug)]
+pub struct Pager {
+    engine: Arc<FaultEngine>,
+    owners: Arc<OwnerMap>,
+    layout: MemoryLayout,
+    state: Vec<AtomicU8>,
+    /// The last pass in which the page was written (dirty log) or faulted in.
+    seen: Vec<AtomicU32>,
+    epoch: AtomicU32,
+    limit_pages: u64,
+    low_pages: u64,
+    /// The memservers' endpoints, by stripe number modulo their count.
+    endpoints: Vec<EndpointId>,
+    per_memserver: Vec<(AtomicU64, AtomicU64)>,
+    counters: Counters,
+    error: Mutex<Option<String>>,
+    /// Wakes the evictor before its tick when a fault-in took resident memory over the limit.
+    nudge: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Pager {
+    /// A pager of `owners`' pages under `engine` (write-protected), keeping at most
+    /// `limit_pages` resident, evicting to `endpoints`.
+    pub fn new(
+        engine: Arc<FaultEngine>,
+        owners: Arc<OwnerMap>,
+        limit_pages: u64,
+        endpoints: Vec<EndpointId>,
+        nudge: std::sync::mpsc::SyncSender<()>,
+    ) -> Self {
+        let layout = owners.layout().clone();
+        let pages = usize::try_from(layout.total_pages()).expect("pages fit memory");
+        Self {
+            engine,
+            owners,
+            layout,
+            state: (0..pages).map(|_| AtomicU8::new(DIRTY)).collect(),
+            seen: (0..pages).map(|_| AtomicU32::new(0)).collect(),
+            epoch: AtomicU32::new(1),
+            limit_pages,
+            // Evict a sixteenth below the limit (at least a few chunks): a pass then frees
+            // room for many faults rather than one.
+            low_pages: limit_pages.saturating_sub((limit_pages / 16).max(4 * CHUNK_PAGES)),
+            per_memserver: endpoints
+                .iter()
+                .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
+            endpoints,
+            counters: Counters::default(),
+            error: Mutex::new(None),
+            nudge,
+        }
+    }
+
+    /// Called after a fault-in: wakes the evictor if resident memory is over the limit, and
+    /// past an eighth over it holds the fault thread back (at most 2 ms a fault) until the
+    /// evictor caught up: on a busy host the guest's vCPUs can outrun the evictor's CPU time.
+    fn faulted_in(&self) {
+        if !self.over_limit() {
+            return;
+        }
+        let _ = self.nudge.try_send(());
+        let cap = self.limit_pages + self.limit_pages / 8;
+        let t0 = Instant::now();
+        while self.engine.present_pages() > cap
+            && self.error.lock().expect("pager lock").is_none()
+            && t0.elapsed() < Duration::from_millis(2)
+        {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    fn index(&self, gfn: Gfn) -> Option<usize> {
+        self.layout
+            .page_index(gfn)
+            .map(|i| usize::try_from(i).expect("page index"))
+    }
+
+    fn fetch_err(e: impl std::fmt::Display) -> FetchError {
+        FetchError(e.to_string())
+    }
+
+    /// Which memserver (by number) stores `gfn`.
+    pub fn stripe_of(&self, gfn: Gfn) -> usize {
+        usize::try_from(gfn.0 / STRIPE_PAGES % self.endpoints.len() as u64).expect("few")
+    }
+
+    /// Records the guest's writes of the last pass (the dirty log), and starts a new pass.
+    pub fn note_written(&self, gfns: &[Gfn]) -> u32 {
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        for g in gfns {
+            if let Some(i) = self.index(*g) {
+                self.seen[i].store(epoch, Ordering::Relaxed);
+            }
+        }
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// First touch of a never-written page: zero-fills the Zero-owned pages of its chunk (one
+    /// fault for 16 pages), or only that page once resident memory is over the limit (a guest
+    /// filling its memory would otherwise outrun the evictor).
+    fn zero_fill(&self, gfn: Gfn) -> Result<(), FetchError> {
+        let (start, pages) = if self.over_limit() {
+            (gfn, 1)
+        } else {
+            (Gfn(gfn.0 / CHUNK_PAGES * CHUNK_PAGES), CHUNK_PAGES)
+        };
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        self.counters.zero_faults.fetch_add(1, Ordering::Relaxed);
+        for run in self.owners.owned_runs(start, pages, Owner::Zero) {
+            let n = self
+                .engine
+                .install_zero(run.gfn, run.pages)
+                .map_err(Self::fetch_err)?;
+            self.owners.set(run.gfn, run.pages, Owner::Local);
+            for k in 0..run.pages {
+                self.seen[usize::try_from(run.index + k).expect("index")]
+                    .store(epoch, Ordering::Relaxed);
+            }
+            self.counters.zero_pages.fetch_add(n, Ordering::Relaxed);
+        }
+        self.faulted_in();
+        Ok(())
+    }
+
+    /// A write to a write-protected page (see the module docs).
+    fn write_fault(&self, gfn: Gfn) -> Result<(), FetchError> {
+        let Some(i) = self.index(gfn) else {
+            return Err(FetchError(format!("a write fault on {gfn}, not guest RAM")));
+        };
+        loop {
+            let s = self.state[i].load(Ordering::Acquire);
+            match s {
+                GONE => {
+                    // The evictor committed: it drops the page and wakes this writer, which
+                    // then faults it back in. Woken here if the drop is done already.
+                    if !self.engine.is_present(gfn) {
+                        self.engine.wake(gfn, 1).map_err(Self::fetch_err)?;
+                    }
+                    return Ok(());
+                }
+                CLEAN | EVICTING => {
+                    if self.state[i]
+                        .compare_exchange(s, DIRTY, Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    if s == EVICTING {
+                        self.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // The memserver's copy goes stale with this write.
+                        self.owners.set(gfn, 1, Owner::Local);
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+        self.seen[i].store(self.epoch.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.engine.unprotect(gfn, 1).map_err(Self::fetch_err)
+    }
+
+    /// Whether resident memory is over the limit.
+    pub fn over_limit(&self) -> bool {
+        self.engine.present_pages() > self.limit_pages
+    }
+
+    /// The chunks to evict to get down to the low watermark, coldest first: each with the
+    /// pages in it that can be evicted (present, not on the way out).
+    fn coldest_chunks(&self, want: u64) -> Vec<PageRun> {
+        let mut chunks: Vec<(u32, PageRun, u64)> = Vec::new();
+        for run in self.layout.runs(CHUNK_PAGES) {
+            let (mut newest, mut n) = (0, 0);
+            for k in 0..run.pages {
+                let i = usize::try_from(run.index + k).expect("index");
+                let s = self.state[i].load(Ordering::Relaxed);
+                if (s == DIRTY || s == CLEAN) && self.engine.is_present(run.gfn + k) {
+                    n += 1;
+                    newest = newest.max(self.seen[i].load(Ordering::Relaxed));
+                }
+            }
+            if n > 0 {
+                chunks.push((newest, run, n));
+            }
+        }
+        chunks.sort_unstable_by_key(|(newest, run, _)| (*newest, run.index));
+        let mut got = 0;
+        let mut out = Vec::new();
+        for (_, run, n) in chunks {
+            if got >= want {
+                break;
+            }
+            got += n;
+            out.push(run);
+        }
+        out.sort_unstable_by_key(|r| r.index);
+        out
+    }
+
+    /// One pass: if resident memory is over the limit, evicts the coldest pages down to the
+    /// low watermark. Returns the pages evicted.
+    pub fn evict(&self, out: &mut dyn PageOut) -> Result<u64, String> {
+        let resident = self.engine.present_pages();
+        if self.counters.passes.load(Ordering::Relaxed) > 0 {
+            self.counters.peak.fetch_max(resident, Ordering::Relaxed);
+        }
+        if resident <= self.limit_pages {
+            return Ok(0);
+        }
+        let t0 = Instant::now();
+        let chunks = self.coldest_chunks(resident - self.low_pages);
+        let mut evicted = self.drop_clean(&chunks)?;
+        // The rest, per memserver: marked EVICTING, then protected (a write before the
+        // protection lands in the copy; one after it faults and cancels).
+        let mut by_ms: Vec<Vec<PageRun>> = vec![Vec::new(); self.endpoints.len()];
+        for chunk in &chunks {
+            let mut marked = Vec::new();
+            for k in 0..chunk.pages {
+                let i = usize::try_from(chunk.index + k).expect("index");
+                let present = self.engine.is_present(chunk.gfn + k);
+                if present
+                    && self.state[i]
+                        .compare_exchange(DIRTY, EVICTING, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    marked.push(chunk.gfn + k);
+                }
+            }
+            for run in runs_of(&self.layout, &marked) {
+                self.engine
+                    .write_protect(run.gfn, run.pages)
+                    .map_err(|e| e.to_string())?;
+                by_ms[self.stripe_of(run.gfn)].push(run);
+            }
+        }
+        let t_copy = Instant::now();
+        for (ms, runs) in by_ms.iter().enumerate() {
+            if runs.is_empty() {
+                continue;
+            }
+            if let Err(e) = out.store(ms, runs) {
+                // Nothing was dropped: the pages stay local and writable.
+                for run in &by_ms[ms..].concat() {
+                    self.abandon(run)?;
+                }
+                return Err(e);
+            }
+            evicted += self.commit(ms, runs)?;
+        }
+        self.counters.writeback_ns.fetch_add(
+            u64::try_from(t_copy.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.counters.passes.fetch_add(1, Ordering::Relaxed);
+        self.counters.eviction_ns.fetch_add(
+            u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        Ok(evicted)
+    }
+
+    /// Drops the clean pages of `chunks` (their memserver's copy is current): no copy.
+    fn drop_clean(&self, chunks: &[PageRun]) -> Result<u64, String> {
+        let mut dropped = Vec::new();
+        for chunk in chunks {
+            for k in 0..chunk.pages {
+                let gfn = chunk.gfn + k;
+                let i = usize::try_from(chunk.index + k).expect("index");
+                let Some(from) = self.owners.came_from(gfn) else {
+                    continue;
+                };
+                if self.state[i]
+                    .compare_exchange(CLEAN, GONE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.owners.set(gfn, 1, Owner::Endpoint(from));
+                    dropped.push(gfn);
+                }
+            }
+        }
+        for run in runs_of(&self.layout, &dropped) {
+            self.drop_run(&run)?;
+        }
+        let n = dropped.len() as u64;
+        self.counters.clean_drops.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// The memserver acknowledged `runs`: the pages still `EVICTING` become its own and are
+    /// dropped; the others (written meanwhile) stay.
+    fn commit(&self, ms: usize, runs: &[PageRun]) -> Result<u64, String> {
+        let owner = Owner::Endpoint(self.endpoints[ms]);
+        let mut gone = Vec::new();
+        for run in runs {
+            for k in 0..run.pages {
+                let i = usize::try_from(run.index + k).expect("index");
+                if self.state[i]
+                    .compare_exchange(EVICTING, GONE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    self.owners.set(run.gfn + k, 1, owner);
+                    gone.push(run.gfn + k);
+                }
+            }
+        }
+        for run in runs_of(&self.layout, &gone) {
+            self.drop_run(&run)?;
+        }
+        let n = gone.len() as u64;
+        self.counters.written_back.fetch_add(n, Ordering::Relaxed);
+        self.per_memserver[ms].0.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Drops a run of `GONE` pages and wakes writers that waited on them.
+    fn drop_run(&self, run: &PageRun) -> Result<(), String> {
+        self.engine
+            .forget(run.gfn, run.pages)
+            .map_err(|e| e.to_string())?;
+        self.engine
+            .wake(run.gfn, run.pages)
+            .map_err(|e| e.to_string())
+    }
+
+    /// A store failed: the run's pages still `EVICTING` are `DIRTY` again and writable.
+    fn abandon(&self, run: &PageRun) -> Result<(), String> {
+        for k in 0..run.pages {
+            let i = usize::try_from(run.index + k).expect("index");
+            let _ = self.state[i].compare_exchange(
+                EVICTING,
+                DIRTY,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        self.engine
+            .unprotect(run.gfn, run.pages)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Records why eviction stopped.
+    fn fail(&self, why: String) {
+        log::error!("{why}");
+        *self.error.lock().expect("pager lock") = Some(why);
+    }
+
+    /// The counters.
+    #[allow(clippy::cast_precision_loss)] // statistics for people
+    pub fn stats(&self, uris: &[String]) -> RemotePagingStats {
+        let c = &self.counters;
+        let resident = self.engine.present_pages();
+        let written = c.written_back.load(Ordering::Relaxed);
+        let wb_ns = c.writeback_ns.load(Ordering::Relaxed);
+        RemotePagingStats {
+            limit_bytes: self.limit_pages * PAGE_SIZE,
+            low_watermark_bytes: self.low_pages * PAGE_SIZE,
+            total_pages: self.layout.total_pages(),
+            resident_pages: resident,
+            resident_bytes: resident * PAGE_SIZE,
+            resident_peak_pages: c.peak.load(Ordering::Relaxed),
+            evicted_pages: self
+                .endpoints
+                .iter()
+                .map(|e| self.owners.count(Owner::Endpoint(*e)))
+                .sum(),
+            pages_written_back: written,
+            clean_drops: c.clean_drops.load(Ordering::Relaxed),
+            faults_back: c.faults_back.load(Ordering::Relaxed),
+            cancelled_evictions: c.cancelled.load(Ordering::Relaxed),
+            write_faults: self.engine.stats().write_faults,
+            zero_fill_faults: c.zero_faults.load(Ordering::Relaxed),
+            zero_filled_pages: c.zero_pages.load(Ordering::Relaxed),
+            eviction_passes: c.passes.load(Ordering::Relaxed),
+            eviction_ms: c.eviction_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            writeback_gbps: (wb_ns > 0).then(|| (written * PAGE_SIZE) as f64 / wb_ns as f64),
+            memservers: self
+                .endpoints
+                .iter()
+                .zip(&self.per_memserver)
+                .zip(uris)
+                .map(|((e, (out, back)), uri)| MemserverStats {
+                    uri: uri.clone(),
+                    pages_owned: self.owners.count(Owner::Endpoint(*e)),
+                    pages_written_back: out.load(Ordering::Relaxed),
+                    pages_faulted_back: back.load(Ordering::Relaxed),
+                })
+                .collect(),
+            error: self.error.lock().expect("pager lock").clone(),
+        }
+    }
+}
+
+/// Pages faulted back in from a memserver were installed write-protected: they are clean.
+#[derive(Debug)]
+struct FaultedBack {
+    pager: std::sync::OnceLock<Arc<Pager>>,
+    memserver: usize,
+}
+
+impl InstallWatch for FaultedBack {
+    fn installed(&self, run: &PageRun) {
+        let Some(pager) = self.pager.get() else {
+            return;
+        };
+        let epoch = pager.epoch.load(Ordering::Relaxed);
+        for k in 0..run.pages {
+            let i = usize::try_from(run.index + k).expect("index");
+            pager.state[i].store(CLEAN, Ordering::Release);
+            pager.seen[i].store(epoch, Ordering::Relaxed);
+        }
+        pager
+            .counters
+            .faults_back
+            .fetch_add(run.pages, Ordering::Relaxed);
+        pager.per_memserver[self.memserver]
+            .1
+            .fetch_add(run.pages, Ordering::Relaxed);
+        pager.faulted_in();
+    }
+}
+
+/// The runs of consecutive frames in `gfns` (sorted), split where the layout's regions end.
+fn runs_of(layout: &MemoryLayout, gfns: &[Gfn]) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::new();
+    for g in gfns {
+        let Some(index) = layout.page_index(*g) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(r) if r.gfn + r.pages == *g && r.index + r.pages == index => r.pages += 1,
+            _ => out.push(PageRun {
+                gfn: *g,
+                pages: 1,
+                index,
+            }),
+        }
+    }
+    out
+}
+
+/// The engine's fetcher on a VM that pages out: the owner router, with first touches zero-filled
+/// by chunk and write faults handled by the pager.
+struct PagedRouter {
+    router: Arc<OwnerRouter>,
+    pager: Arc<Pager>,
+}
+
+impl Fetcher for PagedRouter {
+    fn request(&self, gfn: Gfn, engine: &FaultEngine) -> Result<(), FetchError> {
+        match self.router.owners().get(gfn) {
+            Some(Owner::Zero) => self.pager.zero_fill(gfn),
+            _ => self.router.request(gfn, engine),
+        }
+    }
+
+    fn flush(&self, engine: &FaultEngine) -> Result<(), FetchError> {
+        self.router.flush(engine)
+    }
+
+    fn write_fault(&self, gfn: Gfn, _: &FaultEngine) -> Result<(), FetchError> {
+        self.pager.write_fault(gfn)
+    }
+}
+
+/// A recall session that failed: the pages it would bring stay missing (their vCPUs wait) and
+/// the engine reports why.
+struct RecallEvents {
+    engine: std::sync::Weak<FaultEngine>,
+    uri: String,
+    /// Set when remote paging ends: the connections close on purpose.
+    closing: Arc<AtomicBool>,
+}
+
+impl ClientEvents for RecallEvents {
+    fn failed(&self, client: &PageClient, error: ClientError) {
+        if client.is_completed() || self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(engine) = self.engine.upgrade() {
+            engine.report_fetch_error(FetchError(format!(
+                "memserver {}: {error}; vCPUs that touch pages it holds wait",
+                self.uri
+            )));
+        }
+    }
+}
+
+/// The store session with one memserver: a page server of this VM's memory writing to it.
+struct StoreLink {
+    uri: String,
+    urgent: std::net::TcpStream,
+    writer: BulkWriter,
+    server: PageServer<GuestMemoryStore>,
+}
+
+/// The store sessions, one per memserver.
+struct Links(Vec<StoreLink>);
+
+impl PageOut for Links {
+    fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String> {
+        let link = &mut self.0[memserver];
+        let mut sender = BulkSender::new(&link.server, None);
+        let sent = (|| -> Result<(), tsubame_pageserver::ServerError> {
+            for run in runs {
+                // Sent again each time it is evicted: the memserver replaces its copy.
+                link.server.unsend(run.gfn, run.pages);
+                sender.send(&mut link.writer, run.gfn, run.pages, SendKind::Precopy)?;
+            }
+            link.writer.wait_all_acknowledged()?;
+            Ok(())
+        })();
+        sent.map_err(|e| {
+            let pages: u64 = runs.iter().map(|r| r.pages).sum();
+            let why =
+                crate::migration::source::told_why(&link.urgent).unwrap_or_else(|| e.to_string());
+            format!(
+                "memserver {} did not store {pages} evicted pages: {why}; the pages stay \
+                 here and the VM runs over its --local-mem limit. Give the memserver more \
+                 memory (--max-mem), add memservers, or raise --local-mem",
+                link.uri
+            )
+        })
+    }
+}
+
+/// Remote paging of one VM: its fault engine (write-protected), owners, memserver sessions and
+/// evictor thread.
+pub struct RemotePaging {
+    engine: Arc<FaultEngine>,
+    router: Arc<OwnerRouter>,
+    pager: Arc<Pager>,
+    uris: Vec<String>,
+    /// The store sessions and the nudges, until the evictor takes them.
+    links: Mutex<Option<(Links, std::sync::mpsc::Receiver<()>)>>,
+    stop: Arc<AtomicBool>,
+    evictor: Mutex<Option<JoinHandle<()>>>,
+    threads: Vec<JoinHandle<()>>,
+    sockets: Vec<std::net::TcpStream>,
+}
+
+impl std::fmt::Debug for RemotePaging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemotePaging")
+            .field("memservers", &self.uris)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemotePaging {
+    /// Registers all of `memory` (empty) with a write-protecting fault engine, every page owned
+    /// by nobody (zero), opens a store and a recall session with each memserver for VM `vm`
+    /// (`vcpus` vCPUs), and starts the fault thread. The evictor starts with
+    /// [`Self::start_evictor`].
+    pub fn new(
+        memory: &Arc<GuestMemory>,
+        config: &RemotePagingConfig,
+        vm: u64,
+        vcpus: u32,
+    ) -> Result<Self, PagingError> {
+        let layout = memory.layout().clone();
+        let limit_pages = config.local_bytes / PAGE_SIZE;
+        if config.memservers.is_empty() {
+            return Err(PagingError::Remote(
+                "--local-mem needs at least one --memserver to evict pages to".into(),
+            ));
+        }
+        if limit_pages < 16 * CHUNK_PAGES {
+            return Err(PagingError::Remote(format!(
+                "--local-mem {} KiB is too small: give the VM at least {} KiB resident",
+                config.local_bytes >> 10,
+                (16 * CHUNK_PAGES * PAGE_SIZE) >> 10
+            )));
+        }
+        let engine = FaultEngine::new_write_protected(&layout, memory.hvas())?;
+        let owners = Arc::new(OwnerMap::new(&layout, Owner::Zero));
+        let router = Arc::new(OwnerRouter::new(owners.clone()));
+        let hello = Hello {
+            purpose: Purpose::Store,
+            channel: tsubame_pageserver::Channel::Urgent,
+            session: 0,
+            vm,
+            layout: layout.clone(),
+            vcpus,
+            checkpoint_ms: 0,
+        };
+        let (mut links, mut threads, mut sockets) = (Vec::new(), Vec::new(), Vec::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut endpoints = Vec::new();
+        let mut watches = Vec::new();
+        for (n, uri) in config.memservers.iter().enumerate() {
+            let refused = |why: String| {
+                PagingError::Remote(format!(
+                    "memserver {uri}: {why}. Start it with `tsubame memserver --listen \
+                     tcp:HOST:PORT` on the sub-host, and give both hosts the same \
+                     TSUBAME_SECRET"
+                ))
+            };
+            let io = |e: std::io::Error| refused(e.to_string());
+            let store =
+                session::open(uri, &config.secret, &hello).map_err(|e| refused(e.to_string()))?;
+            let recall_hello = Hello {
+                purpose: Purpose::Recall,
+                ..hello.clone()
+            };
+            let recall = session::open(uri, &config.secret, &recall_hello)
+                .map_err(|e| refused(e.to_string()))?;
+            let id = router.next_id();
+            let watch = Arc::new(FaultedBack {
+                pager: std::sync::OnceLock::new(),
+                memserver: n,
+            });
+            watches.push(watch.clone());
+            let sink = Arc::new(OwnedSink::write_protected(
+                engine.clone(),
+                owners.clone(),
+                id,
+                watch,
+            ));
+            let client = PageClient::new(
+                &format!("memserver {uri}"),
+                &recall.urgent,
+                sink.clone(),
+                Arc::new(RecallEvents {
+                    engine: Arc::downgrade(&engine),
+                    uri: uri.clone(),
+                    closing: stop.clone(),
+                }),
+            )
+            .map_err(io)?;
+            client.attach_replies(recall.urgent.try_clone().map_err(io)?);
+            for s in [&recall.urgent, &recall.bulk, &store.urgent, &store.bulk] {
+                sockets.push(s.try_clone().map_err(io)?);
+            }
+            let added = router
+                .add_remote(RemoteOwner {
+                    client: client.clone(),
+                    sink,
+                    // Not offered to a migration's destination: a paged VM does not migrate
+                    // yet (see `Vm::migrate`).
+                    address: None,
+                })
+                .map_err(|e| refused(e.to_string()))?;
+            endpoints.push(added);
+            let bulk = recall.bulk;
+            threads.push(
+                std::thread::Builder::new()
+                    .name("recall-bulk-rx".into())
+                    .spawn(move || client.receive_bulk(bulk))
+                    .map_err(|source| PagingError::Thread {
+                        name: "recall-bulk-rx".into(),
+                        source,
+                    })?,
+            );
+            links.push(StoreLink {
+                uri: uri.clone(),
+                urgent: store.urgent,
+                writer: BulkWriter::new(store.bulk, store.rtt).map_err(io)?,
+                server: PageServer::new(GuestMemoryStore::new(memory.clone())),
+            });
+        }
+        let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
+        let pager = Arc::new(Pager::new(
+            engine.clone(),
+            owners,
+            limit_pages,
+            endpoints,
+            nudge,
+        ));
+        for w in watches {
+            let _ = w.pager.set(pager.clone());
+        }
+        engine.start(Arc::new(PagedRouter {
+            router: router.clone(),
+            pager: pager.clone(),
+        }))?;
+        Ok(Self {
+            engine,
+            router,
+            pager,
+            uris: config.memservers.clone(),
+            links: Mutex::new(Some((Links(links), nudged))),
+            stop,
+            evictor: Mutex::new(None),
+            threads,
+            sockets,
+        })
+    }
+
+    /// Starts the evictor thread (`evictor`): every tick, and whenever a fault-in takes resident
+    /// memory over the limit, it collects the guest's writes with `take_dirty` (the KVM dirty
+    /// log, which it alone reads) and evicts if over the limit.
+    pub fn start_evictor(
+        &self,
+        mut take_dirty: impl FnMut() -> Result<Vec<Gfn>, String> + Send + 'static,
+    ) -> Result<(), PagingError> {
+        let Some((mut links, nudged)) = self.links.lock().expect("paging lock").take() else {
+            return Ok(());
+        };
+        let (pager, stop) = (self.pager.clone(), self.stop.clone());
+        let t = std::thread::Builder::new()
+            .name("evictor".into())
+            .spawn(move || {
+                let mut failed = false;
+                while !stop.load(Ordering::Acquire) {
+                    let _ = nudged.recv_timeout(TICK);
+                    match take_dirty() {
+                        Ok(gfns) => {
+                            pager.note_written(&gfns);
+                        }
+                        Err(e) => {
+                            pager.fail(format!("reading the dirty log failed: {e}"));
+                            return;
+                        }
+                    }
+                    if failed {
+                        continue;
+                    }
+                    if let Err(e) = pager.evict(&mut links) {
+                        pager.fail(e);
+                        failed = true;
+                    }
+                }
+            })
+            .map_err(|source| PagingError::Thread {
+                name: "evictor".into(),
+                source,
+            })?;
+        *self.evictor.lock().expect("paging lock") = Some(t);
+        Ok(())
+    }
+
+    /// The fault engine.
+    pub fn engine(&self) -> &Arc<FaultEngine> {
+        &self.engine
+    }
+
+    /// `query-memory`.
+    pub fn stats(&self) -> RemotePagingStats {
+        self.pager.stats(&self.uris)
+    }
+
+    /// The owners of the pages.
+    pub fn router(&self) -> &Arc<OwnerRouter> {
+        &self.router
+    }
+}
+
+impl Drop for RemotePaging {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.evictor.lock().expect("paging lock").take() {
+            let _ = t.join();
+        }
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.engine.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tsubame_pages::Gpa;
+
+    /// A pager over 8 MiB with a limit of `limit` pages, its memory, and the fault thread.
+    fn pager(limit: u64) -> (Arc<Pager>, Arc<GuestMemory>) {
+        let layout = MemoryLayout::for_size(8 << 20).unwrap();
+        let memory = Arc::new(GuestMemory::new(&layout).unwrap());
+        let engine = FaultEngine::new_write_protected(&layout, memory.hvas()).unwrap();
+        let owners = Arc::new(OwnerMap::new(&layout, Owner::Zero));
+        let (nudge, _) = std::sync::mpsc::sync_channel(1);
+        let pager = Arc::new(Pager::new(
+            engine.clone(),
+            owners.clone(),
+            limit,
+            vec![EndpointId(0)],
+            nudge,
+        ));
+        engine
+            .start(Arc::new(PagedRouter {
+                router: Arc::new(OwnerRouter::new(owners)),
+                pager: pager.clone(),
+            }))
+            .unwrap();
+        (pager, memory)
+    }
+
+    fn touch(memory: &GuestMemory, gfns: std::ops::Range<u64>, byte: u8) {
+        for g in gfns {
+            memory.write(Gfn(g).gpa(), &[byte; 8]).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_coldest_chunks_go_first_not_the_lowest_addresses() {
+        let (pager, memory) = pager(1024);
+        // Chunks 0..4 written in the order 3, 1, 0, 2, one pass each.
+        for chunk in [3u64, 1, 0, 2] {
+            let gfns: Vec<Gfn> = (chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES)
+                .map(Gfn)
+                .collect();
+            touch(&memory, chunk * CHUNK_PAGES..(chunk + 1) * CHUNK_PAGES, 1);
+            pager.note_written(&gfns);
+        }
+        let chosen: Vec<u64> = pager
+            .coldest_chunks(2 * CHUNK_PAGES)
+            .iter()
+            .map(|r| r.gfn.0 / CHUNK_PAGES)
+            .collect();
+        assert_eq!(chosen, [1, 3], "chunks 3 and 1 were written longest ago");
+        pager.engine.stop();
+    }
+
+    /// Stores nothing, but writes to `victim` during the copy, as a running guest would.
+    struct WriteDuringCopy {
+        memory: Arc<GuestMemory>,
+        victim: Gfn,
+        stored: Vec<PageRun>,
+    }
+
+    impl PageOut for WriteDuringCopy {
+        fn store(&mut self, _: usize, runs: &[PageRun]) -> Result<(), String> {
+            let (m, g) = (self.memory.clone(), self.victim);
+            // Waits in the fault thread until it cancels the page's eviction.
+            std::thread::spawn(move || m.write(Gpa(g.gpa().0 + 16), &[7u8; 8]).unwrap())
+                .join()
+                .unwrap();
+            self.stored.extend_from_slice(runs);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_write_during_the_copy_cancels_that_pages_eviction_and_lands() {
+        let (pager, memory) = pager(256);
+        touch(&memory, 0..512, 1);
+        assert!(pager.over_limit());
+        let victim = Gfn(5);
+        let mut out = WriteDuringCopy {
+            memory: memory.clone(),
+            victim,
+            stored: Vec::new(),
+        };
+        let evicted = pager.evict(&mut out).unwrap();
+        let copied: u64 = out.stored.iter().map(|r| r.pages).sum();
+        assert!(out
+            .stored
+            .iter()
+            .any(|r| r.gfn <= victim && victim < r.gfn + r.pages));
+        assert_eq!(evicted, copied - 1, "all but the written page");
+        let stats = pager.stats(&["test".into()]);
+        assert_eq!(stats.cancelled_evictions, 1);
+        assert_eq!(stats.evicted_pages, evicted);
+        assert!(stats.resident_pages <= pager.low_pages + 1);
+        // The written page stayed, with the write; its neighbour is the memserver's now.
+        assert!(pager.engine.is_present(victim));
+        assert_eq!(pager.owners.get(victim), Some(Owner::Local));
+        assert_eq!(
+            pager.owners.get(Gfn(6)),
+            Some(Owner::Endpoint(EndpointId(0)))
+        );
+        assert!(!pager.engine.is_present(Gfn(6)));
+        let mut b = [0u8; 8];
+        memory.read(Gpa(victim.gpa().0 + 16), &mut b).unwrap();
+        assert_eq!(b, [7u8; 8]);
+        pager.engine.stop();
+    }
+}
