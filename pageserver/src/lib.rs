@@ -23,8 +23,9 @@
 //!  bulk:    ------- Pages / ZeroPages ... RoundDone{1} -> |  optional precopy rounds while the
 //!           <------ RoundDone{1} (on urgent) ----------- |  VM still runs at the source; later
 //!           ------- Discard{gfn, count} ... Pages ... --> |  rounds first drop the stale copies
-//!  urgent:  ------- Owners{endpoint, runs} ------------> |  optional: pages another page server
-//!           <------ Ready ------------------------------ |  holds (the destination dials it)
+//!  urgent:  ------- Owners{endpoint, runs} ------------> |  optional: a memserver that holds (or
+//!           <------ Ready ------------------------------ |  will hold) pages: the destination
+//!                                                         |  dials it
 //!  urgent:  ------- Owners{"", runs} -------------------> |  switchover: pages that are the
 //!           ------- VmState{json} ----------------------> |  source's again; the state; the
 //!  bulk:    ------- Discard ... PrecopyDone ------------> |  stale pages are dropped, then the
@@ -35,7 +36,9 @@
 //!           <------ PageRequest{gfn, count: 1} --------- |  a vCPU faulted
 //!           ------- Pages{gfn, data} / ZeroPages ------> |  exactly one reply per request
 //!           ------- Released{gfn, count} ---------------> |  (release mode: a page it holds)
-//!  bulk:    ------- Pages / ZeroPages ... PushDone ----> |
+//!  bulk:    ------- Pages / ZeroPages ... --------------> |
+//!           ------- Owners{memserver, runs} -----------> |  a split: stripes stored at the
+//!           ------- PushDone ---------------------------> |  memserver meanwhile, handed over
 //!           <------ Installed{bytes} (bulk) ------------ |  flow control
 //!  urgent:  <------ Complete --------------------------- |  every page is local: source exits
 //! ```
@@ -55,8 +58,9 @@
 //! has acknowledged installing it, and answers a request that crossed such a page's
 //! acknowledgement with `Released` instead of the page (see [`server`]).
 //!
-//! Fetching from a memserver (`Purpose::Fetch`) is the same from `Resumed` on, the destination
-//! dialling; storing into one (`Purpose::Store`) is a bulk stream of pages the memserver
+//! Fetching from a memserver (`Purpose::Fetch`) is the same, the destination dialling, except
+//! that the memserver pushes only once told `Resumed` (consolidation): until then the host
+//! fetches its pages on demand; storing into one (`Purpose::Store`) is a bulk stream of pages the memserver
 //! acknowledges as it stores them.
 //! Recalling from one (`Purpose::Recall`) is fetching without the push: a host that pages its
 //! VM's memory out to the memserver asks for each page back when its guest touches it.

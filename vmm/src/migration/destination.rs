@@ -15,9 +15,17 @@
 //!
 //! Once the state has arrived and the bulk channel has passed `PrecopyDone`, each vCPU thread
 //! loads its state and enters the guest at once (one hand-off per vCPU in the downtime), and
-//! the downtime ends when the last one does. When every page is local, every owner is told
-//! `Complete`. If an owner goes away, faulting vCPUs wait and the error is reported: pages
-//! never become zero behind the guest's back.
+//! the downtime ends when the last one does.
+//!
+//! A split migration names its memservers before the switchover (`Owners` without pages: the
+//! destination dials each), and after it hands pages over to them on the source's bulk
+//! channel (`Owners` with pages): those not here yet are the memserver's from then on, and any
+//! a vCPU waits for is asked for again from it ([`FaultEngine::reroute`]). The source is told
+//! `Complete` once it owns no page here, whether every page is local or some stay at
+//! memservers (the VM then runs split, fetching them when touched, until `consolidate` asks
+//! the memservers to push them all: [`crate::paging::DemandPaging::consolidate`]). Every
+//! owner is told `Complete` once every page is local. If an owner goes away, faulting vCPUs
+//! wait and the error is reported: pages never become zero behind the guest's back.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
