@@ -50,6 +50,8 @@ pub struct Usage {
     /// Bytes of page data held, all VMs, and the limit (`--max-mem`).
     pub data_bytes: u64,
     pub max_bytes: Option<u64>,
+    /// Memory allocated and touched ahead of time for pages to come (`--prepare`).
+    pub prepared_bytes: u64,
     pub metadata_bytes: u64,
     pub vms: Vec<VmUsage>,
     /// Store sessions that failed for lack of memory.
@@ -77,6 +79,24 @@ impl Memserver {
         })
     }
 
+    /// Prepares `bytes` of memory for pages to come, on a background thread at the lowest
+    /// priority (see `tsubame_pages::memstore`): stores then write into memory the host has
+    /// already faulted in.
+    pub fn prepare(self: &Arc<Self>, bytes: u64) -> std::io::Result<()> {
+        let budget = self.budget.clone();
+        std::thread::Builder::new()
+            .name("memserver-prepare".into())
+            .spawn(move || {
+                crate::spin::set_nice(19);
+                budget.prepare(bytes);
+                log::info!(
+                    "{} bytes of memory prepared for pages",
+                    budget.prepared_pages() * tsubame_pages::PAGE_SIZE
+                );
+            })?;
+        Ok(())
+    }
+
     /// What it holds, per VM and in all.
     pub fn usage(&self) -> Usage {
         let mut vms: Vec<VmUsage> = self
@@ -94,6 +114,7 @@ impl Memserver {
         Usage {
             data_bytes: self.budget.used(),
             max_bytes: self.budget.max(),
+            prepared_bytes: self.budget.prepared_pages() * tsubame_pages::PAGE_SIZE,
             metadata_bytes: vms.iter().map(|v| v.held.metadata_bytes).sum(),
             vms,
             refused_full: self.refused_full.load(std::sync::atomic::Ordering::Relaxed),

@@ -289,10 +289,62 @@ fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// Starts a memserver for a split of `share` of `mem_bytes`, preparing that much memory, and
+/// waits until it is prepared; returns it and its address.
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+fn start_memserver(dir: &Path, tag: &str, share: f64, mem_bytes: u64) -> Result<(Host, String)> {
+    let sock = dir.join(format!("{tag}-ms.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let bytes = (mem_bytes as f64 * share) as u64;
+    let mut ms = Host::command(
+        "memserver",
+        "memserver",
+        &[
+            "--listen".into(),
+            "tcp:127.0.0.1:0".into(),
+            "--secret".into(),
+            SECRET.into(),
+            "--prepare".into(),
+            format!("{}K", bytes >> 10),
+            "--control".into(),
+            sock.display().to_string(),
+        ],
+    )?;
+    ms.echo = false;
+    let uri = ms
+        .wait_line("memserver listening on")?
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let mut c = connect_retry(&sock)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while n(&c.execute("query-usage", json!({}))?["prepared_bytes"]) < bytes {
+        if Instant::now() > deadline {
+            bail!("the memserver did not prepare {bytes} bytes within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((ms, uri))
+}
+
 /// Runs one migration to its end: the guest finishes at the destination (with `steps` > 0) and
 /// the result carries its digest.
 #[allow(clippy::cast_precision_loss)]
 pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<MigrationResult> {
+    // A split's memserver prepares the memory for its share before the VM starts, as the
+    // destination prepares its staging pool while it waits.
+    let (_memserver, split) = match setup.split {
+        Some(share) => {
+            let (ms, uri) = start_memserver(dir, tag, share, setup.mem_bytes)?;
+            (Some(ms), Some((uri, share)))
+        }
+        None => (None, None),
+    };
     let pair = start_pair(setup, dir, tag)?;
     let mut ctl = ControlClient::connect(&pair.source_sock)?;
     let sampler = Sampler::start(
@@ -319,30 +371,9 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
         args["cancellable"] = json!("on");
         args["checkpoint_ms"] = json!(ms);
     }
-    let _memserver = match setup.split {
-        Some(share) => {
-            let mut ms = Host::command(
-                "memserver",
-                "memserver",
-                &[
-                    "--listen".into(),
-                    "tcp:127.0.0.1:0".into(),
-                    "--secret".into(),
-                    SECRET.into(),
-                ],
-            )?;
-            ms.echo = false;
-            let uri = ms
-                .wait_line("memserver listening on")?
-                .rsplit(' ')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            args["split"] = json!(format!("{uri}:{share}"));
-            Some(ms)
-        }
-        None => None,
-    };
+    if let Some((uri, share)) = &split {
+        args["split"] = json!(format!("{uri}:{share}"));
+    }
     let m = ctl.execute("migrate", args)?;
     let switched = t0.elapsed().as_secs_f64();
     sampler.switch_to_destination();
