@@ -125,9 +125,8 @@ impl Memserver {
     pub fn serve(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let mut acceptor = Acceptor::new(listener, &self.secret, "memserver");
         loop {
-            let session = acceptor.next(|h| self.check(h))?;
-            // The VM's store exists once its store session is accepted, before that session
-            // has stored anything: a split's destination dials in between.
+            let me = self.clone();
+            let session = acceptor.next(move |h| me.check(h))?;
             let store = self.store_of(&session.hello);
             let me = self.clone();
             std::thread::Builder::new()
@@ -139,13 +138,19 @@ impl Memserver {
     /// Whether a session's Hello asks for something this memserver can do.
     fn check(&self, h: &Hello) -> Result<(), ProtocolError> {
         match h.purpose {
-            Purpose::Store => match self.vms.lock().expect("memserver lock").get(&h.vm) {
-                Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {
-                    theirs: h.layout.clone(),
-                    ours: s.layout().clone(),
-                }),
-                _ => Ok(()),
-            },
+            Purpose::Store => {
+                // The VM's store exists once a store session's handshake is accepted, before
+                // it has stored anything: a split's destination dials in between.
+                let store = self.store_of(h);
+                if store.layout() == &h.layout {
+                    Ok(())
+                } else {
+                    Err(ProtocolError::Layout {
+                        theirs: h.layout.clone(),
+                        ours: store.layout().clone(),
+                    })
+                }
+            }
             Purpose::Fetch => match self.vms.lock().expect("memserver lock").get(&h.vm) {
                 None => Err(ProtocolError::Refused(format!(
                     "this memserver holds no pages of VM {:#x}",

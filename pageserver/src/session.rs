@@ -4,7 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::auth::random_u64;
 use crate::frame::ProtocolError;
@@ -156,22 +161,43 @@ impl Partial {
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
-    secret: Vec<u8>,
+    secret: Arc<Vec<u8>>,
     /// What the sessions are for, in log lines ("migration", "memserver").
-    what: String,
+    what: Arc<str>,
     /// Sessions with some of their connections in, by session id.
     half: HashMap<u64, Partial>,
+    /// Handshakes run on threads of their own and end up here, with a wake-up on `done_fd`.
+    done_tx: crossbeam::channel::Sender<Handshaken>,
+    done: crossbeam::channel::Receiver<Handshaken>,
+    done_fd: Arc<EventFd>,
 }
+
+/// What decides whether a Hello is accepted (run on the handshake threads).
+type Check = Arc<dyn Fn(&Hello) -> Result<(), ProtocolError> + Send + Sync>;
+
+/// A connection whose handshake ended: authenticated (its Hello and round trip), or not.
+type Handshaken = (
+    TcpStream,
+    SocketAddr,
+    Result<(Hello, Duration), ProtocolError>,
+);
 
 impl Acceptor {
     /// Accepts `what` sessions ("migration", say: it names them in log lines) on `listener`,
     /// authenticating with `secret`.
     pub fn new(listener: TcpListener, secret: &[u8], what: &str) -> Self {
+        let (done_tx, done) = crossbeam::channel::unbounded();
         Self {
             listener,
-            secret: secret.to_vec(),
-            what: what.to_string(),
+            secret: Arc::new(secret.to_vec()),
+            what: what.into(),
             half: HashMap::new(),
+            done_tx,
+            done,
+            done_fd: Arc::new(
+                EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .expect("an eventfd"),
+            ),
         }
     }
 
@@ -181,56 +207,116 @@ impl Acceptor {
     }
 
     /// The next complete session whose Hello `check` accepts (it runs for each connection,
-    /// before the connection is accepted). Fails only if the listener does.
+    /// before the connection is accepted). Each connection's handshake runs on a thread of its
+    /// own, so that a peer that connects and then says nothing (or too little) holds up no
+    /// other; it is dropped after [`HANDSHAKE_TIMEOUT`]. Fails only if the listener does.
     pub fn next(
         &mut self,
-        check: impl Fn(&Hello) -> Result<(), ProtocolError>,
+        check: impl Fn(&Hello) -> Result<(), ProtocolError> + Send + Sync + 'static,
     ) -> std::io::Result<Session> {
+        let check: Check = Arc::new(check);
+        self.listener.set_nonblocking(true)?;
         loop {
-            let (mut s, peer) = self.listener.accept()?;
-            let hello = (|| {
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-                let h = respond(&mut s, &self.secret, &check)?;
-                s.set_read_timeout(None)?;
-                Ok::<_, ProtocolError>(h)
-            })();
-            let (hello, rtt) = match hello {
-                Ok(h) => h,
-                Err(e) => {
-                    log::warn!("refused a {} connection from {peer}: {e}", self.what);
-                    eprintln!(
-                        "tsubame: refused a {} connection from {peer}: {e}",
-                        self.what
-                    );
-                    continue;
+            while let Ok(done) = self.done.try_recv() {
+                if let Some(session) = self.assemble(done) {
+                    return Ok(session);
                 }
-            };
-            if !self.half.contains_key(&hello.session) && self.half.len() >= HALF_SESSIONS_MAX {
-                // Peers that opened some connections and never the others: forget them.
-                self.half.clear();
             }
-            let partial = self.half.entry(hello.session).or_insert_with(|| Partial {
-                hello: hello.clone(),
-                urgent: None,
-                bulk: None,
-                checkpoint: None,
-                rtt,
-            });
-            if partial.hello.checkpoint_ms != hello.checkpoint_ms
-                || partial.add(&hello, s, rtt).is_err()
-            {
-                log::warn!(
-                    "session {:#x} from {peer} opened one channel twice, or announced different channels",
-                    hello.session
-                );
-                continue;
-            }
-            if let Some(session) = partial.complete() {
-                self.half.remove(&hello.session);
-                return Ok(session);
+            match self.listener.accept() {
+                Ok((s, peer)) => self.handshake(s, peer, check.clone())?,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let mut fds = [
+                        PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
+                        PollFd::new(self.done_fd.as_fd(), PollFlags::POLLIN),
+                    ];
+                    match poll(&mut fds, PollTimeout::NONE) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                    let _ = self.done_fd.read();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Runs the handshake of a new connection on a thread of its own.
+    fn handshake(&self, mut s: TcpStream, peer: SocketAddr, check: Check) -> std::io::Result<()> {
+        let (secret, tx, fd) = (
+            self.secret.clone(),
+            self.done_tx.clone(),
+            self.done_fd.clone(),
+        );
+        std::thread::Builder::new()
+            .name("handshake".into())
+            .spawn(move || {
+                let result = (|| {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+                    let h = respond(&mut s, &secret, |h| check(h))?;
+                    s.set_read_timeout(None)?;
+                    Ok::<_, ProtocolError>(h)
+                })();
+                if tx.send((s, peer, result)).is_ok() {
+                    let _ = fd.write(1);
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Takes a connection whose handshake ended into its session; returns the session once
+    /// all its connections are in.
+    fn assemble(&mut self, (s, peer, result): Handshaken) -> Option<Session> {
+        let (hello, rtt) = match result {
+            Ok(h) => h,
+            Err(e) => {
+                let e = match e {
+                    ProtocolError::Io(io)
+                        if matches!(
+                            io.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        format!(
+                            "it sent no complete handshake within {} s",
+                            HANDSHAKE_TIMEOUT.as_secs()
+                        )
+                    }
+                    e => e.to_string(),
+                };
+                log::warn!("refused a {} connection from {peer}: {e}", self.what);
+                eprintln!(
+                    "tsubame: refused a {} connection from {peer}: {e}",
+                    self.what
+                );
+                return None;
+            }
+        };
+        if !self.half.contains_key(&hello.session) && self.half.len() >= HALF_SESSIONS_MAX {
+            // Peers that opened some connections and never the others: forget them.
+            self.half.clear();
+        }
+        let partial = self.half.entry(hello.session).or_insert_with(|| Partial {
+            hello: hello.clone(),
+            urgent: None,
+            bulk: None,
+            checkpoint: None,
+            rtt,
+        });
+        if partial.hello.checkpoint_ms != hello.checkpoint_ms
+            || partial.add(&hello, s, rtt).is_err()
+        {
+            log::warn!(
+                "session {:#x} from {peer} opened one channel twice, or announced different channels",
+                hello.session
+            );
+            return None;
+        }
+        let session = partial.complete()?;
+        self.half.remove(&hello.session);
+        Some(session)
     }
 }
 

@@ -368,11 +368,10 @@ fn a_full_memserver_keeps_serving_what_it_held() {
 }
 
 /// A peer that opens a connection, sends half a frame and goes silent must not keep other
-/// hosts from opening sessions. Today the memserver's acceptor handshakes one connection at a
-/// time (`pageserver/src/session.rs`, `Acceptor::next`), so such a peer holds up every new
-/// session for the handshake timeout (10 s), and a few of them for as long as they like.
+/// hosts from opening sessions: the acceptor handshakes each connection on a thread of its own
+/// (`pageserver/src/session.rs`, `Acceptor::next`); one at a time, such a peer held up every
+/// new session for the handshake timeout (10 s), and a few of them for as long as they liked.
 #[test]
-#[ignore = "fails until the acceptor handshakes connections concurrently (session.rs)"]
 fn a_silent_peer_does_not_hold_up_the_others() {
     let dir = Scratch::new("ms-silent");
     let (ms, uri) = memserver(&dir, &[]);

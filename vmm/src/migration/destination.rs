@@ -137,7 +137,8 @@ pub fn incoming(
     })?;
     let mut acceptor = Acceptor::new(listener, secret, "migration");
     ready(acceptor.local_addr()?);
-    let session = acceptor.next(|h| check_hello(h, expect))?;
+    let expected = expect.cloned();
+    let session = acceptor.next(move |h| check_hello(h, expected.as_ref()))?;
     if let Some(p) = &staging {
         log::debug!(
             "migration accepted with {} of {} staging pages prepared",
