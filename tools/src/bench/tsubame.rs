@@ -270,22 +270,22 @@ pub fn time_to_full_speed(
     qemu_migration::time_to_rate(samples, switchover, share * baseline, window)
 }
 
-fn wait_steps(ctl: &mut ControlClient, steps: u64) -> Result<()> {
+pub(crate) fn wait_steps(ctl: &mut ControlClient, steps: u64) -> Result<()> {
     let w = ctl.execute(
         "wait",
         json!({"for": "steps", "steps": steps, "timeout_ms": 600_000}),
     )?;
     if w["outcome"] != "reached" {
-        bail!("the source guest did not reach {steps} steps: {w}");
+        bail!("the guest did not reach {steps} steps: {w}");
     }
     Ok(())
 }
 
-fn f(v: &Value) -> f64 {
+pub(crate) fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
-fn n(v: &Value) -> u64 {
+pub(crate) fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
@@ -321,23 +321,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     }
     let _memserver = match setup.split {
         Some(share) => {
-            let mut ms = Host::command(
-                "memserver",
-                "memserver",
-                &[
-                    "--listen".into(),
-                    "tcp:127.0.0.1:0".into(),
-                    "--secret".into(),
-                    SECRET.into(),
-                ],
-            )?;
-            ms.echo = false;
-            let uri = ms
-                .wait_line("memserver listening on")?
-                .rsplit(' ')
-                .next()
-                .unwrap_or_default()
-                .to_string();
+            let (ms, uri) = start_memserver(None)?;
             args["split"] = json!(format!("{uri}:{share}"));
             Some(ms)
         }
@@ -489,6 +473,26 @@ pub fn demand_stall(
     let per_step_us = (t_b - t_a).as_secs_f64() * 1e6 / (s_b - s_a) as f64;
     drop(pair);
     Ok((per_step_us, engine["demand_paging"].clone()))
+}
+
+/// A `tsubame memserver` on loopback (with a control socket at `control` if given), and the
+/// URI it listens on.
+pub(crate) fn start_memserver(control: Option<&Path>) -> Result<(Host, String)> {
+    let mut args: Vec<String> = ["--listen", "tcp:127.0.0.1:0", "--secret", SECRET]
+        .map(String::from)
+        .to_vec();
+    if let Some(path) = control {
+        args.extend(["--control".into(), path.display().to_string()]);
+    }
+    let mut ms = Host::command("memserver", "memserver", &args)?;
+    ms.echo = false;
+    let uri = ms
+        .wait_line("memserver listening on")?
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok((ms, uri))
 }
 
 pub(crate) fn connect_retry(path: &Path) -> Result<ControlClient> {
