@@ -3,12 +3,23 @@
 
 use tsubame_tests::{tsubame, Scratch};
 
+/// Runs `tsubame bench ARGS`, which must succeed; returns what it printed.
+fn bench(args: &[&str]) -> String {
+    let o = tsubame(&[&["bench"], args].concat());
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    text
+}
+
 #[test]
 fn bench_migrate_quick_writes_runs_and_a_summary() {
     let dir = Scratch::new("bench-migrate");
     let out = dir.path("results");
-    let o = tsubame(&[
-        "bench",
+    let text = bench(&[
         "migrate",
         "--quick",
         "--configs",
@@ -16,12 +27,6 @@ fn bench_migrate_quick_writes_runs_and_a_summary() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["configs"].as_array().unwrap().len(), 3, "{summary}");
@@ -84,4 +89,26 @@ fn bench_fault_measures_every_path() {
     }
     assert!(r["loopback"]["rtt_p50_us"].as_f64() > Some(0.0), "{r}");
     assert!(r["engine"]["faults"].as_u64() > Some(300), "{r}");
+}
+
+#[test]
+fn bench_memserver_quick_measures_every_bar() {
+    let dir = Scratch::new("bench-memserver");
+    let out = dir.path("results");
+    let text = bench(&["memserver", "--quick", "--out", out.to_str().unwrap()]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("memserver.json")).unwrap()).unwrap();
+    let bars = r["bars"].as_array().unwrap();
+    assert_eq!(bars.len(), 5, "{r}");
+    for b in bars {
+        assert!(b["value"].as_f64().is_some_and(f64::is_finite), "{b}");
+    }
+    assert!(r["loopback"]["rtt_p50_us"].as_f64() > Some(0.0), "{r}");
+    assert!(r["fault_back"]["faults_back"].as_u64() > Some(0), "{r}");
+    assert!(
+        r["writeback"]["pages_written_back"].as_u64() > Some(0),
+        "{r}"
+    );
+    assert!(r["metadata"]["data_bytes"].as_u64() > Some(0), "{r}");
+    assert!(text.contains("fault back p50"), "{text}");
 }

@@ -7,12 +7,15 @@
 //! - `bench checkpoint`: cancellable postcopy: checkpoint pauses, guest slowdown against the
 //!   dirty-tracking floor, output delay, cancel and kill recovery, total time against plain
 //!   postcopy.
+//! - `bench memserver`: remote paging under a local limit against a memserver: fault-back
+//!   latency against the raw round trip, guest speed, write-back, memserver metadata.
 
 use serde_json::json;
 
 mod checkpoint;
 mod fault;
 mod guest;
+mod memserver;
 mod migrate;
 mod plot;
 mod qemu;
@@ -26,6 +29,7 @@ pub enum BenchCommand {
     Checkpoint(checkpoint::CheckpointBenchArgs),
     Fault(fault::FaultBenchArgs),
     Migrate(migrate::MigrateBenchArgs),
+    Memserver(memserver::MemserverBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
@@ -34,6 +38,7 @@ pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Checkpoint(a) => checkpoint::bench_checkpoint(&a),
         BenchCommand::Fault(a) => fault::bench_fault(&a),
         BenchCommand::Migrate(a) => migrate::bench_migrate(&a),
+        BenchCommand::Memserver(a) => memserver::bench_memserver(&a),
     }
 }
 

@@ -270,22 +270,22 @@ pub fn time_to_full_speed(
     qemu_migration::time_to_rate(samples, switchover, share * baseline, window)
 }
 
-fn wait_steps(ctl: &mut ControlClient, steps: u64) -> Result<()> {
+pub(crate) fn wait_steps(ctl: &mut ControlClient, steps: u64) -> Result<()> {
     let w = ctl.execute(
         "wait",
         json!({"for": "steps", "steps": steps, "timeout_ms": 600_000}),
     )?;
     if w["outcome"] != "reached" {
-        bail!("the source guest did not reach {steps} steps: {w}");
+        bail!("the guest did not reach {steps} steps: {w}");
     }
     Ok(())
 }
 
-fn f(v: &Value) -> f64 {
+pub(crate) fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(0.0)
 }
 
-fn n(v: &Value) -> u64 {
+pub(crate) fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
@@ -296,31 +296,19 @@ fn n(v: &Value) -> u64 {
     clippy::cast_possible_truncation,
     clippy::cast_sign_loss
 )]
-fn start_memserver(dir: &Path, tag: &str, share: f64, mem_bytes: u64) -> Result<(Host, String)> {
+fn start_prepared_memserver(
+    dir: &Path,
+    tag: &str,
+    share: f64,
+    mem_bytes: u64,
+) -> Result<(Host, String)> {
     let sock = dir.join(format!("{tag}-ms.sock"));
     let _ = std::fs::remove_file(&sock);
     let bytes = (mem_bytes as f64 * share) as u64;
-    let mut ms = Host::command(
-        "memserver",
-        "memserver",
-        &[
-            "--listen".into(),
-            "tcp:127.0.0.1:0".into(),
-            "--secret".into(),
-            SECRET.into(),
-            "--prepare".into(),
-            format!("{}K", bytes >> 10),
-            "--control".into(),
-            sock.display().to_string(),
-        ],
+    let (ms, uri) = start_memserver(
+        Some(&sock),
+        &["--prepare".into(), format!("{}K", bytes >> 10)],
     )?;
-    ms.echo = false;
-    let uri = ms
-        .wait_line("memserver listening on")?
-        .rsplit(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
     let mut c = connect_retry(&sock)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while n(&c.execute("query-usage", json!({}))?["prepared_bytes"]) < bytes {
@@ -340,7 +328,7 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     // destination prepares its staging pool while it waits.
     let (_memserver, split) = match setup.split {
         Some(share) => {
-            let (ms, uri) = start_memserver(dir, tag, share, setup.mem_bytes)?;
+            let (ms, uri) = start_prepared_memserver(dir, tag, share, setup.mem_bytes)?;
             (Some(ms), Some((uri, share)))
         }
         None => (None, None),
@@ -520,6 +508,27 @@ pub fn demand_stall(
     let per_step_us = (t_b - t_a).as_secs_f64() * 1e6 / (s_b - s_a) as f64;
     drop(pair);
     Ok((per_step_us, engine["demand_paging"].clone()))
+}
+
+/// A `tsubame memserver` on loopback (with a control socket at `control` if given), and the
+/// URI it listens on.
+pub(crate) fn start_memserver(control: Option<&Path>, extra: &[String]) -> Result<(Host, String)> {
+    let mut args: Vec<String> = ["--listen", "tcp:127.0.0.1:0", "--secret", SECRET]
+        .map(String::from)
+        .to_vec();
+    if let Some(path) = control {
+        args.extend(["--control".into(), path.display().to_string()]);
+    }
+    args.extend_from_slice(extra);
+    let mut ms = Host::command("memserver", "memserver", &args)?;
+    ms.echo = false;
+    let uri = ms
+        .wait_line("memserver listening on")?
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok((ms, uri))
 }
 
 pub(crate) fn connect_retry(path: &Path) -> Result<ControlClient> {

@@ -48,6 +48,32 @@ pub enum PagingError {
     },
 }
 
+/// A fault engine's fault read -> installed distribution as the statistics show it, in µs.
+pub(crate) struct LatencyUs {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: f64,
+    /// (µs, share at or below) points.
+    pub cdf: Vec<(f64, f64)>,
+}
+
+impl LatencyUs {
+    #[allow(clippy::cast_precision_loss)] // microseconds for people
+    pub fn of(h: &tsubame_uffd::LatencyHistogram) -> Self {
+        let us = |d: Duration| d.as_nanos() as f64 / 1e3;
+        Self {
+            p50: h.percentile(0.5).map(us),
+            p99: h.percentile(0.99).map(us),
+            max: us(h.max()),
+            cdf: h
+                .cdf()
+                .into_iter()
+                .map(|(d, share)| (us(d), share))
+                .collect(),
+        }
+    }
+}
+
 /// Demand-paging statistics.
 #[derive(Clone, Debug, Serialize)]
 pub struct PagingStats {
@@ -322,7 +348,7 @@ impl DemandPaging {
         let s = self.engine.stats();
         let consolidation = self.consolidation_status(); // (takes the `all_present` lock)
         let all_present = *self.all_present.lock().expect("paging lock");
-        let us = |d: Duration| d.as_nanos() as f64 / 1e3;
+        let latency = LatencyUs::of(&s.latency);
         PagingStats {
             origin: self.origin,
             total_pages: self.engine.total_pages(),
@@ -335,15 +361,10 @@ impl DemandPaging {
             staging_pages_prepared: self.staging.as_ref().map_or(0, |p| p.prepared_pages()),
             staging_pages_used: self.staging.as_ref().map_or(0, |p| p.used_pages()),
             pages_discarded: s.pages_discarded,
-            demand_p50_us: s.latency.percentile(0.5).map(us),
-            demand_p99_us: s.latency.percentile(0.99).map(us),
-            demand_max_us: us(s.latency.max()),
-            demand_cdf: s
-                .latency
-                .cdf()
-                .into_iter()
-                .map(|(d, share)| (us(d), share))
-                .collect(),
+            demand_p50_us: latency.p50,
+            demand_p99_us: latency.p99,
+            demand_max_us: latency.max,
+            demand_cdf: latency.cdf,
             resumed_unix_us: self
                 .resumed_unix_us
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -133,6 +133,15 @@ pub struct RemotePagingStats {
     pub eviction_ms: f64,
     /// Bytes written back per second of write-back (copy out until acknowledged).
     pub writeback_gbps: Option<f64>,
+    /// The fault engine's fault read -> page installed, for the faults that waited on an
+    /// install (faults back from memservers, and zero fills of first touches): how many, and
+    /// their distribution as `query-migrate`'s `demand_paging` gives it.
+    pub demand_faults: u64,
+    pub demand_p50_us: Option<f64>,
+    pub demand_p99_us: Option<f64>,
+    pub demand_max_us: f64,
+    /// (µs, share at or below) points of that distribution.
+    pub demand_cdf: Vec<(f64, f64)>,
     pub memservers: Vec<MemserverStats>,
     /// Why eviction stopped, if it did (the guest runs on, over its limit).
     pub error: Option<String>,
@@ -515,6 +524,8 @@ impl Pager {
         let resident = self.engine.present_pages();
         let written = c.written_back.load(Ordering::Relaxed);
         let wb_ns = c.writeback_ns.load(Ordering::Relaxed);
+        let engine = self.engine.stats();
+        let latency = super::LatencyUs::of(&engine.latency);
         RemotePagingStats {
             limit_bytes: self.limit_pages * PAGE_SIZE,
             low_watermark_bytes: self.low_pages * PAGE_SIZE,
@@ -531,12 +542,17 @@ impl Pager {
             clean_drops: c.clean_drops.load(Ordering::Relaxed),
             faults_back: c.faults_back.load(Ordering::Relaxed),
             cancelled_evictions: c.cancelled.load(Ordering::Relaxed),
-            write_faults: self.engine.stats().write_faults,
+            write_faults: engine.write_faults,
             zero_fill_faults: c.zero_faults.load(Ordering::Relaxed),
             zero_filled_pages: c.zero_pages.load(Ordering::Relaxed),
             eviction_passes: c.passes.load(Ordering::Relaxed),
             eviction_ms: c.eviction_ns.load(Ordering::Relaxed) as f64 / 1e6,
             writeback_gbps: (wb_ns > 0).then(|| (written * PAGE_SIZE) as f64 / wb_ns as f64),
+            demand_faults: engine.latency.count(),
+            demand_p50_us: latency.p50,
+            demand_p99_us: latency.p99,
+            demand_max_us: latency.max,
+            demand_cdf: latency.cdf,
             memservers: self
                 .endpoints
                 .iter()
