@@ -92,8 +92,12 @@ fn split_migration(
         "1500000",
     ];
     let reference = run_to_end(&common).unwrap();
-    let servers: Vec<(VmProcess, String)> = (0..memservers)
-        .map(|_| VmProcess::memserver(SECRET, &[]).unwrap())
+    let sockets: Vec<_> = (0..memservers)
+        .map(|i| dir.path(&format!("ms{i}.sock")))
+        .collect();
+    let servers: Vec<(VmProcess, String)> = sockets
+        .iter()
+        .map(|s| VmProcess::memserver(SECRET, &["--control", s.to_str().unwrap()]).unwrap())
         .collect();
     let uris: Vec<String> = servers.iter().map(|(_, u)| u.clone()).collect();
     let source = source(&dir.path("src.sock"), &common);
@@ -158,6 +162,18 @@ fn split_migration(
         );
         let e = dest.ctl("consolidate", json!({})).unwrap();
         assert_eq!(e["pages"], 0, "nothing left to bring: {e}");
+        // Every page is here and written here from now on: the memservers forget theirs.
+        for (ms, _) in &servers {
+            let t0 = Instant::now();
+            loop {
+                let u = ms.ctl("query-usage", json!({})).unwrap();
+                if u["vms"][0]["pages_held"] == 0 && u["data_bytes"] == 0 {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(10), "still held: {u}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     let (status, out) = dest.wait().unwrap();

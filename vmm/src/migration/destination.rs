@@ -24,7 +24,8 @@
 //! `Complete` once it owns no page here, whether every page is local or some stay at
 //! memservers (the VM then runs split, fetching them when touched, until `consolidate` asks
 //! the memservers to push them all: [`crate::paging::DemandPaging::consolidate`]). Every
-//! owner is told `Complete` once every page is local. If an owner goes away, faulting vCPUs
+//! owner is told `Complete` once every page is local, and each memserver then to forget the
+//! VM's pages (the guest writes them here from then on). If an owner goes away, faulting vCPUs
 //! wait and the error is reported: pages never become zero behind the guest's back.
 
 use std::collections::HashMap;
@@ -193,6 +194,10 @@ struct Arrival {
     completed: AtomicBool,
     /// Called when the source is done (the staging pool is retired).
     source_released: Box<dyn Fn() + Send + Sync>,
+    /// The secret and the session's Hello, to tell the memservers to forget the VM's pages
+    /// once every page is here.
+    secret: Vec<u8>,
+    hello: Hello,
     done: Box<dyn Fn() + Send + Sync>,
     /// Told once the source's bulk channel passed `PrecopyDone` (or failed first).
     precopy_done: Mutex<Option<crossbeam::channel::Sender<Result<(), String>>>>,
@@ -220,6 +225,44 @@ impl Arrival {
             for c in self.clients.lock().expect("arrival lock").drain(..) {
                 c.complete();
             }
+            self.forget_at_memservers();
+        }
+    }
+
+    /// Every page is here, and the guest writes them here from now on: the memservers' copies
+    /// would go stale, so each is told to forget the VM's pages (in the background).
+    fn forget_at_memservers(&self) {
+        let memservers: Vec<String> = self
+            .dialled
+            .lock()
+            .expect("arrival lock")
+            .keys()
+            .cloned()
+            .collect();
+        if memservers.is_empty() {
+            return;
+        }
+        let (secret, hello) = (self.secret.clone(), self.hello.clone());
+        let all: Vec<(Gfn, u64)> = hello
+            .layout
+            .regions
+            .iter()
+            .map(|r| (r.first_gfn(), r.pages()))
+            .collect();
+        let spawned = std::thread::Builder::new()
+            .name("memserver-forget".into())
+            .spawn(move || {
+                for uri in memservers {
+                    match super::source::forget_at(&uri, &secret, &hello, &all) {
+                        Ok(()) => log::info!("the memserver {uri} forgot this VM's pages"),
+                        Err(e) => log::warn!(
+                            "the memserver {uri} keeps stale copies of this VM's pages: {e}"
+                        ),
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("memservers keep stale copies of this VM's pages: {e}");
         }
     }
 
@@ -319,6 +362,8 @@ impl Incoming {
         let pool = self.staging.clone();
         let retire = self.staging.clone();
         let arrival = Arc::new(Arrival {
+            secret: self.secret.clone(),
+            hello: self.session.hello.clone(),
             engine: engine.clone(),
             owners: paging.router().owners().clone(),
             clients: Mutex::new(Vec::new()),

@@ -955,7 +955,7 @@ fn drop_stale_copies(out: &Arc<Outgoing>, held: Held, secret: &[u8], hello: &Hel
 
 /// Tells the memserver at `uri` to forget `runs` of the VM `hello` names (`Discard` in a
 /// store session), and waits until it has.
-fn forget_at(
+pub(crate) fn forget_at(
     uri: &str,
     secret: &[u8],
     hello: &Hello,
@@ -963,6 +963,7 @@ fn forget_at(
 ) -> Result<(), MigrationError> {
     let store = Hello {
         purpose: Purpose::Store,
+        checkpoint_ms: 0,
         ..hello.clone()
     };
     let s = session::open(uri, secret, &store)
