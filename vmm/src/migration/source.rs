@@ -725,30 +725,42 @@ fn prepare_split(
 }
 
 /// The split's second half, from the switchover on (memory frozen): stores each memserver's
-/// stripes at it, all in parallel and in parallel with the destination's push, and returns
-/// the push's last step ([`PushOptions::after_push`]): once every store has ended, it hands
+/// stripes at it, all in parallel and in parallel with the destination's push (from when the
+/// push starts: the returned first step, [`PushOptions::before_push`]), and returns the push's
+/// last step too ([`PushOptions::after_push`]): once every store has ended, it hands
 /// each memserver's pages over to it (`Owners` on the bulk channel: the destination asks the
 /// memserver for them from then on), and pushes the stripes of any memserver that failed
 /// itself, so that the destination still gets every page.
-fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> PushHook {
+fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
     let t0 = Instant::now();
+    // The stores start with the push, once the destination runs the VM (or the push's gate
+    // times out): started at the switchover, they took the CPU the destination needed to
+    // resume (downtime 1.1-2.9 ms against 0.7 ms without a split, on 2 cores).
+    let (go, started) = crossbeam::channel::bounded::<()>(0);
     let stores: Vec<_> = plan
         .memservers
         .into_iter()
         .enumerate()
         .map(|(i, (uri, session, stripes))| {
-            let out = out.clone();
+            let (out, started) = (out.clone(), started.clone());
             let thread = std::thread::Builder::new()
                 .name("split-store".into())
                 .spawn({
                     let (uri, stripes) = (uri.clone(), stripes.clone());
-                    move || store_stripes(&out, i, &uri, session, &stripes)
+                    move || {
+                        let _ = started.recv(); // `go` dropped: start
+                        store_stripes(&out, i, &uri, session, &stripes)
+                    }
                 });
             (uri, stripes, thread)
         })
         .collect();
+    let start = PushHook::new(move |_| {
+        drop(go);
+        Ok(())
+    });
     let out = out.clone();
-    PushHook::new(move |w| {
+    let hand_over = PushHook::new(move |w| {
         let mut failed = Vec::new();
         for (uri, stripes, thread) in stores {
             let stored = match thread {
@@ -788,7 +800,8 @@ fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> PushHook {
             s.failed = failed;
         }
         Ok(())
-    })
+    });
+    (start, hand_over)
 }
 
 /// Stores `stripes` of the frozen guest memory at the memserver `uri` (the `i`th of the
@@ -1089,7 +1102,10 @@ fn switch_over(
     // write it only while the server reads none of it (`PageServer::exclusive`).
     server.store().freeze();
     out.cancel.release();
-    let after_push = split.map(|plan| store_split(out, plan));
+    let (before_push, after_push) = match split.map(|plan| store_split(out, plan)) {
+        Some((start, hand_over)) => (Some(start), Some(hand_over)),
+        None => (None, None),
+    };
     if let Some(held) = held {
         drop_stale_copies(out, held, secret, hello);
     }
@@ -1105,7 +1121,7 @@ fn switch_over(
                 // A destination that stays paused after the state arrived still gets its pages.
                 gate_timeout: Some(Duration::from_millis(500)),
                 start_on_demand: true,
-                before_push: None,
+                before_push,
                 after_push,
                 // Frozen above: `check` refuses release with a cancellable migration.
                 release: options.release,
