@@ -724,12 +724,7 @@ impl<S: PageStore + 'static> PageServer<S> {
         if options.prepage != Prepage::None {
             // Hot pages first, in runs of consecutive pages.
             for run in hot {
-                let mut done = 0;
-                while done < run.pages {
-                    let n = w.run_pages().min(run.pages - done);
-                    sender.send(&mut w, run.gfn + done, n, SendKind::Push)?;
-                    done += n;
-                }
+                sender.send_run(&mut w, run.gfn, run.pages, SendKind::Push)?;
             }
             self.scan(&mut w, &mut sender, faults)?;
         }
@@ -866,6 +861,24 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
             sent.pop_front();
             self.server.release(gfn, pages);
         }
+    }
+
+    /// Sends the pages of `[gfn, gfn + n)` not sent yet, however many, in pieces of the
+    /// writer's run size (so that flow control and pacing act between them).
+    pub fn send_run(
+        &mut self,
+        w: &mut BulkWriter,
+        gfn: Gfn,
+        n: u64,
+        kind: SendKind,
+    ) -> Result<(), ServerError> {
+        let mut done = 0;
+        while done < n {
+            let piece = w.run_pages().min(n - done);
+            self.send(w, gfn + done, piece, kind)?;
+            done += piece;
+        }
+        Ok(())
     }
 
     /// Sends the pages of `[gfn, gfn + n)` not sent yet, then waits if over the rate.

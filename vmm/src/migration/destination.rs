@@ -242,28 +242,21 @@ impl Arrival {
         if memservers.is_empty() {
             return;
         }
-        let (secret, hello) = (self.secret.clone(), self.hello.clone());
-        let all: Vec<(Gfn, u64)> = hello
+        let all: Vec<(Gfn, u64)> = self
+            .hello
             .layout
             .regions
             .iter()
             .map(|r| (r.first_gfn(), r.pages()))
             .collect();
-        let spawned = std::thread::Builder::new()
-            .name("memserver-forget".into())
-            .spawn(move || {
-                for uri in memservers {
-                    match super::source::forget_at(&uri, &secret, &hello, &all) {
-                        Ok(()) => log::info!("the memserver {uri} forgot this VM's pages"),
-                        Err(e) => log::warn!(
-                            "the memserver {uri} keeps stale copies of this VM's pages: {e}"
-                        ),
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("memservers keep stale copies of this VM's pages: {e}");
-        }
+        let names = memservers.clone();
+        super::source::forget_in_background(
+            memservers,
+            move |_| all.clone(),
+            &self.secret,
+            &self.hello,
+            move |i, _| log::info!("the memserver {} forgot this VM's pages", names[i]),
+        );
     }
 
     fn is_source(&self, client: &PageClient) -> bool {

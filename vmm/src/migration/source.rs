@@ -785,12 +785,7 @@ fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
                     let mut sender = BulkSender::new(&out.server, None);
                     for s in &stripes {
                         out.server.unsend(s.gfn, s.pages);
-                        let mut done = 0;
-                        while done < s.pages {
-                            let n = w.run_pages().min(s.pages - done);
-                            sender.send(w, s.gfn + done, n, SendKind::Push)?;
-                            done += n;
-                        }
+                        sender.send_run(w, s.gfn, s.pages, SendKind::Push)?;
                     }
                 }
             }
@@ -941,23 +936,49 @@ fn take_back_fetched(
 /// Once the VM has left: tells each memserver to forget its copies of the pages fetched here
 /// (see [`Held`]), in the background.
 fn drop_stale_copies(out: &Arc<Outgoing>, held: Held, secret: &[u8], hello: &Hello) {
-    let (out, secret, hello) = (out.clone(), secret.to_vec(), hello.clone());
+    let memservers = held.servers.iter().map(|(_, uri, _)| uri.clone()).collect();
+    let out = out.clone();
+    forget_in_background(
+        memservers,
+        move |i| {
+            let (id, _, _) = &held.servers[i];
+            held.map
+                .all_installed_from(*id)
+                .iter()
+                .map(|r| (r.gfn, r.pages))
+                .collect()
+        },
+        secret,
+        hello,
+        move |i, pages| {
+            if let Some(s) = out.held.lock().expect("migration lock").get_mut(i) {
+                s.stale_copies_dropped = pages;
+            }
+        },
+    );
+}
+
+/// On a thread of its own, tells each of `memservers` in turn to forget the runs `runs_of(i)`
+/// gives for it ([`forget_at`]), and `forgot(i, pages)` once it has; a memserver that cannot
+/// be told keeps its copies, which is logged.
+pub(crate) fn forget_in_background(
+    memservers: Vec<String>,
+    runs_of: impl Fn(usize) -> Vec<(Gfn, u64)> + Send + 'static,
+    secret: &[u8],
+    hello: &Hello,
+    forgot: impl Fn(usize, u64) + Send + 'static,
+) {
+    let (secret, hello) = (secret.to_vec(), hello.clone());
     let spawned = std::thread::Builder::new()
-        .name("split-forget".into())
+        .name("memserver-forget".into())
         .spawn(move || {
-            for (i, (id, uri, _)) in held.servers.iter().enumerate() {
-                let stale = held.map.all_installed_from(*id);
-                let pairs: Vec<(Gfn, u64)> = stale.iter().map(|r| (r.gfn, r.pages)).collect();
-                match forget_at(uri, &secret, &hello, &pairs) {
-                    Ok(()) => {
-                        if let Some(s) = out.held.lock().expect("migration lock").get_mut(i) {
-                            s.stale_copies_dropped = pairs.iter().map(|p| p.1).sum();
-                        }
+            for (i, uri) in memservers.iter().enumerate() {
+                let runs = runs_of(i);
+                match forget_at(uri, &secret, &hello, &runs) {
+                    Ok(()) => forgot(i, runs.iter().map(|r| r.1).sum()),
+                    Err(e) => {
+                        log::warn!("the memserver {uri} keeps stale copies of this VM's pages: {e}")
                     }
-                    Err(e) => log::warn!(
-                        "the memserver {uri} keeps {} stale copies of this VM's pages: {e}",
-                        pairs.len()
-                    ),
                 }
             }
         });
