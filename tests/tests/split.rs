@@ -377,13 +377,23 @@ fn a_full_memserver_refuses_with_its_reason_and_its_pages_go_to_the_destination(
             json!({"uri": uri, "secret": SECRET, "split": format!("{ms_uri}:0.5")}),
         )
         .unwrap();
+    // What it held when it refused: read at once, since the destination tells it to forget
+    // the VM's pages as soon as it has them all (the source pushes them once it knows).
+    let t0 = Instant::now();
+    let u = loop {
+        let u = ms.ctl("query-usage", json!({})).unwrap();
+        if u["refused_full"] == 1 {
+            break u;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never refused: {u}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
     let m = completed(&source);
     let failed = m["split"]["failed"][0].as_str().unwrap_or_default();
     assert!(
         failed.contains("memserver is full") && failed.contains("--max-mem"),
         "{m}"
     );
-    let u = ms.ctl("query-usage", json!({})).unwrap();
     assert_eq!(u["max_bytes"], 4 << 20, "{u}");
     assert_eq!(u["refused_full"], 1, "{u}");
     let data = u["data_bytes"].as_u64().unwrap();
@@ -401,5 +411,14 @@ fn a_full_memserver_refuses_with_its_reason_and_its_pages_go_to_the_destination(
     assert_eq!(summary["digest"], reference["digest"], "{summary}");
     let o = owners(&summary["migration"]);
     assert_eq!(o[1]["pages_installed"], 0, "{o:?}");
+    // ...and then told the memserver to forget what it had stored.
+    let t0 = Instant::now();
+    while ms.ctl("query-usage", json!({})).unwrap()["data_bytes"] != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the memserver kept the pages"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     ms.ctl("quit", json!({})).unwrap();
 }
