@@ -47,7 +47,9 @@ pub struct VmUsage {
 /// What a memserver holds in all.
 #[derive(Clone, Debug, Serialize)]
 pub struct Usage {
-    /// Bytes of page data held, all VMs, and the limit (`--max-mem`).
+    /// Bytes of page data held, all VMs (the sum of `vms`, so the parts always add up;
+    /// a page being stored this instant counts once its store is done), and the limit
+    /// (`--max-mem`).
     pub data_bytes: u64,
     pub max_bytes: Option<u64>,
     /// Memory allocated and touched ahead of time for pages to come (`--prepare`).
@@ -112,7 +114,7 @@ impl Memserver {
             .collect();
         vms.sort_by_key(|v| v.vm);
         Usage {
-            data_bytes: self.budget.used(),
+            data_bytes: vms.iter().map(|v| v.held.data_bytes).sum(),
             max_bytes: self.budget.max(),
             prepared_bytes: self.budget.prepared_pages() * tsubame_pages::PAGE_SIZE,
             metadata_bytes: vms.iter().map(|v| v.held.metadata_bytes).sum(),
