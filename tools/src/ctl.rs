@@ -89,33 +89,49 @@ fn parse_args(args: &[String]) -> Result<Value> {
     Ok(Value::Object(map))
 }
 
-/// Prints JSON as indented `key: value` lines for people.
-fn print_human(v: &Value, indent: usize) {
+/// JSON as indented `key: value` lines for people.
+fn human(v: &Value, indent: usize, out: &mut String) {
+    use std::fmt::Write as _;
     let pad = " ".repeat(indent);
+    // Writing to a String cannot fail.
+    let line = |out: &mut String, s: std::fmt::Arguments<'_>| {
+        let _ = writeln!(out, "{pad}{s}");
+    };
     match v {
-        Value::Object(m) if m.is_empty() => println!("{pad}ok"),
+        Value::Object(m) if m.is_empty() => line(out, format_args!("ok")),
         Value::Object(m) => {
             for (k, v) in m {
                 match v {
                     Value::Object(_) | Value::Array(_) if !is_flat_array(v) => {
-                        println!("{pad}{k}:");
-                        print_human(v, indent + 2);
+                        line(out, format_args!("{k}:"));
+                        human(v, indent + 2, out);
                     }
-                    _ => println!("{pad}{k}: {}", scalar(v)),
+                    _ => line(out, format_args!("{k}: {}", scalar(v))),
                 }
             }
         }
         Value::Array(a) => {
             for (i, v) in a.iter().enumerate() {
                 if v.is_object() {
-                    println!("{pad}[{i}]");
-                    print_human(v, indent + 2);
+                    line(out, format_args!("[{i}]"));
+                    human(v, indent + 2, out);
                 } else {
-                    println!("{pad}{}", scalar(v));
+                    line(out, format_args!("{}", scalar(v)));
                 }
             }
         }
-        other => println!("{pad}{}", scalar(other)),
+        other => line(out, format_args!("{}", scalar(other))),
+    }
+}
+
+/// Prints `text` on stdout; a reader that went away (`ctl ... | head`) ends the output
+/// quietly rather than with a panic.
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
 }
 
@@ -143,11 +159,13 @@ pub fn ctl(a: CtlArgs) -> Result<i32> {
     }
     match reply {
         Ok(v) => {
+            let mut text = String::new();
             if a.json {
-                println!("{v}");
+                text = format!("{v}\n");
             } else {
-                print_human(&v, 0);
+                human(&v, 0, &mut text);
             }
+            print_out(&text)?;
             Ok(0)
         }
         Err(ClientError::Command { class, desc }) => {
