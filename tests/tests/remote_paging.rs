@@ -2,9 +2,16 @@
 //! cold pages to real memserver processes and faults them back, and still ends with the same
 //! memory as a run that never evicted (the digest oracle). The summary shows that eviction
 //! happened and that resident memory stayed near the limit.
+//!
+//! A memserver that goes away: the VM pauses (status `held`) rather than run on a page it
+//! cannot have, resumes once the memserver is back, stays paused with the reason if the
+//! memserver came back without its pages, and with `--replicas 2` finishes without a pause
+//! that matters.
 
-use serde_json::Value;
-use tsubame_tests::{run_to_end, tsubame, VmProcess};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tsubame_tests::{run_to_end, tsubame, Scratch, VmProcess};
 
 const SECRET: &str = "paging secret";
 
@@ -138,4 +145,168 @@ fn a_full_memserver_leaves_pages_local_and_says_why() {
     assert_eq!(paged["digest"], reference["digest"], "{paged}");
     let e = paged["remote_paging"]["error"].as_str().unwrap_or_default();
     assert!(e.contains("--max-mem"), "{paged}");
+}
+
+/// A paged VM with a control socket (`dir`/vm.sock), running `workload` for `steps` on 2 vCPUs
+/// with 12 MiB resident over `uris`.
+fn paged_vm(dir: &Scratch, workload: &str, steps: &str, uris: &str, extra: &[&str]) -> VmProcess {
+    VmProcess::start(
+        &dir.path("vm.sock"),
+        &[
+            &common(workload, steps)[..],
+            &[
+                "--local-mem",
+                "12M",
+                "--memserver",
+                uris,
+                "--secret",
+                SECRET,
+                "--json",
+            ],
+            extra,
+        ]
+        .concat(),
+    )
+    .unwrap()
+}
+
+fn common<'a>(workload: &'a str, steps: &'a str) -> [&'a str; 8] {
+    [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        workload,
+        "--steps",
+        steps,
+    ]
+}
+
+/// Polls `query-status` until `done` holds (at most 30 s); returns the last one.
+fn status_until(vm: &VmProcess, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = vm.ctl("query-status", json!({})).unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never {what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn evicted(s: &Value) -> bool {
+    s["remote_paging"]["evicted_pages"].as_u64().unwrap_or(0) > 1000
+}
+
+#[test]
+fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
+    let dir = Scratch::new("paging-outage");
+    let (_ms, uri) = VmProcess::memserver(SECRET, &[]).unwrap();
+    let addr = uri.trim_start_matches("tcp:").to_string();
+    let link_sock = dir.path("link.sock");
+    let (link, line) = VmProcess::command_until(
+        &[
+            "linkem",
+            "--listen",
+            "127.0.0.1:0",
+            "--connect",
+            &addr,
+            "--delay",
+            "0ms",
+            "--control",
+            link_sock.to_str().unwrap(),
+        ],
+        "forwarding",
+    )
+    .unwrap();
+    let via = line
+        .split("forwarding ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .to_string();
+    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=21", "150000");
+    let reference = run_to_end(&common(workload, steps)).unwrap();
+    let vm = paged_vm(&dir, workload, steps, &format!("tcp:{via}"), &[]);
+    status_until(&vm, "evicted", evicted);
+    link.ctl("drop", json!({})).unwrap();
+    let s = status_until(&vm, "held", |s| s["status"] == "held");
+    let down = &s["memory_hold"]["unreachable"][0];
+    assert!(down["pages_owned"].as_u64().unwrap() > 0, "{s}");
+    assert!(down["endpoint"].as_str().unwrap().contains(&via), "{s}");
+    // Paused: no step is taken, and the operator cannot resume it.
+    let before = vm.ctl("query-progress", json!({})).unwrap()["steps"].clone();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = vm.ctl("query-progress", json!({})).unwrap()["steps"].clone();
+    assert_eq!(before, after, "a held VM ran on");
+    let e = vm.ctl("cont", json!({})).unwrap_err().to_string();
+    assert!(e.contains("part of its memory cannot be reached"), "{e}");
+    link.ctl("restore", json!({})).unwrap();
+    let s = status_until(&vm, "resumed", |s| s["status"] != "held");
+    assert_eq!(s["memory_hold"]["holds"], 1, "{s}");
+    let (status, out) = vm.wait().unwrap();
+    assert!(status.success(), "{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(summary["digest"], reference["digest"], "{summary}");
+}
+
+#[test]
+fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_reason() {
+    let dir = Scratch::new("paging-killed");
+    let (ms, uri) = VmProcess::memserver(SECRET, &[]).unwrap();
+    let vm = paged_vm(&dir, "uniform:ws=32M,write=0.5,seed=22", "0", &uri, &[]);
+    status_until(&vm, "evicted", evicted);
+    drop(ms); // SIGKILL: its pages are gone
+    status_until(&vm, "held", |s| s["status"] == "held");
+    // A new memserver on the same address holds nothing of this VM: its pages cannot come
+    // back, and the VM stays paused with the reason (it never runs on a zero page instead).
+    let listen = uri.clone();
+    let (_ms2, _) = VmProcess::command_until(
+        &["memserver", "--listen", &listen, "--secret", SECRET],
+        "memserver listening on",
+    )
+    .unwrap();
+    let s = status_until(&vm, "refused", |s| {
+        s["memory_hold"]["unreachable"][0]["lost_for_good"] == true
+    });
+    assert_eq!(s["status"], "held", "{s}");
+    let why = s["memory_hold"]["unreachable"][0]["why"].as_str().unwrap();
+    assert!(
+        why.contains("holds none of this VM's pages") && why.contains("--replicas 2"),
+        "{s}"
+    );
+    let e = vm.ctl("query-digest", json!({})).unwrap_err().to_string();
+    assert!(e.contains("cannot be reached"), "{e}");
+}
+
+#[test]
+fn with_two_replicas_a_killed_memserver_costs_no_guest() {
+    let dir = Scratch::new("paging-replicas");
+    let (ms0, uri0) = VmProcess::memserver(SECRET, &[]).unwrap();
+    let (_ms1, uri1) = VmProcess::memserver(SECRET, &[]).unwrap();
+    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=23", "150000");
+    let reference = run_to_end(&common(workload, steps)).unwrap();
+    let vm = paged_vm(
+        &dir,
+        workload,
+        steps,
+        &format!("{uri0},{uri1}"),
+        &["--replicas", "2"],
+    );
+    status_until(&vm, "evicted", evicted);
+    drop(ms0);
+    let (status, out) = vm.wait().unwrap();
+    assert!(status.success(), "{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(summary["digest"], reference["digest"], "{summary}");
+    let r = &summary["remote_paging"];
+    assert_eq!(r["replicas"], 2, "{r}");
+    assert!(r["failed_over_pages"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["memservers"][0]["up"], false, "{r}");
+    // Every page the dead memserver owned went to the other: nothing waits for it.
+    assert_eq!(r["memservers"][0]["pages_owned"], 0, "{r}");
 }

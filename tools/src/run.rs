@@ -95,6 +95,12 @@ pub struct RunArgs {
         requires = "local_mem"
     )]
     pub memserver: Vec<String>,
+    /// Write each evicted page to this many memservers (1 or 2; 2 needs two --memserver or
+    /// more). With 1, a memserver that cannot be reached pauses the VM until it is back (the
+    /// guest never runs on a page it lost); with 2, its pages come from the other holder and
+    /// the guest stalls only for the switch.
+    #[arg(long, default_value_t = 1, requires = "local_mem")]
+    pub replicas: usize,
     /// Shared secret of migrations and memservers (both hosts must have the same one).
     #[arg(long, env = "TSUBAME_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
@@ -210,6 +216,7 @@ fn local_vm(a: &RunArgs, serial: SerialOutput) -> Result<Vm> {
                         local_bytes,
                         memservers: a.memserver.clone(),
                         secret: secret.as_bytes().to_vec(),
+                        replicas: a.replicas,
                     };
                     Vm::new_paged(&config, &remote)
                         .context("creating the VM with its memory paged out to memservers")?
@@ -244,6 +251,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
         }
         _ => Arc::new(local_vm(&a, serial)?),
     };
+    // Pauses the VM while a memserver holding its pages cannot be reached.
+    vm.watch_memory()?;
     let resumed_already = a.incoming.is_some() && !a.paused;
     let (quit_tx, quit_rx) = mpsc::channel::<()>();
     let _server = match &a.control {

@@ -735,6 +735,11 @@ impl FaultEngine {
         }
     }
 
+    /// Forgets the last fetch error: what failed works again (a link came back).
+    pub fn clear_fetch_error(&self) {
+        *self.fetch_error.lock().expect("engine lock") = None;
+    }
+
     /// Records that fetching pages failed (e.g. a connection broke). Faulting threads keep
     /// waiting; [`FaultEngine::fetch_error`] tells why.
     pub fn report_fetch_error(&self, e: FetchError) {

@@ -59,6 +59,8 @@ pub enum Error {
     Fenced,
     #[error("this VM migrated to {destination} and runs there now")]
     MigratedAway { destination: String },
+    #[error("this VM is paused because part of its memory cannot be reached ({why}); it resumes by itself once that memory is back")]
+    MemoryHeld { why: String },
     #[error("{missing} guest pages are still remote and their source failed ({why}); the memory cannot be read whole")]
     MemoryUnreachable { missing: u64, why: String },
     #[error("migration: {0}")]

@@ -80,6 +80,29 @@ pub enum VmRunState {
     /// The destination of a cancellable migration that stopped the VM for good (cancelled, or
     /// its lease ran out): the source runs it.
     Fenced,
+    /// Paused by itself: an owner of some of its pages (a memserver) cannot be reached. It
+    /// resumes once that owner is back (see [`Vm::watch_memory`]).
+    Held,
+}
+
+/// A pause of the VM while part of its memory was unreachable, as `query-status` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MemoryHoldStatus {
+    /// The pause now, if any: how long so far, and who cannot be reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<crate::paging::router::Unreachable>,
+    /// Pauses so far, and the longest that ended.
+    pub holds: u64,
+    pub longest_hold_ms: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryHold {
+    since: Option<Instant>,
+    holds: u64,
+    longest: Option<Duration>,
 }
 
 /// One vCPU as `query-status` shows it.
@@ -106,6 +129,9 @@ pub struct VmStatus {
     /// Remote paging (`--local-mem`): limit, resident, evicted, faults back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_paging: Option<RemotePagingStats>,
+    /// Pauses while part of the memory was unreachable (VMs with remote page owners).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_hold: Option<MemoryHoldStatus>,
 }
 
 /// A bad page the in-guest verifier found.
@@ -169,6 +195,8 @@ pub struct Vm {
     /// The VM's identity (see [`VmState::id`]).
     id: u64,
     workload: String,
+    /// Locked before `operator_paused` where both are.
+    hold: Mutex<MemoryHold>,
     operator_paused: Mutex<bool>,
     created: Instant,
     /// Set once this VM migrated away: it never runs here again.
@@ -243,6 +271,7 @@ impl Vm {
             memory,
             id,
             workload: config.workload.to_string(),
+            hold: Mutex::default(),
             operator_paused: Mutex::new(true),
             created: Instant::now(),
             outgoing: Mutex::new(None),
@@ -335,6 +364,7 @@ impl Vm {
             // States written before VMs had an identity get one now.
             id: if state.id == 0 { new_id() } else { state.id },
             workload: state.workload,
+            hold: Mutex::default(),
             operator_paused: Mutex::new(!resume),
             created: Instant::now(),
             outgoing: Mutex::new(None),
@@ -660,11 +690,113 @@ impl Vm {
                 destination: out.status().destination,
             });
         }
+        let hold = self.hold.lock().expect("vm lock");
+        if hold.since.is_some() {
+            let why = self
+                .owner_router()
+                .map(|r| {
+                    r.unreachable()
+                        .iter()
+                        .map(|u| format!("{}: {}", u.endpoint, u.why))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            return Err(Error::MemoryHeld { why });
+        }
         let mut paused = self.operator_paused.lock().expect("vm lock");
         self.resume_vcpus()?;
         *paused = false;
+        drop(hold);
         self.resumed();
         Ok(())
+    }
+
+    /// The router of the VM's page owners, if its pages can live elsewhere.
+    fn owner_router(&self) -> Option<&Arc<crate::paging::router::OwnerRouter>> {
+        self.remote
+            .as_ref()
+            .map(RemotePaging::router)
+            .or_else(|| self.paging.as_ref().map(DemandPaging::router))
+    }
+
+    /// Pauses the VM while an owner of some of its pages cannot be reached (a memserver whose
+    /// link broke) and resumes it once every such owner is back, unless the operator paused it
+    /// meanwhile: a vCPU would otherwise wait on such a page inside the guest, and the others
+    /// run on with the guest half stopped. Watches on a thread of its own (`memory-watch`)
+    /// until the VM goes; nothing to do for a VM whose memory is all here.
+    pub fn watch_memory(self: &Arc<Self>) -> Result<(), Error> {
+        let Some(router) = self.owner_router().cloned() else {
+            return Ok(());
+        };
+        let vm = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("memory-watch".into())
+            .spawn(move || {
+                let mut seen = 0;
+                loop {
+                    seen = router.wait_change(seen, Duration::from_millis(200));
+                    let Some(vm) = vm.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = vm.check_memory(&router) {
+                        log::error!("pausing or resuming for unreachable memory: {e}");
+                    }
+                }
+            })
+            .map_err(|source| crate::paging::PagingError::Thread {
+                name: "memory-watch".into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    fn check_memory(&self, router: &crate::paging::router::OwnerRouter) -> Result<(), Error> {
+        let down = router.unreachable();
+        let mut hold = self.hold.lock().expect("vm lock");
+        match (down.is_empty(), hold.since) {
+            (false, None) => {
+                let paused = self.operator_paused.lock().expect("vm lock");
+                if !*paused {
+                    self.pause_vcpus()?;
+                }
+                hold.since = Some(Instant::now());
+                hold.holds += 1;
+                for u in &down {
+                    log::error!(
+                        "VM paused: {} cannot be reached and owns {} of its pages ({}); it \
+                         resumes once that memory is back",
+                        u.endpoint,
+                        u.pages_owned,
+                        u.why
+                    );
+                }
+            }
+            (true, Some(since)) => {
+                let paused = self.operator_paused.lock().expect("vm lock");
+                if !*paused {
+                    self.resume_vcpus()?;
+                }
+                let held = since.elapsed();
+                hold.since = None;
+                hold.longest = hold.longest.max(Some(held));
+                log::warn!("VM resumed: its memory is reachable again after {held:?}");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn memory_hold_status(&self) -> Option<MemoryHoldStatus> {
+        let router = self.owner_router()?;
+        let hold = self.hold.lock().expect("vm lock");
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Some(MemoryHoldStatus {
+            held_ms: hold.since.map(|t| ms(t.elapsed())),
+            unreachable: router.unreachable(),
+            holds: hold.holds,
+            longest_hold_ms: hold.longest.map(ms),
+        })
     }
 
     /// Tells demand paging that the VM runs (its first resume ends a migration's downtime), as
@@ -679,8 +811,9 @@ impl Vm {
     /// Runs `f` with every vCPU paused, restoring the operator's run state afterwards.
     /// Returns `f`'s result and whether the VM had to be paused for it.
     fn with_paused<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Result<(T, bool), Error> {
+        let hold = self.hold.lock().expect("vm lock");
         let paused = self.operator_paused.lock().expect("vm lock");
-        let had_to_pause = !*paused;
+        let had_to_pause = !*paused && hold.since.is_none();
         if had_to_pause {
             self.pause_vcpus()?;
         }
@@ -689,6 +822,7 @@ impl Vm {
             self.resume_vcpus()?;
         }
         drop(paused);
+        drop(hold);
         Ok((out?, had_to_pause))
     }
 
@@ -701,6 +835,8 @@ impl Vm {
             VmRunState::Finished
         } else if self.is_fenced() {
             VmRunState::Fenced
+        } else if self.hold.lock().expect("vm lock").since.is_some() {
+            VmRunState::Held
         } else if *self.operator_paused.lock().expect("vm lock") {
             VmRunState::Paused
         } else {
@@ -730,6 +866,7 @@ impl Vm {
                 .collect(),
             demand_paging: self.paging_stats(),
             remote_paging: self.remote_paging_stats(),
+            memory_hold: self.memory_hold_status(),
         }
     }
 
@@ -744,6 +881,18 @@ impl Vm {
     /// Fails if reading all guest memory could wait forever: some pages are still remote and
     /// their source has failed.
     fn require_reachable_memory(&self) -> Result<(), Error> {
+        if let Some(down) = self.owner_router().map(|r| r.unreachable()) {
+            if !down.is_empty() {
+                return Err(Error::MemoryUnreachable {
+                    missing: down.iter().map(|u| u.pages_owned).sum(),
+                    why: down
+                        .iter()
+                        .map(|u| format!("{} cannot be reached: {}", u.endpoint, u.why))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                });
+            }
+        }
         if let Some(r) = &self.remote {
             if let Some(e) = r.engine().fetch_error() {
                 let s = r.stats();

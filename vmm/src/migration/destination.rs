@@ -398,11 +398,7 @@ impl Incoming {
         .map_err(MigrationError::Io)?;
         let id = paging
             .router()
-            .add_remote(RemoteOwner {
-                client: source.clone(),
-                sink,
-                address: None,
-            })
+            .add_remote(RemoteOwner::new(source.clone(), sink, None), None)
             .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
         debug_assert_eq!(id, SOURCE);
         arrival
@@ -556,11 +552,10 @@ fn dial_owner(
         paging.own_socket(c.try_clone().map_err(|e| failed(e.to_string()))?);
     }
     let added = router
-        .add_remote(RemoteOwner {
-            client: client.clone(),
-            sink,
-            address: Some(uri.to_string()),
-        })
+        .add_remote(
+            RemoteOwner::new(client.clone(), sink, Some(uri.to_string())),
+            None,
+        )
         .map_err(|e| failed(e.to_string()))?;
     debug_assert_eq!(added, id);
     arrival

@@ -182,9 +182,12 @@ impl DemandPaging {
         owner: Owner,
     ) -> Result<Self, PagingError> {
         let owners = Arc::new(OwnerMap::new(memory.layout(), owner));
+        let engine = FaultEngine::new(memory.layout(), memory.hvas())?;
+        let router = OwnerRouter::new(owners);
+        router.attach_engine(&engine);
         Ok(Self {
-            engine: FaultEngine::new(memory.layout(), memory.hvas())?,
-            router: Arc::new(OwnerRouter::new(owners)),
+            engine,
+            router,
             origin,
             workers: Vec::new(),
             sockets: Vec::new(),
@@ -382,6 +385,7 @@ impl DemandPaging {
 
 impl Drop for DemandPaging {
     fn drop(&mut self) {
+        self.router.close();
         for s in &self.sockets {
             let _ = s.shutdown(Shutdown::Both);
         }

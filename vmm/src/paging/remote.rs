@@ -50,6 +50,26 @@
 //!
 //! Evicted pages are spread over the memservers by stripe: 2 MiB of guest-physical memory
 //! (512 pages) per memserver in turn.
+//!
+//! **Replicas and dead memservers.** With `--replicas 2`, stripe `s` is written to memservers
+//! `s mod n` and `s + 1 mod n`, and a page becomes theirs once either acknowledged it; each
+//! page remembers which of its two holders acknowledged its last store (`copies`: their copy
+//! is current until the guest writes the page, after which the page is local and its owner
+//! changes again at its next eviction). When a memserver's link breaks ([`OwnerRouter::lost`]):
+//! - every page it owns whose other holder has a current copy and is up is handed over to that
+//!   holder, and any vCPU waiting for one is asked for again from there (a short stall);
+//! - every local clean page fetched from it (dropped without a copy if evicted) goes to the
+//!   other holder the same way, or, without one, becomes dirty: its next eviction copies it;
+//! - pages nobody else holds stay its own: vCPUs that touch them wait, and the VM pauses (see
+//!   [`crate::Vm`]) until the link is back, with the reason in `query-status`;
+//! - a thread dials it again with backoff. A memserver that kept the VM's pages (a network
+//!   outage) takes its pages back up and the VM resumes. One that restarted and lost them is
+//!   down for good if it owned pages (the VM stays paused: without replicas those pages are
+//!   gone); if it owned none it serves again as an empty memserver, and the pages' record of
+//!   copies forgets it.
+//!
+//! Stores skip a memserver whose store link is down (one redial a second is tried), so
+//! eviction goes on to the others; a stripe with no live holder stays resident.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -66,7 +86,7 @@ use tsubame_pageserver::{ClientError, ClientEvents, PageClient};
 use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
 
 use super::owners::{EndpointId, InstallWatch, OwnedSink, Owner, OwnerMap};
-use super::router::{OwnerRouter, RemoteOwner};
+use super::router::{OwnerRouter, Redial, RedialError, RemoteOwner};
 use super::PagingError;
 use crate::memory::GuestMemory;
 use crate::migration::source::GuestMemoryStore;
@@ -91,12 +111,17 @@ pub struct RemotePagingConfig {
     /// The memservers cold pages go to (`tcp:HOST:PORT`), at least one.
     pub memservers: Vec<String>,
     pub secret: Vec<u8>,
+    /// Memservers each evicted page is written to: 1, or 2 (a memserver's loss costs no page).
+    pub replicas: usize,
 }
 
 /// One memserver, as `query-memory` shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct MemserverStats {
     pub uri: String,
+    /// Its links: recall (faults back) and store (write-back).
+    pub up: bool,
+    pub store_up: bool,
     /// Pages it owns now (evicted, not faulted back).
     pub pages_owned: u64,
     /// Pages written to it, and faulted back from it.
@@ -143,7 +168,12 @@ pub struct RemotePagingStats {
     /// (µs, share at or below) points of that distribution.
     pub demand_cdf: Vec<(f64, f64)>,
     pub memservers: Vec<MemserverStats>,
-    /// Why eviction stopped, if it did (the guest runs on, over its limit).
+    /// Memservers each evicted page is written to.
+    pub replicas: usize,
+    /// Pages handed over to their other holder when a memserver was lost.
+    pub failed_over_pages: u64,
+    /// Why eviction stopped, if it did (the guest runs on, over its limit), or the last store
+    /// that failed (the pages stayed here).
     pub error: Option<String>,
 }
 
@@ -159,6 +189,7 @@ struct Counters {
     eviction_ns: AtomicU64,
     writeback_ns: AtomicU64,
     peak: AtomicU64,
+    failed_over: AtomicU64,
 }
 
 /// Where evicted pages are copied to.
@@ -166,6 +197,12 @@ pub trait PageOut {
     /// Stores `runs` (write-protected guest pages) at memserver number `memserver`; returns
     /// once it has acknowledged storing all of them.
     fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String>;
+
+    /// Whether memserver number `memserver` can take pages now (its link is up, or was just
+    /// dialled again).
+    fn usable(&mut self, _memserver: usize) -> bool {
+        true
+    }
 }
 
 /// The pager's per-page state, its cold-page policy and its eviction state machine (see the
@@ -183,6 +220,12 @@ pub struct Pager {
     low_pages: u64,
     /// The memservers' endpoints, by stripe number modulo their count.
     endpoints: Vec<EndpointId>,
+    /// Memservers each page is written to, and which of its holders acknowledged its last
+    /// store (bit k: holder k of its stripe, see [`Self::holder`]).
+    replicas: usize,
+    copies: Vec<AtomicU8>,
+    /// Held by an eviction pass and by a fail-over: they change the same pages' owners.
+    pass: Mutex<()>,
     per_memserver: Vec<(AtomicU64, AtomicU64)>,
     counters: Counters,
     error: Mutex<Option<String>>,
@@ -207,6 +250,9 @@ impl Pager {
             owners,
             layout,
             state: (0..pages).map(|_| AtomicU8::new(DIRTY)).collect(),
+            copies: (0..pages).map(|_| AtomicU8::new(0)).collect(),
+            replicas: 1,
+            pass: Mutex::new(()),
             seen: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             epoch: AtomicU32::new(1),
             limit_pages,
@@ -252,9 +298,21 @@ impl Pager {
         FetchError(e.to_string())
     }
 
-    /// Which memserver (by number) stores `gfn`.
+    /// Writes each evicted page to `replicas` memservers (1 or 2, at most their number).
+    #[must_use]
+    pub fn replicated(mut self, replicas: usize) -> Self {
+        self.replicas = replicas.clamp(1, 2).min(self.endpoints.len());
+        self
+    }
+
+    /// Which memserver (by number) stores `gfn` first.
     pub fn stripe_of(&self, gfn: Gfn) -> usize {
         usize::try_from(gfn.0 / STRIPE_PAGES % self.endpoints.len() as u64).expect("few")
+    }
+
+    /// Holder `k` (0: first, 1: replica) of the pages whose first holder is `first`.
+    fn holder(&self, first: usize, k: usize) -> usize {
+        (first + k) % self.endpoints.len()
     }
 
     /// Records the guest's writes of the last pass (the dirty log), and starts a new pass.
@@ -340,9 +398,13 @@ impl Pager {
 
     /// The chunks to evict to get down to the low watermark, coldest first: each with the
     /// pages in it that can be evicted (present, not on the way out).
-    fn coldest_chunks(&self, want: u64) -> Vec<PageRun> {
+    fn coldest_chunks(&self, want: u64, usable: &[bool]) -> Vec<PageRun> {
         let mut chunks: Vec<(u32, PageRun, u64)> = Vec::new();
         for run in self.layout.runs(CHUNK_PAGES) {
+            let first = self.stripe_of(run.gfn);
+            if !(0..self.replicas).any(|k| usable[self.holder(first, k)]) {
+                continue; // no memserver of its stripe can take it now
+            }
             let (mut newest, mut n) = (0, 0);
             for k in 0..run.pages {
                 let i = usize::try_from(run.index + k).expect("index");
@@ -371,8 +433,10 @@ impl Pager {
     }
 
     /// One pass: if resident memory is over the limit, evicts the coldest pages down to the
-    /// low watermark. Returns the pages evicted.
+    /// low watermark. Returns the pages evicted. A store that fails leaves its pages here
+    /// (the reason in the stats) and the pass goes on with the other memservers.
     pub fn evict(&self, out: &mut dyn PageOut) -> Result<u64, String> {
+        let _pass = self.pass.lock().expect("pager lock");
         let resident = self.engine.present_pages();
         if self.counters.passes.load(Ordering::Relaxed) > 0 {
             self.counters.peak.fetch_max(resident, Ordering::Relaxed);
@@ -381,9 +445,10 @@ impl Pager {
             return Ok(0);
         }
         let t0 = Instant::now();
-        let chunks = self.coldest_chunks(resident - self.low_pages);
+        let usable: Vec<bool> = (0..self.endpoints.len()).map(|m| out.usable(m)).collect();
+        let chunks = self.coldest_chunks(resident - self.low_pages, &usable);
         let mut evicted = self.drop_clean(&chunks)?;
-        // The rest, per memserver: marked EVICTING, then protected (a write before the
+        // The rest, by first holder: marked EVICTING, then protected (a write before the
         // protection lands in the copy; one after it faults and cancels).
         let mut by_ms: Vec<Vec<PageRun>> = vec![Vec::new(); self.endpoints.len()];
         for chunk in &chunks {
@@ -407,18 +472,30 @@ impl Pager {
             }
         }
         let t_copy = Instant::now();
-        for (ms, runs) in by_ms.iter().enumerate() {
+        for (first, runs) in by_ms.iter().enumerate() {
             if runs.is_empty() {
                 continue;
             }
-            if let Err(e) = out.store(ms, runs) {
+            // Every live holder stores it; the pages are theirs once one of them has.
+            let mut acked = 0u8;
+            for k in 0..self.replicas {
+                let ms = self.holder(first, k);
+                if !usable[ms] {
+                    continue;
+                }
+                match out.store(ms, runs) {
+                    Ok(()) => acked |= 1 << k,
+                    Err(e) => self.note_error(e),
+                }
+            }
+            if acked == 0 {
                 // Nothing was dropped: the pages stay local and writable.
-                for run in &by_ms[ms..].concat() {
+                for run in runs {
                     self.abandon(run)?;
                 }
-                return Err(e);
+                continue;
             }
-            evicted += self.commit(ms, runs)?;
+            evicted += self.commit(first, runs, acked)?;
         }
         self.counters.writeback_ns.fetch_add(
             u64::try_from(t_copy.elapsed().as_nanos()).unwrap_or(u64::MAX),
@@ -430,6 +507,68 @@ impl Pager {
             Ordering::Relaxed,
         );
         Ok(evicted)
+    }
+
+    /// Memserver number `ms` was lost (or came back without the VM's pages, `forget`): its
+    /// pages and the clean pages fetched from it go to their other holder where that holder
+    /// has a current copy and is up; clean pages nobody else holds become dirty (copied at
+    /// their next eviction); the rest stay its own. With `forget`, no page counts it as a
+    /// holder of a current copy any more. Returns the pages handed over (vCPUs waiting for
+    /// one are asked for again by the caller: [`FaultEngine::reroute`]).
+    pub fn fail_over(
+        &self,
+        ms: usize,
+        up: impl Fn(EndpointId) -> bool,
+        forget: bool,
+    ) -> Vec<PageRun> {
+        let _pass = self.pass.lock().expect("pager lock");
+        let dead = self.endpoints[ms];
+        let mut moved = Vec::new();
+        for run in self.layout.runs(STRIPE_PAGES) {
+            let first = self.stripe_of(run.gfn);
+            let Some(k) = (0..self.replicas).find(|&k| self.holder(first, k) == ms) else {
+                continue;
+            };
+            let other =
+                (self.replicas == 2).then(|| (1 - k, self.endpoints[self.holder(first, 1 - k)]));
+            for p in 0..run.pages {
+                let (gfn, i) = (run.gfn + p, usize::try_from(run.index + p).expect("index"));
+                let owned = self.owners.get(gfn) == Some(Owner::Endpoint(dead));
+                let fetched = self.owners.came_from(gfn) == Some(dead);
+                if forget {
+                    self.copies[i].fetch_and(!(1 << k), Ordering::AcqRel);
+                }
+                if !owned && !fetched {
+                    continue;
+                }
+                let copy = self.copies[i].load(Ordering::Acquire);
+                let to = other.filter(|(o, to)| copy & (1 << o) != 0 && up(*to));
+                if let Some((_, to)) = to {
+                    // Its owned pages and its fetched clean pages alike are `to`'s now.
+                    if self.owners.hand_over(gfn, 1, dead, to) > 0 {
+                        moved.push(gfn);
+                    }
+                } else if fetched
+                    && self.state[i]
+                        .compare_exchange(CLEAN, DIRTY, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    // Its only other copy is here: it is written back, not dropped.
+                    self.owners.set(gfn, 1, Owner::Local);
+                }
+            }
+        }
+        let runs = runs_of(&self.layout, &moved);
+        self.counters
+            .failed_over
+            .fetch_add(moved.len() as u64, Ordering::Relaxed);
+        runs
+    }
+
+    /// Records a store that failed (the pass goes on).
+    fn note_error(&self, why: String) {
+        log::warn!("{why}");
+        *self.error.lock().expect("pager lock") = Some(why);
     }
 
     /// Drops the clean pages of `chunks` (their memserver's copy is current): no copy.
@@ -459,10 +598,12 @@ impl Pager {
         Ok(n)
     }
 
-    /// The memserver acknowledged `runs`: the pages still `EVICTING` become its own and are
-    /// dropped; the others (written meanwhile) stay.
-    fn commit(&self, ms: usize, runs: &[PageRun]) -> Result<u64, String> {
-        let owner = Owner::Endpoint(self.endpoints[ms]);
+    /// The holders in `acked` (bit k: holder k of first holder `first`) acknowledged `runs`:
+    /// the pages still `EVICTING` become the first of them's and are dropped; the others
+    /// (written meanwhile) stay.
+    fn commit(&self, first: usize, runs: &[PageRun], acked: u8) -> Result<u64, String> {
+        let k0 = usize::try_from(acked.trailing_zeros()).expect("small");
+        let owner = Owner::Endpoint(self.endpoints[self.holder(first, k0)]);
         let mut gone = Vec::new();
         for run in runs {
             for k in 0..run.pages {
@@ -471,6 +612,7 @@ impl Pager {
                     .compare_exchange(EVICTING, GONE, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
+                    self.copies[i].store(acked, Ordering::Release);
                     self.owners.set(run.gfn + k, 1, owner);
                     gone.push(run.gfn + k);
                 }
@@ -481,7 +623,11 @@ impl Pager {
         }
         let n = gone.len() as u64;
         self.counters.written_back.fetch_add(n, Ordering::Relaxed);
-        self.per_memserver[ms].0.fetch_add(n, Ordering::Relaxed);
+        for k in (0..self.replicas).filter(|k| acked & (1 << k) != 0) {
+            self.per_memserver[self.holder(first, k)]
+                .0
+                .fetch_add(n, Ordering::Relaxed);
+        }
         Ok(n)
     }
 
@@ -519,7 +665,8 @@ impl Pager {
 
     /// The counters.
     #[allow(clippy::cast_precision_loss)] // statistics for people
-    pub fn stats(&self, uris: &[String]) -> RemotePagingStats {
+    /// `up`: each memserver's recall and store links.
+    pub fn stats(&self, uris: &[String], up: &[(bool, bool)]) -> RemotePagingStats {
         let c = &self.counters;
         let resident = self.engine.present_pages();
         let written = c.written_back.load(Ordering::Relaxed);
@@ -558,13 +705,18 @@ impl Pager {
                 .iter()
                 .zip(&self.per_memserver)
                 .zip(uris)
-                .map(|((e, (out, back)), uri)| MemserverStats {
+                .zip(up)
+                .map(|(((e, (out, back)), uri), (up, store_up))| MemserverStats {
                     uri: uri.clone(),
+                    up: *up,
+                    store_up: *store_up,
                     pages_owned: self.owners.count(Owner::Endpoint(*e)),
                     pages_written_back: out.load(Ordering::Relaxed),
                     pages_faulted_back: back.load(Ordering::Relaxed),
                 })
                 .collect(),
+            replicas: self.replicas,
+            failed_over_pages: c.failed_over.load(Ordering::Relaxed),
             error: self.error.lock().expect("pager lock").clone(),
         }
     }
@@ -642,11 +794,11 @@ impl Fetcher for PagedRouter {
     }
 }
 
-/// A recall session that failed: the pages it would bring stay missing (their vCPUs wait) and
-/// the engine reports why.
+/// A recall session's events: a failure marks the memserver's link lost (see the module
+/// docs): the router waits and dials again, the pager fails its pages over.
 struct RecallEvents {
-    engine: std::sync::Weak<FaultEngine>,
-    uri: String,
+    router: std::sync::Weak<OwnerRouter>,
+    endpoint: EndpointId,
     /// Set when remote paging ends: the connections close on purpose.
     closing: Arc<AtomicBool>,
 }
@@ -656,12 +808,126 @@ impl ClientEvents for RecallEvents {
         if client.is_completed() || self.closing.load(Ordering::Acquire) {
             return;
         }
-        if let Some(engine) = self.engine.upgrade() {
-            engine.report_fetch_error(FetchError(format!(
-                "memserver {}: {error}; vCPUs that touch pages it holds wait",
-                self.uri
-            )));
+        if let Some(router) = self.router.upgrade() {
+            router.lost(self.endpoint, &error.to_string());
         }
+    }
+}
+
+/// How a memserver's recall link is dialled again (see the module docs).
+struct RecallDial {
+    uri: String,
+    /// Which memserver (by number) and its endpoint.
+    memserver: usize,
+    endpoint: EndpointId,
+    secret: Vec<u8>,
+    hello: Hello,
+    engine: std::sync::Weak<FaultEngine>,
+    owners: Arc<OwnerMap>,
+    router: std::sync::Weak<OwnerRouter>,
+    sink: Arc<OwnedSink>,
+    pager: std::sync::OnceLock<Arc<Pager>>,
+    closing: Arc<AtomicBool>,
+    /// The receivers and sockets of every recall session, to stop at the end.
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl RecallDial {
+    /// Opens a recall session and starts its client: demand replies on the fault thread,
+    /// the bulk channel on a thread of its own. `purpose`: `Recall` (the memserver may hold
+    /// nothing of the VM yet) or `Fetch` (it must hold the VM's pages).
+    fn open(&self, purpose: Purpose) -> Result<Arc<PageClient>, tsubame_pageserver::SessionError> {
+        let hello = Hello {
+            purpose,
+            ..self.hello.clone()
+        };
+        let s = session::open(&self.uri, &self.secret, &hello)?;
+        let io = |source: std::io::Error| tsubame_pageserver::SessionError::Connect {
+            addr: self.uri.clone(),
+            source,
+        };
+        let client = PageClient::new(
+            &format!("memserver {}", self.uri),
+            &s.urgent,
+            self.sink.clone(),
+            Arc::new(RecallEvents {
+                router: self.router.clone(),
+                endpoint: self.endpoint,
+                closing: self.closing.clone(),
+            }),
+        )
+        .map_err(io)?;
+        client.attach_replies(s.urgent.try_clone().map_err(io)?);
+        {
+            let mut sockets = self.sockets.lock().expect("paging lock");
+            for c in [&s.urgent, &s.bulk] {
+                sockets.push(c.try_clone().map_err(io)?);
+            }
+        }
+        let (c, bulk) = (client.clone(), s.bulk);
+        let t = std::thread::Builder::new()
+            .name("recall-bulk-rx".into())
+            .spawn(move || c.receive_bulk(bulk))
+            .map_err(io)?;
+        self.threads.lock().expect("paging lock").push(t);
+        Ok(client)
+    }
+}
+
+impl RecallDial {
+    /// Hands what can be handed over to the other holders, and asks again for what vCPUs
+    /// wait for. `forget`: the memserver lost the VM's pages.
+    fn fail_over(&self, forget: bool) {
+        let (Some(pager), Some(engine)) = (self.pager.get(), self.engine.upgrade()) else {
+            return;
+        };
+        let router = self.router.upgrade();
+        let up = |id| router.as_ref().is_some_and(|r| r.is_up(id));
+        for run in pager.fail_over(self.memserver, up, forget) {
+            engine.reroute(run.gfn, run.pages);
+        }
+    }
+}
+
+impl Redial for RecallDial {
+    fn lost(&self) {
+        self.fail_over(false);
+    }
+
+    fn redial(&self) -> Result<Arc<PageClient>, RedialError> {
+        let transient = |e: &dyn std::fmt::Display| RedialError {
+            why: format!("memserver {}: {e}", self.uri),
+            permanent: false,
+        };
+        match self.open(Purpose::Fetch) {
+            Ok(c) => Ok(c),
+            Err(e) if e.to_string().contains("holds no pages of VM") => {
+                let owned = self.owners.owned_by(self.endpoint);
+                if owned > 0 {
+                    return Err(RedialError {
+                        why: format!(
+                            "memserver {} is back but holds none of this VM's pages (it \
+                             restarted?): the {owned} pages it held are lost and the VM stays \
+                             paused. Run with --replicas 2 and two memservers or more so that \
+                             losing one loses no page",
+                            self.uri
+                        ),
+                        permanent: true,
+                    });
+                }
+                // It owned nothing: it serves again as an empty memserver, and no page counts
+                // on a copy there any more.
+                let c = self.open(Purpose::Recall).map_err(|e| transient(&e))?;
+                self.fail_over(true);
+                Ok(c)
+            }
+            Err(e) => Err(transient(&e)),
+        }
+    }
+
+    fn needed_when_empty(&self) -> bool {
+        true // pages are evicted to it again
     }
 }
 
@@ -673,12 +939,57 @@ struct StoreLink {
     server: PageServer<GuestMemoryStore>,
 }
 
-/// The store sessions, one per memserver.
-struct Links(Vec<StoreLink>);
+/// How store sessions are opened (again, after a link broke).
+struct StoreDial {
+    uris: Vec<String>,
+    secret: Vec<u8>,
+    hello: Hello,
+    memory: Arc<GuestMemory>,
+    router: std::sync::Weak<OwnerRouter>,
+    endpoints: Vec<EndpointId>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl StoreDial {
+    fn open(&self, memserver: usize) -> Result<StoreLink, String> {
+        let uri = &self.uris[memserver];
+        let s = session::open(uri, &self.secret, &self.hello).map_err(|e| e.to_string())?;
+        {
+            let mut sockets = self.sockets.lock().expect("paging lock");
+            for c in [&s.urgent, &s.bulk] {
+                sockets.push(c.try_clone().map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(StoreLink {
+            uri: uri.clone(),
+            urgent: s.urgent,
+            writer: BulkWriter::new(s.bulk, s.rtt).map_err(|e| e.to_string())?,
+            server: PageServer::new(GuestMemoryStore::new(self.memory.clone())),
+        })
+    }
+}
+
+/// How often a broken store link is dialled again.
+const STORE_REDIAL: Duration = Duration::from_secs(1);
+
+/// The store sessions, one per memserver (`None` while its link is down).
+struct Links {
+    links: Vec<Option<StoreLink>>,
+    /// When a broken link may be dialled again.
+    retry_at: Vec<Instant>,
+    /// Which links are up, for `query-memory`.
+    up: Arc<Vec<AtomicBool>>,
+    dial: StoreDial,
+}
 
 impl PageOut for Links {
     fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String> {
-        let link = &mut self.0[memserver];
+        let Some(link) = self.links[memserver].as_mut() else {
+            return Err(format!(
+                "memserver {}: its store link is down",
+                self.dial.uris[memserver]
+            ));
+        };
         let mut sender = BulkSender::new(&link.server, None);
         let sent = (|| -> Result<(), tsubame_pageserver::ServerError> {
             for run in runs {
@@ -689,17 +1000,51 @@ impl PageOut for Links {
             link.writer.wait_all_acknowledged()?;
             Ok(())
         })();
-        sent.map_err(|e| {
-            let pages: u64 = runs.iter().map(|r| r.pages).sum();
-            let why =
-                crate::migration::source::told_why(&link.urgent).unwrap_or_else(|| e.to_string());
-            format!(
-                "memserver {} did not store {pages} evicted pages: {why}; the pages stay \
-                 here and the VM runs over its --local-mem limit. Give the memserver more \
-                 memory (--max-mem), add memservers, or raise --local-mem",
-                link.uri
-            )
-        })
+        let Err(e) = sent else {
+            return Ok(());
+        };
+        let pages: u64 = runs.iter().map(|r| r.pages).sum();
+        let why = crate::migration::source::told_why(&link.urgent).unwrap_or_else(|| e.to_string());
+        let message = format!(
+            "memserver {} did not store {pages} evicted pages: {why}; the pages stay here \
+             (the VM runs over its --local-mem limit if no other memserver takes them). Give \
+             the memserver more memory (--max-mem), add memservers, or raise --local-mem",
+            link.uri
+        );
+        self.links[memserver] = None;
+        self.up[memserver].store(false, Ordering::Relaxed);
+        self.retry_at[memserver] = Instant::now() + STORE_REDIAL;
+        Err(message)
+    }
+
+    /// A broken store link is dialled again at most once a second, and only once the
+    /// memserver's recall link is back (so a memserver that restarted empty is first found
+    /// out by the recall redial, which checks it still holds the VM's pages).
+    fn usable(&mut self, memserver: usize) -> bool {
+        if self.links[memserver].is_some() {
+            return true;
+        }
+        let recall_up = self
+            .dial
+            .router
+            .upgrade()
+            .is_some_and(|r| r.is_up(self.dial.endpoints[memserver]));
+        if !recall_up || Instant::now() < self.retry_at[memserver] {
+            return false;
+        }
+        match self.dial.open(memserver) {
+            Ok(link) => {
+                log::warn!("memserver {}: store link back", link.uri);
+                self.links[memserver] = Some(link);
+                self.up[memserver].store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                log::debug!("memserver {}: store redial: {e}", self.dial.uris[memserver]);
+                self.retry_at[memserver] = Instant::now() + STORE_REDIAL;
+                false
+            }
+        }
     }
 }
 
@@ -712,10 +1057,11 @@ pub struct RemotePaging {
     uris: Vec<String>,
     /// The store sessions and the nudges, until the evictor takes them.
     links: Mutex<Option<(Links, std::sync::mpsc::Receiver<()>)>>,
+    store_up: Arc<Vec<AtomicBool>>,
     stop: Arc<AtomicBool>,
     evictor: Mutex<Option<JoinHandle<()>>>,
-    threads: Vec<JoinHandle<()>>,
-    sockets: Vec<std::net::TcpStream>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl std::fmt::Debug for RemotePaging {
@@ -744,6 +1090,14 @@ impl RemotePaging {
                 "--local-mem needs at least one --memserver to evict pages to".into(),
             ));
         }
+        if !(1..=2).contains(&config.replicas) || config.replicas > config.memservers.len() {
+            return Err(PagingError::Remote(format!(
+                "--replicas {} with {} memserver(s): give 1, or 2 with at least two \
+                 --memserver addresses",
+                config.replicas,
+                config.memservers.len()
+            )));
+        }
         if limit_pages < 16 * CHUNK_PAGES {
             return Err(PagingError::Remote(format!(
                 "--local-mem {} KiB is too small: give the VM at least {} KiB resident",
@@ -753,7 +1107,8 @@ impl RemotePaging {
         }
         let engine = FaultEngine::new_write_protected(&layout, memory.hvas())?;
         let owners = Arc::new(OwnerMap::new(&layout, Owner::Zero));
-        let router = Arc::new(OwnerRouter::new(owners.clone()));
+        let router = OwnerRouter::new(owners.clone());
+        router.attach_engine(&engine);
         let hello = Hello {
             purpose: Purpose::Store,
             channel: tsubame_pageserver::Channel::Urgent,
@@ -763,11 +1118,23 @@ impl RemotePaging {
             vcpus,
             checkpoint_ms: 0,
         };
-        let (mut links, mut threads, mut sockets) = (Vec::new(), Vec::new(), Vec::new());
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut endpoints = Vec::new();
-        let mut watches = Vec::new();
-        for (n, uri) in config.memservers.iter().enumerate() {
+        let (mut watches, mut dials) = (Vec::new(), Vec::new());
+        let n = config.memservers.len();
+        let mut store = StoreDial {
+            uris: config.memservers.clone(),
+            secret: config.secret.clone(),
+            hello: hello.clone(),
+            memory: memory.clone(),
+            router: Arc::downgrade(&router),
+            endpoints: Vec::new(),
+            sockets: sockets.clone(),
+        };
+        let mut links = Vec::new();
+        for (ms, uri) in config.memservers.iter().enumerate() {
             let refused = |why: String| {
                 PagingError::Remote(format!(
                     "memserver {uri}: {why}. Start it with `tsubame memserver --listen \
@@ -775,19 +1142,11 @@ impl RemotePaging {
                      TSUBAME_SECRET"
                 ))
             };
-            let io = |e: std::io::Error| refused(e.to_string());
-            let store =
-                session::open(uri, &config.secret, &hello).map_err(|e| refused(e.to_string()))?;
-            let recall_hello = Hello {
-                purpose: Purpose::Recall,
-                ..hello.clone()
-            };
-            let recall = session::open(uri, &config.secret, &recall_hello)
-                .map_err(|e| refused(e.to_string()))?;
+            links.push(Some(store.open(ms).map_err(refused)?));
             let id = router.next_id();
             let watch = Arc::new(FaultedBack {
                 pager: std::sync::OnceLock::new(),
-                memserver: n,
+                memserver: ms,
             });
             watches.push(watch.clone());
             let sink = Arc::new(OwnedSink::write_protected(
@@ -796,69 +1155,67 @@ impl RemotePaging {
                 id,
                 watch,
             ));
-            let client = PageClient::new(
-                &format!("memserver {uri}"),
-                &recall.urgent,
-                sink.clone(),
-                Arc::new(RecallEvents {
-                    engine: Arc::downgrade(&engine),
-                    uri: uri.clone(),
-                    closing: stop.clone(),
-                }),
-            )
-            .map_err(io)?;
-            client.attach_replies(recall.urgent.try_clone().map_err(io)?);
-            for s in [&recall.urgent, &recall.bulk, &store.urgent, &store.bulk] {
-                sockets.push(s.try_clone().map_err(io)?);
-            }
+            let dial = Arc::new(RecallDial {
+                uri: uri.clone(),
+                memserver: ms,
+                endpoint: id,
+                secret: config.secret.clone(),
+                hello: hello.clone(),
+                engine: Arc::downgrade(&engine),
+                owners: owners.clone(),
+                router: Arc::downgrade(&router),
+                sink: sink.clone(),
+                pager: std::sync::OnceLock::new(),
+                closing: stop.clone(),
+                threads: threads.clone(),
+                sockets: sockets.clone(),
+            });
+            let client = dial
+                .open(Purpose::Recall)
+                .map_err(|e| refused(e.to_string()))?;
             let added = router
-                .add_remote(RemoteOwner {
-                    client: client.clone(),
-                    sink,
+                .add_remote(
                     // Not offered to a migration's destination: a paged VM does not migrate
                     // yet (see `Vm::migrate`).
-                    address: None,
-                })
+                    RemoteOwner::new(client, sink, None),
+                    Some(dial.clone()),
+                )
                 .map_err(|e| refused(e.to_string()))?;
+            debug_assert_eq!(added, id);
             endpoints.push(added);
-            let bulk = recall.bulk;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("recall-bulk-rx".into())
-                    .spawn(move || client.receive_bulk(bulk))
-                    .map_err(|source| PagingError::Thread {
-                        name: "recall-bulk-rx".into(),
-                        source,
-                    })?,
-            );
-            links.push(StoreLink {
-                uri: uri.clone(),
-                urgent: store.urgent,
-                writer: BulkWriter::new(store.bulk, store.rtt).map_err(io)?,
-                server: PageServer::new(GuestMemoryStore::new(memory.clone())),
-            });
+            dials.push(dial);
         }
+        store.endpoints.clone_from(&endpoints);
+        let store_up: Arc<Vec<AtomicBool>> =
+            Arc::new((0..n).map(|_| AtomicBool::new(true)).collect());
         let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
-        let pager = Arc::new(Pager::new(
-            engine.clone(),
-            owners,
-            limit_pages,
-            endpoints,
-            nudge,
-        ));
+        let pager = Arc::new(
+            Pager::new(engine.clone(), owners, limit_pages, endpoints, nudge)
+                .replicated(config.replicas),
+        );
         for w in watches {
             let _ = w.pager.set(pager.clone());
+        }
+        for d in dials {
+            let _ = d.pager.set(pager.clone());
         }
         engine.start(Arc::new(PagedRouter {
             router: router.clone(),
             pager: pager.clone(),
         }))?;
+        let links = Links {
+            links,
+            retry_at: vec![Instant::now(); n],
+            up: store_up.clone(),
+            dial: store,
+        };
         Ok(Self {
             engine,
             router,
             pager,
             uris: config.memservers.clone(),
-            links: Mutex::new(Some((Links(links), nudged))),
+            links: Mutex::new(Some((links, nudged))),
+            store_up,
             stop,
             evictor: Mutex::new(None),
             threads,
@@ -895,6 +1252,7 @@ impl RemotePaging {
                     if failed {
                         continue;
                     }
+                    // Stores that fail do not end eviction (see `Pager::evict`); this does.
                     if let Err(e) = pager.evict(&mut links) {
                         pager.fail(e);
                         failed = true;
@@ -916,7 +1274,14 @@ impl RemotePaging {
 
     /// `query-memory`.
     pub fn stats(&self) -> RemotePagingStats {
-        self.pager.stats(&self.uris)
+        let up: Vec<(bool, bool)> = self
+            .pager
+            .endpoints
+            .iter()
+            .zip(self.store_up.iter())
+            .map(|(e, s)| (self.router.is_up(*e), s.load(Ordering::Relaxed)))
+            .collect();
+        self.pager.stats(&self.uris, &up)
     }
 
     /// The owners of the pages.
@@ -928,13 +1293,15 @@ impl RemotePaging {
 impl Drop for RemotePaging {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.router.close();
         if let Some(t) = self.evictor.lock().expect("paging lock").take() {
             let _ = t.join();
         }
-        for s in &self.sockets {
+        for s in self.sockets.lock().expect("paging lock").iter() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.lock().expect("paging lock"));
+        for t in threads {
             let _ = t.join();
         }
         self.engine.stop();
@@ -948,21 +1315,33 @@ mod tests {
 
     /// A pager over 8 MiB with a limit of `limit` pages, its memory, and the fault thread.
     fn pager(limit: u64) -> (Arc<Pager>, Arc<GuestMemory>) {
+        replicated_pager(limit, 1, 1)
+    }
+
+    /// [`pager`] over `memservers` endpoints, each page written to `replicas` of them.
+    fn replicated_pager(
+        limit: u64,
+        memservers: u8,
+        replicas: usize,
+    ) -> (Arc<Pager>, Arc<GuestMemory>) {
         let layout = MemoryLayout::for_size(8 << 20).unwrap();
         let memory = Arc::new(GuestMemory::new(&layout).unwrap());
         let engine = FaultEngine::new_write_protected(&layout, memory.hvas()).unwrap();
         let owners = Arc::new(OwnerMap::new(&layout, Owner::Zero));
         let (nudge, _) = std::sync::mpsc::sync_channel(1);
-        let pager = Arc::new(Pager::new(
-            engine.clone(),
-            owners.clone(),
-            limit,
-            vec![EndpointId(0)],
-            nudge,
-        ));
+        let pager = Arc::new(
+            Pager::new(
+                engine.clone(),
+                owners.clone(),
+                limit,
+                (0..memservers).map(EndpointId).collect(),
+                nudge,
+            )
+            .replicated(replicas),
+        );
         engine
             .start(Arc::new(PagedRouter {
-                router: Arc::new(OwnerRouter::new(owners)),
+                router: OwnerRouter::new(owners),
                 pager: pager.clone(),
             }))
             .unwrap();
@@ -987,7 +1366,7 @@ mod tests {
             pager.note_written(&gfns);
         }
         let chosen: Vec<u64> = pager
-            .coldest_chunks(2 * CHUNK_PAGES)
+            .coldest_chunks(2 * CHUNK_PAGES, &[true])
             .iter()
             .map(|r| r.gfn.0 / CHUNK_PAGES)
             .collect();
@@ -1032,7 +1411,7 @@ mod tests {
             .iter()
             .any(|r| r.gfn <= victim && victim < r.gfn + r.pages));
         assert_eq!(evicted, copied - 1, "all but the written page");
-        let stats = pager.stats(&["test".into()]);
+        let stats = pager.stats(&["test".into()], &[(true, true)]);
         assert_eq!(stats.cancelled_evictions, 1);
         assert_eq!(stats.evicted_pages, evicted);
         assert!(stats.resident_pages <= pager.low_pages + 1);
@@ -1047,6 +1426,76 @@ mod tests {
         let mut b = [0u8; 8];
         memory.read(Gpa(victim.gpa().0 + 16), &mut b).unwrap();
         assert_eq!(b, [7u8; 8]);
+        pager.engine.stop();
+    }
+
+    /// Stores at the memservers not in `refuse`, and records which got what.
+    struct Stores {
+        refuse: Vec<usize>,
+        stored: Vec<(usize, u64)>,
+    }
+
+    impl PageOut for Stores {
+        fn store(&mut self, ms: usize, runs: &[PageRun]) -> Result<(), String> {
+            if self.refuse.contains(&ms) {
+                return Err(format!("memserver {ms} is gone"));
+            }
+            self.stored.push((ms, runs.iter().map(|r| r.pages).sum()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn with_two_replicas_a_lost_memservers_pages_go_to_the_other_holder() {
+        let (pager, memory) = replicated_pager(256, 2, 2);
+        touch(&memory, 0..1024, 3); // two stripes: first holders 0 and 1
+        let mut out = Stores {
+            refuse: vec![],
+            stored: vec![],
+        };
+        let evicted = pager.evict(&mut out).unwrap();
+        assert!(evicted > 0);
+        // Every run went to both holders of its stripe.
+        let to = |ms| {
+            out.stored
+                .iter()
+                .filter(|(m, _)| *m == ms)
+                .map(|(_, n)| n)
+                .sum::<u64>()
+        };
+        assert_eq!(to(0), evicted);
+        assert_eq!(to(1), evicted);
+        let owned0 = pager.owners.owned_by(EndpointId(0));
+        assert!(owned0 > 0);
+        let moved: u64 = pager
+            .fail_over(0, |id| id != EndpointId(0), false)
+            .iter()
+            .map(|r| r.pages)
+            .sum();
+        assert_eq!(moved, owned0, "each page memserver 0 owned has a copy at 1");
+        assert_eq!(pager.owners.owned_by(EndpointId(0)), 0);
+        assert_eq!(pager.owners.owned_by(EndpointId(1)), evicted);
+        pager.engine.stop();
+    }
+
+    #[test]
+    fn a_page_whose_only_copy_is_at_the_lost_memserver_stays_its_own() {
+        let (pager, memory) = replicated_pager(256, 2, 2);
+        touch(&memory, 0..1024, 3);
+        // Memserver 1 refuses: every page is at memserver 0 alone.
+        let mut out = Stores {
+            refuse: vec![1],
+            stored: vec![],
+        };
+        let evicted = pager.evict(&mut out).unwrap();
+        assert!(evicted > 0);
+        assert_eq!(pager.owners.owned_by(EndpointId(0)), evicted);
+        let moved = pager.fail_over(0, |id| id != EndpointId(0), false);
+        assert!(
+            moved.is_empty(),
+            "memserver 1 has no current copy of any: {moved:?}"
+        );
+        assert_eq!(pager.owners.owned_by(EndpointId(0)), evicted);
         pager.engine.stop();
     }
 }

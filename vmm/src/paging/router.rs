@@ -5,8 +5,19 @@
 //! ([`RemoteOwner`]), or a store in this process ([`LocalOwner`], e.g. a snapshot file). A
 //! zero page is installed at once. Endpoints that answer on the fault thread (a remote page
 //! server's demand replies) are each given the chance after a batch of faults.
+//!
+//! **Lost links.** A remote owner whose connection breaks is marked down ([`OwnerRouter::lost`]):
+//! faults on its pages are not sent anywhere (the vCPUs that touch them wait; nothing ever
+//! installs a zero or stale copy in their place), and, if it was given a [`Redial`], a thread
+//! dials it again with backoff. Once it answers, its new client replaces the old one and every
+//! page a vCPU waits for is asked for again. A redial that can never succeed (a memserver that
+//! restarted and lost the VM's pages) leaves it down for good, with the reason. Whoever must
+//! act on a change (the VM, which pauses while an owner of its pages is unreachable) waits for
+//! it with [`OwnerRouter::wait_change`] and reads [`OwnerRouter::unreachable`].
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tsubame_pages::{copy_run, Gfn, PageStore};
@@ -31,6 +42,71 @@ pub struct OwnerStats {
     /// A remote owner's page client: requests sent, pages received.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub client: Option<ClientStats>,
+    /// A remote owner's link: up, down since when and why, outages so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkStatus>,
+}
+
+/// A remote owner's link, as `query-status` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LinkStatus {
+    pub up: bool,
+    /// How long it has been down, and why (while down).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// Down for good: no redial can bring its pages back.
+    pub lost_for_good: bool,
+    /// Times the link went down, and the longest outage that ended, in ms.
+    pub outages: u64,
+    pub longest_outage_ms: Option<u64>,
+    /// Successful redials.
+    pub redials: u64,
+}
+
+/// An owner of pages that cannot be reached now, as [`OwnerRouter::unreachable`] gives it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unreachable {
+    pub endpoint: String,
+    /// Pages it owns: the guest cannot have them until it is back.
+    pub pages_owned: u64,
+    pub down_ms: u64,
+    pub why: String,
+    pub lost_for_good: bool,
+}
+
+/// Why a redial failed.
+#[derive(Debug)]
+pub struct RedialError {
+    pub why: String,
+    /// It can never succeed (e.g. the memserver restarted and holds none of the VM's pages):
+    /// stop trying.
+    pub permanent: bool,
+}
+
+/// How to dial a remote owner again after its link broke: a new session, a new page client
+/// (installing into the same sink), its receivers started.
+pub trait Redial: Send + Sync {
+    /// Called once per outage, on the redial thread, before the first dial: whatever can be
+    /// done without the link (handing its pages to other holders) is done here.
+    fn lost(&self) {}
+    fn redial(&self) -> Result<Arc<PageClient>, RedialError>;
+    /// Whether it is worth dialling while it owns no pages (a memserver a VM pages out to is;
+    /// a split's memserver whose pages have all arrived is not).
+    fn needed_when_empty(&self) -> bool;
+}
+
+#[derive(Default)]
+struct Link {
+    down_since: Option<Instant>,
+    why: Option<String>,
+    lost_for_good: bool,
+    outages: u64,
+    longest: Option<Duration>,
+    redials: u64,
+    /// A redial thread runs.
+    dialling: bool,
 }
 
 struct Endpoint {
@@ -40,13 +116,25 @@ struct Endpoint {
     address: Option<String>,
     fetcher: Arc<dyn Fetcher>,
     sink: Arc<OwnedSink>,
-    client: Option<Arc<PageClient>>,
+    remote: Option<Arc<RemoteOwner>>,
+    link: Arc<Mutex<Link>>,
+    /// Set while the link is down: faults on its pages wait.
+    down: Arc<AtomicBool>,
+    redial: Option<Arc<dyn Redial>>,
 }
 
 /// Sends each fault to its page's owner.
 pub struct OwnerRouter {
     owners: Arc<OwnerMap>,
     endpoints: RwLock<Vec<Endpoint>>,
+    /// The engine faults come from (for re-requests after a redial).
+    engine: Mutex<Weak<FaultEngine>>,
+    /// Bumped at every change of a link; waited on by [`Self::wait_change`].
+    changes: Mutex<u64>,
+    changed: Condvar,
+    closing: AtomicBool,
+    /// Itself, for the redial threads.
+    me: Weak<OwnerRouter>,
 }
 
 impl std::fmt::Debug for OwnerRouter {
@@ -62,10 +150,206 @@ impl std::fmt::Debug for OwnerRouter {
 
 impl OwnerRouter {
     /// A router over `owners`, with no endpoints yet.
-    pub fn new(owners: Arc<OwnerMap>) -> Self {
-        Self {
+    pub fn new(owners: Arc<OwnerMap>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             owners,
             endpoints: RwLock::new(Vec::new()),
+            engine: Mutex::new(Weak::new()),
+            changes: Mutex::new(0),
+            changed: Condvar::new(),
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// The engine whose waiting faults are asked for again after a redial.
+    pub fn attach_engine(&self, engine: &Arc<FaultEngine>) {
+        *self.engine.lock().expect("router lock") = Arc::downgrade(engine);
+    }
+
+    /// Stops every redial: the VM's paging ends.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.notify();
+    }
+
+    fn notify(&self) {
+        *self.changes.lock().expect("router lock") += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until a link changed after change number `seen` (or `timeout`); returns the
+    /// latest change number.
+    pub fn wait_change(&self, seen: u64, timeout: Duration) -> u64 {
+        let n = self.changes.lock().expect("router lock");
+        let (n, _) = self
+            .changed
+            .wait_timeout_while(n, timeout, |n| *n == seen)
+            .expect("router lock");
+        *n
+    }
+
+    /// The remote owners that own pages and cannot be reached now.
+    pub fn unreachable(&self) -> Vec<Unreachable> {
+        let endpoints = self.endpoints.read().expect("router lock");
+        endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let l = e.link.lock().expect("link lock");
+                let since = l.down_since?;
+                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                let owned = self.owners.owned_by(id);
+                (owned > 0).then(|| Unreachable {
+                    endpoint: e.name.clone(),
+                    pages_owned: owned,
+                    down_ms: u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    why: l.why.clone().unwrap_or_default(),
+                    lost_for_good: l.lost_for_good,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether endpoint `id`'s link is up (local endpoints always are).
+    pub fn is_up(&self, id: EndpointId) -> bool {
+        self.endpoints
+            .read()
+            .expect("router lock")
+            .get(usize::from(id.0))
+            .is_some_and(|e| !e.down.load(Ordering::Acquire))
+    }
+
+    /// Endpoint `id`'s link broke (`why`): faults on its pages wait from now on, and its
+    /// [`Redial`], if it has one, dials it again in the background. Called by whoever notices
+    /// first (a receiver thread, the fault thread); later calls for the same outage do nothing.
+    pub fn lost(&self, id: EndpointId, why: &str) {
+        let Some((name, link, down, redial)) = self
+            .endpoints
+            .read()
+            .expect("router lock")
+            .get(usize::from(id.0))
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    e.link.clone(),
+                    e.down.clone(),
+                    e.redial.clone(),
+                )
+            })
+        else {
+            return;
+        };
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let mut l = link.lock().expect("link lock");
+            if l.down_since.is_some() {
+                return;
+            }
+            down.store(true, Ordering::Release);
+            l.down_since = Some(Instant::now());
+            l.why = Some(why.to_string());
+            l.outages += 1;
+            log::error!(
+                "{name}: {why}; the {} pages it owns wait until it is back",
+                self.owners.owned_by(id)
+            );
+            if let (Some(r), Some(me)) = (redial.filter(|_| !l.dialling), self.me.upgrade()) {
+                l.dialling = true;
+                let spawned = std::thread::Builder::new()
+                    .name("redial".into())
+                    .spawn(move || {
+                        r.lost();
+                        me.redial_loop(id, &r);
+                    });
+                if let Err(e) = spawned {
+                    l.dialling = false;
+                    log::error!("{name}: cannot start the redial thread: {e}");
+                }
+            }
+        }
+        self.notify();
+    }
+
+    /// Dials endpoint `id` again until it answers, it can never answer, nobody needs it any
+    /// more, or paging ends; backoff from 20 ms to 1 s.
+    fn redial_loop(&self, id: EndpointId, r: &Arc<dyn Redial>) {
+        let (link, down, name) = {
+            let e = self.endpoints.read().expect("router lock");
+            let e = &e[usize::from(id.0)];
+            (e.link.clone(), e.down.clone(), e.name.clone())
+        };
+        let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u64;
+        loop {
+            if self.closing.load(Ordering::Acquire)
+                || (self.owners.owned_by(id) == 0 && !r.needed_when_empty())
+            {
+                link.lock().expect("link lock").dialling = false;
+                return;
+            }
+            attempts += 1;
+            match r.redial() {
+                Ok(client) => {
+                    self.reconnected(id, &client);
+                    let mut l = link.lock().expect("link lock");
+                    let outage = l.down_since.take().map(|t| t.elapsed());
+                    l.longest = l.longest.max(outage);
+                    l.why = None;
+                    l.redials += 1;
+                    l.dialling = false;
+                    down.store(false, Ordering::Release);
+                    drop(l);
+                    log::warn!(
+                        "{name}: back after {:?} ({attempts} dials); waiting faults asked again",
+                        outage.unwrap_or_default()
+                    );
+                    self.ask_again_all();
+                    self.notify();
+                    return;
+                }
+                Err(RedialError {
+                    why,
+                    permanent: true,
+                }) => {
+                    let mut l = link.lock().expect("link lock");
+                    l.lost_for_good = true;
+                    l.why = Some(why.clone());
+                    l.dialling = false;
+                    drop(l);
+                    log::error!("{name}: {why}");
+                    self.notify();
+                    return;
+                }
+                Err(e) => {
+                    if attempts.is_power_of_two() {
+                        log::warn!("{name}: redial {attempts} failed: {}", e.why);
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Endpoint `id` answers again through `client`.
+    fn reconnected(&self, id: EndpointId, client: &Arc<PageClient>) {
+        let e = self.endpoints.read().expect("router lock");
+        if let Some(remote) = e.get(usize::from(id.0)).and_then(|e| e.remote.as_ref()) {
+            *remote.client.write().expect("owner lock") = client.clone();
+        }
+    }
+
+    /// Every page a vCPU waits for is asked for again, from its owner now.
+    pub fn ask_again_all(&self) {
+        let Some(engine) = self.engine.lock().expect("router lock").upgrade() else {
+            return;
+        };
+        engine.clear_fetch_error();
+        for r in &self.owners.layout().regions {
+            engine.reroute(r.first_gfn(), r.pages());
         }
     }
 
@@ -92,19 +376,30 @@ impl OwnerRouter {
             address: None,
             sink: local.sink.clone(),
             fetcher: local,
-            client: None,
+            remote: None,
+            link: Arc::default(),
+            down: Arc::default(),
+            redial: None,
         })
     }
 
-    /// Adds a remote owner; pages the owner map gives its id are fetched from it.
-    pub fn add_remote(&self, remote: RemoteOwner) -> Result<EndpointId, FetchError> {
+    /// Adds a remote owner; pages the owner map gives its id are fetched from it. With a
+    /// `redial`, a broken link is dialled again (see the module docs); without, it stays down.
+    pub fn add_remote(
+        &self,
+        remote: RemoteOwner,
+        redial: Option<Arc<dyn Redial>>,
+    ) -> Result<EndpointId, FetchError> {
         let remote = Arc::new(remote);
         self.add(Endpoint {
-            name: remote.client.peer().to_string(),
+            name: remote.client().peer().to_string(),
             address: remote.address.clone(),
             sink: remote.sink.clone(),
-            client: Some(remote.client.clone()),
+            remote: Some(remote.clone()),
             fetcher: remote,
+            link: Arc::default(),
+            down: Arc::default(),
+            redial,
         })
     }
 
@@ -135,7 +430,7 @@ impl OwnerRouter {
             if owned == 0 {
                 continue;
             }
-            let client = e.client.as_ref().ok_or_else(|| {
+            let client = e.remote.as_ref().map(|r| r.client()).ok_or_else(|| {
                 FetchError(format!(
                     "{} owns {owned} pages but cannot push them",
                     e.name
@@ -180,10 +475,42 @@ impl OwnerRouter {
                     pages_installed: sink.pages_installed,
                     pages_already_local: sink.pages_already_local,
                     pages_not_owned: sink.pages_not_owned,
-                    client: e.client.as_ref().map(|c| c.stats()),
+                    client: e.remote.as_ref().map(|r| r.client().stats()),
+                    link: e.remote.as_ref().map(|_| {
+                        let l = e.link.lock().expect("link lock");
+                        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                        LinkStatus {
+                            up: l.down_since.is_none(),
+                            down_ms: l.down_since.map(|t| ms(t.elapsed())),
+                            why: l.why.clone(),
+                            lost_for_good: l.lost_for_good,
+                            outages: l.outages,
+                            longest_outage_ms: l.longest.map(ms),
+                            redials: l.redials,
+                        }
+                    }),
                 }
             })
             .collect()
+    }
+}
+
+impl OwnerRouter {
+    /// A request to or a reply from endpoint `id` failed: a link that can be dialled again is
+    /// lost (its faults wait for the redial); any other failure is the fetch's error.
+    fn lost_or_fail(&self, id: EndpointId, e: FetchError) -> Result<(), FetchError> {
+        let redialable = self
+            .endpoints
+            .read()
+            .expect("router lock")
+            .get(usize::from(id.0))
+            .is_some_and(|e| e.redial.is_some());
+        if redialable {
+            self.lost(id, &e.0);
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
 }
 
@@ -204,18 +531,24 @@ impl Fetcher for OwnerRouter {
                  run on a page nobody has"
             ))),
             Some(Owner::Endpoint(id)) => {
-                let endpoint = self
+                let (endpoint, down) = self
                     .endpoints
                     .read()
                     .expect("router lock")
                     .get(usize::from(id.0))
-                    .map(|e| e.fetcher.clone())
+                    .map(|e| (e.fetcher.clone(), e.down.load(Ordering::Acquire)))
                     .ok_or_else(|| {
                         FetchError(format!(
                             "page {gfn} belongs to endpoint {id:?}, which is not connected"
                         ))
                     })?;
-                endpoint.request(gfn, engine)
+                if down {
+                    // Asked again once its link is back (or once another owner has it).
+                    return Ok(());
+                }
+                endpoint
+                    .request(gfn, engine)
+                    .or_else(|e| self.lost_or_fail(id, e))
             }
             None => Err(FetchError(format!(
                 "a fault on {gfn}, which is not guest RAM"
@@ -229,11 +562,16 @@ impl Fetcher for OwnerRouter {
             .read()
             .expect("router lock")
             .iter()
-            .map(|e| e.fetcher.clone())
+            .enumerate()
+            .filter(|(_, e)| !e.down.load(Ordering::Acquire))
+            .map(|(i, e)| {
+                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                (id, e.fetcher.clone())
+            })
             .collect();
         let mut first_error = None;
-        for e in endpoints {
-            if let Err(err) = e.flush(engine) {
+        for (id, e) in endpoints {
+            if let Err(err) = e.flush(engine).or_else(|e| self.lost_or_fail(id, e)) {
                 first_error.get_or_insert(err);
             }
         }
@@ -245,21 +583,41 @@ impl Fetcher for OwnerRouter {
 /// the replies are read and installed (into `sink`) on the fault thread, in `flush`.
 #[derive(Debug)]
 pub struct RemoteOwner {
-    pub client: Arc<PageClient>,
+    /// Replaced when a redial brings the link back.
+    client: RwLock<Arc<PageClient>>,
     pub sink: Arc<OwnedSink>,
     /// Where another host can dial it (a memserver), `None` for a migration source.
     pub address: Option<String>,
 }
 
+impl RemoteOwner {
+    pub fn new(client: Arc<PageClient>, sink: Arc<OwnedSink>, address: Option<String>) -> Self {
+        Self {
+            client: RwLock::new(client),
+            sink,
+            address,
+        }
+    }
+
+    /// Its page client now.
+    pub fn client(&self) -> Arc<PageClient> {
+        self.client.read().expect("owner lock").clone()
+    }
+}
+
 impl Fetcher for RemoteOwner {
     fn request(&self, gfn: Gfn, _: &FaultEngine) -> Result<(), FetchError> {
         self.client
+            .read()
+            .expect("owner lock")
             .request(gfn)
             .map_err(|e| FetchError(e.to_string()))
     }
 
     fn flush(&self, _: &FaultEngine) -> Result<(), FetchError> {
         self.client
+            .read()
+            .expect("owner lock")
             .read_replies()
             .map_err(|e| FetchError(e.to_string()))
     }
