@@ -208,6 +208,34 @@ impl VmProcess {
         Ok((p, uri))
     }
 
+    /// Starts `tsubame linkem` on an ephemeral loopback port forwarding to `target`
+    /// (`HOST:PORT`) with no delay, its control socket at `control` (for `drop`, `restore`,
+    /// `cut`...); returns it and the `HOST:PORT` to dial instead of `target`.
+    pub fn linkem(target: &str, control: &Path) -> Result<(Self, String)> {
+        let control = control.to_str().context("socket path")?;
+        let (p, line) = Self::command_until(
+            &[
+                "linkem",
+                "--listen",
+                "127.0.0.1:0",
+                "--connect",
+                target,
+                "--delay",
+                "0ms",
+                "--control",
+                control,
+            ],
+            "forwarding",
+        )?;
+        let via = line
+            .split("forwarding ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .context("linkem's address")?
+            .to_string();
+        Ok((p, via))
+    }
+
     /// Starts `tsubame ARGS` (any command) and waits for a stderr line containing `marker`,
     /// which it returns.
     pub fn command_until(args: &[&str], marker: &str) -> Result<(Self, String)> {

@@ -205,29 +205,8 @@ fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
     let dir = Scratch::new("paging-outage");
     let (_ms, uri) = VmProcess::memserver(SECRET, &[]).unwrap();
     let addr = uri.trim_start_matches("tcp:").to_string();
-    let link_sock = dir.path("link.sock");
-    let (link, line) = VmProcess::command_until(
-        &[
-            "linkem",
-            "--listen",
-            "127.0.0.1:0",
-            "--connect",
-            &addr,
-            "--delay",
-            "0ms",
-            "--control",
-            link_sock.to_str().unwrap(),
-        ],
-        "forwarding",
-    )
-    .unwrap();
-    let via = line
-        .split("forwarding ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .unwrap()
-        .to_string();
-    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=21", "150000");
+    let (link, via) = VmProcess::linkem(&addr, &dir.path("link.sock")).unwrap();
+    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=21", "100000");
     let reference = run_to_end(&common(workload, steps)).unwrap();
     let vm = paged_vm(&dir, workload, steps, &format!("tcp:{via}"), &[]);
     status_until(&vm, "evicted", evicted);
@@ -287,7 +266,7 @@ fn with_two_replicas_a_killed_memserver_costs_no_guest() {
     let dir = Scratch::new("paging-replicas");
     let (ms0, uri0) = VmProcess::memserver(SECRET, &[]).unwrap();
     let (_ms1, uri1) = VmProcess::memserver(SECRET, &[]).unwrap();
-    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=23", "150000");
+    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=23", "100000");
     let reference = run_to_end(&common(workload, steps)).unwrap();
     let vm = paged_vm(
         &dir,

@@ -422,3 +422,69 @@ fn a_full_memserver_refuses_with_its_reason_and_its_pages_go_to_the_destination(
     }
     ms.ctl("quit", json!({})).unwrap();
 }
+
+/// Polls `vm`'s `query-status` until `done` holds (at most 30 s); returns the last one.
+fn status_until(vm: &VmProcess, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let s = vm.ctl("query-status", json!({})).unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "never {what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_memserver_out_of_reach_pauses_the_split_vm_until_it_is_back() {
+    let dir = Scratch::new("split-outage");
+    let (_ms, ms_uri) = VmProcess::memserver(SECRET, &[]).unwrap();
+    // Source and destination both reach the memserver through the link.
+    let (link, via) =
+        VmProcess::linkem(ms_uri.trim_start_matches("tcp:"), &dir.path("link.sock")).unwrap();
+    let common = [
+        "--mem",
+        "64M",
+        "--workload",
+        "uniform:ws=32M,write=0.3,seed=91",
+        "--steps",
+        "1200000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    let source = source(&dir.path("src.sock"), &common);
+    let (dest, uri) = destination(&dir.path("dest.sock"));
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 300_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "split": format!("tcp:{via}:0.5")}),
+        )
+        .unwrap();
+    completed(&source);
+    link.ctl("drop", json!({})).unwrap();
+    let s = status_until(&dest, "held", |s| s["status"] == "held");
+    let down = &s["memory_hold"]["unreachable"][0];
+    assert!(down["endpoint"].as_str().unwrap().contains(&via), "{s}");
+    assert!(down["pages_owned"].as_u64().unwrap() > 0, "{s}");
+    // Consolidation asked while it is down is asked again once it is back.
+    let c = dest.ctl("consolidate", json!({})).unwrap();
+    assert!(c["pages"].as_u64().unwrap() > 0, "{c}");
+    let before = dest.ctl("query-progress", json!({})).unwrap()["steps"].clone();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = dest.ctl("query-progress", json!({})).unwrap()["steps"].clone();
+    assert_eq!(before, after, "a held VM ran on");
+    link.ctl("restore", json!({})).unwrap();
+    status_until(&dest, "resumed", |s| s["status"] != "held");
+    let (status, out) = dest.wait().unwrap();
+    assert!(status.success(), "destination failed: {out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["digest"], reference["digest"], "{summary}");
+    let memserver = &owners(&summary["migration"])[1];
+    assert_eq!(memserver["pages_owned"], 0, "{memserver}");
+    assert_eq!(memserver["link"]["outages"], 1, "{memserver}");
+    assert_eq!(memserver["link"]["redials"], 1, "{memserver}");
+}

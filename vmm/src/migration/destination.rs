@@ -45,7 +45,7 @@ use tsubame_uffd::{FaultEngine, FetchError, StagingPool};
 use super::MigrationError;
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::paging::owners::{EndpointId, OwnedSink, Owner, OwnerMap};
-use crate::paging::router::RemoteOwner;
+use crate::paging::router::{OwnerRouter, Redial, RedialError, RemoteOwner};
 use crate::paging::DemandPaging;
 use crate::state::VmState;
 
@@ -182,6 +182,7 @@ fn check_hello(h: &Hello, expect: Option<&MemoryLayout>) -> Result<(), ProtocolE
 struct Arrival {
     engine: Arc<FaultEngine>,
     owners: Arc<OwnerMap>,
+    router: std::sync::Weak<OwnerRouter>,
     /// Every owner's client, the source's first.
     clients: Mutex<Vec<Arc<PageClient>>>,
     /// The page servers the source named, by address, and their endpoints.
@@ -321,6 +322,16 @@ impl ClientEvents for Arrival {
             return; // nobody needs that owner any more
         }
         let why = error.to_string();
+        if !self.is_source(client) {
+            // A memserver's link: lost and dialled again; the VM pauses meanwhile if it owns
+            // pages (see `paging::router`).
+            if let Some(router) = self.router.upgrade() {
+                if let Some(id) = router.endpoint_of(client) {
+                    router.lost(id, &why);
+                    return;
+                }
+            }
+        }
         if let Some(tx) = self.precopy_done.lock().expect("arrival lock").take() {
             let _ = tx.send(Err(why.clone()));
         }
@@ -359,6 +370,7 @@ impl Incoming {
             hello: self.session.hello.clone(),
             engine: engine.clone(),
             owners: paging.router().owners().clone(),
+            router: Arc::downgrade(paging.router()),
             clients: Mutex::new(Vec::new()),
             dialled: Mutex::new(HashMap::new()),
             armed: AtomicBool::new(false),
@@ -441,7 +453,7 @@ impl Incoming {
                         Some(id) => id,
                         None => {
                             let id =
-                                dial_owner(&endpoint, &self.secret, &hello, &mut paging, &arrival)?;
+                                dial_owner(&endpoint, &self.secret, &hello, &paging, &arrival)?;
                             arrival
                                 .dialled
                                 .lock()
@@ -517,55 +529,121 @@ pub struct Received {
 
 /// Dials the page server at `uri`, which the source named as the owner of some of the VM's
 /// pages, and makes it an endpoint: a page client of its own, installing only what it owns.
+/// Its link is dialled again if it breaks (see `paging::router`): the VM pauses meanwhile.
 fn dial_owner(
     uri: &str,
     secret: &[u8],
     hello: &Hello,
-    paging: &mut DemandPaging,
+    paging: &DemandPaging,
     arrival: &Arc<Arrival>,
 ) -> Result<EndpointId, MigrationError> {
     let failed = |reason: String| MigrationError::Owner {
         endpoint: uri.to_string(),
         reason,
     };
-    let fetch = Hello {
-        purpose: Purpose::Fetch,
-        ..hello.clone()
-    };
-    let s = session::open(uri, secret, &fetch).map_err(|e| failed(e.to_string()))?;
     let router = paging.router().clone();
     let id = router.next_id();
-    let sink = Arc::new(OwnedSink::new(
-        paging.engine().clone(),
-        router.owners().clone(),
+    let dial = Arc::new(OwnerDial {
+        uri: uri.to_string(),
+        secret: secret.to_vec(),
+        hello: Hello {
+            purpose: Purpose::Fetch,
+            ..hello.clone()
+        },
+        owners: router.owners().clone(),
         id,
-    ));
-    let client = PageClient::new(
-        &format!("the page server {uri}"),
-        &s.urgent,
-        sink.clone(),
-        arrival.clone(),
-    )
-    .map_err(|e| failed(e.to_string()))?;
-    client.attach_replies(s.urgent.try_clone().map_err(|e| failed(e.to_string()))?);
-    for c in [&s.urgent, &s.bulk] {
-        paging.own_socket(c.try_clone().map_err(|e| failed(e.to_string()))?);
-    }
+        sink: Arc::new(OwnedSink::new(
+            paging.engine().clone(),
+            router.owners().clone(),
+            id,
+        )),
+        arrival: Arc::downgrade(arrival),
+        sockets: paging.socket_owner(),
+    });
+    let client = dial.open().map_err(failed)?;
     let added = router
         .add_remote(
-            RemoteOwner::new(client.clone(), sink, Some(uri.to_string())),
-            None,
+            RemoteOwner::new(client, dial.sink.clone(), Some(uri.to_string())),
+            Some(dial),
         )
         .map_err(|e| failed(e.to_string()))?;
     debug_assert_eq!(added, id);
-    arrival
-        .clients
-        .lock()
-        .expect("arrival lock")
-        .push(client.clone());
-    let bulk = s.bulk;
-    paging
-        .spawn("owner-bulk-rx", move || client.receive_bulk(bulk))
-        .map_err(|e| failed(e.to_string()))?;
     Ok(id)
+}
+
+/// How the destination dials a page server the source named (a memserver), at first and
+/// after its link broke: a Fetch session (the server must hold the VM's pages), a page client
+/// reporting to the arrival, its bulk channel on a thread of its own.
+struct OwnerDial {
+    uri: String,
+    secret: Vec<u8>,
+    hello: Hello,
+    owners: Arc<OwnerMap>,
+    id: EndpointId,
+    sink: Arc<OwnedSink>,
+    arrival: std::sync::Weak<Arrival>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl OwnerDial {
+    fn open(&self) -> Result<Arc<PageClient>, String> {
+        let arrival = self
+            .arrival
+            .upgrade()
+            .ok_or_else(|| "the migration has ended".to_string())?;
+        let s = session::open(&self.uri, &self.secret, &self.hello).map_err(|e| e.to_string())?;
+        let client = PageClient::new(
+            &format!("the page server {}", self.uri),
+            &s.urgent,
+            self.sink.clone(),
+            arrival.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        client.attach_replies(s.urgent.try_clone().map_err(|e| e.to_string())?);
+        {
+            let mut sockets = self.sockets.lock().expect("paging lock");
+            for c in [&s.urgent, &s.bulk] {
+                sockets.push(c.try_clone().map_err(|e| e.to_string())?);
+            }
+        }
+        let (rx, bulk) = (client.clone(), s.bulk);
+        // Stops when paging ends: its sockets are shut down then.
+        std::thread::Builder::new()
+            .name("owner-bulk-rx".into())
+            .spawn(move || rx.receive_bulk(bulk))
+            .map_err(|e| e.to_string())?;
+        arrival
+            .clients
+            .lock()
+            .expect("arrival lock")
+            .push(client.clone());
+        Ok(client)
+    }
+}
+
+impl Redial for OwnerDial {
+    fn redial(&self) -> Result<Arc<PageClient>, RedialError> {
+        self.open().map_err(|why| {
+            let owned = self.owners.owned_by(self.id);
+            if why.contains("holds no pages of VM") {
+                RedialError {
+                    why: format!(
+                        "{} is back but holds none of this VM's pages (it restarted?): the \
+                         {owned} pages it held are lost and the VM stays paused",
+                        self.uri
+                    ),
+                    permanent: true,
+                }
+            } else {
+                RedialError {
+                    why: format!("{}: {why}", self.uri),
+                    permanent: why.contains("the migration has ended"),
+                }
+            }
+        })
+    }
+
+    fn needed_when_empty(&self) -> bool {
+        false // every page it held is here
+    }
 }

@@ -139,7 +139,8 @@ pub struct DemandPaging {
     origin: &'static str,
     workers: Vec<JoinHandle<()>>,
     /// Connections the workers read; shut down on drop so that they stop.
-    sockets: Vec<TcpStream>,
+    /// Connections workers read, shut down when paging ends (redials add theirs).
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
     /// When every page was local.
     all_present: Arc<Mutex<Option<Instant>>>,
     /// When the VM started to depend on the engine (see [`DemandPaging::restart_clock`]).
@@ -190,7 +191,7 @@ impl DemandPaging {
             router,
             origin,
             workers: Vec::new(),
-            sockets: Vec::new(),
+            sockets: Arc::default(),
             all_present: Arc::new(Mutex::new(None)),
             started: Instant::now(),
             resumed: Mutex::new(None),
@@ -308,8 +309,14 @@ impl DemandPaging {
     }
 
     /// A connection a worker reads: shut down when paging ends, so the worker stops.
-    pub fn own_socket(&mut self, s: TcpStream) {
-        self.sockets.push(s);
+    pub fn own_socket(&self, s: TcpStream) {
+        self.sockets.lock().expect("paging lock").push(s);
+    }
+
+    /// Where connections opened later (by a redial) are recorded, to be shut down with the
+    /// rest when paging ends.
+    pub fn socket_owner(&self) -> Arc<Mutex<Vec<TcpStream>>> {
+        self.sockets.clone()
     }
 
     /// Consolidation: brings every page the VM's endpoints own (memservers) back here, all of
@@ -386,7 +393,7 @@ impl DemandPaging {
 impl Drop for DemandPaging {
     fn drop(&mut self) {
         self.router.close();
-        for s in &self.sockets {
+        for s in self.sockets.lock().expect("paging lock").iter() {
             let _ = s.shutdown(Shutdown::Both);
         }
         for t in self.workers.drain(..) {

@@ -121,6 +121,8 @@ struct Endpoint {
     /// Set while the link is down: faults on its pages wait.
     down: Arc<AtomicBool>,
     redial: Option<Arc<dyn Redial>>,
+    /// It was asked to push all it owns (consolidation): asked again after a redial.
+    asked_push: Arc<AtomicBool>,
 }
 
 /// Sends each fault to its page's owner.
@@ -209,6 +211,20 @@ impl OwnerRouter {
                 })
             })
             .collect()
+    }
+
+    /// The endpoint whose page client `client` is now.
+    pub fn endpoint_of(&self, client: &PageClient) -> Option<EndpointId> {
+        self.endpoints
+            .read()
+            .expect("router lock")
+            .iter()
+            .position(|e| {
+                e.remote
+                    .as_ref()
+                    .is_some_and(|r| std::ptr::eq(Arc::as_ptr(&r.client()), client))
+            })
+            .map(|i| EndpointId(u8::try_from(i).expect("few endpoints")))
     }
 
     /// Whether endpoint `id`'s link is up (local endpoints always are).
@@ -334,11 +350,19 @@ impl OwnerRouter {
         }
     }
 
-    /// Endpoint `id` answers again through `client`.
+    /// Endpoint `id` answers again through `client` (asked again to push, if it was).
     fn reconnected(&self, id: EndpointId, client: &Arc<PageClient>) {
         let e = self.endpoints.read().expect("router lock");
-        if let Some(remote) = e.get(usize::from(id.0)).and_then(|e| e.remote.as_ref()) {
+        let Some(e) = e.get(usize::from(id.0)) else {
+            return;
+        };
+        if let Some(remote) = &e.remote {
             *remote.client.write().expect("owner lock") = client.clone();
+        }
+        if e.asked_push.load(Ordering::Acquire) {
+            if let Err(err) = client.send(&tsubame_pageserver::Message::Resumed) {
+                log::warn!("{}: asking it again for its pages: {err}", e.name);
+            }
         }
     }
 
@@ -380,6 +404,7 @@ impl OwnerRouter {
             link: Arc::default(),
             down: Arc::default(),
             redial: None,
+            asked_push: Arc::default(),
         })
     }
 
@@ -400,6 +425,7 @@ impl OwnerRouter {
             link: Arc::default(),
             down: Arc::default(),
             redial,
+            asked_push: Arc::default(),
         })
     }
 
@@ -436,9 +462,28 @@ impl OwnerRouter {
                     e.name
                 ))
             })?;
-            client
-                .send(&tsubame_pageserver::Message::Resumed)
-                .map_err(|err| FetchError(format!("asking {} for its pages: {err}", e.name)))?;
+            e.asked_push.store(true, Ordering::Release);
+            if e.down.load(Ordering::Acquire) {
+                // Asked once its link is back.
+                asked.push((e.name.clone(), owned));
+                continue;
+            }
+            match client.send(&tsubame_pageserver::Message::Resumed) {
+                // Its link just broke: asked again once the redial brings it back.
+                Err(err) if e.redial.is_some() => {
+                    log::warn!(
+                        "asking {} for its pages: {err}; asked again after the redial",
+                        e.name
+                    );
+                }
+                Err(err) => {
+                    return Err(FetchError(format!(
+                        "asking {} for its pages: {err}",
+                        e.name
+                    )))
+                }
+                Ok(()) => {}
+            }
             asked.push((e.name.clone(), owned));
         }
         Ok(asked)
