@@ -308,6 +308,20 @@ impl VmProcess {
         Ok(c.execute(command, args)?)
     }
 
+    /// Polls `query-status` until `done` holds (at most 30 s; `what` names the wait in the
+    /// panic); returns the last one.
+    pub fn status_until(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = self.ctl("query-status", serde_json::json!({})).unwrap();
+            if done(&s) {
+                return s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "never {what}: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.0.lock().expect("stderr buffer").clone()

@@ -8,7 +8,7 @@
 //! memserver came back without its pages, and with `--replicas 2` finishes without a pause
 //! that matters.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tsubame_tests::{run_to_end, tsubame, Scratch, VmProcess};
@@ -183,19 +183,6 @@ fn common<'a>(workload: &'a str, steps: &'a str) -> [&'a str; 8] {
     ]
 }
 
-/// Polls `query-status` until `done` holds (at most 30 s); returns the last one.
-fn status_until(vm: &VmProcess, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let s = vm.ctl("query-status", json!({})).unwrap();
-        if done(&s) {
-            return s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "never {what}: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn evicted(s: &Value) -> bool {
     s["remote_paging"]["evicted_pages"].as_u64().unwrap_or(0) > 1000
 }
@@ -209,9 +196,9 @@ fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
     let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=21", "100000");
     let reference = run_to_end(&common(workload, steps)).unwrap();
     let vm = paged_vm(&dir, workload, steps, &format!("tcp:{via}"), &[]);
-    status_until(&vm, "evicted", evicted);
+    vm.status_until("evicted", evicted);
     link.ctl("drop", json!({})).unwrap();
-    let s = status_until(&vm, "held", |s| s["status"] == "held");
+    let s = vm.status_until("held", |s| s["status"] == "held");
     let down = &s["memory_hold"]["unreachable"][0];
     assert!(down["pages_owned"].as_u64().unwrap() > 0, "{s}");
     assert!(down["endpoint"].as_str().unwrap().contains(&via), "{s}");
@@ -223,7 +210,7 @@ fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
     let e = vm.ctl("cont", json!({})).unwrap_err().to_string();
     assert!(e.contains("part of its memory cannot be reached"), "{e}");
     link.ctl("restore", json!({})).unwrap();
-    let s = status_until(&vm, "resumed", |s| s["status"] != "held");
+    let s = vm.status_until("resumed", |s| s["status"] != "held");
     assert_eq!(s["memory_hold"]["holds"], 1, "{s}");
     let (status, out) = vm.wait().unwrap();
     assert!(status.success(), "{out}");
@@ -237,9 +224,9 @@ fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_
     let dir = Scratch::new("paging-killed");
     let (ms, uri) = VmProcess::memserver(SECRET, &[]).unwrap();
     let vm = paged_vm(&dir, "uniform:ws=32M,write=0.5,seed=22", "0", &uri, &[]);
-    status_until(&vm, "evicted", evicted);
+    vm.status_until("evicted", evicted);
     drop(ms); // SIGKILL: its pages are gone
-    status_until(&vm, "held", |s| s["status"] == "held");
+    vm.status_until("held", |s| s["status"] == "held");
     // A new memserver on the same address holds nothing of this VM: its pages cannot come
     // back, and the VM stays paused with the reason (it never runs on a zero page instead).
     let listen = uri.clone();
@@ -248,7 +235,7 @@ fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_
         "memserver listening on",
     )
     .unwrap();
-    let s = status_until(&vm, "refused", |s| {
+    let s = vm.status_until("refused", |s| {
         s["memory_hold"]["unreachable"][0]["lost_for_good"] == true
     });
     assert_eq!(s["status"], "held", "{s}");
@@ -275,7 +262,7 @@ fn with_two_replicas_a_killed_memserver_costs_no_guest() {
         &format!("{uri0},{uri1}"),
         &["--replicas", "2"],
     );
-    status_until(&vm, "evicted", evicted);
+    vm.status_until("evicted", evicted);
     drop(ms0);
     let (status, out) = vm.wait().unwrap();
     assert!(status.success(), "{out}");

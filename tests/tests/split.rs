@@ -423,19 +423,6 @@ fn a_full_memserver_refuses_with_its_reason_and_its_pages_go_to_the_destination(
     ms.ctl("quit", json!({})).unwrap();
 }
 
-/// Polls `vm`'s `query-status` until `done` holds (at most 30 s); returns the last one.
-fn status_until(vm: &VmProcess, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let s = vm.ctl("query-status", json!({})).unwrap();
-        if done(&s) {
-            return s;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "never {what}: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_memserver_out_of_reach_pauses_the_split_vm_until_it_is_back() {
     let dir = Scratch::new("split-outage");
@@ -466,7 +453,7 @@ fn a_memserver_out_of_reach_pauses_the_split_vm_until_it_is_back() {
         .unwrap();
     completed(&source);
     link.ctl("drop", json!({})).unwrap();
-    let s = status_until(&dest, "held", |s| s["status"] == "held");
+    let s = dest.status_until("held", |s| s["status"] == "held");
     let down = &s["memory_hold"]["unreachable"][0];
     assert!(down["endpoint"].as_str().unwrap().contains(&via), "{s}");
     assert!(down["pages_owned"].as_u64().unwrap() > 0, "{s}");
@@ -478,7 +465,7 @@ fn a_memserver_out_of_reach_pauses_the_split_vm_until_it_is_back() {
     let after = dest.ctl("query-progress", json!({})).unwrap()["steps"].clone();
     assert_eq!(before, after, "a held VM ran on");
     link.ctl("restore", json!({})).unwrap();
-    status_until(&dest, "resumed", |s| s["status"] != "held");
+    dest.status_until("resumed", |s| s["status"] != "held");
     let (status, out) = dest.wait().unwrap();
     assert!(status.success(), "destination failed: {out}");
     let summary: Value = serde_json::from_str(&out).unwrap();
