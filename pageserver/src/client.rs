@@ -141,6 +141,8 @@ pub struct PageClient {
     push_done: AtomicBool,
     completed: AtomicBool,
     counters: Counters,
+    /// The bulk channel, once [`Self::receive_bulk`] reads it (for [`Self::disconnect`]).
+    bulk: Mutex<Option<TcpStream>>,
 }
 
 impl std::fmt::Debug for PageClient {
@@ -172,6 +174,7 @@ impl PageClient {
             push_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
             counters: Counters::default(),
+            bulk: Mutex::new(None),
         }))
     }
 
@@ -241,6 +244,7 @@ impl PageClient {
             Ok(s) => Acknowledger::new(s),
             Err(e) => return self.events.failed(self, self.lost(e.into())),
         };
+        *self.bulk.lock().expect("client lock") = bulk.try_clone().ok();
         let mut r = ChannelReader::new(bulk);
         loop {
             match self.receive_one(&mut r, Delivery::Bulk, Some(&mut acks)) {
@@ -288,6 +292,19 @@ impl PageClient {
             pages_discarded: c.discarded.load(Ordering::Relaxed),
             bytes_received: c.bytes.load(Ordering::Relaxed),
             push_done: self.is_push_done(),
+        }
+    }
+
+    /// Shuts both channels down: a link given up on (silent too long) stops here, and its
+    /// readers end, rather than wait for a peer that may never answer.
+    pub fn disconnect(&self) {
+        let _ = self
+            .writer
+            .lock()
+            .expect("client lock")
+            .shutdown(std::net::Shutdown::Both);
+        if let Some(b) = self.bulk.lock().expect("client lock").as_ref() {
+            let _ = b.shutdown(std::net::Shutdown::Both);
         }
     }
 

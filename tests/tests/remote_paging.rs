@@ -189,16 +189,36 @@ fn evicted(s: &Value) -> bool {
 
 #[test]
 fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
-    let dir = Scratch::new("paging-outage");
+    outage("drop", "21");
+}
+
+/// A network that drops everything without a reset: TCP says nothing, the fault left
+/// unanswered for 2 s does.
+#[test]
+fn a_silent_memserver_link_pauses_the_vm_until_it_speaks_again() {
+    let s = outage("blackhole", "24");
+    let why = s["memory_hold"]["unreachable"][0]["why"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("the link is silent"), "{s}");
+}
+
+/// Cuts the link to the memserver (`fault`: a linkem command) under a paged VM, checks that
+/// the VM is held while it is cut and resumes after `restore`, and that its memory at the end
+/// equals a run that never paged; returns `query-status` while it was held.
+fn outage(fault: &str, seed: &str) -> Value {
+    let dir = Scratch::new(&format!("paging-{fault}"));
     let (_ms, uri) = VmProcess::memserver(SECRET, &[]).unwrap();
     let addr = uri.trim_start_matches("tcp:").to_string();
     let (link, via) = VmProcess::linkem(&addr, &dir.path("link.sock")).unwrap();
-    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=21", "100000");
-    let reference = run_to_end(&common(workload, steps)).unwrap();
-    let vm = paged_vm(&dir, workload, steps, &format!("tcp:{via}"), &[]);
+    let workload = format!("uniform:ws=32M,write=0.5,seed={seed}");
+    let steps = "100000";
+    let reference = run_to_end(&common(&workload, steps)).unwrap();
+    let vm = paged_vm(&dir, &workload, steps, &format!("tcp:{via}"), &[]);
     vm.status_until("evicted", evicted);
-    link.ctl("drop", json!({})).unwrap();
-    let s = vm.status_until("held", |s| s["status"] == "held");
+    link.ctl(fault, json!({})).unwrap();
+    let held = vm.status_until("held", |s| s["status"] == "held");
+    let s = held.clone();
     let down = &s["memory_hold"]["unreachable"][0];
     assert!(down["pages_owned"].as_u64().unwrap() > 0, "{s}");
     assert!(down["endpoint"].as_str().unwrap().contains(&via), "{s}");
@@ -217,6 +237,7 @@ fn a_memserver_out_of_reach_pauses_the_vm_until_it_is_back() {
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["status"], "finished", "{summary}");
     assert_eq!(summary["digest"], reference["digest"], "{summary}");
+    held
 }
 
 #[test]

@@ -362,6 +362,18 @@ impl FaultEngine {
         v
     }
 
+    /// Pages that threads have waited for longer than `age`.
+    pub fn pending_longer_than(&self, age: Duration) -> Vec<Gfn> {
+        let now = Instant::now();
+        self.pending
+            .lock()
+            .expect("engine lock")
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) > age)
+            .map(|(g, _)| *g)
+            .collect()
+    }
+
     /// A snapshot of the counters and the latency histogram.
     pub fn stats(&self) -> FaultStats {
         let c = &self.counters;

@@ -721,7 +721,8 @@ impl Vm {
     }
 
     /// Pauses the VM while an owner of some of its pages cannot be reached (a memserver whose
-    /// link broke) and resumes it once every such owner is back, unless the operator paused it
+    /// link broke, or left a fault unanswered for [`crate::paging::router::SILENT_LINK`]) and
+    /// resumes it once every such owner is back, unless the operator paused it
     /// meanwhile: a vCPU would otherwise wait on such a page inside the guest, and the others
     /// run on with the guest half stopped. Watches on a thread of its own (`memory-watch`)
     /// until the VM goes; nothing to do for a VM whose memory is all here.
@@ -739,6 +740,7 @@ impl Vm {
                     let Some(vm) = vm.upgrade() else {
                         return;
                     };
+                    router.check_silent(crate::paging::router::SILENT_LINK);
                     if let Err(e) = vm.check_memory(&router) {
                         log::error!("pausing or resuming for unreachable memory: {e}");
                     }

@@ -6,7 +6,8 @@
 //! zero page is installed at once. Endpoints that answer on the fault thread (a remote page
 //! server's demand replies) are each given the chance after a batch of faults.
 //!
-//! **Lost links.** A remote owner whose connection breaks is marked down ([`OwnerRouter::lost`]):
+//! **Lost links.** A remote owner whose connection breaks, or that leaves a waiting fault
+//! unanswered for [`SILENT_LINK`] ([`OwnerRouter::check_silent`]), is marked down ([`OwnerRouter::lost`]):
 //! faults on its pages are not sent anywhere (the vCPUs that touch them wait; nothing ever
 //! installs a zero or stale copy in their place), and, if it was given a [`Redial`], a thread
 //! dials it again with backoff. Once it answers, its new client replaces the old one and every
@@ -64,6 +65,9 @@ pub struct LinkStatus {
     /// Successful redials.
     pub redials: u64,
 }
+
+/// How long a waiting fault may go unanswered before its owner's link counts as lost.
+pub const SILENT_LINK: Duration = Duration::from_secs(2);
 
 /// An owner of pages that cannot be reached now, as [`OwnerRouter::unreachable`] gives it.
 #[derive(Clone, Debug, Serialize)]
@@ -347,6 +351,44 @@ impl OwnerRouter {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+
+    /// Gives up on the links that leave a waiting fault unanswered for longer than `silent`
+    /// (a network that drops everything without a reset tells TCP nothing): each such link
+    /// that can be dialled again is disconnected and lost, so that the VM pauses and the
+    /// redial brings the page once the network is back. Called periodically (see
+    /// [`crate::Vm::watch_memory`]).
+    pub fn check_silent(&self, silent: Duration) {
+        let Some(engine) = self.engine.lock().expect("router lock").upgrade() else {
+            return;
+        };
+        let mut quiet: Vec<(EndpointId, Gfn)> = Vec::new();
+        for gfn in engine.pending_longer_than(silent) {
+            if let Some(Owner::Endpoint(id)) = self.owners.get(gfn) {
+                if !quiet.iter().any(|(q, _)| *q == id) {
+                    quiet.push((id, gfn));
+                }
+            }
+        }
+        for (id, gfn) in quiet {
+            let client = {
+                let e = self.endpoints.read().expect("router lock");
+                let Some(e) = e.get(usize::from(id.0)) else {
+                    continue;
+                };
+                if e.redial.is_none() || e.down.load(Ordering::Acquire) {
+                    continue;
+                }
+                e.remote.as_ref().map(|r| r.client())
+            };
+            if let Some(c) = client {
+                c.disconnect();
+            }
+            self.lost(
+                id,
+                &format!("no reply to a request for page {gfn} in {silent:?}: the link is silent"),
+            );
         }
     }
 
