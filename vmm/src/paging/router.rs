@@ -111,6 +111,9 @@ struct Link {
     redials: u64,
     /// A redial thread runs.
     dialling: bool,
+    /// Its [`Redial::lost`] (handing pages to other holders) has not finished yet: the VM
+    /// does not pause for pages that may not wait at all.
+    failing_over: bool,
 }
 
 struct Endpoint {
@@ -203,7 +206,7 @@ impl OwnerRouter {
             .enumerate()
             .filter_map(|(i, e)| {
                 let l = e.link.lock().expect("link lock");
-                let since = l.down_since?;
+                let since = l.down_since.filter(|_| !l.failing_over)?;
                 let id = EndpointId(u8::try_from(i).expect("few endpoints"));
                 let owned = self.owners.owned_by(id);
                 (owned > 0).then(|| Unreachable {
@@ -278,14 +281,19 @@ impl OwnerRouter {
             );
             if let (Some(r), Some(me)) = (redial.filter(|_| !l.dialling), self.me.upgrade()) {
                 l.dialling = true;
+                l.failing_over = true;
+                let link = link.clone();
                 let spawned = std::thread::Builder::new()
                     .name("redial".into())
                     .spawn(move || {
                         r.lost();
+                        link.lock().expect("link lock").failing_over = false;
+                        me.notify();
                         me.redial_loop(id, &r);
                     });
                 if let Err(e) = spawned {
                     l.dialling = false;
+                    l.failing_over = false;
                     log::error!("{name}: cannot start the redial thread: {e}");
                 }
             }
