@@ -271,20 +271,47 @@ fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_
 
 #[test]
 fn with_two_replicas_a_killed_memserver_costs_no_guest() {
-    let dir = Scratch::new("paging-replicas");
+    lose_a_replica(Loss::Kill, "23");
+}
+
+#[test]
+fn with_two_replicas_a_silent_memserver_costs_no_guest() {
+    lose_a_replica(Loss::Blackhole, "25");
+}
+
+/// How a memserver goes away.
+#[derive(PartialEq)]
+enum Loss {
+    /// Its process is killed: its connections reset.
+    Kill,
+    /// Its network goes silent (linkem `blackhole`): nothing resets.
+    Blackhole,
+}
+
+/// Runs a paged VM over two memservers with `--replicas 2`, loses the first (`loss`) once
+/// pages were evicted, and checks that the VM finishes, its pages handed to the other, with
+/// the digest of a run that never paged.
+fn lose_a_replica(loss: Loss, seed: &str) {
+    let dir = Scratch::new(&format!("paging-replicas-{seed}"));
     let (ms0, uri0) = VmProcess::memserver(SECRET, &[]).unwrap();
     let (_ms1, uri1) = VmProcess::memserver(SECRET, &[]).unwrap();
-    let (workload, steps) = ("uniform:ws=32M,write=0.5,seed=23", "100000");
-    let reference = run_to_end(&common(workload, steps)).unwrap();
+    let (link, via) =
+        VmProcess::linkem(uri0.trim_start_matches("tcp:"), &dir.path("link.sock")).unwrap();
+    let workload = format!("uniform:ws=32M,write=0.5,seed={seed}");
+    let steps = "100000";
+    let reference = run_to_end(&common(&workload, steps)).unwrap();
     let vm = paged_vm(
         &dir,
-        workload,
+        &workload,
         steps,
-        &format!("{uri0},{uri1}"),
+        &format!("tcp:{via},{uri1}"),
         &["--replicas", "2"],
     );
     vm.status_until("evicted", evicted);
-    drop(ms0);
+    match loss {
+        Loss::Kill => drop(ms0),
+        Loss::Blackhole => drop(link.ctl("blackhole", json!({})).unwrap()),
+    }
     let (status, out) = vm.wait().unwrap();
     assert!(status.success(), "{out}");
     let summary: Value = serde_json::from_str(&out).unwrap();
@@ -294,6 +321,6 @@ fn with_two_replicas_a_killed_memserver_costs_no_guest() {
     assert_eq!(r["replicas"], 2, "{r}");
     assert!(r["failed_over_pages"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(r["memservers"][0]["up"], false, "{r}");
-    // Every page the dead memserver owned went to the other: nothing waits for it.
+    // Every page the lost memserver owned went to the other: nothing waits for it.
     assert_eq!(r["memservers"][0]["pages_owned"], 0, "{r}");
 }

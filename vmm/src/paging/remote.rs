@@ -831,6 +831,8 @@ struct RecallDial {
     /// The receivers and sockets of every recall session, to stop at the end.
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// The store links' connections: this memserver's are cut when its recall link is lost.
+    stores: StoreSockets,
 }
 
 impl RecallDial {
@@ -892,6 +894,11 @@ impl RecallDial {
 
 impl Redial for RecallDial {
     fn lost(&self) {
+        // A store in flight to it (on a silent network, say) would hold the evictor, and the
+        // fail-over waits for the evictor's pass: the store fails now instead.
+        for c in &self.stores.lock().expect("paging lock")[self.memserver] {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         self.fail_over(false);
     }
 
@@ -948,7 +955,12 @@ struct StoreDial {
     router: std::sync::Weak<OwnerRouter>,
     endpoints: Vec<EndpointId>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// Each memserver's current store connections, shut down when its recall link is lost.
+    current: StoreSockets,
 }
+
+/// Each memserver's current store connections.
+type StoreSockets = Arc<Mutex<Vec<Vec<std::net::TcpStream>>>>;
 
 impl StoreDial {
     fn open(&self, memserver: usize) -> Result<StoreLink, String> {
@@ -956,8 +968,11 @@ impl StoreDial {
         let s = session::open(uri, &self.secret, &self.hello).map_err(|e| e.to_string())?;
         {
             let mut sockets = self.sockets.lock().expect("paging lock");
+            let mut current = self.current.lock().expect("paging lock");
+            current[memserver].clear();
             for c in [&s.urgent, &s.bulk] {
                 sockets.push(c.try_clone().map_err(|e| e.to_string())?);
+                current[memserver].push(c.try_clone().map_err(|e| e.to_string())?);
             }
         }
         Ok(StoreLink {
@@ -1120,6 +1135,9 @@ impl RemotePaging {
         };
         let threads = Arc::new(Mutex::new(Vec::new()));
         let sockets = Arc::new(Mutex::new(Vec::new()));
+        let stores: StoreSockets = Arc::new(Mutex::new(
+            (0..config.memservers.len()).map(|_| Vec::new()).collect(),
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let mut endpoints = Vec::new();
         let (mut watches, mut dials) = (Vec::new(), Vec::new());
@@ -1132,6 +1150,7 @@ impl RemotePaging {
             router: Arc::downgrade(&router),
             endpoints: Vec::new(),
             sockets: sockets.clone(),
+            current: stores.clone(),
         };
         let mut links = Vec::new();
         for (ms, uri) in config.memservers.iter().enumerate() {
@@ -1169,6 +1188,7 @@ impl RemotePaging {
                 closing: stop.clone(),
                 threads: threads.clone(),
                 sockets: sockets.clone(),
+                stores: stores.clone(),
             });
             let client = dial
                 .open(Purpose::Recall)
