@@ -78,7 +78,7 @@ use serde::Serialize;
 use tsubame_pages::{Gfn, MemoryLayout, PageRun, PAGE_SIZE};
 use tsubame_pageserver::flow::BulkWriter;
 use tsubame_pageserver::message::{Hello, Purpose};
-use tsubame_pageserver::server::{BulkSender, PageServer, SendKind};
+use tsubame_pageserver::server::{PageServer, SendKind};
 use tsubame_pageserver::session;
 use tsubame_pageserver::{ClientError, ClientEvents, PageClient};
 use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
@@ -696,14 +696,34 @@ struct StoreLink {
 struct Links(Vec<StoreLink>);
 
 impl PageOut for Links {
+    /// Sends every page of `runs` with no flush or wait between them (the runs of a pass are
+    /// often a few pages each; a flush per run cost a system call per run and made a pass of
+    /// scattered chunks send at a fraction of the link), then waits until the memserver has
+    /// acknowledged all of it: only then may the pages become its own.
     fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String> {
         let link = &mut self.0[memserver];
-        let mut sender = BulkSender::new(&link.server, None);
+        let mut scratch = tsubame_pageserver::server::Scratch::default();
+        // No one waits behind this queue: the whole pass may be in flight at once.
+        link.writer
+            .set_window_floor(runs.iter().map(|r| r.pages * PAGE_SIZE).sum());
         let sent = (|| -> Result<(), tsubame_pageserver::ServerError> {
-            for run in runs {
+            for run in merged_runs(runs) {
                 // Sent again each time it is evicted: the memserver replaces its copy.
                 link.server.unsend(run.gfn, run.pages);
-                sender.send(&mut link.writer, run.gfn, run.pages, SendKind::Precopy)?;
+                let mut done = 0;
+                while done < run.pages {
+                    let piece = link.writer.run_pages().min(run.pages - done);
+                    // Flushes, and waits, only when a window is unacknowledged.
+                    link.writer.wait_for_window()?;
+                    link.server.send(
+                        &mut link.writer,
+                        &mut scratch,
+                        run.gfn + done,
+                        piece,
+                        SendKind::Precopy,
+                    )?;
+                    done += piece;
+                }
             }
             link.writer.wait_all_acknowledged()?;
             Ok(())
@@ -1157,6 +1177,21 @@ impl WriteTracker {
         }
         Ok(())
     }
+}
+
+/// `runs` (in order) with the runs that continue one another joined: a pass's runs end at
+/// chunk boundaries, and a store sends each joined run in as few frames as it can.
+fn merged_runs(runs: &[PageRun]) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match out.last_mut() {
+            Some(r) if r.gfn + r.pages == run.gfn && r.index + r.pages == run.index => {
+                r.pages += run.pages;
+            }
+            _ => out.push(*run),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
