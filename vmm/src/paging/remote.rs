@@ -1267,12 +1267,13 @@ mod tests {
         }
     }
 
-    /// A dirty log as KVM keeps it with manual protection: a write sets the page's bit, which
-    /// stays set until re-armed.
+    /// A dirty log as KVM keeps it: a write sets the page's bit, which stays set until
+    /// re-armed (with manual protection) or read (without).
     #[derive(Clone)]
     struct FakeLog {
         bits: Arc<Mutex<Vec<u64>>>,
         pages: u64,
+        manual: bool,
     }
 
     impl FakeLog {
@@ -1281,6 +1282,7 @@ mod tests {
             Self {
                 bits: Arc::new(Mutex::new(vec![0; words])),
                 pages,
+                manual: true,
             }
         }
 
@@ -1295,15 +1297,20 @@ mod tests {
 
     impl DirtyLog for FakeLog {
         fn manual(&self) -> bool {
-            true
+            self.manual
         }
 
         fn read(&mut self) -> Result<Vec<SlotDirtyLog>, String> {
+            let mut bits = self.bits.lock().unwrap();
+            let words = bits.clone();
+            if !self.manual {
+                bits.iter_mut().for_each(|w| *w = 0);
+            }
             Ok(vec![SlotDirtyLog {
                 slot: 0,
                 first_gfn: Gfn(0),
                 pages: self.pages,
-                words: self.bits.lock().unwrap().clone(),
+                words,
             }])
         }
 
@@ -1332,7 +1339,7 @@ mod tests {
     }
 
     #[test]
-    fn pages_written_after_their_rearm_leave_the_coldest_and_only_they_cost_a_fault() {
+    fn pages_written_after_their_rearm_leave_the_coldest_silent_ones_go() {
         let (pager, memory) = pager(1024);
         let layout = pager.layout.clone();
         assert_eq!(layout.gfn_at(0), Some(Gfn(0)));
@@ -1377,6 +1384,28 @@ mod tests {
             (4..8).all(gone),
             "chunks silent since their re-arm go first"
         );
+        pager.engine.stop();
+    }
+
+    #[test]
+    fn without_manual_protection_the_log_is_read_only_near_the_limit() {
+        let (pager, memory) = pager(1024);
+        let mut log = FakeLog {
+            manual: false,
+            ..FakeLog::new(pager.layout.total_pages())
+        };
+        let mut tracker = WriteTracker::new(false);
+        // Far from the limit: a read would re-arm (and so slow) every written page; none.
+        touch(&memory, 0..256, 1);
+        log.write(0..256);
+        tracker.observe(&pager, &mut log).unwrap();
+        assert_eq!(log.bits.lock().unwrap()[0], u64::MAX, "not read");
+        // Near it: read, and the writes count.
+        touch(&memory, 256..1000, 1);
+        let epoch = pager.epoch.load(Ordering::Relaxed);
+        tracker.observe(&pager, &mut log).unwrap();
+        assert!(log.bits.lock().unwrap().iter().all(|w| *w == 0), "read");
+        assert_eq!(pager.seen[5].load(Ordering::Relaxed), epoch);
         pager.engine.stop();
     }
 
