@@ -17,6 +17,11 @@
 //! slow start: each round trip acknowledges a full window, which doubles it, until the link
 //! is full.
 //!
+//! A channel that no fault waits behind (a write-back to a memserver) may raise the window's
+//! floor to a whole batch ([`BulkWriter::set_window_floor`]): its sender then waits once per
+//! batch rather than once per window, and each of those waits is a wake-up that a host whose
+//! CPUs the guest keeps busy delays.
+//!
 //! The same measured rate sizes the sender's runs of pages ([`BulkWriter::run_pages`]): what
 //! the link delivers in about a millisecond, from 256 KiB up to 2 MiB. Large runs spare the
 //! receiver's CPU (one `UFFDIO_MOVE`, and one wait for the other CPUs to flush their TLBs,
@@ -65,6 +70,8 @@ struct Window {
     size: AtomicU64,
     /// Acknowledged bytes per second over the last few round trips (0: not measured yet).
     rate: AtomicU64,
+    /// The window never shrinks below this ([`BulkWriter::set_window_floor`]).
+    floor: AtomicU64,
     /// The acknowledgement reader stopped: the receiver went away (or closed the channel).
     closed: AtomicBool,
     lock: Mutex<()>,
@@ -107,6 +114,7 @@ impl BulkWriter {
             acked: AtomicU64::new(0),
             size: AtomicU64::new(WINDOW_MIN),
             rate: AtomicU64::new(0),
+            floor: AtomicU64::new(WINDOW_MIN),
             closed: AtomicBool::new(false),
             lock: Mutex::new(()),
             acked_cv: Condvar::new(),
@@ -136,6 +144,19 @@ impl BulkWriter {
         }
         self.w.flush()?;
         w.wait_until(open)
+    }
+
+    /// Keeps the window at least `bytes` (within [`WINDOW_MIN`]..=[`WINDOW_MAX`]); a floor
+    /// lower than the last one takes effect with the next acknowledgement. For a channel whose queue no one waits behind, such as a write-back to a memserver:
+    /// the sender then writes a whole batch and waits once for its acknowledgement, instead
+    /// of sleeping for an acknowledgement every window, each a wake-up that a busy host
+    /// delays.
+    pub fn set_window_floor(&self, bytes: u64) {
+        let w = &self.window;
+        let floor = bytes.clamp(WINDOW_MIN, WINDOW_MAX);
+        if w.floor.swap(floor, Ordering::Relaxed) != floor {
+            w.size.fetch_max(floor, Ordering::Relaxed);
+        }
     }
 
     /// Pages the next run should have: what the link delivers in about [`RUN_TIME`] at the
@@ -216,7 +237,9 @@ fn read_acks(s: TcpStream, w: &Window, rtt: Duration) {
         }
         let rate = rate_of(&history);
         w.rate.store(rate, Ordering::Relaxed);
-        w.size.store(window_for(rate, rtt), Ordering::Relaxed);
+        let floor = w.floor.load(Ordering::Relaxed);
+        w.size
+            .store(window_for(rate, rtt).max(floor), Ordering::Relaxed);
         w.acked.store(bytes, Ordering::Release);
         let _guard = w.lock.lock().expect("window lock");
         w.acked_cv.notify_all();
@@ -326,6 +349,34 @@ mod tests {
         assert_eq!(run_pages_for(1_000_000_000), 244);
         // Loopback (2-3 GB/s): a page table's worth.
         assert_eq!(run_pages_for(3_000_000_000), RUN_PAGES_MAX);
+    }
+
+    #[test]
+    fn a_window_floor_lets_a_whole_batch_out_unacknowledged() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut d, _) = l.accept().unwrap();
+        let mut w = BulkWriter::new(c, Duration::from_micros(50)).unwrap();
+        w.set_window_floor(4 * WINDOW_MIN);
+        // Reads what is sent (no acknowledgement), so that the socket never fills.
+        let reader = std::thread::spawn(move || {
+            let mut sink = vec![0u8; 1 << 16];
+            while d.read(&mut sink).is_ok_and(|n| n > 0) {}
+        });
+        let chunk = vec![7u8; 256 << 10];
+        // Four times the smallest window goes out without one acknowledgement (without the
+        // floor, `wait_for_window` would wait forever past the first).
+        while w.written + chunk.len() as u64 <= 4 * WINDOW_MIN {
+            w.wait_for_window().unwrap();
+            w.write_all(&chunk).unwrap();
+        }
+        assert_eq!(w.written, 4 * WINDOW_MIN);
+        assert_eq!(w.acknowledged(), 0);
+        // Clamped to the largest window.
+        w.set_window_floor(u64::MAX);
+        assert_eq!(w.window.size.load(Ordering::Relaxed), WINDOW_MAX);
+        w.finish().unwrap();
+        reader.join().unwrap();
     }
 
     #[test]

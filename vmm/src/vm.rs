@@ -243,8 +243,8 @@ impl Vm {
         if let Some(r) = &remote {
             // The evictor is the dirty log's only reader (see `paging::remote`).
             kvm.set_dirty_logging(&memory, true)?;
-            let (k, m) = (kvm.clone(), memory.clone());
-            r.start_evictor(move || k.take_dirty_pages(&m).map_err(|e| e.to_string()))?;
+            let log = crate::paging::remote::KvmDirtyLog::new(kvm.clone(), memory.clone())?;
+            r.start_evictor(log)?;
         }
         let devices = Arc::new(Devices::new(config.serial.open()?, config.vcpus));
         let mut vcpus = Vec::with_capacity(config.vcpus);

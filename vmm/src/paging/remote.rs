@@ -29,17 +29,35 @@
 //!   after the drop goes to the memserver, never to a zero page.
 //!
 //! **Cold pages.** This kernel has no idle-page tracking, so the pager uses what it can see:
-//! KVM's dirty log (collected every pass; exact for the guest's CPL3 writes) and the time each
-//! page was last faulted in. A page's recency is the last pass in which either happened; the
-//! evictor takes the chunks (16 pages, 64 KiB) whose newest page is oldest. Pages that the
-//! guest only *reads* are invisible to both after their fault-in: a read-mostly hot page ages
-//! like a cold one, is evicted (cheaply: it is clean) and faults back in on its next read. The
-//! chunk granularity keeps the write-protect and drop calls (each a TLB flush) few.
+//! KVM's dirty log (exact for the guest's CPL3 writes) and the time each page was last faulted
+//! in. A page's recency is the last pass (evictor tick) in which a write to it was seen or it
+//! was faulted in; the evictor takes the chunks (16 pages, 64 KiB) whose newest page is
+//! oldest. Pages that the guest only *reads* are invisible to both after their fault-in: a
+//! read-mostly hot page ages like a cold one, is evicted (cheaply: it is clean) and faults back
+//! in on its next read. The chunk granularity keeps the write-protect and drop calls (each a
+//! TLB flush) few.
 //!
-//! **The dirty log has one consumer.** `KVM_GET_DIRTY_LOG` clears what it returns, so the
-//! evictor is its only reader on such a VM: migrations and reverse checkpoints of a VM that
-//! pages out are refused ([`crate::Vm::migrate`]; migrating would also have to fetch evicted
-//! pages rather than take them as never written).
+//! **Seeing writes costs the guest, so the evictor watches few pages.** For KVM to log a
+//! page's next write it must write-protect the page again ("re-arm" it), and that write then
+//! takes a fault (about 12 µs under this KVM). `KVM_GET_DIRTY_LOG` alone re-arms every page it
+//! returns: read every 10 ms, it cost the guest a fault per page it kept writing per read, and
+//! a guest whose hot set fit ran 2.2-2.5× as long as all local (`tsubame bench memserver`). So
+//! the log runs with manual protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): the evictor
+//! reads it every tick at no cost to the guest, a page's bit stays set (and the page writable)
+//! until the evictor re-arms it, and a bit that turns on after a re-arm is a new write. It
+//! re-arms only pages it may evict soon: once resident memory is within two passes of the
+//! limit, after every pass and every 100 ms, the pages of the coldest chunks worth two passes
+//! (`WriteTracker`). A re-armed page the guest still writes shows it before the next pass
+//! and leaves the coldest; one that stays silent is evicted. A page written while not re-armed
+//! keeps the recency of its last seen write until it sinks to the coldest again: a hot page
+//! costs one fault per such round, and none while the VM fits under its limit. Without manual
+//! protection (Linux before 5.8) the log is read, and so re-armed whole, every tick but only
+//! near the limit.
+//!
+//! **The dirty log has one consumer.** The evictor keeps its own account of which bits it
+//! cleared, so it is the log's only reader on such a VM: migrations and reverse checkpoints of
+//! a VM that pages out are refused ([`crate::Vm::migrate`]; migrating would also have to fetch
+//! evicted pages rather than take them as never written).
 //!
 //! **Accounting.** Resident pages are the engine's present pages (zero-filled ones count). The
 //! evictor runs when they pass the limit and evicts down to a low watermark; between passes the
@@ -80,7 +98,7 @@ use serde::Serialize;
 use tsubame_pages::{Gfn, MemoryLayout, PageRun, PAGE_SIZE};
 use tsubame_pageserver::flow::BulkWriter;
 use tsubame_pageserver::message::{Hello, Purpose};
-use tsubame_pageserver::server::{BulkSender, PageServer, SendKind};
+use tsubame_pageserver::server::{PageServer, SendKind};
 use tsubame_pageserver::session;
 use tsubame_pageserver::{ClientError, ClientEvents, PageClient};
 use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
@@ -90,6 +108,7 @@ use super::router::{OwnerRouter, Redial, RedialError, RemoteOwner};
 use super::PagingError;
 use crate::memory::GuestMemory;
 use crate::migration::source::GuestMemoryStore;
+use crate::vstate::vm::{KvmVm, SlotDirtyLog};
 
 /// Pages per chunk: the unit of zero-fill on first touch and of the cold-page choice.
 pub const CHUNK_PAGES: u64 = 16;
@@ -998,6 +1017,10 @@ struct Links {
 }
 
 impl PageOut for Links {
+    /// Sends every page of `runs` with no flush or wait between them (the runs of a pass are
+    /// often a few pages each; a flush per run cost a system call per run and made a pass of
+    /// scattered chunks send at a fraction of the link), then waits until the memserver has
+    /// acknowledged all of it: only then may the pages become its own.
     fn store(&mut self, memserver: usize, runs: &[PageRun]) -> Result<(), String> {
         let Some(link) = self.links[memserver].as_mut() else {
             return Err(format!(
@@ -1005,12 +1028,28 @@ impl PageOut for Links {
                 self.dial.uris[memserver]
             ));
         };
-        let mut sender = BulkSender::new(&link.server, None);
+        let mut scratch = tsubame_pageserver::server::Scratch::default();
+        // No one waits behind this queue: the whole pass may be in flight at once.
+        link.writer
+            .set_window_floor(runs.iter().map(|r| r.pages * PAGE_SIZE).sum());
         let sent = (|| -> Result<(), tsubame_pageserver::ServerError> {
-            for run in runs {
+            for run in merged_runs(runs) {
                 // Sent again each time it is evicted: the memserver replaces its copy.
                 link.server.unsend(run.gfn, run.pages);
-                sender.send(&mut link.writer, run.gfn, run.pages, SendKind::Precopy)?;
+                let mut done = 0;
+                while done < run.pages {
+                    let piece = link.writer.run_pages().min(run.pages - done);
+                    // Flushes, and waits, only when a window is unacknowledged.
+                    link.writer.wait_for_window()?;
+                    link.server.send(
+                        &mut link.writer,
+                        &mut scratch,
+                        run.gfn + done,
+                        piece,
+                        SendKind::Precopy,
+                    )?;
+                    done += piece;
+                }
             }
             link.writer.wait_all_acknowledged()?;
             Ok(())
@@ -1244,12 +1283,10 @@ impl RemotePaging {
     }
 
     /// Starts the evictor thread (`evictor`): every tick, and whenever a fault-in takes resident
-    /// memory over the limit, it collects the guest's writes with `take_dirty` (the KVM dirty
-    /// log, which it alone reads) and evicts if over the limit.
-    pub fn start_evictor(
-        &self,
-        mut take_dirty: impl FnMut() -> Result<Vec<Gfn>, String> + Send + 'static,
-    ) -> Result<(), PagingError> {
+    /// memory over the limit, it reads the guest's writes from `dirty` (the KVM dirty log, which
+    /// it alone reads) and evicts if over the limit; near the limit it re-arms the log of the
+    /// coldest pages (see the module docs).
+    pub fn start_evictor(&self, mut dirty: impl DirtyLog) -> Result<(), PagingError> {
         let Some((mut links, nudged)) = self.links.lock().expect("paging lock").take() else {
             return Ok(());
         };
@@ -1257,25 +1294,29 @@ impl RemotePaging {
         let t = std::thread::Builder::new()
             .name("evictor".into())
             .spawn(move || {
+                let mut tracker = WriteTracker::new(dirty.manual());
                 let mut failed = false;
                 while !stop.load(Ordering::Acquire) {
                     let _ = nudged.recv_timeout(TICK);
-                    match take_dirty() {
-                        Ok(gfns) => {
-                            pager.note_written(&gfns);
-                        }
-                        Err(e) => {
-                            pager.fail(format!("reading the dirty log failed: {e}"));
-                            return;
-                        }
+                    if let Err(e) = tracker.observe(&pager, &mut dirty) {
+                        pager.fail(format!("reading the dirty log failed: {e}"));
+                        return;
                     }
                     if failed {
                         continue;
                     }
                     // Stores that fail do not end eviction (see `Pager::evict`); this does.
-                    if let Err(e) = pager.evict(&mut links) {
-                        pager.fail(e);
-                        failed = true;
+                    match pager.evict(&mut links) {
+                        Ok(evicted) => {
+                            if let Err(e) = tracker.rearm(&pager, &mut dirty, evicted > 0) {
+                                pager.fail(format!("re-arming the dirty log failed: {e}"));
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            pager.fail(e);
+                            failed = true;
+                        }
                     }
                 }
             })
@@ -1326,6 +1367,220 @@ impl Drop for RemotePaging {
         }
         self.engine.stop();
     }
+}
+
+/// The guest's dirty log as the evictor reads it: KVM's ([`KvmDirtyLog`]), or a test's.
+pub trait DirtyLog: Send + 'static {
+    /// Whether reading leaves the log as it is and [`Self::rearm`] clears chosen bits (KVM's
+    /// manual protection). If not, each read also clears and re-arms every bit it returns.
+    fn manual(&self) -> bool;
+    /// Every slot's bits: a page's bit is set once the guest wrote it after it was last
+    /// re-armed (and, with manual protection, stays set until re-armed).
+    fn read(&mut self) -> Result<Vec<SlotDirtyLog>, String>;
+    /// Clears the bits set in `pages` (shaped as [`Self::read`]'s answer) and write-protects
+    /// those pages: the guest's next write to each sets its bit again, at a write fault.
+    fn rearm(&mut self, pages: &[SlotDirtyLog]) -> Result<(), String>;
+}
+
+/// KVM's dirty log of a VM that pages out, with manual protection where KVM has it.
+#[derive(Debug)]
+pub struct KvmDirtyLog {
+    kvm: Arc<KvmVm>,
+    memory: Arc<GuestMemory>,
+    manual: bool,
+}
+
+impl KvmDirtyLog {
+    /// The log of `kvm`'s `memory`, whose dirty logging is on; switches it to manual
+    /// protection if this KVM can.
+    pub fn new(kvm: Arc<KvmVm>, memory: Arc<GuestMemory>) -> Result<Self, PagingError> {
+        let manual = kvm
+            .enable_manual_dirty_protect()
+            .map_err(|e| PagingError::Remote(e.to_string()))?;
+        if !manual {
+            log::warn!(
+                "this KVM has no manual dirty-log protection (Linux 5.8+): remote paging reads \
+                 the dirty log only near the local limit, and each read costs the guest a write \
+                 fault per page it writes"
+            );
+        }
+        Ok(Self {
+            kvm,
+            memory,
+            manual,
+        })
+    }
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn manual(&self) -> bool {
+        self.manual
+    }
+
+    fn read(&mut self) -> Result<Vec<SlotDirtyLog>, String> {
+        self.kvm.dirty_log(&self.memory).map_err(|e| e.to_string())
+    }
+
+    fn rearm(&mut self, pages: &[SlotDirtyLog]) -> Result<(), String> {
+        self.kvm.clear_dirty_log(pages).map_err(|e| e.to_string())
+    }
+}
+
+/// The evictor's view of the guest's writes (see the module docs): which pages it re-armed
+/// and has not seen written since, and when it last re-armed the candidates for eviction.
+struct WriteTracker {
+    manual: bool,
+    /// Shaped as the log: a set bit is a page whose log bit was clear (re-armed, or never
+    /// set since logging started) when last read, so that a set log bit is a new write.
+    armed: Vec<SlotDirtyLog>,
+    rearmed: Option<Instant>,
+}
+
+/// Re-arm the coldest pages worth this many eviction passes (a pass evicts from the limit
+/// down to the low watermark), once resident memory is within that many passes of the limit.
+const REARM_PASSES: u64 = 2;
+/// Near the limit, re-arm the candidates at least this often (and after every pass).
+const REARM_EVERY: Duration = Duration::from_millis(100);
+
+impl WriteTracker {
+    fn new(manual: bool) -> Self {
+        Self {
+            manual,
+            armed: Vec::new(),
+            rearmed: None,
+        }
+    }
+
+    /// Pages of the coldest chunks re-armed ahead of eviction.
+    fn margin(pager: &Pager) -> u64 {
+        REARM_PASSES * (pager.limit_pages - pager.low_pages)
+    }
+
+    /// Whether resident memory is within [`Self::margin`] of the limit: only then does the
+    /// evictor need to know which pages are written.
+    fn near_limit(pager: &Pager) -> bool {
+        pager.engine.present_pages() + Self::margin(pager) > pager.limit_pages
+    }
+
+    /// One tick: reads the log and tells the pager which pages were written.
+    fn observe(&mut self, pager: &Pager, log: &mut dyn DirtyLog) -> Result<(), String> {
+        if !self.manual {
+            // Every read write-protects every page it returns: read only near the limit.
+            let gfns: Vec<Gfn> = if Self::near_limit(pager) {
+                log.read()?.iter().flat_map(SlotDirtyLog::gfns).collect()
+            } else {
+                Vec::new()
+            };
+            pager.note_written(&gfns);
+            return Ok(());
+        }
+        let bits = log.read()?;
+        if self.armed.is_empty() {
+            // Logging started with every bit clear.
+            self.armed = bits
+                .iter()
+                .map(|s| {
+                    let mut all = SlotDirtyLog {
+                        words: vec![u64::MAX; s.words.len()],
+                        ..s.clone()
+                    };
+                    for (w, word) in all.words.iter_mut().enumerate() {
+                        let first = w as u64 * 64;
+                        if first + 64 > s.pages {
+                            *word = if first >= s.pages {
+                                0
+                            } else {
+                                (1u64 << (s.pages - first)) - 1
+                            };
+                        }
+                    }
+                    all
+                })
+                .collect();
+        }
+        let mut written = Vec::new();
+        for (slot, armed) in bits.iter().zip(&mut self.armed) {
+            let mut seen = SlotDirtyLog {
+                words: vec![0; armed.words.len()],
+                ..armed.clone()
+            };
+            let mut any = false;
+            for ((bits, armed), new) in slot.words.iter().zip(&mut armed.words).zip(&mut seen.words)
+            {
+                *new = bits & *armed;
+                *armed &= !*new;
+                any |= *new != 0;
+            }
+            if any {
+                written.extend(seen.gfns());
+            }
+        }
+        pager.note_written(&written);
+        Ok(())
+    }
+
+    /// Near the limit, after an eviction pass (`passed`) or every [`REARM_EVERY`]: re-arms the
+    /// pages of the coldest chunks whose writes it would not see, so that by the next pass a
+    /// page that is still written has shown it and is no longer among the coldest.
+    fn rearm(&mut self, pager: &Pager, log: &mut dyn DirtyLog, passed: bool) -> Result<(), String> {
+        if !self.manual || self.armed.is_empty() || !Self::near_limit(pager) {
+            return Ok(());
+        }
+        if !passed && self.rearmed.is_some_and(|t| t.elapsed() < REARM_EVERY) {
+            return Ok(());
+        }
+        self.rearmed = Some(Instant::now());
+        let mut clear: Vec<SlotDirtyLog> = self
+            .armed
+            .iter()
+            .map(|s| SlotDirtyLog {
+                words: vec![0; s.words.len()],
+                ..s.clone()
+            })
+            .collect();
+        let mut any = false;
+        // The chunks a pass could evict, whichever memservers can take pages now.
+        let usable = vec![true; pager.endpoints.len()];
+        for chunk in pager.coldest_chunks(Self::margin(pager), &usable) {
+            for k in 0..chunk.pages {
+                let gfn = chunk.gfn + k;
+                let Some((s, slot)) = self
+                    .armed
+                    .iter_mut()
+                    .enumerate()
+                    .find(|(_, s)| s.first_gfn <= gfn && gfn < s.first_gfn + s.pages)
+                else {
+                    continue;
+                };
+                let bit = gfn.0 - slot.first_gfn.0;
+                let (w, b) = (usize::try_from(bit / 64).expect("word"), bit % 64);
+                if slot.words[w] & (1 << b) == 0 {
+                    slot.words[w] |= 1 << b;
+                    clear[s].words[w] |= 1 << b;
+                    any = true;
+                }
+            }
+        }
+        if any {
+            log.rearm(&clear)?;
+        }
+        Ok(())
+    }
+}
+
+/// `runs` (in order) with the runs that continue one another joined: a pass's runs end at
+/// chunk boundaries, and a store sends each joined run in as few frames as it can.
+fn merged_runs(runs: &[PageRun]) -> Vec<PageRun> {
+    let mut out: Vec<PageRun> = Vec::with_capacity(runs.len());
+    for run in runs {
+        match out.last_mut() {
+            Some(r) if r.gfn + r.pages == run.gfn && r.index + r.pages == run.index => {
+                r.pages += run.pages;
+            }
+            _ => out.push(*run),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1411,6 +1666,148 @@ mod tests {
             self.stored.extend_from_slice(runs);
             Ok(())
         }
+    }
+
+    /// A dirty log as KVM keeps it: a write sets the page's bit, which stays set until
+    /// re-armed (with manual protection) or read (without).
+    #[derive(Clone)]
+    struct FakeLog {
+        bits: Arc<Mutex<Vec<u64>>>,
+        pages: u64,
+        manual: bool,
+    }
+
+    impl FakeLog {
+        fn new(pages: u64) -> Self {
+            let words = usize::try_from(pages.div_ceil(64)).unwrap();
+            Self {
+                bits: Arc::new(Mutex::new(vec![0; words])),
+                pages,
+                manual: true,
+            }
+        }
+
+        /// The guest writes `gfns` (the memory itself is left alone: only the log matters).
+        fn write(&self, gfns: std::ops::Range<u64>) {
+            let mut bits = self.bits.lock().unwrap();
+            for g in gfns {
+                bits[usize::try_from(g / 64).unwrap()] |= 1 << (g % 64);
+            }
+        }
+    }
+
+    impl DirtyLog for FakeLog {
+        fn manual(&self) -> bool {
+            self.manual
+        }
+
+        fn read(&mut self) -> Result<Vec<SlotDirtyLog>, String> {
+            let mut bits = self.bits.lock().unwrap();
+            let words = bits.clone();
+            if !self.manual {
+                bits.iter_mut().for_each(|w| *w = 0);
+            }
+            Ok(vec![SlotDirtyLog {
+                slot: 0,
+                first_gfn: Gfn(0),
+                pages: self.pages,
+                words,
+            }])
+        }
+
+        fn rearm(&mut self, pages: &[SlotDirtyLog]) -> Result<(), String> {
+            let mut bits = self.bits.lock().unwrap();
+            for (b, clear) in bits.iter_mut().zip(&pages[0].words) {
+                *b &= !clear;
+            }
+            Ok(())
+        }
+    }
+
+    /// Stores every run it is given.
+    #[derive(Default)]
+    struct Stored(Vec<PageRun>);
+
+    impl PageOut for Stored {
+        fn store(&mut self, _: usize, runs: &[PageRun]) -> Result<(), String> {
+            self.0.extend_from_slice(runs);
+            Ok(())
+        }
+    }
+
+    fn chunk_pages(c: u64) -> std::ops::Range<u64> {
+        c * CHUNK_PAGES..(c + 1) * CHUNK_PAGES
+    }
+
+    #[test]
+    fn pages_written_after_their_rearm_leave_the_coldest_silent_ones_go() {
+        let (pager, memory) = pager(1024);
+        let layout = pager.layout.clone();
+        assert_eq!(layout.gfn_at(0), Some(Gfn(0)));
+        let mut log = FakeLog::new(layout.total_pages());
+        let mut tracker = WriteTracker::new(true);
+        // The guest fills the limit (chunks 0..64) and writes it all: one read sees every
+        // page written, and leaves the pages writable (no re-arm far from the limit).
+        touch(&memory, 0..1024, 1);
+        log.write(0..1024);
+        tracker.observe(&pager, &mut log).unwrap();
+        // It goes on writing chunks 0..4, unseen: their bits are still set.
+        log.write(0..4 * CHUNK_PAGES);
+        tracker.observe(&pager, &mut log).unwrap();
+        // Then touches new chunks; resident is near the limit, so the coldest chunks worth
+        // two passes (chunks 0..8 by their last seen write) are re-armed: their bits clear.
+        touch(&memory, 1024..1024 + 4 * CHUNK_PAGES, 1);
+        tracker.rearm(&pager, &mut log, true).unwrap();
+        let margin = WriteTracker::margin(&pager);
+        assert_eq!(margin, 8 * CHUNK_PAGES);
+        assert_eq!(
+            log.bits.lock().unwrap()[0..2],
+            [0, 0],
+            "chunks 0..8 re-armed"
+        );
+        assert_eq!(
+            log.bits.lock().unwrap()[2],
+            u64::MAX,
+            "chunk 8 on: not re-armed"
+        );
+        // Chunks 0..4 are still written (each such page would take a write fault), 4..8 not.
+        log.write(0..4 * CHUNK_PAGES);
+        tracker.observe(&pager, &mut log).unwrap();
+        let mut out = Stored::default();
+        let evicted = pager.evict(&mut out).unwrap();
+        assert!(evicted > 0);
+        let gone = |c: u64| chunk_pages(c).all(|g| !pager.engine.is_present(Gfn(g)));
+        assert!(
+            (0..4).all(|c| !gone(c)),
+            "chunks written after their re-arm stay"
+        );
+        assert!(
+            (4..8).all(gone),
+            "chunks silent since their re-arm go first"
+        );
+        pager.engine.stop();
+    }
+
+    #[test]
+    fn without_manual_protection_the_log_is_read_only_near_the_limit() {
+        let (pager, memory) = pager(1024);
+        let mut log = FakeLog {
+            manual: false,
+            ..FakeLog::new(pager.layout.total_pages())
+        };
+        let mut tracker = WriteTracker::new(false);
+        // Far from the limit: a read would re-arm (and so slow) every written page; none.
+        touch(&memory, 0..256, 1);
+        log.write(0..256);
+        tracker.observe(&pager, &mut log).unwrap();
+        assert_eq!(log.bits.lock().unwrap()[0], u64::MAX, "not read");
+        // Near it: read, and the writes count.
+        touch(&memory, 256..1000, 1);
+        let epoch = pager.epoch.load(Ordering::Relaxed);
+        tracker.observe(&pager, &mut log).unwrap();
+        assert!(log.bits.lock().unwrap().iter().all(|w| *w == 0), "read");
+        assert_eq!(pager.seen[5].load(Ordering::Relaxed), epoch);
+        pager.engine.stop();
     }
 
     #[test]
