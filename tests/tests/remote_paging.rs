@@ -200,7 +200,12 @@ fn a_silent_memserver_link_pauses_the_vm_until_it_speaks_again() {
     let why = s["memory_hold"]["unreachable"][0]["why"]
         .as_str()
         .unwrap_or_default();
-    assert!(why.contains("the link is silent"), "{s}");
+    // Found out by the unanswered fault, or by whichever end gave up on its connection
+    // first (linkem closes a pair when one side errs).
+    assert!(
+        why.contains("the link is silent") || why.contains("closed the connection"),
+        "{s}"
+    );
 }
 
 /// Cuts the link to the memserver (`fault`: a linkem command) under a paged VM, checks that

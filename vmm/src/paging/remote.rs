@@ -828,7 +828,11 @@ impl ClientEvents for RecallEvents {
             return;
         }
         if let Some(router) = self.router.upgrade() {
-            router.lost(self.endpoint, &error.to_string());
+            // A client a redial has replaced may fail late (its network held its bytes, then
+            // let them go): only the current one's failure means the link is lost.
+            if router.endpoint_of(client) == Some(self.endpoint) {
+                router.lost(self.endpoint, &error.to_string());
+            }
         }
     }
 }

@@ -111,6 +111,8 @@ struct Link {
     redials: u64,
     /// A redial thread runs.
     dialling: bool,
+    /// When the last redial brought it back (every waiting fault was asked again then).
+    up_since: Option<Instant>,
     /// Its [`Redial::lost`] (handing pages to other holders) has not finished yet: the VM
     /// does not pause for pages that may not wait at all.
     failing_over: bool,
@@ -328,6 +330,7 @@ impl OwnerRouter {
                     l.why = None;
                     l.redials += 1;
                     l.dialling = false;
+                    l.up_since = Some(Instant::now());
                     down.store(false, Ordering::Release);
                     drop(l);
                     log::warn!(
@@ -386,6 +389,11 @@ impl OwnerRouter {
                     continue;
                 };
                 if e.redial.is_none() || e.down.load(Ordering::Acquire) {
+                    continue;
+                }
+                // A redial asked again for every waiting fault: count from then.
+                let l = e.link.lock().expect("link lock");
+                if l.up_since.is_some_and(|t| t.elapsed() < silent) {
                     continue;
                 }
                 e.remote.as_ref().map(|r| r.client())
