@@ -80,6 +80,10 @@ fn main() {
         Command::Linkem(a) => linkem::linkem(&a),
         Command::Memserver(a) => memserver::memserver(&a),
     };
+    // Memservers told to forget a VM's stale copies hear it before this process goes.
+    if !tsubame_vmm::migration::source::finish_chores(std::time::Duration::from_secs(2)) {
+        log::warn!("exiting before every memserver was told to forget this VM's pages");
+    }
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -982,8 +982,31 @@ pub(crate) fn forget_in_background(
                 }
             }
         });
-    if let Err(e) = spawned {
-        log::warn!("memservers keep stale copies of this VM's pages: {e}");
+    match spawned {
+        Ok(t) => CHORES.lock().expect("chores lock").push(t),
+        Err(e) => log::warn!("memservers keep stale copies of this VM's pages: {e}"),
+    }
+}
+
+/// Background chores a process should let finish before it exits (telling memservers to
+/// forget stale copies).
+static CHORES: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Waits (at most `timeout`) for the background chores to finish: call it before the process
+/// exits, or a memserver may keep copies it should have forgotten. Returns whether all did.
+pub fn finish_chores(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut chores = CHORES.lock().expect("chores lock");
+        chores.retain(|t| !t.is_finished());
+        if chores.is_empty() {
+            return true;
+        }
+        drop(chores);
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
