@@ -14,6 +14,11 @@
 //!    write-back rate (bytes written back per second of copy-out until acknowledged).
 //! 4. **Memserver metadata**: `query-usage`'s metadata bytes over its page data bytes after
 //!    those evictions.
+//! 5. **Losing a memserver with `--replicas 2`**: the write-back guest over two memservers,
+//!    each page stored at both; one is killed once pages were evicted. The guest's speed in
+//!    the second before and after, the pages handed to the other memserver, whether the VM
+//!    had to pause (and how long), and the slowest fault of the run (the stall of the faults
+//!    that waited through the switch); the write-back rate with two copies per page.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -301,6 +306,71 @@ fn write_back(dir: &Path, s: &Sizes) -> Result<(Value, Value)> {
     Ok((writeback, metadata))
 }
 
+/// Losing one of two memservers under a VM with `--replicas 2` (see the module docs).
+#[allow(clippy::cast_precision_loss)]
+fn lose_a_replica(dir: &Path, s: &Sizes) -> Result<Value> {
+    let first = memserver_with_control(dir, "replica0")?;
+    let second = memserver_with_control(dir, "replica1")?;
+    let uris = format!("{},{}", first.uri, second.uri);
+    let workload = format!("uniform:ws={}M,write=0.5,seed=11", s.ws >> 20);
+    let sock = dir.join("replicas-vm.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut args = run_args(s.mem, Some((s.local, &uris)), &workload, 0);
+    for a in ["--vcpus", "2", "--replicas", "2", "--control"] {
+        args.push(a.into());
+    }
+    args.extend([sock.display().to_string(), "--hold".into()]);
+    let mut vm = Host::start("replicated VM", &args)?;
+    vm.echo = false;
+    vm.wait_line("control socket ready")?;
+    let mut ctl = ControlClient::connect(&sock).context("connecting to the replicated VM")?;
+    // Until a fair share of the working set lives at the memservers.
+    let t0 = Instant::now();
+    while n(&ctl.execute("query-memory", json!({}))?["evicted_pages"]) < s.ws / 4096 / 4 {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!("the replicated VM evicted too little in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rate = |ctl: &mut ControlClient| -> Result<f64> {
+        let (t, s0) = (Instant::now(), steps(ctl)?);
+        std::thread::sleep(Duration::from_secs(1));
+        Ok((steps(ctl)? - s0) as f64 / t.elapsed().as_secs_f64())
+    };
+    let before = rate(&mut ctl)?;
+    let m0 = ctl.execute("query-memory", json!({}))?;
+    drop(first); // kills the memserver process
+    let killed = Instant::now();
+    let mut handed_over = None;
+    while handed_over.is_none() && killed.elapsed() < Duration::from_secs(10) {
+        let m = ctl.execute("query-memory", json!({}))?;
+        if n(&m["failed_over_pages"]) > 0 {
+            handed_over = Some(killed.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let after = rate(&mut ctl)?;
+    let m1 = ctl.execute("query-memory", json!({}))?;
+    let status = ctl.execute("query-status", json!({}))?;
+    let _ = ctl.execute("quit", json!({}));
+    drop(second);
+    Ok(json!({
+        "workload": workload,
+        "mem_bytes": s.mem,
+        "local_bytes": s.local,
+        "evicted_pages_at_the_kill": m0["evicted_pages"],
+        "failed_over_pages": m1["failed_over_pages"],
+        "kill_to_failed_over_ms": handed_over.map(|d| d.as_secs_f64() * 1e3),
+        "steps_per_s_before": before,
+        "steps_per_s_after": after,
+        "holds": status["memory_hold"]["holds"],
+        "longest_hold_ms": status["memory_hold"]["longest_hold_ms"],
+        "slowest_fault_us": m1["demand_max_us"],
+        "writeback_gb_per_s_two_copies": m0["writeback_gbps"],
+        "status_after": status["status"],
+    }))
+}
+
 /// One speed run to its end: wall time of its steps (`elapsed_s` of the summary; no verify
 /// pass at the end, and the digest after it is not counted), and its remote-paging statistics
 /// (null when all local) without their latency distribution.
@@ -455,6 +525,21 @@ pub fn bench_memserver(a: &MemserverBenchArgs) -> Result<i32> {
     );
 
     let (writeback, metadata) = write_back(&dir, &s).context("measuring write-back")?;
+    let replicas = lose_a_replica(&dir, &s).context("losing a memserver with two replicas")?;
+    println!(
+        "  two replicas, one memserver killed: {} pages handed to the other in {} ms, VM \
+         paused {} times, slowest fault {:.1} ms; {:.0} steps/s before, {:.0} after; \
+         write-back with two copies {:.2} GB/s",
+        replicas["failed_over_pages"],
+        replicas["kill_to_failed_over_ms"]
+            .as_f64()
+            .map_or("-".into(), |v| format!("{v:.1}")),
+        replicas["holds"],
+        f(&replicas["slowest_fault_us"]) / 1e3,
+        f(&replicas["steps_per_s_before"]),
+        f(&replicas["steps_per_s_after"]),
+        f(&replicas["writeback_gb_per_s_two_copies"]),
+    );
     let steal_pct = tsubame_qemu_peer::hoststat::steal_pct_since(cpu_at_start);
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -501,6 +586,7 @@ pub fn bench_memserver(a: &MemserverBenchArgs) -> Result<i32> {
         },
         "writeback": writeback,
         "metadata": metadata,
+        "replicas": replicas,
         "bars": bars.iter().map(|b| json!({"measure": b.0, "value": b.1, "bar": b.2, "met": b.3}))
             .collect::<Vec<_>>(),
         "steal_pct": steal_pct,
