@@ -468,6 +468,10 @@ impl Vm {
         if self.remote.is_some() {
             return Err(Error::RemotePaged);
         }
+        if self.hold.lock().expect("vm lock").since.is_some() {
+            // Its pages at the unreachable owner could reach no destination either.
+            return Err(self.held_error());
+        }
         let out = {
             let mut outgoing = self.outgoing.lock().expect("vm lock");
             if outgoing.as_ref().is_some_and(|o| !o.rolled_back()) {
@@ -692,17 +696,7 @@ impl Vm {
         }
         let hold = self.hold.lock().expect("vm lock");
         if hold.since.is_some() {
-            let why = self
-                .owner_router()
-                .map(|r| {
-                    r.unreachable()
-                        .iter()
-                        .map(|u| format!("{}: {}", u.endpoint, u.why))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-                .unwrap_or_default();
-            return Err(Error::MemoryHeld { why });
+            return Err(self.held_error());
         }
         let mut paused = self.operator_paused.lock().expect("vm lock");
         self.resume_vcpus()?;
@@ -710,6 +704,21 @@ impl Vm {
         drop(hold);
         self.resumed();
         Ok(())
+    }
+
+    /// Why the VM is held: who cannot be reached.
+    fn held_error(&self) -> Error {
+        let why = self
+            .owner_router()
+            .map(|r| {
+                r.unreachable()
+                    .iter()
+                    .map(|u| format!("{}: {}", u.endpoint, u.why))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .unwrap_or_default();
+        Error::MemoryHeld { why }
     }
 
     /// The router of the VM's page owners, if its pages can live elsewhere.
