@@ -26,6 +26,9 @@ use tsubame_vmm::{SerialOutput, Vm, VmConfig, VmRunState};
 ///   TSUBAME_SECRET=... tsubame run --incoming tcp:0.0.0.0:4444   (destination of a migration)
 ///   TSUBAME_SECRET=... tsubame run --mem 256M --local-mem 64M --memserver tcp:10.0.0.2:7000
 ///                                                        (cold pages live on a memserver)
+///
+/// Exit status: 0 done, 1 the guest failed, 2 an error, 3 part of the memory could not be
+/// reached at the end (a memserver gone: the summary has no digest, and says why).
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -360,7 +363,13 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
         .duration_since(started);
     // Before the digest, which reads (so faults back) every page.
     let remote = vm.remote_paging_stats();
-    let (digest, _) = vm.digest()?;
+    // A VM held for unreachable memory (a memserver gone) cannot be read whole: the summary
+    // says so instead of waiting for pages that may never come.
+    let digest = match vm.digest() {
+        Ok((d, _)) => Ok(d.to_string()),
+        Err(e @ tsubame_vmm::Error::MemoryUnreachable { .. }) => Err(e.to_string()),
+        Err(e) => return Err(e.into()),
+    };
     let p = vm.progress();
     let state = vm.run_state();
     if json {
@@ -368,7 +377,9 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
             "status": state,
             "elapsed_s": elapsed.as_secs_f64(),
             "progress": p,
-            "digest": digest.to_string(),
+            "digest": digest.as_ref().ok(),
+            "digest_error": digest.as_ref().err(),
+            "memory_hold": vm.status().memory_hold,
             "demand_paging": vm.paging_stats(),
             "remote_paging": remote,
             "migration": vm.migration_status(),
@@ -427,10 +438,15 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
         for c in vm.status().vcpus.iter().filter(|c| c.guest.is_failure()) {
             eprintln!("vCPU {}: {:?}", c.index, c.guest);
         }
-        println!("digest {digest}");
+        match &digest {
+            Ok(d) => println!("digest {d}"),
+            Err(e) => eprintln!("no digest: {e}"),
+        }
     }
     Ok(if state == VmRunState::GuestError {
         1
+    } else if digest.is_err() {
+        3
     } else {
         0
     })
