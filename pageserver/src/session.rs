@@ -16,8 +16,9 @@ use crate::frame::ProtocolError;
 use crate::handshake::{initiate, respond};
 use crate::message::{Channel, Hello};
 
-/// Longest a handshake may take before the acceptor gives up on the connection (a peer that
-/// connects and says nothing must not hold up the others).
+/// Longest a connect or a handshake may take before either side gives up on the connection (a
+/// peer that connects and says nothing must not hold up the others; a dial into a silent
+/// network must fail, not hang).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most sessions an acceptor keeps waiting for their second connection.
 const HALF_SESSIONS_MAX: usize = 64;
@@ -68,9 +69,13 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
         source,
     })?;
     let connect = |channel| -> Result<(TcpStream, Duration), SessionError> {
-        let mut s = TcpStream::connect(addr).map_err(|source| SessionError::Connect {
-            addr: addr.to_string(),
-            source,
+        // Bounded, so that a peer behind a silent network fails the dial (and a redial loop
+        // tries again) rather than hang in the kernel's connect retries or in the handshake.
+        let mut s = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|source| {
+            SessionError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
         })?;
         let hello = Hello {
             channel,
@@ -79,8 +84,10 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
         };
         let rtt = s
             .set_nodelay(true)
+            .and_then(|()| s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
             .map_err(ProtocolError::from)
             .and_then(|()| initiate(&mut s, secret, &hello))
+            .and_then(|rtt| Ok(s.set_read_timeout(None).map(|()| rtt)?))
             .map_err(|source| SessionError::Handshake {
                 addr: addr.to_string(),
                 source,
