@@ -331,7 +331,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if vm.run_state() == VmRunState::Fenced {
         return fenced_summary(&vm, a.json);
     }
-    summary(&vm, started, finished_at, a.json)
+    let code = summary(&vm, started, finished_at, a.json);
+    // The summary's digest brought the last pages in: what that completes (memservers told
+    // to forget the VM's pages) is under way before the process exits (see `main`).
+    vm.settle(Duration::from_secs(1));
+    code
 }
 
 /// The destination of a cancellable migration that was called off: the VM runs at the

@@ -975,6 +975,14 @@ impl Vm {
         p
     }
 
+    /// Before the process exits: if every page of a VM that arrived on demand is here, makes
+    /// sure its completion ran (memservers told to forget; see [`DemandPaging::settle`]).
+    pub fn settle(&self, timeout: Duration) {
+        if let Some(p) = &self.paging {
+            p.settle(timeout);
+        }
+    }
+
     /// Digest of all guest memory, taken with the vCPUs paused (pausing briefly if running).
     /// Returns the digest and whether the VM had to be paused for it.
     pub fn digest(&self) -> Result<(Digest, bool), Error> {

@@ -221,12 +221,14 @@ impl Arrival {
         if self.engine.present_pages() == self.engine.total_pages()
             && !self.completed.swap(true, Ordering::AcqRel)
         {
-            (self.done)();
             // Every owner is told, and forgotten: the clients hold this, the cycle ends here.
             for c in self.clients.lock().expect("arrival lock").drain(..) {
                 c.complete();
             }
+            // Before completion is recorded: a process that exits once it sees it waits for
+            // the forget (`finish_chores`), which must be under way by then.
             self.forget_at_memservers();
+            (self.done)();
         }
     }
 
@@ -500,6 +502,8 @@ impl Incoming {
         source.attach_replies(urgent);
         arrival.armed.store(true, Ordering::Release);
         arrival.check_complete();
+        let check = arrival.clone();
+        paging.set_completion_check(move || check.check_complete());
         let source_client = source.clone();
         paging.on_resume(move || {
             // The source starts its push on this (if it is gone, its receiver reports it).

@@ -154,6 +154,9 @@ pub struct DemandPaging {
     staging: Option<Arc<tsubame_uffd::StagingPool>>,
     /// The last consolidation: when, from whom, how many pages were missing.
     consolidation: Mutex<Option<Consolidation>>,
+    /// Looks whether every page is here and completes if so (an incoming migration's), for
+    /// [`Self::settle`].
+    completion_check: Mutex<Option<CompletionCheck>>,
 }
 
 /// A consolidation asked for: when, from whom (with the pages each owned), how many pages
@@ -167,6 +170,15 @@ struct Consolidation {
 
 /// What runs when the VM first resumes.
 struct ResumeHook(Box<dyn FnOnce() + Send>);
+
+/// See [`DemandPaging::set_completion_check`].
+struct CompletionCheck(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for CompletionCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CompletionCheck")
+    }
+}
 
 impl std::fmt::Debug for ResumeHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -198,6 +210,7 @@ impl DemandPaging {
             resumed_unix_us: std::sync::atomic::AtomicU64::new(0),
             staging: None,
             consolidation: Mutex::new(None),
+            completion_check: Mutex::new(None),
         })
     }
 
@@ -258,6 +271,33 @@ impl DemandPaging {
             cell.lock()
                 .expect("paging lock")
                 .get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Whether completion was recorded ([`Self::completion`]'s function ran).
+    pub fn is_complete(&self) -> bool {
+        self.all_present.lock().expect("paging lock").is_some()
+    }
+
+    /// What [`Self::settle`] runs to complete once every page is here.
+    pub fn set_completion_check(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.completion_check.lock().expect("paging lock") = Some(CompletionCheck(Box::new(f)));
+    }
+
+    /// Once every page is here, makes sure completion ran (and what it starts, such as telling
+    /// memservers to forget the VM's pages): completion normally follows the last page's
+    /// arrival on the thread that installed it, and a process about to exit should not
+    /// depend on that thread having got there. Waits at most `timeout`.
+    pub fn settle(&self, timeout: Duration) {
+        if self.engine.present_pages() < self.engine.total_pages() {
+            return;
+        }
+        if let Some(check) = self.completion_check.lock().expect("paging lock").as_ref() {
+            (check.0)();
+        }
+        let t0 = Instant::now();
+        while !self.is_complete() && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
