@@ -38,6 +38,8 @@ pub struct Host {
     pub role: String,
     pub netns: String,
     pub ip: String,
+    /// Its port on the switch.
+    port: String,
 }
 
 impl Host {
@@ -146,6 +148,7 @@ impl Network {
                 role: (*role).to_string(),
                 netns,
                 ip: ip_addr,
+                port,
             });
         }
         Ok(net)
@@ -157,6 +160,23 @@ impl Network {
             .iter()
             .find(|h| h.role == role)
             .unwrap_or_else(|| panic!("no host '{role}' in this network"))
+    }
+
+    /// Unplugs the host of `role` from the switch (its port goes down): what it sends is lost
+    /// and nothing reaches it, and nobody is told (no reset, no close), as when a cable or a
+    /// switch port fails. [`Self::plug`] puts it back.
+    pub fn unplug(&self, role: &str) -> Result<()> {
+        self.port(role, "down")
+    }
+
+    /// Plugs the host of `role` back in (see [`Self::unplug`]).
+    pub fn plug(&self, role: &str) -> Result<()> {
+        self.port(role, "up")
+    }
+
+    fn port(&self, role: &str, state: &str) -> Result<()> {
+        let switch = self.made.first().context("no switch")?;
+        ip(&["-n", switch, "link", "set", &self.host(role).port, state])
     }
 
     /// The namespaces of this network, the switch first.

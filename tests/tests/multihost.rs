@@ -154,3 +154,69 @@ fn split_migration_with_the_memserver_on_a_third_host() {
     let (status, _) = source.wait().unwrap();
     assert!(status.success(), "source: {status}");
 }
+
+/// Remote paging across hosts: the memserver's host is unplugged from the switch (its port
+/// down: a real silent network, no reset) while the VM runs with pages there. The VM pauses
+/// (the fault left unanswered for 2 s gives the link up), resumes once the host is plugged
+/// back in and the redial gets through, and ends with the memory of a run that never paged.
+#[test]
+fn a_memserver_host_unplugged_pauses_the_paged_vm_until_it_is_back() {
+    let net = Network::new("unplug", &["main", "ms"]).unwrap();
+    let dir = Scratch::new("multihost-unplug");
+    let (_ms, ms_uri) = VmProcess::memserver_at(net.host("ms").place(), SECRET, &[]).unwrap();
+    let common = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "uniform:ws=32M,write=0.5,seed=143",
+        "--steps",
+        "100000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    let vm = VmProcess::start_at(
+        net.host("main").place(),
+        &dir.path("vm.sock"),
+        &[
+            &common[..],
+            &[
+                "--local-mem",
+                "12M",
+                "--memserver",
+                &ms_uri,
+                "--secret",
+                SECRET,
+                "--json",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    vm.status_until("evicted", |s| {
+        s["remote_paging"]["evicted_pages"].as_u64().unwrap_or(0) > 1000
+    });
+    net.unplug("ms").unwrap();
+    let s = vm.status_until("held", |s| s["status"] == "held");
+    assert!(
+        s["memory_hold"]["unreachable"][0]["endpoint"]
+            .as_str()
+            .unwrap()
+            .contains(&ms_uri),
+        "{s}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    net.plug("ms").unwrap();
+    vm.status_until("resumed", |s| s["status"] != "held");
+    let summary = {
+        let (status, out) = vm.wait().unwrap();
+        assert!(status.success(), "{out}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(summary["digest"], reference["digest"], "{summary}");
+    assert!(
+        summary["memory_hold"]["holds"].as_u64().unwrap() >= 1,
+        "{summary}"
+    );
+}

@@ -86,8 +86,14 @@
 //!   gone); if it owned none it serves again as an empty memserver, and the pages' record of
 //!   copies forgets it.
 //!
-//! Stores skip a memserver whose store link is down (one redial a second is tried), so
-//! eviction goes on to the others; a stripe with no live holder stays resident.
+//! **A broken store link is not dialled again**: that memserver takes no more pages from this
+//! VM (its recall link still brings back those it holds), eviction goes on to the others, and
+//! a stripe with no live holder stays resident. The reason is ordering: bytes of the broken
+//! session may still be on their way (a network that held them, then let them go) and land
+//! after a newer session stored the same page, so the memserver would hold an older copy
+//! than the one it was told to own. Seen in `tests/tests/multihost.rs` (a memserver host
+//! unplugged, then plugged back: the guest found a page one version old). Storing there
+//! again needs the memserver to fence the old session first; not built yet.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -969,14 +975,12 @@ struct StoreLink {
     server: PageServer<GuestMemoryStore>,
 }
 
-/// How store sessions are opened (again, after a link broke).
+/// How store sessions are opened.
 struct StoreDial {
     uris: Vec<String>,
     secret: Vec<u8>,
     hello: Hello,
     memory: Arc<GuestMemory>,
-    router: std::sync::Weak<OwnerRouter>,
-    endpoints: Vec<EndpointId>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
     /// Each memserver's current store connections, shut down when its recall link is lost.
     current: StoreSockets,
@@ -1007,14 +1011,9 @@ impl StoreDial {
     }
 }
 
-/// How often a broken store link is dialled again.
-const STORE_REDIAL: Duration = Duration::from_secs(1);
-
 /// The store sessions, one per memserver (`None` while its link is down).
 struct Links {
     links: Vec<Option<StoreLink>>,
-    /// When a broken link may be dialled again.
-    retry_at: Vec<Instant>,
     /// Which links are up, for `query-memory`.
     up: Arc<Vec<AtomicBool>>,
     dial: StoreDial,
@@ -1071,38 +1070,13 @@ impl PageOut for Links {
         );
         self.links[memserver] = None;
         self.up[memserver].store(false, Ordering::Relaxed);
-        self.retry_at[memserver] = Instant::now() + STORE_REDIAL;
         Err(message)
     }
 
-    /// A broken store link is dialled again at most once a second, and only once the
-    /// memserver's recall link is back (so a memserver that restarted empty is first found
-    /// out by the recall redial, which checks it still holds the VM's pages).
+    /// A memserver whose store link broke takes no more pages from this VM (see the module
+    /// docs, "Replicas and dead memservers").
     fn usable(&mut self, memserver: usize) -> bool {
-        if self.links[memserver].is_some() {
-            return true;
-        }
-        let recall_up = self
-            .dial
-            .router
-            .upgrade()
-            .is_some_and(|r| r.is_up(self.dial.endpoints[memserver]));
-        if !recall_up || Instant::now() < self.retry_at[memserver] {
-            return false;
-        }
-        match self.dial.open(memserver) {
-            Ok(link) => {
-                log::warn!("memserver {}: store link back", link.uri);
-                self.links[memserver] = Some(link);
-                self.up[memserver].store(true, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                log::debug!("memserver {}: store redial: {e}", self.dial.uris[memserver]);
-                self.retry_at[memserver] = Instant::now() + STORE_REDIAL;
-                false
-            }
-        }
+        self.links[memserver].is_some()
     }
 }
 
@@ -1185,13 +1159,11 @@ impl RemotePaging {
         let mut endpoints = Vec::new();
         let (mut watches, mut dials) = (Vec::new(), Vec::new());
         let n = config.memservers.len();
-        let mut store = StoreDial {
+        let store = StoreDial {
             uris: config.memservers.clone(),
             secret: config.secret.clone(),
             hello: hello.clone(),
             memory: memory.clone(),
-            router: Arc::downgrade(&router),
-            endpoints: Vec::new(),
             sockets: sockets.clone(),
             current: stores.clone(),
         };
@@ -1248,7 +1220,6 @@ impl RemotePaging {
             endpoints.push(added);
             dials.push(dial);
         }
-        store.endpoints.clone_from(&endpoints);
         let store_up: Arc<Vec<AtomicBool>> =
             Arc::new((0..n).map(|_| AtomicBool::new(true)).collect());
         let (nudge, nudged) = std::sync::mpsc::sync_channel(1);
@@ -1268,7 +1239,6 @@ impl RemotePaging {
         }))?;
         let links = Links {
             links,
-            retry_at: vec![Instant::now(); n],
             up: store_up.clone(),
             dial: store,
         };
