@@ -35,6 +35,16 @@ use crate::prepage::{HotPages, Prepage};
 use crate::server::{PageServer, PushOptions, ServeState};
 use crate::session::{Acceptor, Session};
 
+/// How a memserver refuses a Fetch session for a VM it holds nothing of (see
+/// [`lacks_the_vm`]).
+const NO_PAGES_OF_VM: &str = "this memserver holds no pages of VM";
+
+/// Whether opening a session failed because the memserver holds nothing of the VM (it
+/// restarted, say, and lost what it held): a redial cannot fix that.
+pub fn lacks_the_vm(e: &crate::SessionError) -> bool {
+    e.to_string().contains(NO_PAGES_OF_VM)
+}
+
 /// What a memserver holds for one VM.
 #[derive(Clone, Debug, Serialize)]
 pub struct VmUsage {
@@ -155,7 +165,7 @@ impl Memserver {
             }
             Purpose::Fetch => match self.vms.lock().expect("memserver lock").get(&h.vm) {
                 None => Err(ProtocolError::Refused(format!(
-                    "this memserver holds no pages of VM {:#x}",
+                    "{NO_PAGES_OF_VM} {:#x}",
                     h.vm
                 ))),
                 Some(s) if s.layout() != &h.layout => Err(ProtocolError::Layout {

@@ -45,7 +45,7 @@ use tsubame_uffd::{FaultEngine, FetchError, StagingPool};
 use super::MigrationError;
 use crate::memory::{GuestMemory, MemoryLayout};
 use crate::paging::owners::{EndpointId, OwnedSink, Owner, OwnerMap};
-use crate::paging::router::{OwnerRouter, Redial, RedialError, RemoteOwner};
+use crate::paging::router::{connect_owner, OwnerRouter, Redial, RedialError, RemoteOwner};
 use crate::paging::DemandPaging;
 use crate::state::VmState;
 
@@ -564,7 +564,7 @@ fn dial_owner(
         arrival: Arc::downgrade(arrival),
         sockets: paging.socket_owner(),
     });
-    let client = dial.open().map_err(failed)?;
+    let client = dial.open().map_err(|e| failed(e.to_string()))?;
     let added = router
         .add_remote(
             RemoteOwner::new(client, dial.sink.clone(), Some(uri.to_string())),
@@ -590,32 +590,20 @@ struct OwnerDial {
 }
 
 impl OwnerDial {
-    fn open(&self) -> Result<Arc<PageClient>, String> {
-        let arrival = self
-            .arrival
-            .upgrade()
-            .ok_or_else(|| "the migration has ended".to_string())?;
-        let s = session::open(&self.uri, &self.secret, &self.hello).map_err(|e| e.to_string())?;
-        let client = PageClient::new(
+    fn open(&self) -> Result<Arc<PageClient>, OwnerDialError> {
+        let arrival = self.arrival.upgrade().ok_or(OwnerDialError::Ended)?;
+        // Its bulk thread stops when paging ends: its sockets are shut down then.
+        let (client, _) = connect_owner(
+            &self.uri,
+            &self.secret,
+            &self.hello,
             &format!("the page server {}", self.uri),
-            &s.urgent,
             self.sink.clone(),
             arrival.clone(),
+            &self.sockets,
+            "owner-bulk-rx",
         )
-        .map_err(|e| e.to_string())?;
-        client.attach_replies(s.urgent.try_clone().map_err(|e| e.to_string())?);
-        {
-            let mut sockets = self.sockets.lock().expect("paging lock");
-            for c in [&s.urgent, &s.bulk] {
-                sockets.push(c.try_clone().map_err(|e| e.to_string())?);
-            }
-        }
-        let (rx, bulk) = (client.clone(), s.bulk);
-        // Stops when paging ends: its sockets are shut down then.
-        std::thread::Builder::new()
-            .name("owner-bulk-rx".into())
-            .spawn(move || rx.receive_bulk(bulk))
-            .map_err(|e| e.to_string())?;
+        .map_err(OwnerDialError::Session)?;
         arrival
             .clients
             .lock()
@@ -625,25 +613,41 @@ impl OwnerDial {
     }
 }
 
+/// Why [`OwnerDial::open`] failed.
+#[derive(Debug)]
+enum OwnerDialError {
+    /// The migration (and its arrival) is gone: nobody needs the owner any more.
+    Ended,
+    Session(tsubame_pageserver::SessionError),
+}
+
+impl std::fmt::Display for OwnerDialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ended => f.write_str("the migration has ended"),
+            Self::Session(e) => e.fmt(f),
+        }
+    }
+}
+
 impl Redial for OwnerDial {
     fn redial(&self) -> Result<Arc<PageClient>, RedialError> {
-        self.open().map_err(|why| {
-            let owned = self.owners.owned_by(self.id);
-            if why.contains("holds no pages of VM") {
+        self.open().map_err(|e| match e {
+            OwnerDialError::Session(s) if tsubame_pageserver::memserver::lacks_the_vm(&s) => {
                 RedialError {
                     why: format!(
                         "{} is back but holds none of this VM's pages (it restarted?): the \
-                         {owned} pages it held are lost and the VM stays paused",
-                        self.uri
+                         {} pages it held are lost and the VM stays paused",
+                        self.uri,
+                        self.owners.owned_by(self.id)
                     ),
                     permanent: true,
                 }
-            } else {
-                RedialError {
-                    why: format!("{}: {why}", self.uri),
-                    permanent: why.contains("the migration has ended"),
-                }
             }
+            e => RedialError {
+                why: format!("{}: {e}", self.uri),
+                permanent: matches!(e, OwnerDialError::Ended),
+            },
         })
     }
 

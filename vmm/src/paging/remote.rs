@@ -110,7 +110,7 @@ use tsubame_pageserver::{ClientError, ClientEvents, PageClient};
 use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
 
 use super::owners::{EndpointId, InstallWatch, OwnedSink, Owner, OwnerMap};
-use super::router::{OwnerRouter, Redial, RedialError, RemoteOwner};
+use super::router::{connect_owner, OwnerRouter, Redial, RedialError, RemoteOwner};
 use super::PagingError;
 use crate::memory::GuestMemory;
 use crate::migration::source::GuestMemoryStore;
@@ -873,34 +873,20 @@ impl RecallDial {
             purpose,
             ..self.hello.clone()
         };
-        let s = session::open(&self.uri, &self.secret, &hello)?;
-        let io = |source: std::io::Error| tsubame_pageserver::SessionError::Connect {
-            addr: self.uri.clone(),
-            source,
-        };
-        let client = PageClient::new(
+        let (client, t) = connect_owner(
+            &self.uri,
+            &self.secret,
+            &hello,
             &format!("memserver {}", self.uri),
-            &s.urgent,
             self.sink.clone(),
             Arc::new(RecallEvents {
                 router: self.router.clone(),
                 endpoint: self.endpoint,
                 closing: self.closing.clone(),
             }),
-        )
-        .map_err(io)?;
-        client.attach_replies(s.urgent.try_clone().map_err(io)?);
-        {
-            let mut sockets = self.sockets.lock().expect("paging lock");
-            for c in [&s.urgent, &s.bulk] {
-                sockets.push(c.try_clone().map_err(io)?);
-            }
-        }
-        let (c, bulk) = (client.clone(), s.bulk);
-        let t = std::thread::Builder::new()
-            .name("recall-bulk-rx".into())
-            .spawn(move || c.receive_bulk(bulk))
-            .map_err(io)?;
+            &self.sockets,
+            "recall-bulk-rx",
+        )?;
         self.threads.lock().expect("paging lock").push(t);
         Ok(client)
     }
@@ -938,7 +924,7 @@ impl Redial for RecallDial {
         };
         match self.open(Purpose::Fetch) {
             Ok(c) => Ok(c),
-            Err(e) if e.to_string().contains("holds no pages of VM") => {
+            Err(e) if tsubame_pageserver::memserver::lacks_the_vm(&e) => {
                 let owned = self.owners.owned_by(self.endpoint);
                 if owned > 0 {
                     return Err(RedialError {

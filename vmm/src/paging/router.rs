@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tsubame_pages::{copy_run, Gfn, PageStore};
-use tsubame_pageserver::{ClientStats, PageClient};
+use tsubame_pageserver::message::Hello;
+use tsubame_pageserver::{session, ClientEvents, ClientStats, PageClient, SessionError};
 use tsubame_uffd::{FaultEngine, FetchError, Fetcher};
 
 use super::owners::{EndpointId, OwnedSink, Owner, OwnerMap};
@@ -680,6 +681,43 @@ impl Fetcher for OwnerRouter {
         }
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// Opens a session with the remote owner at `uri` (saying `hello`) and starts a page client
+/// of it called `peer`, installing into `sink` and reporting to `events`: demand replies are
+/// read on the fault thread, the bulk channel on a thread of its own named `thread`. The
+/// session's connections are recorded in `sockets` (shut down when paging ends, which stops
+/// that thread). Returns the client and its bulk thread.
+#[allow(clippy::too_many_arguments)] // one call per kind of owner, each naming its parts
+pub fn connect_owner(
+    uri: &str,
+    secret: &[u8],
+    hello: &Hello,
+    peer: &str,
+    sink: Arc<dyn tsubame_pages::PageSink>,
+    events: Arc<dyn ClientEvents>,
+    sockets: &Mutex<Vec<std::net::TcpStream>>,
+    thread: &str,
+) -> Result<(Arc<PageClient>, std::thread::JoinHandle<()>), SessionError> {
+    let s = session::open(uri, secret, hello)?;
+    let io = |source: std::io::Error| SessionError::Connect {
+        addr: uri.to_string(),
+        source,
+    };
+    let client = PageClient::new(peer, &s.urgent, sink, events).map_err(io)?;
+    client.attach_replies(s.urgent.try_clone().map_err(io)?);
+    {
+        let mut sockets = sockets.lock().expect("paging lock");
+        for c in [&s.urgent, &s.bulk] {
+            sockets.push(c.try_clone().map_err(io)?);
+        }
+    }
+    let (rx, bulk) = (client.clone(), s.bulk);
+    let t = std::thread::Builder::new()
+        .name(thread.into())
+        .spawn(move || rx.receive_bulk(bulk))
+        .map_err(io)?;
+    Ok((client, t))
 }
 
 /// A remote page server, through its page client: requests go out on the urgent channel, and
