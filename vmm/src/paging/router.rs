@@ -210,7 +210,7 @@ impl OwnerRouter {
             .filter_map(|(i, e)| {
                 let l = e.link.lock().expect("link lock");
                 let since = l.down_since.filter(|_| !l.failing_over)?;
-                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                let id = id_at(i);
                 let owned = self.owners.owned_by(id);
                 (owned > 0).then(|| Unreachable {
                     endpoint: e.name.clone(),
@@ -234,7 +234,7 @@ impl OwnerRouter {
                     .as_ref()
                     .is_some_and(|r| std::ptr::eq(Arc::as_ptr(&r.client()), client))
             })
-            .map(|i| EndpointId(u8::try_from(i).expect("few endpoints")))
+            .map(id_at)
     }
 
     /// Whether endpoint `id`'s link is up (local endpoints always are).
@@ -444,7 +444,7 @@ impl OwnerRouter {
     /// The id the next endpoint added will get.
     pub fn next_id(&self) -> EndpointId {
         let n = self.endpoints.read().expect("router lock").len();
-        EndpointId(u8::try_from(n).expect("few endpoints"))
+        id_at(n)
     }
 
     /// Adds a store in this process called `name` as an endpoint; pages the owner map gives
@@ -510,7 +510,7 @@ impl OwnerRouter {
         let endpoints = self.endpoints.read().expect("router lock");
         let mut asked = Vec::new();
         for (i, e) in endpoints.iter().enumerate() {
-            let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+            let id = id_at(i);
             let owned = self.owners.owned_by(id);
             if owned == 0 {
                 continue;
@@ -556,7 +556,7 @@ impl OwnerRouter {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| {
-                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                let id = id_at(i);
                 e.address.clone().map(|a| (id, a))
             })
             .collect()
@@ -669,7 +669,7 @@ impl Fetcher for OwnerRouter {
             .enumerate()
             .filter(|(_, e)| !e.down.load(Ordering::Acquire))
             .map(|(i, e)| {
-                let id = EndpointId(u8::try_from(i).expect("few endpoints"));
+                let id = id_at(i);
                 (id, e.fetcher.clone())
             })
             .collect();
@@ -718,6 +718,11 @@ pub fn connect_owner(
         .spawn(move || rx.receive_bulk(bulk))
         .map_err(io)?;
     Ok((client, t))
+}
+
+/// The id of the endpoint at `index` of the router's list.
+fn id_at(index: usize) -> EndpointId {
+    EndpointId(u8::try_from(index).expect("few endpoints"))
 }
 
 /// A remote page server, through its page client: requests go out on the urgent channel, and
