@@ -272,6 +272,14 @@ fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_
     );
     let e = vm.ctl("query-digest", json!({})).unwrap_err().to_string();
     assert!(e.contains("cannot be reached"), "{e}");
+    // Told to quit, it says why its memory has no digest (exit status 3), not a wrong one.
+    vm.ctl("quit", json!({})).unwrap();
+    let (status, out) = vm.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["digest"], Value::Null, "{summary}");
+    let why = summary["digest_error"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot be reached"), "{summary}");
 }
 
 #[test]
