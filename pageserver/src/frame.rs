@@ -264,6 +264,19 @@ impl Cursor<'_> {
     pub fn arr32(&mut self) -> Result<[u8; 32], ProtocolError> {
         Ok(self.take(32)?.try_into().expect("32 bytes"))
     }
+    /// An endpoint's address: a length (at most `max`), then UTF-8.
+    pub fn text(&mut self, max: u32, what: &str) -> Result<String, ProtocolError> {
+        let len = self.u32()?;
+        let kind = self.kind;
+        let bad = move |why: String| ProtocolError::Malformed { kind, why };
+        if len > max {
+            return Err(bad(format!("{what} too long")));
+        }
+        let bytes = self.take(len as usize)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_string)
+            .map_err(|_| bad(format!("{what} is not UTF-8")))
+    }
     pub fn end(self) -> Result<(), ProtocolError> {
         if self.p.is_empty() {
             Ok(())

@@ -10,7 +10,7 @@ use tsubame_pages::{Gfn, Gpa, MemoryLayout, RegionLayout, PAGE_BYTES};
 use crate::frame::{self, Cursor, Head, ProtocolError};
 
 /// Version of this protocol; both ends must speak the same.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Most pages in one `Pages` frame (4 MiB).
 pub const MAX_PAGES_PER_FRAME: u32 = 1024;
 /// Longest vCPU/device state accepted.
@@ -190,9 +190,31 @@ pub enum Message {
         gfn: Gfn,
         count: u64,
     },
+    /// Source (on the urgent channel, to the old destination of a switched migration, before
+    /// the VM state): stop being the destination; serve the pages you hold (each one the
+    /// source still has clean) to the new destination `to`, which fetches them from you, and
+    /// report (`Forwarded`) until it has them all.
+    Forward {
+        to: String,
+    },
+    /// Source (on the urgent channel, to the new destination of a switched migration, before
+    /// the VM state): `endpoint`, the old destination, holds pages of the VM (`Owners` for it
+    /// follow): fetch them from it, in parallel with the source's own. A page the source
+    /// discards afterwards is the source's again, whoever's copy is here (see the
+    /// destination's docs, "Two senders").
+    Forwarder {
+        endpoint: String,
+    },
+    /// Old destination (on the urgent channel, to the source): it has sent this many pages to
+    /// the new destination (pushed or on demand); `done`: the new destination has them all
+    /// and the old one stops.
+    Forwarded {
+        pages: u64,
+        done: bool,
+    },
 }
 
-const KINDS: [&str; 24] = [
+const KINDS: [&str; 27] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -217,6 +239,9 @@ const KINDS: [&str; 24] = [
     "Cancel",
     "Fenced",
     "Released",
+    "Forward",
+    "Forwarder",
+    "Forwarded",
 ];
 
 /// The name of frame kind `kind` (a known one).
@@ -245,6 +270,8 @@ pub(crate) fn max_payload(kind: u16) -> Option<u32> {
         18 => 16 + MAX_STATE,
         19 => 24,
         20 | 22 => 8,
+        24 | 25 => 4 + MAX_ENDPOINT,
+        26 => 16,
         _ => return None,
     })
 }
@@ -275,6 +302,9 @@ impl Message {
             Self::Cancel => 21,
             Self::Fenced { .. } => 22,
             Self::Released { .. } => 23,
+            Self::Forward { .. } => 24,
+            Self::Forwarder { .. } => 25,
+            Self::Forwarded { .. } => 26,
         }
     }
 
@@ -344,6 +374,15 @@ impl Message {
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
+            }
+            Self::Forward { to: endpoint } | Self::Forwarder { endpoint } => {
+                let e = endpoint.as_bytes();
+                p.extend_from_slice(&len_u32(e.len()).to_le_bytes());
+                p.extend_from_slice(e);
+            }
+            Self::Forwarded { pages, done } => {
+                p.extend_from_slice(&pages.to_le_bytes());
+                p.extend_from_slice(&u64::from(*done).to_le_bytes());
             }
             Self::Owners { endpoint, runs } => {
                 let e = endpoint.as_bytes();
@@ -501,14 +540,25 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
         14 => Message::Resumed,
         15 => Message::Installed { bytes: c.u64()? },
         16 => Message::Ready,
-        17 => {
-            let len = c.u32()?;
-            if len > MAX_ENDPOINT {
-                return Err(bad("endpoint address too long"));
+        24 | 25 => {
+            let endpoint = c.text(MAX_ENDPOINT, "endpoint address")?;
+            if kind == 24 {
+                Message::Forward { to: endpoint }
+            } else {
+                Message::Forwarder { endpoint }
             }
-            let endpoint = std::str::from_utf8(c.take(len as usize)?)
-                .map_err(|_| bad("endpoint address is not UTF-8"))?
-                .to_string();
+        }
+        26 => {
+            let pages = c.u64()?;
+            let done = match c.u64()? {
+                0 => false,
+                1 => true,
+                _ => return Err(bad("'done' is neither 0 nor 1")),
+            };
+            Message::Forwarded { pages, done }
+        }
+        17 => {
+            let endpoint = c.text(MAX_ENDPOINT, "endpoint address")?;
             let n = c.u32()?;
             if n > MAX_OWNER_RUNS {
                 return Err(bad("too many page runs"));
@@ -614,6 +664,16 @@ mod tests {
             Message::Error {
                 message: "layout mismatch".into(),
             },
+            Message::Forward {
+                to: "tcp:10.0.0.9:4444".into(),
+            },
+            Message::Forwarder {
+                endpoint: "tcp:10.0.0.8:4444".into(),
+            },
+            Message::Forwarded {
+                pages: 12345,
+                done: true,
+            },
             Message::Owners {
                 endpoint: "tcp:10.0.0.2:5555".into(),
                 runs: vec![(Gfn(0), 512), (Gfn(4096), 1)],
@@ -705,7 +765,7 @@ mod tests {
 
         /// A valid header with any kind, flags and payload: same.
         #[test]
-        fn decoder_survives_any_payload(kind in 0u16..25, flags in 0u16..2,
+        fn decoder_survives_any_payload(kind in 0u16..28, flags in 0u16..2,
                                         payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::read_from(&mut frame(kind, flags, &payload).as_slice());
         }

@@ -350,6 +350,28 @@ impl<S: PageStore + 'static> PageServer<S> {
         f()
     }
 
+    /// The runs of pages marked sent (or withheld), in layout order.
+    pub fn sent_runs(&self) -> Vec<(Gfn, u64)> {
+        let total = self.layout.total_pages();
+        let mut runs = Vec::new();
+        let mut index = 0;
+        while index < total {
+            let first = self.sent.next_set(index, total);
+            if first >= total {
+                break;
+            }
+            let end = self.sent.next_clear(first, total);
+            let mut at = first;
+            // A run of indices may span regions: one run per region.
+            while let Some(run) = self.layout.run_at(at, end - at).filter(|_| at < end) {
+                runs.push((run.gfn, run.pages));
+                at += run.pages;
+            }
+            index = end;
+        }
+        runs
+    }
+
     /// Pages marked sent (or withheld).
     pub fn pages_sent(&self) -> u64 {
         self.sent.count_ones()

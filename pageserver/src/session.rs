@@ -221,12 +221,22 @@ impl Acceptor {
         &mut self,
         check: impl Fn(&Hello) -> Result<(), ProtocolError> + Send + Sync + 'static,
     ) -> std::io::Result<Session> {
+        self.next_until(None, check)?
+            .ok_or_else(|| std::io::ErrorKind::TimedOut.into())
+    }
+
+    /// [`Self::next`], giving up at `deadline` (`Ok(None)`).
+    pub fn next_until(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+        check: impl Fn(&Hello) -> Result<(), ProtocolError> + Send + Sync + 'static,
+    ) -> std::io::Result<Option<Session>> {
         let check: Check = Arc::new(check);
         self.listener.set_nonblocking(true)?;
         loop {
             while let Ok(done) = self.done.try_recv() {
                 if let Some(session) = self.assemble(done) {
-                    return Ok(session);
+                    return Ok(Some(session));
                 }
             }
             match self.listener.accept() {
@@ -236,7 +246,18 @@ impl Acceptor {
                         PollFd::new(self.listener.as_fd(), PollFlags::POLLIN),
                         PollFd::new(self.done_fd.as_fd(), PollFlags::POLLIN),
                     ];
-                    match poll(&mut fds, PollTimeout::NONE) {
+                    let timeout = match deadline {
+                        None => PollTimeout::NONE,
+                        Some(d) => {
+                            let left = d.saturating_duration_since(std::time::Instant::now());
+                            if left.is_zero() {
+                                return Ok(None);
+                            }
+                            PollTimeout::try_from(left.as_millis().clamp(1, 60_000) as i32)
+                                .unwrap_or(PollTimeout::MAX)
+                        }
+                    };
+                    match poll(&mut fds, timeout) {
                         Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                         Err(e) => return Err(e.into()),
                     }

@@ -514,3 +514,25 @@ fn a_client_accepts_released_only_for_pages_it_holds() {
     );
     assert!(!sink.holds(Gfn(261)));
 }
+
+#[test]
+fn sent_runs_are_the_marked_pages_by_region() {
+    let layout = MemoryLayout::for_size(8 << 30).unwrap(); // two regions, a hole between
+    let server = PageServer::new(MemStore::new(&layout));
+    assert!(server.sent_runs().is_empty());
+    let low_end = Gfn(layout.regions[0].first_gfn().0 + layout.regions[0].pages());
+    let high = layout.regions[1].first_gfn();
+    server.withhold(Gfn(3), 2);
+    server.withhold(Gfn(low_end.0 - 2), 2);
+    server.withhold(high, 5);
+    server.unsend(high + 1, 1);
+    assert_eq!(
+        server.sent_runs(),
+        [
+            (Gfn(3), 2),
+            (Gfn(low_end.0 - 2), 2),
+            (high, 1),
+            (high + 2, 3)
+        ]
+    );
+}

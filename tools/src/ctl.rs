@@ -19,8 +19,8 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
 ///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT]
-///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel, query-migrate,
-///   consolidate [wait=true] [timeout_ms=N], quit, query-commands.
+///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel,
+///   migrate-switch uri=tcp:HOST:PORT [secret=S], query-migrate, consolidate [wait=true] [timeout_ms=N], quit, query-commands.
 ///
 /// It also talks to the control socket of `tsubame linkem --control SOCKET`: query-link,
 /// cut ms=N, blackhole, drop, reset, restore, set [delay=D] [rate=R|none] (see
@@ -50,6 +50,16 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// the source host gets its memory back as the migration goes; it cannot be combined with
 /// cancellable=on.
 ///
+/// migrate-switch (at the source, during the precopy rounds of a migration started with
+/// precopy_rounds=N) redirects the migration to a new destination (`tsubame run --incoming`
+/// there) without starting over: the old destination forwards the pages it holds that the
+/// guest has not written since, the source sends the rest, and the new destination receives
+/// from both in parallel; the source's copy wins where they differ. It returns once the new
+/// destination receives from both. If the new destination cannot be reached, nothing changes
+/// and the migration goes on to the old one; if the old one dies, the source sends its pages.
+/// query-migrate then shows both senders (switch: pages at the old destination, forwarded so
+/// far, sent by the source since).
+///
 /// Examples:
 ///   tsubame ctl /tmp/vm.sock query-status
 ///   tsubame ctl /tmp/vm.sock wait for=steps steps=1000000
@@ -61,6 +71,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 ///   tsubame ctl /tmp/vm.sock migrate uri=tcp:127.0.0.1:4444 cancellable=on checkpoint_ms=50
 ///   tsubame ctl /tmp/dest.sock consolidate wait=true
 ///   tsubame ctl /tmp/vm.sock migrate-cancel
+///   tsubame ctl /tmp/vm.sock migrate-switch uri=tcp:127.0.0.1:4445
 ///   tsubame ctl --json /tmp/vm.sock query-digest
 ///   tsubame ctl /tmp/link.sock cut ms=2000
 #[derive(Debug, clap::Args)]

@@ -247,10 +247,18 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 // migration's downtime.
                 resume: !a.paused,
             };
-            Vm::incoming(uri, secret.as_bytes(), &options, &serial, |addr| {
+            let arrived = Vm::incoming(uri, secret.as_bytes(), &options, &serial, |addr| {
                 eprintln!("tsubame: waiting for an incoming migration on tcp:{addr}");
-            })
-            .context("receiving the incoming migration")?
+            });
+            match arrived {
+                Ok(vm) => vm,
+                // The migration was switched to another destination, and this host forwarded
+                // what it held there: its part is done.
+                Err(tsubame_vmm::Error::Migration(
+                    tsubame_vmm::migration::MigrationError::Forwarded { to, pages },
+                )) => return Ok(forwarded_summary(&to, pages, a.json)),
+                Err(e) => return Err(e).context("receiving the incoming migration"),
+            }
         }
         _ => Arc::new(local_vm(&a, serial)?),
     };
@@ -324,6 +332,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
     }
     if tty && !a.quiet {
         eprintln!();
+    }
+    if vm.migrated_away().is_some() {
+        // A switched migration's old destination reports once done: its last word goes in
+        // the summary.
+        tsubame_vmm::migration::source::finish_chores(Duration::from_secs(2));
     }
     if let Some(m) = vm.migrated_away() {
         return migrated_summary(&m, a.json);
@@ -456,6 +469,23 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
     })
 }
 
+/// The old destination's summary once it forwarded its pages to the new destination of a
+/// switched migration.
+fn forwarded_summary(to: &str, pages: u64, json: bool) -> i32 {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"status": "forwarded", "to": to, "pages_forwarded": pages})
+        );
+    } else {
+        eprintln!(
+            "the migration was switched to {to}: this host forwarded the {pages} pages it held \
+             there, and the VM runs there"
+        );
+    }
+    0
+}
+
 /// The source's summary once its VM lives on the destination.
 fn migrated_summary(m: &tsubame_vmm::migration::MigrationStatus, json: bool) -> Result<i32> {
     if json {
@@ -478,6 +508,26 @@ fn migrated_summary(m: &tsubame_vmm::migration::MigrationStatus, json: bool) -> 
             m.bytes_sent as f64 / f64::from(1 << 20),
             m.total_ms.unwrap_or(0.0),
         );
+        if let Some(sw) = &m.switch {
+            eprintln!(
+                "switched from {} to {} {:.0} ms into the migration (round {}, in {:.1} ms): \
+                 {} held {} pages and forwarded {}{}; the source sent {} pages after the switch",
+                sw.from,
+                sw.to,
+                sw.at_ms,
+                sw.precopy_round,
+                sw.switch_ms,
+                sw.from,
+                sw.pages_at_old,
+                sw.pages_forwarded,
+                match &sw.forwarder_lost {
+                    Some(why) =>
+                        format!(" before it was lost ({why}: the source took its pages back)"),
+                    None => String::new(),
+                },
+                sw.source_pages_after,
+            );
+        }
         if m.pages_released > 0 {
             eprintln!(
                 "released here as the destination took them: {} pages ({:.1} MiB)",

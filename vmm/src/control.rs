@@ -290,6 +290,7 @@ pub const VM_COMMANDS: &[&str] = &[
     "wait",
     "migrate",
     "migrate-cancel",
+    "migrate-switch",
     "query-migrate",
     "consolidate",
     "quit",
@@ -323,6 +324,30 @@ impl VmCommands {
     pub fn with_secret(mut self, secret: Option<Vec<u8>>) -> Self {
         self.secret = secret;
         self
+    }
+}
+
+impl VmCommands {
+    /// A migration command's destination: `uri` (a `tcp:HOST:PORT`; `missing` says how to
+    /// give it) and the secret (`secret`, or the one the VM was started with).
+    fn destination<'a>(
+        &self,
+        args: &'a Value,
+        missing: &str,
+    ) -> Result<(&'a str, Vec<u8>), CommandError> {
+        let uri = args
+            .get("uri")
+            .and_then(Value::as_str)
+            .ok_or_else(|| CommandError::invalid(missing))?;
+        tsubame_pageserver::session::parse_uri(uri)
+            .map_err(|e| CommandError::invalid(e.to_string()))?;
+        let secret = match args.get("secret").and_then(Value::as_str) {
+            Some(s) => s.as_bytes().to_vec(),
+            None => self.secret.clone().ok_or_else(|| {
+                CommandError::invalid(crate::migration::MigrationError::NoSecret.to_string())
+            })?,
+        };
+        Ok((uri, secret))
     }
 }
 
@@ -429,19 +454,8 @@ impl CommandHandler for VmCommands {
                 }, "status": vm.run_state()}))
             }
             "migrate" => {
-                let uri = args.get("uri").and_then(Value::as_str).ok_or_else(|| {
-                    CommandError::invalid("migrate needs 'uri', e.g. uri=tcp:127.0.0.1:4444")
-                })?;
-                tsubame_pageserver::session::parse_uri(uri)
-                    .map_err(|e| CommandError::invalid(e.to_string()))?;
-                let secret = match args.get("secret").and_then(Value::as_str) {
-                    Some(s) => s.as_bytes().to_vec(),
-                    None => self.secret.clone().ok_or_else(|| {
-                        CommandError::invalid(
-                            crate::migration::MigrationError::NoSecret.to_string(),
-                        )
-                    })?,
-                };
+                let (uri, secret) =
+                    self.destination(args, "migrate needs 'uri', e.g. uri=tcp:127.0.0.1:4444")?;
                 let prepage = match args.get("prepage").and_then(Value::as_str) {
                     Some(p) => p.parse().map_err(CommandError::invalid)?,
                     None => crate::migration::Prepage::default(),
@@ -491,6 +505,13 @@ impl CommandHandler for VmCommands {
             "migrate-cancel" => {
                 vm.cancel_migration().map_err(failed)?;
                 Ok(json!({}))
+            }
+            "migrate-switch" => {
+                let (uri, secret) = self.destination(
+                    args,
+                    "migrate-switch needs 'uri', the new destination, e.g. uri=tcp:127.0.0.1:4445",
+                )?;
+                to_value(&vm.switch_migration(uri, &secret).map_err(failed)?)
             }
             "query-migrate" => Ok(vm
                 .migration_status()

@@ -526,6 +526,21 @@ impl Vm {
         Ok(out.cancel_after_switchover()?)
     }
 
+    /// `migrate-switch`: redirects this VM's migration, before its switchover, to the
+    /// destination at `uri` (see [`crate::migration::switch`]); returns once the new
+    /// destination receives from both senders, or why not.
+    pub fn switch_migration(
+        &self,
+        uri: &str,
+        secret: &[u8],
+    ) -> Result<migration::switch::SwitchStatus, Error> {
+        let out = self.outgoing.lock().expect("vm lock").clone();
+        let Some(out) = out.filter(|o| !o.rolled_back()) else {
+            return Err(MigrationError::NotMigrating.into());
+        };
+        Ok(out.switch_destination(uri, secret)?)
+    }
+
     /// Whether the VM stopped here for good: the destination of a cancellable migration that
     /// was cancelled or whose lease ran out.
     pub fn is_fenced(&self) -> bool {

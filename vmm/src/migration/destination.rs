@@ -83,6 +83,9 @@ pub struct Incoming {
     /// A cancellable migration: send a reverse checkpoint this often (ms); 0: not cancellable.
     pub checkpoint_ms: u32,
     session: Session,
+    /// The migration listener, kept: if the migration is switched to another destination
+    /// before the switchover, that one dials here for the pages this host holds.
+    acceptor: Acceptor,
     secret: Vec<u8>,
     staging: Option<Arc<StagingPool>>,
 }
@@ -152,6 +155,7 @@ pub fn incoming(
         vcpus: session.hello.vcpus,
         checkpoint_ms: session.hello.checkpoint_ms,
         session,
+        acceptor,
         secret: secret.to_vec(),
         staging,
     })
@@ -187,6 +191,9 @@ struct Arrival {
     clients: Mutex<Vec<Arc<PageClient>>>,
     /// The page servers the source named, by address, and their endpoints.
     dialled: Mutex<HashMap<String, EndpointId>>,
+    /// A switched migration's old destinations (forwarders of the pages they hold), by
+    /// address, and their endpoints: not memservers (nothing to tell them to forget).
+    forwarders: Mutex<HashMap<String, EndpointId>>,
     /// Set once the VM state arrived: before, the precopy rounds may fill memory and empty it
     /// again, and `Complete` would come too early.
     armed: AtomicBool,
@@ -356,7 +363,7 @@ impl Incoming {
     /// announcements (dialling the page servers named), waits for the VM state on the urgent
     /// channel and for the end of the precopy phase on the bulk channel, and hands the urgent
     /// channel's replies to the fault thread.
-    pub fn receive(self, memory: &GuestMemory) -> Result<Received, MigrationError> {
+    pub fn receive(self, memory: &Arc<GuestMemory>) -> Result<Received, MigrationError> {
         let mut paging = DemandPaging::new(memory, "migration", Owner::Endpoint(SOURCE))?;
         let engine = paging.engine().clone();
         if let Some(p) = &self.staging {
@@ -375,6 +382,7 @@ impl Incoming {
             router: Arc::downgrade(paging.router()),
             clients: Mutex::new(Vec::new()),
             dialled: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
             armed: AtomicBool::new(false),
             source_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
@@ -412,7 +420,7 @@ impl Incoming {
         .map_err(MigrationError::Io)?;
         let id = paging
             .router()
-            .add_remote(RemoteOwner::new(source.clone(), sink, None), None)
+            .add_remote(RemoteOwner::new(source.clone(), sink.clone(), None), None)
             .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
         debug_assert_eq!(id, SOURCE);
         arrival
@@ -444,18 +452,75 @@ impl Incoming {
                         owners.set(gfn, n, Owner::Endpoint(SOURCE));
                     }
                 }
+                // Switched: this host was the destination, and forwards what it holds to
+                // the new one (see `switch`).
+                Message::Forward { to } => {
+                    // The source's channels go quiet and then close: nothing to report.
+                    arrival.completed.store(true, Ordering::Release);
+                    let mut acceptor = self.acceptor;
+                    let pages = super::switch::forward(
+                        &to,
+                        &mut acceptor,
+                        &hello,
+                        memory.clone(),
+                        engine.clone(),
+                        &urgent,
+                    )
+                    .map_err(|e| MigrationError::Forwarding {
+                        to: to.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    return Err(MigrationError::Forwarded { to, pages });
+                }
+                // Switched to this host: the old destination holds pages, which it pushes
+                // here in parallel with the source; the source's copy wins (see
+                // `paging::owners`, "two senders").
+                Message::Forwarder { endpoint } => {
+                    owners.contest();
+                    sink.make_senior();
+                    let id = dial_owner(
+                        &endpoint,
+                        "the old destination",
+                        &self.secret,
+                        &hello,
+                        &paging,
+                        &arrival,
+                    )?;
+                    arrival
+                        .forwarders
+                        .lock()
+                        .expect("arrival lock")
+                        .insert(endpoint, id);
+                    source
+                        .send(&Message::Ready)
+                        .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+                }
                 Message::Owners { endpoint, runs } => {
-                    let known = arrival
-                        .dialled
+                    let forwarder = arrival
+                        .forwarders
                         .lock()
                         .expect("arrival lock")
                         .get(&endpoint)
                         .copied();
+                    let known = forwarder.or_else(|| {
+                        arrival
+                            .dialled
+                            .lock()
+                            .expect("arrival lock")
+                            .get(&endpoint)
+                            .copied()
+                    });
                     let id = match known {
                         Some(id) => id,
                         None => {
-                            let id =
-                                dial_owner(&endpoint, &self.secret, &hello, &paging, &arrival)?;
+                            let id = dial_owner(
+                                &endpoint,
+                                "the page server",
+                                &self.secret,
+                                &hello,
+                                &paging,
+                                &arrival,
+                            )?;
                             arrival
                                 .dialled
                                 .lock()
@@ -536,6 +601,7 @@ pub struct Received {
 /// Its link is dialled again if it breaks (see `paging::router`): the VM pauses meanwhile.
 fn dial_owner(
     uri: &str,
+    what: &str,
     secret: &[u8],
     hello: &Hello,
     paging: &DemandPaging,
@@ -563,6 +629,7 @@ fn dial_owner(
         )),
         arrival: Arc::downgrade(arrival),
         sockets: paging.socket_owner(),
+        name: format!("{what} {uri}"),
     });
     let client = dial.open().map_err(|e| failed(e.to_string()))?;
     let added = router
@@ -587,6 +654,8 @@ struct OwnerDial {
     sink: Arc<OwnedSink>,
     arrival: std::sync::Weak<Arrival>,
     sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// The peer's name in errors ("the page server tcp:...").
+    name: String,
 }
 
 impl OwnerDial {
@@ -597,7 +666,7 @@ impl OwnerDial {
             &self.uri,
             &self.secret,
             &self.hello,
-            &format!("the page server {}", self.uri),
+            &self.name,
             self.sink.clone(),
             arrival.clone(),
             &self.sockets,

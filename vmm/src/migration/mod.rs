@@ -35,6 +35,7 @@
 pub mod checkpoint;
 pub mod destination;
 pub mod source;
+pub mod switch;
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,6 +96,12 @@ pub enum MigrationError {
     BadSplit(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("this host was the old destination of a switched migration: it forwarded the {pages} pages it held to {to}, which runs the VM")]
+    Forwarded { to: String, pages: u64 },
+    #[error("forwarding this host's pages to the new destination {to} failed: {reason}; the source still has every page")]
+    Forwarding { to: String, reason: String },
+    #[error("cannot switch the migration to {to}: {reason}")]
+    Switch { to: String, reason: String },
     #[error("the VM failed: {0}")]
     Vm(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
@@ -282,6 +289,9 @@ pub struct MigrationStatus {
     /// A cancellable migration's reverse checkpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<checkpoint::CheckpointStatus>,
+    /// A migration switched to another destination (`migrate-switch`): both senders.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch: Option<switch::SwitchStatus>,
 }
 
 /// A split VM migrating on: what stays at one of its memservers.

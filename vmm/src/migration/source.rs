@@ -64,6 +64,7 @@ use tsubame_pageserver::{
 };
 
 use super::checkpoint::{ResumableVm, Reverse, ServingEnd};
+use super::switch::{SwitchRequest, SwitchStatus, Switched};
 use super::{
     CancelToken, HeldStatus, MigrateOptions, MigrationError, MigrationStatus, Phase, Split,
     SplitStatus,
@@ -212,7 +213,12 @@ impl PageStore for GuestMemoryStore {
 /// An outgoing migration: what the worker and the page server report.
 #[derive(Debug)]
 pub struct Outgoing {
-    destination: String,
+    /// Where the VM goes (the new destination, once switched).
+    destination: Mutex<String>,
+    /// A `migrate-switch` waiting for the worker (see [`super::switch`]).
+    switch_request: Mutex<Option<SwitchRequest>>,
+    /// The switch made, if any.
+    switched_to: Mutex<Option<Arc<Switched>>>,
     started: Instant,
     /// The page server of this VM's memory (serving once the VM switched over).
     server: Arc<PageServer<GuestMemoryStore>>,
@@ -259,7 +265,9 @@ impl Outgoing {
     /// A migration of `memory` to `destination`, not started.
     pub fn new(destination: &str, memory: Arc<GuestMemory>, options: &MigrateOptions) -> Self {
         Self {
-            destination: destination.to_string(),
+            destination: Mutex::new(destination.to_string()),
+            switch_request: Mutex::new(None),
+            switched_to: Mutex::new(None),
             started: Instant::now(),
             server: Arc::new(PageServer::new(GuestMemoryStore::new(memory))),
             cancel: CancelToken::default(),
@@ -352,7 +360,7 @@ impl Outgoing {
             role: "source",
             phase,
             error,
-            destination: self.destination.clone(),
+            destination: self.destination(),
             precopy_rounds: self.precopy_rounds,
             precopy_round: self.precopy_round.load(Ordering::Relaxed),
             pages_precopy: s.pages_precopy,
@@ -379,6 +387,91 @@ impl Outgoing {
             push_ms: s.push_ms,
             total_ms: s.serve_ms,
             checkpoints,
+            switch: self.switch().map(|sw| {
+                sw.status(
+                    s.pages_precopy + s.pages_pushed + s.pages_demand,
+                    s.bytes_sent,
+                )
+            }),
+        }
+    }
+
+    /// Where the VM goes (the new destination, once switched).
+    pub fn destination(&self) -> String {
+        self.destination.lock().expect("migration lock").clone()
+    }
+
+    fn switch(&self) -> Option<Arc<Switched>> {
+        self.switched_to.lock().expect("migration lock").clone()
+    }
+
+    /// `migrate-switch`: redirects this migration to the destination at `uri` before its
+    /// switchover (see [`super::switch`]); returns once the new destination receives from
+    /// both senders, or why it does not (the migration then goes on to the old destination,
+    /// unless the error says it failed).
+    pub fn switch_destination(
+        &self,
+        uri: &str,
+        secret: &[u8],
+    ) -> Result<SwitchStatus, MigrationError> {
+        let refused = |reason: &str| MigrationError::Switch {
+            to: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        session::parse_uri(uri)?;
+        if self.switched_over() {
+            return Err(refused(
+                "the VM runs at the destination already, and switching after the switchover is not built yet",
+            ));
+        }
+        if self.precopy_rounds == 0 {
+            return Err(refused(
+                "a postcopy-only migration switches over at once, so there is nothing to switch: migrate with precopy_rounds=N to be able to switch during the rounds",
+            ));
+        }
+        if self.checkpoint_ms.is_some() {
+            return Err(refused(
+                "switching a cancellable (cancellable=on) migration is not built yet",
+            ));
+        }
+        if let Some(sw) = self.switch() {
+            return Err(refused(&format!(
+                "this migration was switched already (to {}), and a second switch is not built yet",
+                sw.status.lock().expect("switch lock").to
+            )));
+        }
+        if *uri == self.destination() {
+            return Err(refused("that is where the migration goes already"));
+        }
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        {
+            let mut asked = self.switch_request.lock().expect("migration lock");
+            if asked.is_some() {
+                return Err(refused("another switch is under way"));
+            }
+            *asked = Some(SwitchRequest {
+                uri: uri.to_string(),
+                secret: secret.to_vec(),
+                asked: Instant::now(),
+                reply: tx,
+            });
+        }
+        rx.recv_timeout(Duration::from_secs(90))
+            .unwrap_or_else(|_| {
+                self.switch_request.lock().expect("migration lock").take();
+                Err(refused(
+                    "the migration worker did not take the request in 90 s",
+                ))
+            })
+    }
+
+    /// Answers a switch request the worker will not take any more.
+    fn refuse_switch(&self, why: &str) {
+        if let Some(req) = self.switch_request.lock().expect("migration lock").take() {
+            let _ = req.reply.send(Err(MigrationError::Switch {
+                to: req.uri,
+                reason: why.to_string(),
+            }));
         }
     }
 }
@@ -431,15 +524,7 @@ pub fn run<V: MigratableVm + 'static>(
     }
     let resumable: Arc<dyn ResumableVm> = vm_arc.clone();
     let resumable = Arc::downgrade(&resumable);
-    let hello = Hello {
-        purpose: Purpose::Migrate,
-        channel: tsubame_pageserver::Channel::Urgent,
-        session: 0,
-        vm: vm.id(),
-        layout: vm.memory().layout().clone(),
-        vcpus: u32::try_from(vm.vcpu_count()).expect("few vCPUs"),
-        checkpoint_ms: options.checkpoint_ms.unwrap_or(0),
-    };
+    let hello = migrate_hello(vm, options.checkpoint_ms.unwrap_or(0));
     let cancel = &out.cancel;
     cancel.check()?;
     let Session {
@@ -468,6 +553,7 @@ pub fn run<V: MigratableVm + 'static>(
             vm.take_dirty_pages()?; // start from a clean log
             precopy(vm, out, &mut urgent, &mut bulk, options, &mut hot)
         })();
+        out.refuse_switch("too late: the precopy rounds are over and the switchover has begun");
         if copied.is_err() {
             let _ = vm.set_dirty_logging(false);
         }
@@ -537,6 +623,19 @@ pub fn run<V: MigratableVm + 'static>(
     switched
 }
 
+/// The Hello that opens a migration session of `vm` (`checkpoint_ms`: 0 unless cancellable).
+fn migrate_hello(vm: &impl MigratableVm, checkpoint_ms: u32) -> Hello {
+    Hello {
+        purpose: Purpose::Migrate,
+        channel: tsubame_pageserver::Channel::Urgent,
+        session: 0,
+        vm: vm.id(),
+        layout: vm.memory().layout().clone(),
+        vcpus: u32::try_from(vm.vcpu_count()).expect("few vCPUs"),
+        checkpoint_ms,
+    }
+}
+
 /// Waits for the destination's `Ready`: its VM exists and its receivers run (or, after an
 /// `Owners` announcement, it has dialled the owners named).
 fn wait_ready(urgent: &TcpStream, cancel: &CancelToken) -> Result<(), MigrationError> {
@@ -574,18 +673,19 @@ fn precopy(
     let server = &out.server;
     let mut sender = BulkSender::new(server, options.max_bandwidth);
     let layout = vm.memory().layout().clone();
-    let send = |sender: &mut BulkSender<'_, _>, w: &mut BulkWriter, gfn, n| {
-        out.cancel.check()?;
-        sender
-            .send(w, gfn, n, SendKind::Precopy)
-            .map_err(MigrationError::from)
-    };
+    let send =
+        |sender: &mut BulkSender<'_, _>, urgent: &mut TcpStream, w: &mut BulkWriter, gfn, n| {
+            between_runs(vm, out, urgent, w, sender)?;
+            sender
+                .send(w, gfn, n, SendKind::Precopy)
+                .map_err(MigrationError::from)
+        };
     for round in 1..=out.precopy_rounds {
         out.precopy_round.store(round, Ordering::Relaxed);
         if round == 1 {
             let mut index = 0;
             while let Some(run) = layout.run_at(index, w.run_pages()) {
-                send(&mut sender, w, run.gfn, run.pages)?;
+                send(&mut sender, urgent, w, run.gfn, run.pages)?;
                 index += run.pages;
             }
         } else {
@@ -597,7 +697,7 @@ fn precopy(
             while let Some((gfn, n)) = take_run(&mut rest, w.run_pages()) {
                 server.unsend(gfn, n);
                 Message::Discard { gfn, count: n }.write_to(w)?;
-                send(&mut sender, w, gfn, n)?;
+                send(&mut sender, urgent, w, gfn, n)?;
             }
         }
         end_round(urgent, w, round)?;
@@ -611,7 +711,7 @@ fn precopy(
     // one is small. Nothing between the last pass and the pause may take long (see
     // `HotPages`).
     for pass in 1..=DROP_PASSES_MAX {
-        out.cancel.check()?;
+        between_runs(vm, out, urgent, w, &mut sender)?;
         let dirtied = vm.take_dirty_pages()?;
         if dirtied.is_empty() {
             break;
@@ -630,6 +730,197 @@ fn precopy(
         }
     }
     Ok(())
+}
+
+/// What the worker does between two runs of pages of the precopy phase: checks for a
+/// cancel, makes a switch that was asked for, and takes back the pages of an old destination
+/// that stopped forwarding them (see [`super::switch`]).
+fn between_runs(
+    vm: &impl MigratableVm,
+    out: &Outgoing,
+    urgent: &mut TcpStream,
+    w: &mut BulkWriter,
+    sender: &mut BulkSender<'_, GuestMemoryStore>,
+) -> Result<(), MigrationError> {
+    out.cancel.check()?;
+    let asked = out.switch_request.lock().expect("migration lock").take();
+    if let Some(req) = asked {
+        match switch_to(vm, out, &req, urgent, w) {
+            Ok((status, written)) => {
+                let _ = req.reply.send(Ok(status));
+                // What the guest wrote during the switch goes first.
+                for (gfn, n) in gfn_runs(&written, w.run_pages()) {
+                    sender.send(w, gfn, n, SendKind::Precopy)?;
+                }
+            }
+            // Nothing changed: the migration goes on to the old destination.
+            Err((e, false)) => {
+                let _ = req.reply.send(Err(MigrationError::Switch {
+                    to: req.uri.clone(),
+                    reason: format!("{e}; the migration goes on to {}", out.destination()),
+                }));
+            }
+            Err((e, true)) => {
+                let _ = req.reply.send(Err(MigrationError::Switch {
+                    to: req.uri.clone(),
+                    reason: format!("{e}; the migration failed and the VM keeps running here"),
+                }));
+                return Err(e);
+            }
+        }
+    }
+    take_back_if_lost(out, w)
+}
+
+/// If the old destination of a switch stopped forwarding before it was done, makes every page
+/// it held the source's again at the new destination (`Discard`: whatever copy is there is
+/// dropped) and marks them unsent, so that the rounds or the push send them.
+fn take_back_if_lost(out: &Outgoing, w: &mut BulkWriter) -> Result<(), MigrationError> {
+    let Some(sw) = out.switch() else {
+        return Ok(());
+    };
+    if !sw.take_back_due() {
+        return Ok(());
+    }
+    let mut pages = 0;
+    for &(gfn, count) in &sw.runs {
+        out.server.unsend(gfn, count);
+        Message::Discard { gfn, count }.write_to(w)?;
+        pages += count;
+    }
+    sw.status.lock().expect("switch lock").pages_taken_back = pages;
+    log::info!("took back the {pages} pages the lost old destination held: sending them from here");
+    Ok(())
+}
+
+/// Makes the switch `req` asks for (see [`super::switch`], steps 1-4): on success `urgent`
+/// and `w` are the new destination's, and the pages the guest wrote during the switch are
+/// returned, to be sent first (step 5). An error says whether the migration failed (`true`), or
+/// goes on to the old destination as if nothing happened (`false`).
+fn switch_to(
+    vm: &impl MigratableVm,
+    out: &Outgoing,
+    req: &SwitchRequest,
+    urgent: &mut TcpStream,
+    w: &mut BulkWriter,
+) -> Result<(SwitchStatus, Vec<Gfn>), (MigrationError, bool)> {
+    let from = out.destination();
+    let round = out.precopy_round.load(Ordering::Relaxed);
+    let goes_on = |e: MigrationError| (e, false);
+    let failed = |e: MigrationError| (e, true);
+    if !out.held.lock().expect("migration lock").is_empty() {
+        return Err(goes_on(MigrationError::Unsupported(
+            "this VM runs split (memservers hold pages of it), and switching such a migration is not built yet".into(),
+        )));
+    }
+    // 1. The new destination, ready.
+    let new = session::open(&req.uri, &req.secret, &migrate_hello(vm, 0)).map_err(|e| {
+        goes_on(MigrationError::opening(
+            "new destination",
+            "tsubame run --incoming",
+            e,
+        ))
+    })?;
+    out.cancel.watch(&new.urgent).map_err(goes_on)?;
+    out.cancel.watch(&new.bulk).map_err(goes_on)?;
+    wait_ready(&new.urgent, &out.cancel).map_err(goes_on)?;
+    // 2. The old destination made current: what it holds is what is marked sent here.
+    let written = vm.take_dirty_pages().map_err(failed)?;
+    for (gfn, n) in gfn_runs(&written, u64::MAX) {
+        out.server.unsend(gfn, n);
+    }
+    let old_ready = (|| -> Result<(), MigrationError> {
+        for (gfn, n) in gfn_runs(&written, u64::MAX) {
+            Message::Discard { gfn, count: n }.write_to(w)?;
+        }
+        end_round(urgent, w, round)?;
+        // 3. It forwards from now on.
+        Message::Forward {
+            to: req.uri.clone(),
+        }
+        .write_to(urgent)?;
+        wait_ready(urgent, &out.cancel)
+    })();
+    let (runs, lost) = match old_ready {
+        Ok(()) => (out.server.sent_runs(), None),
+        Err(e) => {
+            // It holds nothing anyone can fetch: everything goes from here.
+            for (gfn, n) in out.server.sent_runs() {
+                out.server.unsend(gfn, n);
+            }
+            log::warn!("the old destination {from} cannot forward ({e}): the source sends all");
+            (Vec::new(), Some(e.to_string()))
+        }
+    };
+    let pages_at_old: u64 = runs.iter().map(|r| r.1).sum();
+    let Session {
+        urgent: mut new_urgent,
+        bulk: new_bulk,
+        rtt,
+        ..
+    } = new;
+    // 4. The new destination dials the old one and takes its pages as its own.
+    if !runs.is_empty() {
+        let told = (|| -> Result<(), MigrationError> {
+            Message::Forwarder {
+                endpoint: from.clone(),
+            }
+            .write_to(&mut new_urgent)?;
+            wait_ready(&new_urgent, &out.cancel)?;
+            for _ in 0..announce_owners(&mut new_urgent, &from, &runs)? {
+                wait_ready(&new_urgent, &out.cancel)?;
+            }
+            Ok(())
+        })();
+        told.map_err(|e| {
+            failed(match told_why(&new_urgent) {
+                Some(why) => MigrationError::Switch {
+                    to: req.uri.clone(),
+                    reason: why,
+                },
+                None => e,
+            })
+        })?;
+    }
+    // From here on the rounds go to the new destination.
+    let new_w = BulkWriter::new(new_bulk, rtt).map_err(|e| failed(e.into()))?;
+    let old_urgent = std::mem::replace(urgent, new_urgent);
+    let old_bulk = std::mem::replace(w, new_w);
+    *out.destination.lock().expect("migration lock") = req.uri.clone();
+    let s = out.server.status();
+    let sent_before = (
+        s.pages_precopy + s.pages_pushed + s.pages_demand,
+        s.bytes_sent,
+    );
+    let switched = Arc::new(Switched {
+        status: Mutex::new(SwitchStatus {
+            from: from.clone(),
+            to: req.uri.clone(),
+            at_ms: req.asked.duration_since(out.started).as_secs_f64() * 1e3,
+            precopy_round: round,
+            switch_ms: req.asked.elapsed().as_secs_f64() * 1e3,
+            pages_at_old,
+            pages_written_during_switch: written.len() as u64,
+            forwarder_lost: lost.clone(),
+            ..SwitchStatus::default()
+        }),
+        runs,
+        lost: AtomicBool::new(false),
+        taken_back: AtomicBool::new(false),
+        at: Instant::now(),
+        sent_before,
+    });
+    *out.switched_to.lock().expect("migration lock") = Some(switched.clone());
+    if lost.is_none() {
+        super::switch::watch_forwarder(switched.clone(), old_urgent, old_bulk)
+            .map_err(|e| failed(e.into()))?;
+    }
+    log::info!(
+        "migration switched from {from} to {} in {:.1} ms: {pages_at_old} pages come from {from}",
+        req.uri,
+        req.asked.elapsed().as_secs_f64() * 1e3
+    );
+    Ok((switched.status(sent_before.0, sent_before.1), written))
 }
 
 /// Ends round `round` on the bulk channel and waits until the destination has applied it.
@@ -988,8 +1279,13 @@ pub(crate) fn forget_in_background(
     }
 }
 
+/// Adds `chore` to the chores [`finish_chores`] waits for.
+pub(crate) fn add_chore(chore: std::thread::JoinHandle<()>) {
+    CHORES.lock().expect("chores lock").push(chore);
+}
+
 /// Background chores a process should let finish before it exits (telling memservers to
-/// forget stale copies).
+/// forget stale copies, hearing an old destination's last report).
 static CHORES: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
 
 /// Waits (at most `timeout`) for the background chores to finish: call it before the process
@@ -1116,6 +1412,7 @@ fn switch_over(
     Message::VmState(json).write_to(&mut urgent)?;
     let sent = paused_at.elapsed();
     if out.precopy_rounds > 0 {
+        take_back_if_lost(out, &mut bulk)?;
         for (gfn, n) in gfn_runs(stale, u64::MAX) {
             // Pages dropped before the pause and not sent since need no second drop.
             let dropped = server.unsend(gfn, n);
@@ -1155,7 +1452,7 @@ fn switch_over(
     }
     server
         .serve(
-            &format!("the destination {}", out.destination),
+            &format!("the destination {}", out.destination()),
             urgent,
             bulk,
             PushOptions {

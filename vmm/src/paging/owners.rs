@@ -15,9 +15,19 @@
 //! Owners change before the vCPUs run (a migration's switchover), and under a running guest
 //! only through remote paging ([`super::remote`]), which orders each change with the page's
 //! write protection and its drop.
+//!
+//! Two senders (a switched migration, see `crate::migration::destination`): the old
+//! destination owns the pages it holds, and the source may take any of them back before the
+//! switchover (the guest wrote it again there) with a `Discard`: the source's sink is
+//! *senior* ([`OwnedSink::make_senior`]), its `Discard` drops whatever copy is here and makes
+//! the page the source's. The old destination's copy of such a page may be on its way at that
+//! very moment, so once a map is *contested* ([`OwnerMap::contest`]) the check of a page's
+//! owner, the install and the making local are one step with respect to a take-back of the
+//! same pages (a lock per 2 MiB of pages): a stale copy is either installed before the
+//! take-back, and dropped by it, or refused after it.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tsubame_pages::{Delivery, Gfn, MemoryLayout, PageError, PageRun, PageSink};
 use tsubame_uffd::FaultEngine;
@@ -74,7 +84,13 @@ pub struct OwnerMap {
     /// Pages per entry code (kept with every change, so that "does it still own anything"
     /// costs nothing on the install path).
     counts: Vec<AtomicU64>,
+    /// Once contested (two senders): a lock per [`CONTEST_STRIPE`] pages, taken by sinks
+    /// around each check-install-record step (see the module docs).
+    contest: OnceLock<Vec<Mutex<()>>>,
 }
+
+/// Pages per lock of a contested map (2 MiB).
+const CONTEST_STRIPE: u64 = 512;
 
 impl OwnerMap {
     /// A map of `layout`'s pages, all owned by `owner`.
@@ -86,7 +102,40 @@ impl OwnerMap {
             layout: layout.clone(),
             owners: (0..pages).map(|_| AtomicU8::new(owner.code())).collect(),
             counts,
+            contest: OnceLock::new(),
         }
+    }
+
+    /// Two senders may send the same pages from now on (see the module docs): sinks install
+    /// and take back under a lock per 2 MiB of pages.
+    pub fn contest(&self) {
+        self.contest.get_or_init(|| {
+            (0..self.layout.total_pages().div_ceil(CONTEST_STRIPE))
+                .map(|_| Mutex::new(()))
+                .collect()
+        });
+    }
+
+    /// The locks of `[gfn, gfn + pages)` if the map is contested (none otherwise), taken in
+    /// page order.
+    fn guard(&self, gfn: Gfn, pages: u64) -> Vec<MutexGuard<'_, ()>> {
+        let Some(locks) = self.contest.get() else {
+            return Vec::new();
+        };
+        let mut stripes: Vec<u64> = self
+            .layout
+            .split(gfn, pages, u64::MAX)
+            .flat_map(|r| r.index / CONTEST_STRIPE..=(r.index + r.pages - 1) / CONTEST_STRIPE)
+            .collect();
+        stripes.dedup();
+        stripes
+            .into_iter()
+            .map(|i| {
+                locks[usize::try_from(i).expect("stripe")]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            })
+            .collect()
     }
 
     fn counted(&self, code: u8) -> &AtomicU64 {
@@ -281,6 +330,9 @@ pub struct OwnedSink {
     already_local: AtomicU64,
     /// Pages that arrived from this endpoint while another owned them: dropped.
     not_owned: AtomicU64,
+    /// Its `Discard` takes any page back, whoever's copy is here (module docs, "two
+    /// senders").
+    senior: AtomicBool,
 }
 
 /// What an [`OwnedSink`] did with what arrived.
@@ -302,7 +354,15 @@ impl OwnedSink {
             installed: AtomicU64::new(0),
             already_local: AtomicU64::new(0),
             not_owned: AtomicU64::new(0),
+            senior: AtomicBool::new(false),
         }
+    }
+
+    /// Makes this owner's `Discard` take back any page, whoever's copy is here: the source
+    /// of a switched migration, whose copy beats the old destination's (module docs). Only
+    /// before the guest runs here: a page dropped then has never been seen by it.
+    pub fn make_senior(&self) {
+        self.senior.store(true, Ordering::Release);
     }
 
     /// A sink that installs pages write-protected, so that the first write to each is seen
@@ -339,6 +399,7 @@ impl OwnedSink {
         if self.engine.layout().locate(gfn, pages).is_none() {
             return Err(PageError::OutOfRange { gfn, pages });
         }
+        let _contested = self.owners.guard(gfn, pages);
         let (mut local, mut others) = (0, 0);
         let runs = self.owners.runs_where(
             gfn,
@@ -403,9 +464,11 @@ impl PageSink for OwnedSink {
             return Err(PageError::OutOfRange { gfn, pages });
         }
         let (mine, from_me) = (self.endpoint.0, FROM | self.endpoint.0);
-        for run in self
-            .owners
-            .runs_where(gfn, pages, |c| c == mine || c == from_me, |_| {})
+        let senior = self.senior.load(Ordering::Acquire);
+        let _contested = self.owners.guard(gfn, pages);
+        for run in
+            self.owners
+                .runs_where(gfn, pages, |c| senior || c == mine || c == from_me, |_| {})
         {
             self.engine.forget(run.gfn, run.pages)?;
             self.owners.set(run.gfn, run.pages, self.owner);
@@ -431,6 +494,7 @@ impl PageSink for OwnedSink {
         scratch: &mut Vec<u8>,
         fill: &mut dyn FnMut(&mut [u8]) -> std::io::Result<()>,
     ) -> Result<u64, PageError> {
+        let contested = self.owners.guard(gfn, pages);
         let (mut local, mut others) = (0, 0);
         let mine = self.owners.runs_where(
             gfn,
@@ -444,6 +508,7 @@ impl PageSink for OwnedSink {
         );
         if others > 0 || self.protect.is_some() || self.engine.layout().locate(gfn, pages).is_none()
         {
+            drop(contested); // `install` takes it again
             return tsubame_pages::receive_via(self, gfn, pages, scratch, fill);
         }
         let installed = self.engine.receive(gfn, pages, delivery, scratch, fill)?;
@@ -499,6 +564,45 @@ mod tests {
             2,
             "a run ends at the hole"
         );
+    }
+
+    /// Two senders racing on the same pages (a switched migration): the old destination (1)
+    /// pushes its copies while the source (0, senior) takes each page back and sends its own.
+    /// Whatever the interleaving, every page ends with the source's copy.
+    #[test]
+    fn the_senior_senders_copy_wins_a_race_on_the_same_pages() {
+        const PAGES: u64 = 4096;
+        let layout = MemoryLayout::for_size(PAGES * 4096).unwrap();
+        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
+        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
+        map.set(Gfn(0), PAGES, Owner::Endpoint(EndpointId(1)));
+        map.contest();
+        let source = OwnedSink::new(engine.clone(), map.clone(), EndpointId(0));
+        source.make_senior();
+        let old = OwnedSink::new(engine.clone(), map.clone(), EndpointId(1));
+        let stale = vec![0xaa; tsubame_pages::PAGE_BYTES];
+        let fresh = vec![0x55; tsubame_pages::PAGE_BYTES];
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for g in 0..PAGES {
+                    old.install(Gfn(g), &stale).unwrap();
+                }
+            });
+            s.spawn(|| {
+                for g in 0..PAGES {
+                    source.forget(Gfn(g), 1).unwrap();
+                    source.install(Gfn(g), &fresh).unwrap();
+                }
+            });
+        });
+        assert_eq!(engine.present_pages(), PAGES);
+        let mut b = vec![0u8; tsubame_pages::PAGE_BYTES];
+        for g in 0..PAGES {
+            memory.read(Gfn(g).gpa(), &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == 0x55), "page {g} kept a stale copy");
+        }
+        assert_eq!(map.owned_by(EndpointId(1)), 0);
     }
 
     #[test]

@@ -1,0 +1,320 @@
+//! Switching a migration's destination before its switchover (DCmigrate, paper 000): the
+//! operator who picked the wrong destination, or whose destination degrades, redirects the
+//! running migration (`migrate-switch uri=tcp:NEW` at the source) without starting over.
+//!
+//! Three processes: the source S (the VM runs there), the old destination A (it has received
+//! part of the memory in the precopy rounds so far), the new destination B (`run --incoming`,
+//! waiting). The source's worker takes the request between two runs of pages, and:
+//!
+//! 1. opens a session to B and waits for its `Ready` (B unreachable: the request fails with
+//!    the reason, and the migration goes on to A as if nothing happened);
+//! 2. makes A current: ends the round at A (acknowledged: A has installed everything sent),
+//!    takes KVM's dirty log and drops at A the pages written since they were sent
+//!    (`Discard`), and ends the round again. The pages marked sent at the source's page server
+//!    are now exactly the pages A holds, each one the same as the source's copy;
+//! 3. tells A to `Forward`: A stops being a destination and serves the pages it holds to B
+//!    ([`forward`]: a page server over its memory, pushing at once), and says `Ready`;
+//! 4. names A to B as a `Forwarder` and announces A's pages (`Owners`): B dials A (a Fetch
+//!    session), receives from both senders in parallel, each over its own channels, and says
+//!    `Ready`;
+//! 5. goes on with the precopy rounds to B, which skip what A holds (marked sent), and sends
+//!    B the pages written during the switch at once.
+//!
+//! From then on the migration is an ordinary one to B with a second owner. The source sends a
+//! page A holds only if the guest wrote it since: its `Discard` makes the page the source's at
+//! B, whichever copy B has or is receiving (see `crate::paging::owners`, "two senders"), and
+//! the page is sent again like any written page. After the switchover B fetches what it still
+//! lacks from each owner, on demand and by both pushes, and says `Complete` to each.
+//!
+//! Failures, before the switchover: A killed or unreachable during or after the switch (its
+//! session to the source breaks): the source takes every page A held back (`Discard` of A's
+//! runs at B) and sends them itself, so nothing waits for A. B failing after A started
+//! forwarding fails the migration: the VM keeps running at the source, which may migrate it
+//! again. Not built yet: switching after the switchover, a second switch while the first
+//! forwarder still forwards, a cancellable (`cancellable=on`) or split migration, and an old
+//! destination lost after the switchover (the new destination then waits for its pages, held,
+//! with the reason).
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tsubame_pages::{Gfn, MemoryLayout, PageError, PageStore};
+use tsubame_pageserver::flow::BulkWriter;
+use tsubame_pageserver::session::{Acceptor, Session};
+use tsubame_pageserver::{
+    HotPages, Message, PageServer, Prepage, ProtocolError, Purpose, PushOptions, ServeState,
+};
+use tsubame_uffd::FaultEngine;
+
+use super::source::GuestMemoryStore;
+use super::MigrationError;
+use crate::memory::GuestMemory;
+
+/// How long the old destination waits for the new one to come for its pages.
+const FETCH_WAIT: Duration = Duration::from_secs(30);
+/// How often the old destination reports its progress to the source.
+const REPORT_EVERY: Duration = Duration::from_millis(100);
+
+/// A `migrate-switch` request, for the source's worker to take between two runs of pages.
+#[derive(Debug)]
+pub struct SwitchRequest {
+    pub uri: String,
+    pub secret: Vec<u8>,
+    pub asked: Instant,
+    pub reply: crossbeam::channel::Sender<Result<SwitchStatus, MigrationError>>,
+}
+
+/// A switch, in `query-migrate` at the source (`switch`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SwitchStatus {
+    /// The old destination, now a forwarder of the pages it holds.
+    pub from: String,
+    /// The new destination.
+    pub to: String,
+    /// Migration start -> the switch command.
+    pub at_ms: f64,
+    /// The precopy round under way then.
+    pub precopy_round: u32,
+    /// The switch command -> the new destination receiving from both senders.
+    pub switch_ms: f64,
+    /// Pages the old destination held, clean, when it began forwarding: the new destination's
+    /// to fetch from it.
+    pub pages_at_old: u64,
+    /// Pages written during the switch, dropped at the old destination and sent by the source.
+    pub pages_written_during_switch: u64,
+    /// Of the old destination's pages, those the source took back (written since at the
+    /// source, or all that were left if the old destination was lost).
+    pub pages_taken_back: u64,
+    /// Pages the old destination has sent to the new one (it reports every 100 ms).
+    pub pages_forwarded: u64,
+    /// The switch -> the old destination done (the new destination has every page).
+    pub forwarder_done_ms: Option<f64>,
+    /// Why the old destination stopped forwarding before it was done (its pages were taken
+    /// back: the source sends them).
+    pub forwarder_lost: Option<String>,
+    /// Pages and bytes the source sent after the switch (precopy, push and demand).
+    pub source_pages_after: u64,
+    pub source_bytes_after: u64,
+}
+
+/// The source's side of a switch that happened: the forwarder's reports, and A's pages.
+#[derive(Debug)]
+pub(crate) struct Switched {
+    pub status: Mutex<SwitchStatus>,
+    /// A's announced runs (the pages it held when it began forwarding).
+    pub runs: Vec<(Gfn, u64)>,
+    /// The forwarder's session broke before it was done...
+    pub lost: AtomicBool,
+    /// ...and its pages were taken back.
+    pub taken_back: AtomicBool,
+    pub at: Instant,
+    /// The source's page server counters at the switch: (pages, bytes).
+    pub sent_before: (u64, u64),
+}
+
+impl Switched {
+    /// The status, with the source's pages sent since the switch given its totals now.
+    pub fn status(&self, pages_now: u64, bytes_now: u64) -> SwitchStatus {
+        let mut s = self.status.lock().expect("switch lock").clone();
+        s.source_pages_after = pages_now.saturating_sub(self.sent_before.0);
+        s.source_bytes_after = bytes_now.saturating_sub(self.sent_before.1);
+        s
+    }
+
+    /// Whether the forwarder was lost and its pages are still to be taken back; marks them
+    /// taken.
+    pub fn take_back_due(&self) -> bool {
+        self.lost.load(Ordering::Acquire) && !self.taken_back.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// Reads the old destination's reports (`Forwarded`) until it is done or its session breaks
+/// (then marks it lost, for the worker to take its pages back), on a thread of its own. Keeps
+/// its session's connections open until then.
+pub(crate) fn watch_forwarder(
+    switched: Arc<Switched>,
+    urgent: TcpStream,
+    bulk: BulkWriter,
+) -> std::io::Result<()> {
+    let watcher = std::thread::Builder::new()
+        .name("switch-forwarder".into())
+        .spawn(move || {
+            let _bulk = bulk;
+            let why = loop {
+                match Message::read_from(&mut &urgent) {
+                    Ok(Message::Forwarded { pages, done }) => {
+                        let mut s = switched.status.lock().expect("switch lock");
+                        s.pages_forwarded = pages;
+                        if done {
+                            s.forwarder_done_ms = Some(switched.at.elapsed().as_secs_f64() * 1e3);
+                            return;
+                        }
+                    }
+                    Ok(Message::Error { message }) => break message,
+                    Ok(m) => break ProtocolError::unexpected("Forwarded", m).to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            log::warn!("the old destination stopped forwarding: {why}; the source sends its pages");
+            switched.status.lock().expect("switch lock").forwarder_lost = Some(why);
+            switched.lost.store(true, Ordering::Release);
+        })?;
+    // Its last report says when it was done: a source about to exit waits a little for it.
+    super::source::add_chore(watcher);
+    Ok(())
+}
+
+/// The old destination's pages, as a page store: its guest memory, frozen (its vCPUs never
+/// ran, and nothing installs pages any more), of which only the pages present may be read.
+#[derive(Debug)]
+struct HeldPages {
+    memory: GuestMemoryStore,
+    engine: Arc<FaultEngine>,
+}
+
+impl PageStore for HeldPages {
+    fn layout(&self) -> &MemoryLayout {
+        self.memory.layout()
+    }
+
+    fn read<'a>(
+        &'a self,
+        gfn: Gfn,
+        pages: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], PageError> {
+        if !self.engine.all_present(gfn, pages) {
+            return Err(PageError::backend(
+                "reading the old destination's pages",
+                format!("it does not hold all of {gfn} (+{pages} pages): ask the source"),
+            ));
+        }
+        self.memory.read(gfn, pages, scratch)
+    }
+
+    /// Pages never populated read as zero, but a missing page is not zero: it is not here.
+    fn known_zero(&self, gfn: Gfn, pages: u64, zero: &mut Vec<bool>) -> Result<(), PageError> {
+        self.memory.known_zero(gfn, pages, zero)?;
+        for (k, z) in zero.iter_mut().enumerate() {
+            if *z && !self.engine.all_present(gfn + k as u64, 1) {
+                *z = false; // read, and refused
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The old destination's part (module docs, step 3): serves the pages it holds to the new
+/// destination `to`, which dials it on its migration listener, pushing them all at once, and
+/// reports its progress to the source until the new destination has every page. Returns the
+/// pages sent.
+pub(crate) fn forward(
+    to: &str,
+    acceptor: &mut Acceptor,
+    hello: &tsubame_pageserver::Hello,
+    memory: Arc<GuestMemory>,
+    engine: Arc<FaultEngine>,
+    mut source: &TcpStream,
+) -> Result<u64, MigrationError> {
+    let store = GuestMemoryStore::new(memory);
+    // The vCPUs never ran here, and the source sends nothing more: memory stays as it is.
+    store.freeze();
+    let layout = hello.layout.clone();
+    let server = Arc::new(PageServer::new(HeldPages {
+        memory: store,
+        engine: engine.clone(),
+    }));
+    let mut held = 0;
+    for run in layout.runs(u64::MAX) {
+        let mut k = 0;
+        while k < run.pages {
+            let present = engine.all_present(run.gfn + k, 1);
+            let mut n = 1;
+            while k + n < run.pages && engine.all_present(run.gfn + k + n, 1) == present {
+                n += 1;
+            }
+            if present {
+                held += n;
+            } else {
+                server.withhold(run.gfn + k, n);
+            }
+            k += n;
+        }
+    }
+    log::info!("forwarding the {held} pages held here to the new destination {to}");
+    Message::Ready.write_to(&mut source)?;
+    let (vm, want) = (hello.vm, layout.clone());
+    let session = acceptor
+        .next_until(Some(Instant::now() + FETCH_WAIT), move |h| {
+            if h.purpose != Purpose::Fetch || h.vm != vm || h.layout != want {
+                return Err(ProtocolError::Refused(
+                    "this old destination forwards one VM's pages to its new destination only"
+                        .into(),
+                ));
+            }
+            Ok(())
+        })?
+        .ok_or_else(|| {
+            MigrationError::Unsupported(format!(
+                "the new destination {to} did not come for this host's pages within {} s",
+                FETCH_WAIT.as_secs()
+            ))
+        })?;
+    let Session {
+        urgent, bulk, rtt, ..
+    } = session;
+    server.serve(
+        &format!("the new destination {to}"),
+        urgent,
+        BulkWriter::new(bulk, rtt)?,
+        PushOptions {
+            prepage: Prepage::Address,
+            rate: None,
+            hot: HotPages::new(&layout),
+            // At once: the new destination receives from both senders in parallel.
+            gate_timeout: Some(Duration::ZERO),
+            start_on_demand: true,
+            before_push: None,
+            after_push: None,
+            release: false,
+        },
+    )?;
+    let sent = |s: &tsubame_pageserver::ServerStats| s.pages_pushed + s.pages_demand;
+    loop {
+        std::thread::sleep(REPORT_EVERY);
+        let s = server.status();
+        if s.state != ServeState::Serving {
+            break;
+        }
+        // A source gone changes nothing here: the new destination still needs the pages.
+        let _ = Message::Forwarded {
+            pages: sent(&s),
+            done: false,
+        }
+        .write_to(&mut source);
+    }
+    let s = server.status();
+    match s.state {
+        ServeState::Completed => {
+            let _ = Message::Forwarded {
+                pages: sent(&s),
+                done: true,
+            }
+            .write_to(&mut source);
+            Ok(sent(&s))
+        }
+        ServeState::Failed(why) => {
+            let _ = Message::Error {
+                message: format!("the old destination stopped forwarding: {why}"),
+            }
+            .write_to(&mut source);
+            Err(MigrationError::Unsupported(format!(
+                "forwarding pages to {to} failed: {why}"
+            )))
+        }
+        ServeState::Idle | ServeState::Serving => unreachable!("serving ended"),
+    }
+}
