@@ -206,10 +206,11 @@ pub enum Message {
         endpoint: String,
     },
     /// Old destination (on the urgent channel, to the source): it has sent this many pages to
-    /// the new destination (pushed or on demand); `done`: the new destination has them all
-    /// and the old one stops.
+    /// the new destination (pushed or on demand); `pushed`: its push has sent every page it
+    /// holds; `done`: the new destination has them all and the old one stops.
     Forwarded {
         pages: u64,
+        pushed: bool,
         done: bool,
     },
 }
@@ -380,9 +381,13 @@ impl Message {
                 p.extend_from_slice(&len_u32(e.len()).to_le_bytes());
                 p.extend_from_slice(e);
             }
-            Self::Forwarded { pages, done } => {
+            Self::Forwarded {
+                pages,
+                pushed,
+                done,
+            } => {
                 p.extend_from_slice(&pages.to_le_bytes());
-                p.extend_from_slice(&u64::from(*done).to_le_bytes());
+                p.extend_from_slice(&(u64::from(*done) | u64::from(*pushed) << 1).to_le_bytes());
             }
             Self::Owners { endpoint, runs } => {
                 let e = endpoint.as_bytes();
@@ -550,12 +555,15 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
         }
         26 => {
             let pages = c.u64()?;
-            let done = match c.u64()? {
-                0 => false,
-                1 => true,
-                _ => return Err(bad("'done' is neither 0 nor 1")),
-            };
-            Message::Forwarded { pages, done }
+            let flags = c.u64()?;
+            if flags > 3 {
+                return Err(bad("unknown flags"));
+            }
+            Message::Forwarded {
+                pages,
+                pushed: flags & 2 != 0,
+                done: flags & 1 != 0,
+            }
         }
         17 => {
             let endpoint = c.text(MAX_ENDPOINT, "endpoint address")?;
@@ -672,7 +680,8 @@ mod tests {
             },
             Message::Forwarded {
                 pages: 12345,
-                done: true,
+                pushed: true,
+                done: false,
             },
             Message::Owners {
                 endpoint: "tcp:10.0.0.2:5555".into(),

@@ -465,6 +465,14 @@ impl Outgoing {
             })
     }
 
+    /// Counts `pages` written again by the guest and sent again (or left for the push): after
+    /// a switch, what the source sends beyond what the old destination lacks.
+    fn written_again(&self, pages: u64) {
+        if let Some(sw) = self.switch() {
+            sw.status.lock().expect("switch lock").pages_written_since += pages;
+        }
+    }
+
     /// Answers a switch request the worker will not take any more.
     fn refuse_switch(&self, why: &str) {
         if let Some(req) = self.switch_request.lock().expect("migration lock").take() {
@@ -696,6 +704,7 @@ fn precopy(
             let mut rest = &written[..];
             while let Some((gfn, n)) = take_run(&mut rest, w.run_pages()) {
                 server.unsend(gfn, n);
+                out.written_again(n);
                 Message::Discard { gfn, count: n }.write_to(w)?;
                 send(&mut sender, urgent, w, gfn, n)?;
             }
@@ -718,6 +727,7 @@ fn precopy(
         }
         for (gfn, n) in gfn_runs(&dirtied, u64::MAX) {
             let dropped = server.unsend(gfn, n);
+            out.written_again(n);
             out.pages_stale.fetch_add(dropped, Ordering::Relaxed);
             Message::Discard { gfn, count: n }.write_to(w)?;
         }
@@ -1416,6 +1426,7 @@ fn switch_over(
         for (gfn, n) in gfn_runs(stale, u64::MAX) {
             // Pages dropped before the pause and not sent since need no second drop.
             let dropped = server.unsend(gfn, n);
+            out.written_again(n);
             out.pages_stale.fetch_add(dropped, Ordering::Relaxed);
             if dropped > 0 {
                 Message::Discard { gfn, count: n }.write_to(&mut bulk)?;

@@ -56,7 +56,7 @@ use crate::memory::GuestMemory;
 /// How long the old destination waits for the new one to come for its pages.
 const FETCH_WAIT: Duration = Duration::from_secs(30);
 /// How often the old destination reports its progress to the source.
-const REPORT_EVERY: Duration = Duration::from_millis(100);
+const REPORT_EVERY: Duration = Duration::from_millis(20);
 
 /// A `migrate-switch` request, for the source's worker to take between two runs of pages.
 #[derive(Debug)]
@@ -88,8 +88,12 @@ pub struct SwitchStatus {
     /// Of the old destination's pages, those the source took back (written since at the
     /// source, or all that were left if the old destination was lost).
     pub pages_taken_back: u64,
-    /// Pages the old destination has sent to the new one (it reports every 100 ms).
+    /// Pages written again at the source after the switch (each time), sent again by it.
+    pub pages_written_since: u64,
+    /// Pages the old destination has sent to the new one (it reports every 20 ms).
     pub pages_forwarded: u64,
+    /// The switch -> the old destination has pushed every page it holds.
+    pub forwarder_pushed_ms: Option<f64>,
     /// The switch -> the old destination done (the new destination has every page).
     pub forwarder_done_ms: Option<f64>,
     /// Why the old destination stopped forwarding before it was done (its pages were taken
@@ -145,9 +149,16 @@ pub(crate) fn watch_forwarder(
             let _bulk = bulk;
             let why = loop {
                 match Message::read_from(&mut &urgent) {
-                    Ok(Message::Forwarded { pages, done }) => {
+                    Ok(Message::Forwarded {
+                        pages,
+                        pushed,
+                        done,
+                    }) => {
                         let mut s = switched.status.lock().expect("switch lock");
                         s.pages_forwarded = pages;
+                        if pushed && s.forwarder_pushed_ms.is_none() {
+                            s.forwarder_pushed_ms = Some(switched.at.elapsed().as_secs_f64() * 1e3);
+                        }
                         if done {
                             s.forwarder_done_ms = Some(switched.at.elapsed().as_secs_f64() * 1e3);
                             return;
@@ -292,6 +303,7 @@ pub(crate) fn forward(
         // A source gone changes nothing here: the new destination still needs the pages.
         let _ = Message::Forwarded {
             pages: sent(&s),
+            pushed: s.push_ms.is_some(),
             done: false,
         }
         .write_to(&mut source);
@@ -301,6 +313,7 @@ pub(crate) fn forward(
         ServeState::Completed => {
             let _ = Message::Forwarded {
                 pages: sent(&s),
+                pushed: true,
                 done: true,
             }
             .write_to(&mut source);
