@@ -58,6 +58,9 @@ pub enum Purpose {
     /// It wants back, one demand request at a time, pages of VM `vm` that it stored itself (a
     /// host paging its VM's memory out to a memserver): like `Fetch`, but nothing is pushed.
     Recall = 4,
+    /// It is the source of the migration that brought VM `vm` here, and asks this host to
+    /// move the VM on (`SwitchTo`): a migration switched after its switchover.
+    Switch = 5,
 }
 
 /// What a connection is about: sent by the side that opens it, checked by the other before
@@ -213,9 +216,17 @@ pub enum Message {
         pushed: bool,
         done: bool,
     },
+    /// Source (in a `Switch` session, to the destination that runs the VM): migrate the VM on
+    /// to `to`, postcopy; the pages you still lack stay the source's, which serves them at
+    /// `source` (the new destination fetches them from there). Answered `Ready` once the VM
+    /// runs at `to`, or `Error`.
+    SwitchTo {
+        to: String,
+        source: String,
+    },
 }
 
-const KINDS: [&str; 27] = [
+const KINDS: [&str; 28] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -243,6 +254,7 @@ const KINDS: [&str; 27] = [
     "Forward",
     "Forwarder",
     "Forwarded",
+    "SwitchTo",
 ];
 
 /// The name of frame kind `kind` (a known one).
@@ -273,6 +285,7 @@ pub(crate) fn max_payload(kind: u16) -> Option<u32> {
         20 | 22 => 8,
         24 | 25 => 4 + MAX_ENDPOINT,
         26 => 16,
+        27 => 8 + 2 * MAX_ENDPOINT,
         _ => return None,
     })
 }
@@ -306,6 +319,7 @@ impl Message {
             Self::Forward { .. } => 24,
             Self::Forwarder { .. } => 25,
             Self::Forwarded { .. } => 26,
+            Self::SwitchTo { .. } => 27,
         }
     }
 
@@ -380,6 +394,13 @@ impl Message {
                 let e = endpoint.as_bytes();
                 p.extend_from_slice(&len_u32(e.len()).to_le_bytes());
                 p.extend_from_slice(e);
+            }
+            Self::SwitchTo { to, source } => {
+                for e in [to, source] {
+                    let e = e.as_bytes();
+                    p.extend_from_slice(&len_u32(e.len()).to_le_bytes());
+                    p.extend_from_slice(e);
+                }
             }
             Self::Forwarded {
                 pages,
@@ -468,6 +489,7 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                 2 => Purpose::Fetch,
                 3 => Purpose::Store,
                 4 => Purpose::Recall,
+                5 => Purpose::Switch,
                 _ => return Err(bad("unknown purpose")),
             };
             let channel = match c.u8()? {
@@ -553,6 +575,10 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                 Message::Forwarder { endpoint }
             }
         }
+        27 => Message::SwitchTo {
+            to: c.text(MAX_ENDPOINT, "destination address")?,
+            source: c.text(MAX_ENDPOINT, "source address")?,
+        },
         26 => {
             let pages = c.u64()?;
             let flags = c.u64()?;
@@ -683,6 +709,10 @@ mod tests {
                 pushed: true,
                 done: false,
             },
+            Message::SwitchTo {
+                to: "tcp:10.0.0.9:4444".into(),
+                source: "tcp:10.0.0.1:39999".into(),
+            },
             Message::Owners {
                 endpoint: "tcp:10.0.0.2:5555".into(),
                 runs: vec![(Gfn(0), 512), (Gfn(4096), 1)],
@@ -774,7 +804,7 @@ mod tests {
 
         /// A valid header with any kind, flags and payload: same.
         #[test]
-        fn decoder_survives_any_payload(kind in 0u16..28, flags in 0u16..2,
+        fn decoder_survives_any_payload(kind in 0u16..29, flags in 0u16..2,
                                         payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::read_from(&mut frame(kind, flags, &payload).as_slice());
         }

@@ -90,7 +90,7 @@ fn check_new_destination(dest: VmProcess, reference: &Value, old_uri: &str) -> V
     assert_eq!(owners[0]["endpoint"], "the migration source");
     assert_eq!(
         owners[1]["endpoint"],
-        format!("the old destination {old_uri}")
+        format!("the second sender {old_uri}")
     );
     for o in owners {
         assert_eq!(o["pages_owned"], 0, "{o}");
@@ -240,4 +240,82 @@ fn an_old_destination_killed_after_the_switch_leaves_its_pages_to_the_source() {
     assert!(sw["forwarder_lost"].is_string(), "{sw}");
     assert_eq!(sw["pages_taken_back"], sw["pages_at_old"], "{sw}");
     check_new_destination(new, &reference, &old_uri);
+}
+
+/// After the switchover (the VM runs at the old destination, postcopy, its push held back by a
+/// rate): the old destination moves the VM on to the new one, which fetches what the old one
+/// still lacks straight from the source.
+fn switch_after_switchover(name: &str, vcpus: &str, workload: &str) {
+    let dir = Scratch::new(name);
+    let common = common(vcpus, workload);
+    let reference = run_to_end(&common).unwrap();
+    let mut args = common.clone();
+    args.push("--json");
+    let source = VmProcess::start(&dir.path("src.sock"), &args).unwrap();
+    let (old, old_uri) = destination();
+    let (new, new_uri) = destination();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 200_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": old_uri, "secret": SECRET, "max_bandwidth": RATE}),
+        )
+        .unwrap();
+    assert_eq!(m["phase"], "postcopy", "{m}");
+    std::thread::sleep(Duration::from_millis(200)); // the guest runs at the old one meanwhile
+    let switched = source
+        .ctl("migrate-switch", json!({"uri": new_uri, "secret": SECRET}))
+        .unwrap();
+    assert_eq!(switched["after_switchover"], true, "{switched}");
+    assert_eq!(switched["from"], old_uri.as_str(), "{switched}");
+    let (status, out) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}\n{out}");
+    let m = &serde_json::from_str::<Value>(&out).unwrap()["migration"];
+    assert_eq!(m["phase"], "completed", "{m}");
+    assert!(
+        m["switch"]["source_pages_after"].as_u64().unwrap() > 0,
+        "the new destination fetched from the source: {m}"
+    );
+    // The old destination moved the VM on and went away.
+    let (status, out) = old.wait().unwrap();
+    assert!(status.success(), "old destination: {status}\n{out}");
+    let moved: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        moved["migration"]["destination"],
+        new_uri.as_str(),
+        "{moved}"
+    );
+    assert_eq!(moved["migration"]["phase"], "completed", "{moved}");
+    let (status, out) = new.wait().unwrap();
+    assert!(status.success(), "new destination: {status}\n{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        summary["digest"], reference["digest"],
+        "the move changed the result"
+    );
+    let paging = &summary["demand_paging"];
+    assert_eq!(paging["present_pages"], paging["total_pages"], "{paging}");
+    let owners = paging["owners"].as_array().unwrap();
+    assert_eq!(
+        owners.len(),
+        2,
+        "the old destination and the source: {paging}"
+    );
+    assert!(
+        owners[1]["pages_installed"].as_u64().unwrap() > 0,
+        "pages came straight from the source: {paging}"
+    );
+}
+
+#[test]
+fn switch_after_the_switchover_with_the_guest_writing() {
+    switch_after_switchover("switch-after", "1", "hotcold:ws=96M,write=0.3,seed=4");
+}
+
+#[test]
+fn switch_after_the_switchover_2_vcpus() {
+    switch_after_switchover("switch-after-2", "2", "uniform:ws=96M,write=0.3,seed=6");
 }

@@ -50,13 +50,16 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// the source host gets its memory back as the migration goes; it cannot be combined with
 /// cancellable=on.
 ///
-/// migrate-switch (at the source, during the precopy rounds of a migration started with
-/// precopy_rounds=N) redirects the migration to a new destination (`tsubame run --incoming`
-/// there) without starting over: the old destination forwards the pages it holds that the
-/// guest has not written since, the source sends the rest, and the new destination receives
-/// from both in parallel; the source's copy wins where they differ. It returns once the new
-/// destination receives from both. If the new destination cannot be reached, nothing changes
-/// and the migration goes on to the old one; if the old one dies, the source sends its pages.
+/// migrate-switch (at the source) redirects a running migration to a new destination
+/// (`tsubame run --incoming` there) without starting over. During the precopy rounds of a
+/// migration started with precopy_rounds=N: the old destination forwards the pages it holds
+/// that the guest has not written since, the source sends the rest, and the new destination
+/// receives from both in parallel; the source's copy wins where they differ. It returns once
+/// the new destination receives from both. After the switchover (the VM runs at the old
+/// destination): the old destination moves the VM on to the new one, postcopy, and the pages
+/// it still lacks go straight from the source to the new one; it returns once the VM runs
+/// there. If the new destination cannot be reached, nothing changes and the migration goes on
+/// to the old one; if the old one dies before the switchover, the source sends its pages.
 /// query-migrate then shows both senders (switch: pages at the old destination, forwarded so
 /// far, sent by the source since).
 ///

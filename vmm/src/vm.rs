@@ -429,6 +429,8 @@ impl Vm {
             state,
             at: received,
             checkpoint,
+            acceptor,
+            hello,
         } = inc.receive(&memory)?;
         paging.restart_clock();
         if checkpoint.is_some() {
@@ -448,7 +450,35 @@ impl Vm {
             let c = Checkpointer::start(&vm, channel, checkpoint_ms)?;
             let _ = vm.checkpointer.set(c);
         }
+        migration::switch::listen_for_switch(acceptor, hello, Arc::downgrade(&vm), secret)
+            .map_err(MigrationError::Io)?;
         Ok(vm)
+    }
+
+    /// A migrated-in VM, asked by the source of its migration (`SwitchTo`, a migration
+    /// switched after its switchover): migrates on to `to`, postcopy, and names the source,
+    /// serving at `source`, as the owner of the pages still missing here, so that the new
+    /// destination fetches those straight from it (see [`crate::migration::switch`]).
+    pub fn move_on(
+        self: &Arc<Self>,
+        to: &str,
+        source: &str,
+        secret: &[u8],
+    ) -> Result<MigrationStatus, Error> {
+        if self.checkpointer.get().is_some() {
+            return Err(MigrationError::Unsupported(
+                "switching a cancellable migration after its switchover is not built yet".into(),
+            )
+            .into());
+        }
+        let paging = self.paging.as_ref().ok_or(Error::NothingRemote)?;
+        let router = paging.router();
+        router.set_source_address(migration::destination::SOURCE, Some(source));
+        let moved = self.migrate(to, secret, &MigrateOptions::default());
+        if moved.is_err() {
+            router.set_source_address(migration::destination::SOURCE, None);
+        }
+        moved
     }
 
     /// Migrates this VM to the destination at `uri` on a worker thread (see

@@ -50,7 +50,7 @@ use crate::paging::DemandPaging;
 use crate::state::VmState;
 
 /// The source is the first endpoint of every incoming migration.
-const SOURCE: EndpointId = EndpointId(0);
+pub(crate) const SOURCE: EndpointId = EndpointId(0);
 
 /// How a destination takes in a migration.
 #[derive(Clone, Debug)]
@@ -480,7 +480,7 @@ impl Incoming {
                     sink.make_senior();
                     let id = dial_owner(
                         &endpoint,
-                        "the old destination",
+                        "the second sender",
                         &self.secret,
                         &hello,
                         &paging,
@@ -580,6 +580,8 @@ impl Incoming {
             state,
             at: state_received,
             checkpoint,
+            acceptor: self.acceptor,
+            hello,
         })
     }
 }
@@ -594,6 +596,11 @@ pub struct Received {
     pub at: Instant,
     /// A cancellable migration's checkpoint channel.
     pub checkpoint: Option<std::net::TcpStream>,
+    /// The migration listener: the source may ask, there, that the VM move on (a migration
+    /// switched after its switchover, see `switch`).
+    pub acceptor: Acceptor,
+    /// The session's Hello (the VM's identity and layout).
+    pub hello: Hello,
 }
 
 /// Dials the page server at `uri`, which the source named as the owner of some of the VM's

@@ -103,9 +103,11 @@ pub trait MigratableVm: ResumableVm {
     ) -> Result<(), MigrationError>;
 }
 
-/// A split VM's owner map, and the page servers (memservers) other hosts can fetch its pages
-/// from, with their addresses.
-pub type PageOwners = (Arc<OwnerMap>, Vec<(EndpointId, String)>);
+/// A split VM's owner map, and the page servers other hosts can fetch its pages from, with
+/// their addresses and whether each is a memserver (else the source of the migration that
+/// brought the VM here, serving what it still lacks: a migration switched after its
+/// switchover).
+pub type PageOwners = (Arc<OwnerMap>, Vec<(EndpointId, String, bool)>);
 
 /// Drop passes before the pause stop once one covers at most this many pages (4 MiB: a few
 /// hundred microseconds for the destination to drop)...
@@ -219,6 +221,14 @@ pub struct Outgoing {
     switch_request: Mutex<Option<SwitchRequest>>,
     /// The switch made, if any.
     switched_to: Mutex<Option<Arc<Switched>>>,
+    /// The session's Hello (the VM's identity and layout), once the worker made it.
+    hello: Mutex<Option<Hello>>,
+    /// This host's address on the link to the destination (from the switchover on): a switch
+    /// after the switchover serves the new destination there.
+    local_ip: Mutex<Option<std::net::IpAddr>>,
+    /// A switch after the switchover: the page server of the pages the old destination lacks,
+    /// for the new destination (once it dialled in).
+    onward: Arc<std::sync::OnceLock<Arc<PageServer<GuestMemoryStore>>>>,
     started: Instant,
     /// The page server of this VM's memory (serving once the VM switched over).
     server: Arc<PageServer<GuestMemoryStore>>,
@@ -268,6 +278,9 @@ impl Outgoing {
             destination: Mutex::new(destination.to_string()),
             switch_request: Mutex::new(None),
             switched_to: Mutex::new(None),
+            hello: Mutex::new(None),
+            local_ip: Mutex::new(None),
+            onward: Arc::default(),
             started: Instant::now(),
             server: Arc::new(PageServer::new(GuestMemoryStore::new(memory))),
             cancel: CancelToken::default(),
@@ -348,7 +361,13 @@ impl Outgoing {
             (None, Some("rolled-back")) => (Phase::Cancelled, None),
             (None, Some("handed-over")) => (Phase::Completed, None),
             (None, Some(_)) => (Phase::Postcopy, None),
-            (None, None) => match &s.state {
+            // Switched after the switchover: the old destination's session ends when it has
+            // moved the VM on; what counts is serving the new one.
+            (None, None) => match self
+                .onward
+                .get()
+                .map_or(s.state.clone(), |o| o.status().state)
+            {
                 ServeState::Idle => (Phase::Precopy, None),
                 ServeState::Serving => (Phase::Postcopy, None),
                 ServeState::Completed => (Phase::Completed, None),
@@ -387,11 +406,18 @@ impl Outgoing {
             push_ms: s.push_ms,
             total_ms: s.serve_ms,
             checkpoints,
-            switch: self.switch().map(|sw| {
-                sw.status(
+            switch: self.switch().map(|sw| match self.onward.get() {
+                Some(o) => {
+                    let o = o.status();
+                    let mut st = sw.status(o.pages_pushed + o.pages_demand, o.bytes_sent);
+                    // What the old destination had (or was being sent) when the new one came.
+                    st.pages_at_old = o.pages_withheld;
+                    st
+                }
+                None => sw.status(
                     s.pages_precopy + s.pages_pushed + s.pages_demand,
                     s.bytes_sent,
-                )
+                ),
             }),
         }
     }
@@ -419,10 +445,17 @@ impl Outgoing {
             reason: reason.to_string(),
         };
         session::parse_uri(uri)?;
+        if let Some(sw) = self.switch() {
+            return Err(refused(&format!(
+                "this migration was switched already (to {}), and a second switch is not built yet",
+                sw.status.lock().expect("switch lock").to
+            )));
+        }
+        if *uri == self.destination() {
+            return Err(refused("that is where the migration goes already"));
+        }
         if self.switched_over() {
-            return Err(refused(
-                "the VM runs at the destination already, and switching after the switchover is not built yet",
-            ));
+            return self.switch_after(uri, secret);
         }
         if self.precopy_rounds == 0 {
             return Err(refused(
@@ -463,6 +496,95 @@ impl Outgoing {
                     "the migration worker did not take the request in 90 s",
                 ))
             })
+    }
+
+    /// `migrate-switch` after the switchover (see [`super::switch`]): the old destination
+    /// moves the VM on to `uri`, which fetches what the old one lacks straight from here.
+    fn switch_after(&self, uri: &str, secret: &[u8]) -> Result<SwitchStatus, MigrationError> {
+        let refused = |reason: &str| MigrationError::Switch {
+            to: uri.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.checkpoint_ms.is_some() {
+            return Err(refused(
+                "switching a cancellable (cancellable=on) migration is not built yet",
+            ));
+        }
+        if self.server.status().state != ServeState::Serving {
+            return Err(refused(
+                "the old destination has every page already (or was lost): migrate the VM on from there (ctl migrate at the old destination)",
+            ));
+        }
+        let (Some(hello), Some(ip)) = (
+            self.hello.lock().expect("migration lock").clone(),
+            *self.local_ip.lock().expect("migration lock"),
+        ) else {
+            return Err(refused("the migration has not switched over yet"));
+        };
+        let asked = Instant::now();
+        let from = self.destination();
+        let first = self.server.clone();
+        let onward = self.onward.clone();
+        let store = GuestMemoryStore::new(first.store().memory.clone());
+        store.freeze(); // switched over: the vCPUs never run here again
+        let (peer, layout) = (format!("the new destination {uri}"), hello.layout.clone());
+        let serve = move |session: Session| {
+            let second = Arc::new(PageServer::new(store));
+            // What the old destination has (or is being sent) it sends on itself.
+            for (gfn, n) in first.sent_runs() {
+                second.withhold(gfn, n);
+            }
+            // The old destination gets nothing more unasked: it asks for what it still needs
+            // until it pauses, and the new destination gets the rest from here.
+            for r in &layout.regions {
+                first.withhold(r.first_gfn(), r.pages());
+            }
+            let _ = onward.set(second.clone());
+            let served = BulkWriter::new(session.bulk, session.rtt)
+                .map_err(tsubame_pageserver::ServerError::from)
+                .and_then(|bulk| {
+                    second.serve(
+                        &peer,
+                        session.urgent,
+                        bulk,
+                        PushOptions {
+                            prepage: Prepage::Address,
+                            rate: None,
+                            hot: HotPages::new(&layout),
+                            gate_timeout: Some(Duration::ZERO),
+                            start_on_demand: true,
+                            before_push: None,
+                            after_push: None,
+                            release: false,
+                        },
+                    )
+                });
+            if let Err(e) = served {
+                log::warn!("cannot serve {peer}: {e}");
+            }
+        };
+        super::switch::move_on(&from, uri, ip, secret, &hello, serve).map_err(|e| match e {
+            e @ MigrationError::Switch { .. } => e,
+            e => refused(&format!("{e}; the VM keeps running at {from}")),
+        })?;
+        *self.destination.lock().expect("migration lock") = uri.to_string();
+        let switched = Arc::new(Switched {
+            status: Mutex::new(SwitchStatus {
+                from,
+                to: uri.to_string(),
+                at_ms: asked.duration_since(self.started).as_secs_f64() * 1e3,
+                after_switchover: true,
+                switch_ms: asked.elapsed().as_secs_f64() * 1e3,
+                ..SwitchStatus::default()
+            }),
+            runs: Vec::new(),
+            lost: AtomicBool::new(false),
+            taken_back: AtomicBool::new(true),
+            at: Instant::now(),
+            sent_before: (0, 0),
+        });
+        *self.switched_to.lock().expect("migration lock") = Some(switched.clone());
+        Ok(self.status().switch.unwrap_or_default())
     }
 
     /// Counts `pages` written again by the guest and sent again (or left for the push): after
@@ -523,7 +645,7 @@ pub fn run<V: MigratableVm + 'static>(
     let owners = vm.page_owners();
     if owners
         .as_ref()
-        .is_some_and(|(map, servers)| servers.iter().any(|(id, _)| map.owned_by(*id) > 0))
+        .is_some_and(|(map, servers)| servers.iter().any(|(id, _, _)| map.owned_by(*id) > 0))
         && options.checkpoint_ms.is_some()
     {
         return Err(MigrationError::Unsupported(
@@ -533,6 +655,7 @@ pub fn run<V: MigratableVm + 'static>(
     let resumable: Arc<dyn ResumableVm> = vm_arc.clone();
     let resumable = Arc::downgrade(&resumable);
     let hello = migrate_hello(vm, options.checkpoint_ms.unwrap_or(0));
+    *out.hello.lock().expect("migration lock") = Some(hello.clone());
     let cancel = &out.cancel;
     cancel.check()?;
     let Session {
@@ -1162,8 +1285,11 @@ struct Leftovers<'a> {
 ///   rewritten elsewhere.
 struct Held {
     map: Arc<OwnerMap>,
-    /// Each memserver, its address, and the pages announced as its own.
+    /// Each memserver (or the source of the migration that brought the VM here), its
+    /// address, and the pages announced as its own.
     servers: Vec<(EndpointId, String, Vec<PageRun>)>,
+    /// Which of them are memservers (the others keep their copies: nothing to forget).
+    memservers: Vec<bool>,
 }
 
 /// Announces the pages each memserver holds to the destination (which dials each and says
@@ -1171,14 +1297,23 @@ struct Held {
 fn announce_held(
     out: &Outgoing,
     map: Arc<OwnerMap>,
-    servers: &[(EndpointId, String)],
+    servers: &[(EndpointId, String, bool)],
     urgent: &mut TcpStream,
 ) -> Result<Option<Held>, MigrationError> {
     let mut held = Vec::new();
-    for (id, uri) in servers {
+    let mut memservers = Vec::new();
+    for (id, uri, memserver) in servers {
         let runs = map.all_owned_runs(Owner::Endpoint(*id));
         if runs.is_empty() {
             continue;
+        }
+        if !*memserver {
+            // The source this VM came from: the destination takes it as a second sender.
+            Message::Forwarder {
+                endpoint: uri.clone(),
+            }
+            .write_to(urgent)?;
+            wait_ready(urgent, &out.cancel)?;
         }
         let pairs: Vec<(Gfn, u64)> = runs.iter().map(|r| (r.gfn, r.pages)).collect();
         for _ in 0..announce_owners(urgent, uri, &pairs)? {
@@ -1188,6 +1323,7 @@ fn announce_held(
             out.server.withhold(r.gfn, r.pages);
         }
         held.push((*id, uri.clone(), runs));
+        memservers.push(*memserver);
     }
     *out.held.lock().expect("migration lock") = held
         .iter()
@@ -1197,7 +1333,11 @@ fn announce_held(
             ..HeldStatus::default()
         })
         .collect();
-    Ok((!held.is_empty()).then_some(Held { map, servers: held }))
+    Ok((!held.is_empty()).then_some(Held {
+        map,
+        servers: held,
+        memservers,
+    }))
 }
 
 /// At the pause: the announced pages the guest faulted in here since are the source's again
@@ -1237,12 +1377,17 @@ fn take_back_fetched(
 /// Once the VM has left: tells each memserver to forget its copies of the pages fetched here
 /// (see [`Held`]), in the background.
 fn drop_stale_copies(out: &Arc<Outgoing>, held: Held, secret: &[u8], hello: &Hello) {
-    let memservers = held.servers.iter().map(|(_, uri, _)| uri.clone()).collect();
+    // Only memservers: a migration's source keeps its frozen copy until it exits.
+    let at: Vec<usize> = (0..held.servers.len())
+        .filter(|&i| held.memservers[i])
+        .collect();
+    let memservers = at.iter().map(|&i| held.servers[i].1.clone()).collect();
     let out = out.clone();
+    let which = at.clone();
     forget_in_background(
         memservers,
-        move |i| {
-            let (id, _, _) = &held.servers[i];
+        move |j| {
+            let (id, _, _) = &held.servers[which[j]];
             held.map
                 .all_installed_from(*id)
                 .iter()
@@ -1251,8 +1396,8 @@ fn drop_stale_copies(out: &Arc<Outgoing>, held: Held, secret: &[u8], hello: &Hel
         },
         secret,
         hello,
-        move |i, pages| {
-            if let Some(s) = out.held.lock().expect("migration lock").get_mut(i) {
+        move |j, pages| {
+            if let Some(s) = out.held.lock().expect("migration lock").get_mut(at[j]) {
                 s.stale_copies_dropped = pages;
             }
         },
@@ -1454,6 +1599,7 @@ fn switch_over(
     // write it only while the server reads none of it (`PageServer::exclusive`).
     server.store().freeze();
     out.cancel.release();
+    *out.local_ip.lock().expect("migration lock") = urgent.local_addr().ok().map(|a| a.ip());
     let (before_push, after_push) = match split.map(|plan| store_split(out, plan)) {
         Some((start, hand_over)) => (Some(start), Some(hand_over)),
         None => (None, None),

@@ -1,19 +1,22 @@
-//! Switching a migration's destination before its switchover (DCmigrate, paper 000): the
+//! Switching a migration's destination without starting over (DCmigrate, paper 000): the
 //! operator who picked the wrong destination, or whose destination degrades, redirects the
-//! running migration (`migrate-switch uri=tcp:NEW` at the source) without starting over.
+//! running migration (`migrate-switch uri=tcp:NEW` at the source).
 //!
-//! Three processes: the source S (the VM runs there), the old destination A (it has received
-//! part of the memory in the precopy rounds so far), the new destination B (`run --incoming`,
-//! waiting). The source's worker takes the request between two runs of pages, and:
+//! Three processes: the source S (where the VM ran), the old destination A, the new
+//! destination B (`run --incoming`, waiting).
+//!
+//! **Before the switchover** (precopy rounds running; A has part of the memory, the VM runs
+//! at S). The source's worker takes the request between two runs of pages, and:
 //!
 //! 1. opens a session to B and waits for its `Ready` (B unreachable: the request fails with
 //!    the reason, and the migration goes on to A as if nothing happened);
-//! 2. makes A current: ends the round at A (acknowledged: A has installed everything sent),
-//!    takes KVM's dirty log and drops at A the pages written since they were sent
-//!    (`Discard`), and ends the round again. The pages marked sent at the source's page server
-//!    are now exactly the pages A holds, each one the same as the source's copy;
+//! 2. makes A current: takes KVM's dirty log, drops at A the pages written since they were
+//!    sent (`Discard`), and ends the round there (acknowledged: A has installed everything
+//!    sent). The pages marked sent at the source's page server are now exactly the pages A
+//!    holds, each one the same as the source's copy;
 //! 3. tells A to `Forward`: A stops being a destination and serves the pages it holds to B
-//!    ([`forward`]: a page server over its memory, pushing at once), and says `Ready`;
+//!    ([`forward`]: a page server over its memory on its migration listener, pushing at
+//!    once), and says `Ready`;
 //! 4. names A to B as a `Forwarder` and announces A's pages (`Owners`): B dials A (a Fetch
 //!    session), receives from both senders in parallel, each over its own channels, and says
 //!    `Ready`;
@@ -26,14 +29,30 @@
 //! the page is sent again like any written page. After the switchover B fetches what it still
 //! lacks from each owner, on demand and by both pushes, and says `Complete` to each.
 //!
+//! **After the switchover** (the VM runs at A, postcopy, S serving it): A moves the VM on to
+//! B, postcopy, like any migration, and the pages A still lacks come straight from S to B:
+//!
+//! 1. S listens on a port of its own, on its address on the link to A ([`move_on`]), and
+//!    asks A, in a `Switch` session on A's migration listener ([`listen_for_switch`]), to
+//!    move on to B (`SwitchTo`, with that address);
+//! 2. A migrates the VM to B ([`crate::Vm::move_on`]), naming S, at that address, as the
+//!    owner of the pages S still owns at A (a `Forwarder`, then `Owners`); B dials S there;
+//! 3. S serves B with a second page server over its frozen memory, which pushes at once
+//!    every page it had not sent A yet; S's push to A stops (A asks for what it needs until
+//!    it pauses); pages A fetched meanwhile are A's again at its pause and go from A;
+//! 4. A says `Ready` to S once the VM runs at B. Nobody waits for A to have all the pages.
+//!
+//! S's migration is over when B has every page (B's `Complete` on the second server).
+//!
 //! Failures, before the switchover: A killed or unreachable during or after the switch (its
 //! session to the source breaks): the source takes every page A held back (`Discard` of A's
 //! runs at B) and sends them itself, so nothing waits for A. B failing after A started
 //! forwarding fails the migration: the VM keeps running at the source, which may migrate it
-//! again. Not built yet: switching after the switchover, a second switch while the first
-//! forwarder still forwards, a cancellable (`cancellable=on`) or split migration, and an old
-//! destination lost after the switchover (the new destination then waits for its pages, held,
-//! with the reason).
+//! again. After the switchover: B unreachable, or refusing, leaves the VM running at A, and
+//! the migration goes on to A. Not built yet: a second switch, a cancellable
+//! (`cancellable=on`) or split migration, and an old destination lost after the switchover
+//! while it still holds pages the new one lacks (the new destination then waits for them,
+//! held, with the reason).
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,8 +95,11 @@ pub struct SwitchStatus {
     pub to: String,
     /// Migration start -> the switch command.
     pub at_ms: f64,
-    /// The precopy round under way then.
+    /// The precopy round under way then (0: after the switchover).
     pub precopy_round: u32,
+    /// Switched after the switchover: the old destination moved the VM on, postcopy, and the
+    /// new one fetches what the old one lacked straight from the source.
+    pub after_switchover: bool,
     /// The switch command -> the new destination receiving from both senders.
     pub switch_ms: f64,
     /// Pages the old destination held, clean, when it began forwarding: the new destination's
@@ -329,5 +351,121 @@ pub(crate) fn forward(
             )))
         }
         ServeState::Idle | ServeState::Serving => unreachable!("serving ended"),
+    }
+}
+
+/// How long the source waits for the VM to run at the new destination after `SwitchTo`.
+const MOVE_ON_WAIT: Duration = Duration::from_secs(120);
+
+/// At a migration's destination, once the VM runs here: keeps taking sessions on the
+/// migration listener, on a thread of its own, from the source of this VM's migration asking
+/// that it move on (`Switch` sessions, `SwitchTo`; module docs, "after the switchover").
+/// Anything else is refused.
+pub(crate) fn listen_for_switch(
+    mut acceptor: Acceptor,
+    hello: tsubame_pageserver::Hello,
+    vm: std::sync::Weak<crate::Vm>,
+    secret: &[u8],
+) -> std::io::Result<()> {
+    let secret = secret.to_vec();
+    std::thread::Builder::new()
+        .name("switch-listen".into())
+        .spawn(move || loop {
+            let (id, layout) = (hello.vm, hello.layout.clone());
+            let session = match acceptor.next(move |h| {
+                if h.purpose != Purpose::Switch || h.vm != id || h.layout != layout {
+                    return Err(ProtocolError::Refused(
+                        "this destination runs the VM already; only its source may ask it to move on"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }) {
+                Ok(s) => s,
+                Err(e) => return log::warn!("no more switch requests taken: {e}"),
+            };
+            let Some(vm) = vm.upgrade() else { return };
+            let mut urgent = &session.urgent;
+            let reply = match Message::read_from(&mut urgent) {
+                Ok(Message::SwitchTo { to, source }) => {
+                    log::info!("the source asks to move the VM on to {to}");
+                    match vm.move_on(&to, &source, &secret) {
+                        Ok(_) => Message::Ready,
+                        Err(e) => Message::Error {
+                            message: e.to_string(),
+                        },
+                    }
+                }
+                Ok(m) => Message::Error {
+                    message: ProtocolError::unexpected("SwitchTo", m).to_string(),
+                },
+                Err(e) => {
+                    log::warn!("a switch request broke off: {e}");
+                    continue;
+                }
+            };
+            let _ = reply.write_to(&mut urgent);
+        })
+        .map(drop)
+}
+
+/// The source's part of a switch after the switchover (module docs): serves, at a listener
+/// of its own next to its link to the old destination, the pages the old destination still
+/// lacks to the new destination, which the old one names when it migrates the VM on; tells
+/// the old destination to move the VM on (`SwitchTo`); returns once the VM runs at `to`.
+/// `serve` is given the new destination's session once it dials in.
+pub(crate) fn move_on(
+    old: &str,
+    to: &str,
+    local_ip: std::net::IpAddr,
+    secret: &[u8],
+    hello: &tsubame_pageserver::Hello,
+    serve: impl FnOnce(Session) + Send + 'static,
+) -> Result<(), MigrationError> {
+    let listener =
+        std::net::TcpListener::bind((local_ip, 0)).map_err(|source| MigrationError::Listen {
+            addr: format!("{local_ip}:0"),
+            source,
+        })?;
+    let source = format!("tcp:{}", listener.local_addr()?);
+    let mut acceptor = Acceptor::new(listener, secret, "switch");
+    let (id, layout) = (hello.vm, hello.layout.clone());
+    std::thread::Builder::new()
+        .name("switch-accept".into())
+        .spawn(move || {
+            let got = acceptor.next_until(Some(Instant::now() + MOVE_ON_WAIT), move |h| {
+                if h.purpose != Purpose::Fetch || h.vm != id || h.layout != layout {
+                    return Err(ProtocolError::Refused(
+                        "this source serves one VM's pages to where it moves on, only".into(),
+                    ));
+                }
+                Ok(())
+            });
+            match got {
+                Ok(Some(session)) => serve(session),
+                Ok(None) => log::warn!("the new destination never came for the source's pages"),
+                Err(e) => log::warn!("cannot take the new destination's session: {e}"),
+            }
+        })?;
+    let ask = tsubame_pageserver::Hello {
+        purpose: Purpose::Switch,
+        checkpoint_ms: 0,
+        ..hello.clone()
+    };
+    let s = tsubame_pageserver::session::open(old, secret, &ask)
+        .map_err(|e| MigrationError::opening("old destination", "tsubame run --incoming", e))?;
+    Message::SwitchTo {
+        to: to.to_string(),
+        source,
+    }
+    .write_to(&mut &s.urgent)?;
+    s.urgent.set_read_timeout(Some(MOVE_ON_WAIT))?;
+    match Message::read_from(&mut &s.urgent)? {
+        Message::Ready => Ok(()),
+        Message::Error { message } => Err(MigrationError::Switch {
+            to: to.to_string(),
+            reason: format!("{old} could not move the VM on: {message}"),
+        }),
+        m => Err(ProtocolError::unexpected("Ready", m).into()),
     }
 }

@@ -122,8 +122,9 @@ struct Link {
 struct Endpoint {
     name: String,
     /// Where a remote owner can be dialled (a memserver's `tcp:HOST:PORT`), if another host
-    /// can dial it too.
-    address: Option<String>,
+    /// can dial it too, and whether it is a memserver (or a migration's source serving the
+    /// VM's pages to a host the VM moves on to: see [`Self::set_source_address`]).
+    address: Option<(String, bool)>,
     fetcher: Arc<dyn Fetcher>,
     sink: Arc<OwnedSink>,
     remote: Option<Arc<RemoteOwner>>,
@@ -477,7 +478,7 @@ impl OwnerRouter {
         let remote = Arc::new(remote);
         self.add(Endpoint {
             name: remote.client().peer().to_string(),
-            address: remote.address.clone(),
+            address: remote.address.clone().map(|a| (a, true)),
             sink: remote.sink.clone(),
             remote: Some(remote.clone()),
             fetcher: remote,
@@ -548,8 +549,9 @@ impl OwnerRouter {
         Ok(asked)
     }
 
-    /// The remote owners another host could dial (memservers), with their addresses.
-    pub fn dialable(&self) -> Vec<(EndpointId, String)> {
+    /// The remote owners another host could dial, with their addresses and whether each is
+    /// a memserver (else a migration source that serves pages to where the VM goes next).
+    pub fn dialable(&self) -> Vec<(EndpointId, String, bool)> {
         self.endpoints
             .read()
             .expect("router lock")
@@ -557,9 +559,23 @@ impl OwnerRouter {
             .enumerate()
             .filter_map(|(i, e)| {
                 let id = id_at(i);
-                e.address.clone().map(|a| (id, a))
+                e.address.clone().map(|(a, memserver)| (id, a, memserver))
             })
             .collect()
+    }
+
+    /// Makes endpoint `id` (a migration's source) dialable at `uri` by another host: the one
+    /// this VM moves on to (a migration switched after its switchover).
+    /// `None`: not dialable any more (the move failed).
+    pub fn set_source_address(&self, id: EndpointId, uri: Option<&str>) {
+        if let Some(e) = self
+            .endpoints
+            .write()
+            .expect("router lock")
+            .get_mut(usize::from(id.0))
+        {
+            e.address = uri.map(|u| (u.to_string(), false));
+        }
     }
 
     /// Every owner, with what it owns and has sent.
