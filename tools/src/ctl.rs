@@ -20,7 +20,8 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
 ///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT]
 ///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel,
-///   migrate-switch uri=tcp:HOST:PORT [secret=S], query-migrate, consolidate [wait=true] [timeout_ms=N], quit, query-commands.
+///   migrate-switch uri=tcp:HOST:PORT [secret=S], query-migrate,
+///   consolidate [wait=true] [timeout_ms=N], quit, query-commands.
 ///
 /// It also talks to the control socket of `tsubame linkem --control SOCKET`: query-link,
 /// cut ms=N, blackhole, drop, reset, restore, set [delay=D] [rate=R|none] (see
@@ -165,7 +166,9 @@ fn scalar(v: &Value) -> String {
 pub fn ctl(a: CtlArgs) -> Result<i32> {
     let args = parse_args(&a.args)?;
     let mut client = ControlClient::connect(&a.socket)?;
-    let progress = (a.command == "migrate" && !a.json && std::io::stderr().is_terminal())
+    let progress = (matches!(a.command.as_str(), "migrate" | "migrate-switch")
+        && !a.json
+        && std::io::stderr().is_terminal())
         .then(|| MigrationProgress::start(a.socket.clone()));
     let reply = client.execute(&a.command, args);
     if let Some(p) = progress {
@@ -198,7 +201,9 @@ pub fn ctl(a: CtlArgs) -> Result<i32> {
 }
 
 /// A progress bar on stderr that follows `query-migrate` (on a second connection) while
-/// `migrate` runs and, after its reply, until the destination has every page.
+/// `migrate` (or `migrate-switch`) runs and, after its reply, until the destination has every
+/// page; once the migration is switched, a second bar under it shows the other sender (the
+/// old destination forwarding, or the source serving the new destination directly).
 struct MigrationProgress {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<()>,
@@ -209,20 +214,32 @@ impl MigrationProgress {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let bar = indicatif::ProgressBar::new(1);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>9} [{bar:40}] {pos}/{len} pages  {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            let bars = indicatif::MultiProgress::new();
+            let style = indicatif::ProgressStyle::with_template(
+                "{prefix:>11} [{bar:40}] {pos}/{len} pages  {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> ");
+            let bar = bars.add(indicatif::ProgressBar::new(1));
+            bar.set_style(style.clone());
+            let mut second: Option<indicatif::ProgressBar> = None;
             let Ok(mut c) = ControlClient::connect(&socket) else {
                 return;
             };
             loop {
                 let returned = flag.load(Ordering::Acquire);
-                match c.execute("query-migrate", Value::Object(Map::new())) {
+                let got = c.execute("query-migrate", Value::Object(Map::new()));
+                if let Ok(sw) = got.as_ref().map(|m| &m["switch"]) {
+                    if sw.is_object() {
+                        let b = second.get_or_insert_with(|| {
+                            let b = bars.add(indicatif::ProgressBar::new(1));
+                            b.set_style(style.clone());
+                            b
+                        });
+                        show_second(b, sw);
+                    }
+                }
+                match got {
                     Ok(m) if show(&bar, &m) => break,
                     // `migrate` returned with no migration under way: it failed to start.
                     Ok(m) if returned && m["phase"] == "none" => {
@@ -241,6 +258,9 @@ impl MigrationProgress {
                 std::thread::sleep(Duration::from_millis(50));
             }
             bar.finish();
+            if let Some(b) = second {
+                b.finish();
+            }
         });
         Self { stop, thread }
     }
@@ -251,6 +271,31 @@ impl MigrationProgress {
         self.stop.store(true, Ordering::Release);
         let _ = self.thread.join();
     }
+}
+
+/// Draws the second sender of a switched migration (`query-migrate`'s `switch`).
+fn show_second(bar: &indicatif::ProgressBar, sw: &Value) {
+    let n = |k: &str| sw[k].as_u64().unwrap_or(0);
+    let from = sw["from"].as_str().unwrap_or("?");
+    if sw["after_switchover"] == true {
+        // The source serves the new destination what the old one lacked.
+        bar.set_prefix("source→new");
+        bar.set_length(n("source_pages_after").max(1));
+        bar.set_position(n("source_pages_after"));
+        bar.set_message(format!("{from} moved the VM on to {}", scalar(&sw["to"])));
+        return;
+    }
+    bar.set_prefix("forwarding");
+    bar.set_length(n("pages_at_old").max(1));
+    bar.set_position(n("pages_forwarded").min(n("pages_at_old")));
+    bar.set_message(match sw["forwarder_lost"].as_str() {
+        Some(why) => format!("{from} lost ({why}): the source sends its pages"),
+        None => format!(
+            "from {from}; {} pages written since, switched in {:.1} ms",
+            n("pages_written_since"),
+            sw["switch_ms"].as_f64().unwrap_or(0.0)
+        ),
+    });
 }
 
 /// Draws one `query-migrate` reply; returns whether the migration is over.
