@@ -220,3 +220,89 @@ fn a_memserver_host_unplugged_pauses_the_paged_vm_until_it_is_back() {
         "{summary}"
     );
 }
+
+/// The VM every switch test here migrates: long enough to outlast the switch.
+const SWITCHED: [&str; 8] = [
+    "--mem",
+    "64M",
+    "--vcpus",
+    "1",
+    "--workload",
+    "hotcold:ws=40M,write=0.1,seed=143",
+    "--steps",
+    "6000000",
+];
+
+/// A switched migration across hosts: the source on "a", the old destination on "b", the new
+/// one on `new_host` ("c": a chain A -> B -> C; "a": back to the source's host, A -> B -> A),
+/// switched during the precopy rounds or, `after`, once the VM runs at the old destination.
+fn switched_across_hosts(name: &str, new_host: &str, after: bool) {
+    let net = Network::new(name, &["a", "b", "c"]).unwrap();
+    let dir = Scratch::new(&format!("multihost-{name}"));
+    let reference = run_to_end(&SWITCHED).unwrap();
+    let source =
+        VmProcess::start_at(net.host("a").place(), &dir.path("src.sock"), &SWITCHED).unwrap();
+    let (old, old_uri) =
+        VmProcess::destination_at(net.host("b").place(), SECRET, &["--mem", "64M"]).unwrap();
+    let (new, new_uri) =
+        VmProcess::destination_at(net.host(new_host).place(), SECRET, &["--mem", "64M"]).unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 200_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let rate = 32u64 << 20; // slow enough to switch in the middle
+    let switched = std::thread::scope(|s| {
+        let migration = s.spawn(|| {
+            let rounds = if after { 0 } else { 2 };
+            source.ctl(
+                "migrate",
+                json!({"uri": old_uri, "secret": SECRET, "precopy_rounds": rounds,
+                       "max_bandwidth": rate}),
+            )
+        });
+        let mut migration = Some(migration);
+        if after {
+            migration.take().unwrap().join().unwrap().unwrap();
+        } else {
+            let t0 = std::time::Instant::now();
+            loop {
+                let q = source.ctl("query-migrate", json!({})).unwrap();
+                if q["phase"] == "precopy" && q["pages_precopy"].as_u64() > Some(4000) {
+                    break;
+                }
+                assert!(t0.elapsed().as_secs() < 30, "no precopy: {q}");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        let sw = source
+            .ctl("migrate-switch", json!({"uri": new_uri, "secret": SECRET}))
+            .unwrap();
+        if let Some(m) = migration {
+            m.join().unwrap().unwrap();
+        }
+        sw
+    });
+    assert_eq!(switched["after_switchover"], after, "{switched}");
+    assert_eq!(switched["to"], new_uri.as_str(), "{switched}");
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    let (status, out) = old.wait().unwrap();
+    assert!(status.success(), "old destination: {status}\n{out}");
+    let summary = finished_with(new, &reference);
+    let owners = summary["demand_paging"]["owners"].as_array().unwrap();
+    assert_eq!(owners.len(), 2, "{summary}");
+    assert!(
+        owners[1]["pages_installed"].as_u64().unwrap() > 0,
+        "the second sender sent pages: {summary}"
+    );
+}
+
+#[test]
+fn switch_during_precopy_chain_a_b_c() {
+    switched_across_hosts("switch-abc", "c", false);
+}
+
+#[test]
+fn switch_after_switchover_back_to_the_source_host_a_b_a() {
+    switched_across_hosts("switch-aba", "a", true);
+}

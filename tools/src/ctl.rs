@@ -169,7 +169,7 @@ pub fn ctl(a: CtlArgs) -> Result<i32> {
     let progress = (matches!(a.command.as_str(), "migrate" | "migrate-switch")
         && !a.json
         && std::io::stderr().is_terminal())
-        .then(|| MigrationProgress::start(a.socket.clone()));
+    .then(|| MigrationProgress::start(a.socket.clone()));
     let reply = client.execute(&a.command, args);
     if let Some(p) = progress {
         p.finish();

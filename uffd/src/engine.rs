@@ -197,6 +197,9 @@ pub struct FaultEngine {
     latency: Mutex<LatencyHistogram>,
     by_thread: Mutex<HashMap<u32, u64>>,
     fetch_error: Mutex<Option<FetchError>>,
+    /// The memory's VM moved on to another host: its vCPUs never run here again, and a
+    /// fetch failure from now on is expected (its page servers go away).
+    retired: std::sync::atomic::AtomicBool,
     /// Memory faulted in ahead of time that bulk pages are received into and moved from.
     staging: std::sync::OnceLock<Arc<StagingPool>>,
     stop: EventFd,
@@ -269,6 +272,7 @@ impl FaultEngine {
             latency: Mutex::new(LatencyHistogram::default()),
             by_thread: Mutex::new(HashMap::new()),
             fetch_error: Mutex::new(None),
+            retired: std::sync::atomic::AtomicBool::new(false),
             staging: std::sync::OnceLock::new(),
             stop,
             kick,
@@ -758,8 +762,18 @@ impl FaultEngine {
         self.fail(e);
     }
 
+    /// The memory's VM moved on to another host: later fetch failures are logged as what
+    /// they are, the end of its page servers' sessions, not as errors.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
     fn fail(&self, e: FetchError) {
-        log::error!("fetching guest pages failed: {e}; faulting vCPUs wait");
+        if self.retired.load(Ordering::Acquire) {
+            log::info!("the VM moved on; its page servers here went away: {e}");
+        } else {
+            log::error!("fetching guest pages failed: {e}; faulting vCPUs wait");
+        }
         *self.fetch_error.lock().expect("engine lock") = Some(e);
     }
 }

@@ -475,8 +475,9 @@ impl Vm {
         let router = paging.router();
         router.set_source_address(migration::destination::SOURCE, Some(source));
         let moved = self.migrate(to, secret, &MigrateOptions::default());
-        if moved.is_err() {
-            router.set_source_address(migration::destination::SOURCE, None);
+        match &moved {
+            Ok(_) => paging.engine().retire(),
+            Err(_) => router.set_source_address(migration::destination::SOURCE, None),
         }
         moved
     }
