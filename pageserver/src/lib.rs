@@ -64,6 +64,21 @@
 //! acknowledges as it stores them.
 //! Recalling from one (`Purpose::Recall`) is fetching without the push: a host that pages its
 //! VM's memory out to the memserver asks for each page back when its guest touches it.
+//!
+//! A switched migration (`migrate-switch`, see `tsubame_vmm::migration::switch`). During the
+//! precopy rounds, to the old destination and then the new one:
+//!
+//! ```text
+//!  source ── old destination:  Discard ... RoundDone, Forward{to} ──►  <── Ready
+//!                              <── Forwarded{pages, pushed, done} (every 20 ms, until done)
+//!  source ── new destination:  Forwarder{old} ──► (it dials the old one: Fetch)  <── Ready
+//!                              Owners{old, runs} ──►  <── Ready    then the rounds go on
+//! ```
+//!
+//! After the switchover, the source opens a `Purpose::Switch` session on the old destination's
+//! migration listener and says `SwitchTo{to, source}`; the old destination migrates the VM on
+//! to `to`, naming `source` (a `Forwarder`, then `Owners`) as the owner of the pages it still
+//! lacks, and answers `Ready` once the VM runs there (or `Error`).
 
 pub mod auth;
 pub mod client;

@@ -17,6 +17,10 @@
 //!   they are committed, and runs on a lease ([`crate::fence`]); the source commits them into
 //!   its copy of the memory and resumes the VM from the last one if the migration is called
 //!   off at either end, or the destination dies, until the destination has every page.
+//! - [`switch`]: redirecting a running migration to another destination (`migrate-switch`):
+//!   before the switchover the old destination forwards the pages it holds and the source
+//!   sends the rest; after it the old destination moves the VM on and the source serves the
+//!   new one what the old one lacks. The new destination merges both senders by owner.
 //!
 //! ```text
 //!   source host                                   destination host
