@@ -261,6 +261,14 @@ impl Drop for ReadingGuard<'_> {
 #[derive(Debug)]
 pub struct PageServer<S> {
     store: S,
+    /// Once its pages are pushed, the push waits for more ([`Self::linger`]) until serving
+    /// ends: a receiver may hand pages back (`Owners{"", runs}`: another owner of them is
+    /// lost), and they are pushed again.
+    linger: std::sync::atomic::AtomicBool,
+    repush: (
+        crossbeam::channel::Sender<()>,
+        crossbeam::channel::Receiver<()>,
+    ),
     layout: MemoryLayout,
     sent: AtomicBitmap,
     /// Pages the precopy rounds sent whose copy is still current (not unsent since).
@@ -289,6 +297,8 @@ impl<S: PageStore + 'static> PageServer<S> {
     pub fn new(store: S) -> Self {
         let layout = store.layout().clone();
         Self {
+            linger: std::sync::atomic::AtomicBool::new(false),
+            repush: crossbeam::channel::unbounded(),
             sent: AtomicBitmap::new(layout.total_pages()),
             precopied: AtomicBitmap::new(layout.total_pages()),
             released: AtomicBitmap::new(layout.total_pages()),
@@ -308,6 +318,14 @@ impl<S: PageStore + 'static> PageServer<S> {
             sending: std::sync::RwLock::new(()),
             ended: std::sync::Condvar::new(),
         }
+    }
+
+    /// Makes the push wait, once it has sent everything, for pages the receiver hands back
+    /// (see the field), until serving ends: for a receiver with another owner of some pages,
+    /// which may be lost (a switched migration's old destination).
+    pub fn linger(&self) {
+        self.linger
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The store served.
@@ -695,6 +713,16 @@ impl<S: PageStore + 'static> PageServer<S> {
                     }
                 }
                 Message::Complete => return Ok(()),
+                // Pages the receiver hands back: another owner of them is lost, and they are
+                // this server's to send again.
+                Message::Owners { endpoint, runs } if endpoint.is_empty() => {
+                    let mut pages = 0;
+                    for (gfn, count) in runs {
+                        pages += self.unsend(gfn, count);
+                    }
+                    log::info!("the receiver handed {pages} pages back: pushing them again");
+                    let _ = self.repush.0.send(());
+                }
                 m => return Err(ProtocolError::unexpected("PageRequest", m).into()),
             }
         }
@@ -756,6 +784,25 @@ impl<S: PageStore + 'static> PageServer<S> {
         {
             let mut p = self.progress.lock().expect("server lock");
             p.push_done = p.since.map(|t| t.elapsed());
+        }
+        if self.linger.load(std::sync::atomic::Ordering::Acquire) {
+            w.flush()?;
+            loop {
+                match self.repush.1.recv_timeout(Duration::from_millis(50)) {
+                    Ok(()) => {
+                        while self.repush.1.try_recv().is_ok() {}
+                        self.scan(&mut w, &mut sender, faults)?;
+                        w.flush()?;
+                    }
+                    Err(_)
+                        if self.progress.lock().expect("server lock").state
+                            != ServeState::Serving =>
+                    {
+                        break
+                    }
+                    Err(_) => {}
+                }
+            }
         }
         Message::PushDone.write_to(&mut w)?;
         if options.release {

@@ -319,3 +319,47 @@ fn switch_after_the_switchover_with_the_guest_writing() {
 fn switch_after_the_switchover_2_vcpus() {
     switch_after_switchover("switch-after-2", "2", "uniform:ws=96M,write=0.3,seed=6");
 }
+
+/// The old destination's link lost after the switchover, while it still holds pages the new
+/// destination lacks (its forwarding held back by a slow link): the new destination hands
+/// those pages back to the source, which pushes them; nothing waits for the old one.
+#[test]
+fn an_old_destination_lost_after_the_switchover_hands_its_pages_back() {
+    let dir = Scratch::new("switch-lost-after");
+    let common = common("1", "hotcold:ws=96M,write=0.05,seed=3");
+    let reference = run_to_end(&common).unwrap();
+    let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
+    let (old, old_uri) = destination();
+    let (link, via) =
+        VmProcess::linkem(old_uri.trim_start_matches("tcp:"), &dir.path("link.sock")).unwrap();
+    let via = format!("tcp:{via}");
+    let (new, new_uri) = destination();
+    let at_old = std::thread::scope(|s| {
+        // The old destination is reached through the link only (the source and, after the
+        // switch, the new destination).
+        let migration = migrating(s, &source, &via, 0.2);
+        // Forwarding crawls from now on.
+        link.ctl("set", json!({"rate": "1Mbit"})).unwrap();
+        let switched = source
+            .ctl("migrate-switch", json!({"uri": new_uri, "secret": SECRET}))
+            .unwrap();
+        assert!(
+            switched["pages_at_old"].as_u64().unwrap() > 1000,
+            "{switched}"
+        );
+        let m = migration.join().unwrap().unwrap();
+        assert_eq!(m["destination"], new_uri.as_str(), "{m}");
+        // Switched over: the old destination still forwards; its link goes for good.
+        link.ctl("drop", json!({})).unwrap();
+        switched["pages_at_old"].as_u64().unwrap()
+    });
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    let summary = check_new_destination(new, &reference, &via);
+    let from_old = &summary["demand_paging"]["owners"][1];
+    assert!(
+        from_old["pages_installed"].as_u64().unwrap() < at_old,
+        "the old destination was lost before it forwarded all {at_old} pages: {from_old}"
+    );
+    drop(old);
+}

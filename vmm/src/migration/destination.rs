@@ -194,6 +194,9 @@ struct Arrival {
     /// A switched migration's old destinations (forwarders of the pages they hold), by
     /// address, and their endpoints: not memservers (nothing to tell them to forget).
     forwarders: Mutex<HashMap<String, EndpointId>>,
+    /// Forwarders lost before the VM state arrived: their pages are taken over at the
+    /// switchover (see [`Arrival::take_over`]).
+    lost_forwarders: Mutex<Vec<EndpointId>>,
     /// Set once the VM state arrived: before, the precopy rounds may fill memory and empty it
     /// again, and `Complete` would come too early.
     armed: AtomicBool,
@@ -269,6 +272,44 @@ impl Arrival {
         );
     }
 
+    /// A second sender (a switched migration's old destination, or the source of one switched
+    /// after its switchover) was lost: the pages it still owned here are the source's again.
+    /// Its copies were the source's own (clean), so nothing is lost: the pages not here yet are
+    /// handed to the source, vCPUs waiting for them ask it, and the source is told to push
+    /// them (`Owners{"", runs}` on its urgent channel). Before the VM state arrived the source
+    /// takes them back itself (it sees the loss too); whatever is left is taken over once the
+    /// state is in.
+    fn take_over(&self, id: EndpointId) {
+        if !self.armed.load(Ordering::Acquire) {
+            self.lost_forwarders.lock().expect("arrival lock").push(id);
+            return;
+        }
+        let runs: Vec<(Gfn, u64)> = self
+            .owners
+            .all_owned_runs(Owner::Endpoint(id))
+            .iter()
+            .map(|r| (r.gfn, r.pages))
+            .collect();
+        if runs.is_empty() {
+            return;
+        }
+        for &(gfn, n) in &runs {
+            self.owners.hand_over(gfn, n, id, SOURCE);
+            self.engine.reroute(gfn, n);
+        }
+        let pages: u64 = runs.iter().map(|r| r.1).sum();
+        log::warn!("a second sender was lost: its {pages} pages come from the source instead");
+        let source = self.clients.lock().expect("arrival lock").first().cloned();
+        if let Some(source) = source {
+            for chunk in runs.chunks(tsubame_pageserver::message::MAX_OWNER_RUNS as usize) {
+                let _ = source.send(&Message::Owners {
+                    endpoint: String::new(),
+                    runs: chunk.to_vec(),
+                });
+            }
+        }
+    }
+
     fn is_source(&self, client: &PageClient) -> bool {
         self.clients
             .lock()
@@ -331,6 +372,21 @@ impl ClientEvents for Arrival {
             return; // nobody needs that owner any more
         }
         let why = error.to_string();
+        if let Some(router) = self.router.upgrade() {
+            if let Some(id) = router.endpoint_of(client) {
+                let forwarder = self
+                    .forwarders
+                    .lock()
+                    .expect("arrival lock")
+                    .values()
+                    .any(|f| *f == id);
+                if forwarder {
+                    log::warn!("lost a second sender: {why}");
+                    self.take_over(id);
+                    return;
+                }
+            }
+        }
         if !self.is_source(client) {
             // A memserver's link: lost and dialled again; the VM pauses meanwhile if it owns
             // pages (see `paging::router`).
@@ -383,6 +439,7 @@ impl Incoming {
             clients: Mutex::new(Vec::new()),
             dialled: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
+            lost_forwarders: Mutex::new(Vec::new()),
             armed: AtomicBool::new(false),
             source_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
@@ -566,6 +623,11 @@ impl Incoming {
         // them.
         source.attach_replies(urgent);
         arrival.armed.store(true, Ordering::Release);
+        let lost: Vec<EndpointId> =
+            std::mem::take(&mut *arrival.lost_forwarders.lock().expect("arrival lock"));
+        for id in lost {
+            arrival.take_over(id);
+        }
         arrival.check_complete();
         let check = arrival.clone();
         paging.set_completion_check(move || check.check_complete());

@@ -1607,6 +1607,10 @@ fn switch_over(
     if let Some(held) = held {
         drop_stale_copies(out, held, secret, hello);
     }
+    if out.switch().is_some() {
+        // The old destination may yet be lost: the new one then hands its pages back here.
+        server.linger();
+    }
     server
         .serve(
             &format!("the destination {}", out.destination()),

@@ -44,15 +44,17 @@
 //!
 //! S's migration is over when B has every page (B's `Complete` on the second server).
 //!
-//! Failures, before the switchover: A killed or unreachable during or after the switch (its
-//! session to the source breaks): the source takes every page A held back (`Discard` of A's
-//! runs at B) and sends them itself, so nothing waits for A. B failing after A started
+//! Failures. A switched during the precopy rounds and lost (killed, unreachable) before the
+//! switchover: the source sees its session break and takes every page A held back (`Discard`
+//! of A's runs at B), and sends them itself. A lost after the switchover, while it still holds
+//! pages B lacks: B hands them back to the source (`Owners{"", runs}` on the source's urgent
+//! channel; the source's push waits for such news until B completes, see
+//! `PageServer::linger`), and the source pushes them; vCPUs waiting for them ask the source.
+//! A's copies were the source's own, so nothing is lost either way. B failing after A started
 //! forwarding fails the migration: the VM keeps running at the source, which may migrate it
-//! again. After the switchover: B unreachable, or refusing, leaves the VM running at A, and
-//! the migration goes on to A. Not built yet: a second switch, a cancellable
-//! (`cancellable=on`) or split migration, and an old destination lost after the switchover
-//! while it still holds pages the new one lacks (the new destination then waits for them,
-//! held, with the reason).
+//! again. A switch after the switchover to a B that is unreachable or refuses leaves the VM
+//! running at A, and the migration goes on to A. Not built yet: a second switch, and switching
+//! a cancellable (`cancellable=on`) or split migration.
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
