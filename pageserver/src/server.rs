@@ -265,6 +265,9 @@ pub struct PageServer<S> {
     /// ends: a receiver may hand pages back (`Owners{"", runs}`: another owner of them is
     /// lost), and they are pushed again.
     linger: std::sync::atomic::AtomicBool,
+    /// The push yields to everything else on its host (nice 10), unless told it is the
+    /// host's main work ([`Self::push_first`]).
+    push_first: std::sync::atomic::AtomicBool,
     repush: (
         crossbeam::channel::Sender<()>,
         crossbeam::channel::Receiver<()>,
@@ -298,6 +301,7 @@ impl<S: PageStore + 'static> PageServer<S> {
         let layout = store.layout().clone();
         Self {
             linger: std::sync::atomic::AtomicBool::new(false),
+            push_first: std::sync::atomic::AtomicBool::new(false),
             repush: crossbeam::channel::unbounded(),
             sent: AtomicBitmap::new(layout.total_pages()),
             precopied: AtomicBitmap::new(layout.total_pages()),
@@ -325,6 +329,14 @@ impl<S: PageStore + 'static> PageServer<S> {
     /// which may be lost (a switched migration's old destination).
     pub fn linger(&self) {
         self.linger
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Keeps the push at its thread's normal priority: on a host where pushing is the main
+    /// work (a switched migration's old destination forwarding what it holds), not something to
+    /// do when the guest and the demand path leave time.
+    pub fn push_first(&self) {
+        self.push_first
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
@@ -758,7 +770,9 @@ impl<S: PageStore + 'static> PageServer<S> {
         gate: &crossbeam::channel::Receiver<()>,
         faults: &crossbeam::channel::Receiver<Gfn>,
     ) -> Result<(), ServerError> {
-        lower_priority();
+        if !self.push_first.load(std::sync::atomic::Ordering::Acquire) {
+            lower_priority();
+        }
         let hot = options.hot.runs(u64::MAX);
         let _ = match options.gate_timeout {
             Some(t) => gate.recv_timeout(t).is_ok(),

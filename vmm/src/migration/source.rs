@@ -963,15 +963,21 @@ fn switch_to(
         out.server.unsend(gfn, n);
     }
     let old_ready = (|| -> Result<(), MigrationError> {
-        for (gfn, n) in gfn_runs(&written, u64::MAX) {
-            Message::Discard { gfn, count: n }.write_to(w)?;
-        }
         end_round(urgent, w, round)?;
-        // 3. It forwards from now on.
+        // 3. It forwards from now on, all but what was written again here.
         Message::Forward {
             to: req.uri.clone(),
         }
         .write_to(urgent)?;
+        let runs: Vec<(Gfn, u64)> = gfn_runs(&written, u64::MAX).collect();
+        for chunk in runs.chunks(MAX_OWNER_RUNS as usize) {
+            Message::Owners {
+                endpoint: String::new(),
+                runs: chunk.to_vec(),
+            }
+            .write_to(urgent)?;
+        }
+        Message::Ready.write_to(urgent)?;
         wait_ready(urgent, &out.cancel)
     })();
     let (runs, lost) = match old_ready {
@@ -1033,7 +1039,7 @@ fn switch_to(
             precopy_round: round,
             switch_ms: req.asked.elapsed().as_secs_f64() * 1e3,
             pages_at_old,
-            pages_written_during_switch: written.len() as u64,
+            pages_not_forwarded: written.len() as u64,
             forwarder_lost: lost.clone(),
             ..SwitchStatus::default()
         }),

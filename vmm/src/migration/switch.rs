@@ -10,13 +10,16 @@
 //!
 //! 1. opens a session to B and waits for its `Ready` (B unreachable: the request fails with
 //!    the reason, and the migration goes on to A as if nothing happened);
-//! 2. makes A current: takes KVM's dirty log, drops at A the pages written since they were
-//!    sent (`Discard`), and ends the round there (acknowledged: A has installed everything
-//!    sent). The pages marked sent at the source's page server are now exactly the pages A
-//!    holds, each one the same as the source's copy;
-//! 3. tells A to `Forward`: A stops being a destination and serves the pages it holds to B
-//!    ([`forward`]: a page server over its memory on its migration listener, pushing at
-//!    once), and says `Ready`;
+//! 2. makes A current: ends the round there (acknowledged: A has installed everything sent)
+//!    and takes KVM's dirty log: the pages written since they were sent are the source's
+//!    again (unsent). The pages still marked sent at the source's page server are exactly the
+//!    pages A holds that are the same as the source's copy;
+//! 3. tells A to `Forward`, with the written pages (`Owners{"", runs}`, ended by `Ready`):
+//!    A stops being a destination and serves the other pages it holds to B ([`forward`]: a
+//!    page server over its memory on its migration listener, pushing at once, at normal
+//!    priority: it is that host's main work now), and says `Ready`. (Marking the written
+//!    pages not A's to forward costs a bitmap write each; dropping them at A, as a precopy
+//!    round does, cost a `madvise` per page, most of the switch's time);
 //! 4. names A to B as a `Forwarder` and announces A's pages (`Owners`): B dials A (a Fetch
 //!    session), receives from both senders in parallel, each over its own channels, and says
 //!    `Ready`;
@@ -107,8 +110,9 @@ pub struct SwitchStatus {
     /// Pages the old destination held, clean, when it began forwarding: the new destination's
     /// to fetch from it.
     pub pages_at_old: u64,
-    /// Pages written during the switch, dropped at the old destination and sent by the source.
-    pub pages_written_during_switch: u64,
+    /// Pages the old destination had received that the guest had written since (the dirty
+    /// log at the switch): not forwarded, the source sends them.
+    pub pages_not_forwarded: u64,
     /// Of the old destination's pages, those the source took back (written since at the
     /// source, or all that were left if the old destination was lost).
     pub pages_taken_back: u64,
@@ -242,10 +246,11 @@ impl PageStore for HeldPages {
     }
 }
 
-/// The old destination's part (module docs, step 3): serves the pages it holds to the new
-/// destination `to`, which dials it on its migration listener, pushing them all at once, and
-/// reports its progress to the source until the new destination has every page. Returns the
-/// pages sent.
+/// The old destination's part (module docs, step 3): reads from the source the pages it must
+/// not forward (written again there: `Owners{"", runs}` up to `Ready`), serves the other pages
+/// it holds to the new destination `to`, which dials it on its migration listener, pushing
+/// them all at once, and reports its progress to the source until the new destination has
+/// every page. Returns the pages sent.
 pub(crate) fn forward(
     to: &str,
     acceptor: &mut Acceptor,
@@ -262,6 +267,18 @@ pub(crate) fn forward(
         memory: store,
         engine: engine.clone(),
     }));
+    let mut stale = 0;
+    loop {
+        match Message::read_from(&mut source)? {
+            Message::Owners { endpoint, runs } if endpoint.is_empty() => {
+                for (gfn, n) in runs {
+                    stale += server.withhold(gfn, n);
+                }
+            }
+            Message::Ready => break,
+            m => return Err(ProtocolError::unexpected("Owners or Ready", m).into()),
+        }
+    }
     let mut held = 0;
     for run in layout.runs(u64::MAX) {
         let mut k = 0;
@@ -279,7 +296,11 @@ pub(crate) fn forward(
             k += n;
         }
     }
-    log::info!("forwarding the {held} pages held here to the new destination {to}");
+    server.push_first();
+    log::info!(
+        "forwarding the pages held here ({held}, {stale} of them written again at the source: \
+         not forwarded) to the new destination {to}"
+    );
     Message::Ready.write_to(&mut source)?;
     let (vm, want) = (hello.vm, layout.clone());
     let session = acceptor
