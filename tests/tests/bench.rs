@@ -112,3 +112,30 @@ fn bench_memserver_quick_measures_every_bar() {
     assert!(r["metadata"]["data_bytes"].as_u64() > Some(0), "{r}");
     assert!(text.contains("fault back p50"), "{text}");
 }
+
+#[test]
+fn bench_switch_quick_measures_both_ways_to_a_new_destination() {
+    let dir = Scratch::new("bench-switch");
+    let out = dir.path("results");
+    let text = bench(&["switch", "--quick", "--out", out.to_str().unwrap()]);
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("switch.json")).unwrap()).unwrap();
+    assert_eq!(r["digests_ok"], true, "{r}");
+    let bars = r["bars"].as_array().unwrap();
+    assert_eq!(bars.len(), 4, "{r}");
+    for b in bars {
+        assert!(b["value"].as_f64().is_some_and(f64::is_finite), "{b}");
+    }
+    let switch = &r["switch_runs"][0];
+    assert!(switch["pages_at_old"].as_u64() > Some(0), "{switch}");
+    assert!(switch["switch_ms"].as_f64() > Some(0.0), "{switch}");
+    let restart = &r["restart_runs"][0];
+    assert!(
+        restart["time_to_completion_ms"].as_f64() > Some(0.0),
+        "{restart}"
+    );
+    assert!(
+        text.contains("time to completion, switch / restart"),
+        "{text}"
+    );
+}

@@ -9,6 +9,8 @@
 //!   postcopy.
 //! - `bench memserver`: remote paging under a local limit against a memserver: fault-back
 //!   latency against the raw round trip, guest speed, write-back, memserver metadata.
+//! - `bench switch`: `migrate-switch` during the precopy rounds: switch time, pages the source
+//!   still sends, time to completion against cancelling and migrating again, both senders.
 
 use serde_json::json;
 
@@ -20,6 +22,7 @@ mod migrate;
 mod plot;
 mod qemu;
 mod raw;
+mod switch;
 mod tsubame;
 
 /// Benchmarks.
@@ -30,6 +33,7 @@ pub enum BenchCommand {
     Fault(fault::FaultBenchArgs),
     Migrate(migrate::MigrateBenchArgs),
     Memserver(memserver::MemserverBenchArgs),
+    Switch(switch::SwitchBenchArgs),
 }
 
 pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
@@ -39,6 +43,7 @@ pub fn bench(cmd: BenchCommand) -> anyhow::Result<i32> {
         BenchCommand::Fault(a) => fault::bench_fault(&a),
         BenchCommand::Migrate(a) => migrate::bench_migrate(&a),
         BenchCommand::Memserver(a) => memserver::bench_memserver(&a),
+        BenchCommand::Switch(a) => switch::bench_switch(&a),
     }
 }
 
