@@ -382,7 +382,7 @@ fn switch_run(s: &Setup, dir: &Path, tag: &str, reference: &str) -> Result<Value
         "switch_ms": f(&sw["switch_ms"]),
         "at_ms": at_ms,
         "pages_at_old": at_old,
-        "pages_written_during_switch": sw["pages_written_during_switch"],
+        "pages_not_forwarded": sw["pages_not_forwarded"],
         "pages_taken_back": sw["pages_taken_back"],
         "pages_written_since": since,
         "pages_forwarded": sw["pages_forwarded"],
@@ -608,7 +608,7 @@ pub fn bench_switch(a: &SwitchBenchArgs) -> Result<i32> {
                     r["old_destination_finish_ms"]
                         .as_f64()
                         .map_or("-".into(), |v| format!("{v:.0}")),
-                    r["pages_written_during_switch"],
+                    r["pages_not_forwarded"],
                     r["downtime_us"],
                     if r["digest_ok"] == true {
                         "OK"
