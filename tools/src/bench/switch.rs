@@ -593,8 +593,8 @@ pub fn bench_switch(a: &SwitchBenchArgs) -> Result<i32> {
                     "  rep {rep} switch:  switch {:>6.1} ms, completed {:>7.0} ms after it \
                      (source clock {:>7.0}); source sent {} pages after it, bound {} ({:.3}); \
                      last page: source {:>6.0} ms (its rest of round 1 {} ms), old \
-                     destination {} ms; {} pages written in round 1 dropped at the old \
-                     destination; downtime {} µs; digest {}",
+                     destination {} ms; {} pages written in round 1, not forwarded by \
+                     the old destination; downtime {} µs; digest {}",
                     f(&r["switch_ms"]),
                     f(&r["time_to_completion_ms"]),
                     f(&r["time_to_completion_source_clock_ms"]),
