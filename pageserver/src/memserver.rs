@@ -182,7 +182,7 @@ impl Memserver {
                 }),
                 _ => Ok(()),
             },
-            Purpose::Migrate | Purpose::Switch => Err(ProtocolError::Refused(
+            Purpose::Migrate | Purpose::Switch | Purpose::Resume => Err(ProtocolError::Refused(
                 "this is a memserver: migrate to a `tsubame run --incoming` destination".into(),
             )),
         }
@@ -231,7 +231,7 @@ impl Memserver {
                 Ok(state) => log::warn!("VM {vm:#x}: serving ended: {state:?}"),
                 Err(e) => log::warn!("cannot serve pages of VM {vm:#x}: {e}"),
             },
-            Purpose::Migrate | Purpose::Switch => {} // refused by `check`
+            Purpose::Migrate | Purpose::Switch | Purpose::Resume => {} // refused by `check`
         }
     }
 }

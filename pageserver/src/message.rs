@@ -61,6 +61,10 @@ pub enum Purpose {
     /// It is the source of the migration that brought VM `vm` here, and asks this host to
     /// move the VM on (`SwitchTo`): a migration switched after its switchover.
     Switch = 5,
+    /// It is the destination of a migration of VM `vm` whose session with the source broke
+    /// after the switchover, and picks it up again: it says which pages it still lacks
+    /// (`Owners{"", runs}` ... `Ready`), and the source serves them on this new session.
+    Resume = 6,
 }
 
 /// What a connection is about: sent by the side that opens it, checked by the other before
@@ -224,9 +228,16 @@ pub enum Message {
         to: String,
         source: String,
     },
+    /// Source (on the urgent channel, before the VM state): if this session breaks after the
+    /// switchover, dial `uri` with a `Resume` session to pick it up again, for up to
+    /// `within_ms` after it broke (the source waits that long, then gives the migration up).
+    ResumeAt {
+        uri: String,
+        within_ms: u32,
+    },
 }
 
-const KINDS: [&str; 28] = [
+const KINDS: [&str; 29] = [
     "invalid",
     "Challenge",
     "Hello",
@@ -255,6 +266,7 @@ const KINDS: [&str; 28] = [
     "Forwarder",
     "Forwarded",
     "SwitchTo",
+    "ResumeAt",
 ];
 
 /// The name of frame kind `kind` (a known one).
@@ -286,6 +298,7 @@ pub(crate) fn max_payload(kind: u16) -> Option<u32> {
         24 | 25 => 4 + MAX_ENDPOINT,
         26 => 16,
         27 => 8 + 2 * MAX_ENDPOINT,
+        28 => 8 + MAX_ENDPOINT,
         _ => return None,
     })
 }
@@ -320,6 +333,7 @@ impl Message {
             Self::Forwarder { .. } => 25,
             Self::Forwarded { .. } => 26,
             Self::SwitchTo { .. } => 27,
+            Self::ResumeAt { .. } => 28,
         }
     }
 
@@ -389,6 +403,12 @@ impl Message {
             Self::Error { message } => {
                 let m = message.as_bytes();
                 p.extend_from_slice(&m[..m.len().min(MAX_TEXT as usize)]);
+            }
+            Self::ResumeAt { uri, within_ms } => {
+                let e = uri.as_bytes();
+                p.extend_from_slice(&len_u32(e.len()).to_le_bytes());
+                p.extend_from_slice(e);
+                p.extend_from_slice(&within_ms.to_le_bytes());
             }
             Self::Forward { to: endpoint } | Self::Forwarder { endpoint } => {
                 let e = endpoint.as_bytes();
@@ -490,6 +510,7 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                 3 => Purpose::Store,
                 4 => Purpose::Recall,
                 5 => Purpose::Switch,
+                6 => Purpose::Resume,
                 _ => return Err(bad("unknown purpose")),
             };
             let channel = match c.u8()? {
@@ -575,6 +596,10 @@ pub(crate) fn decode(kind: u16, name: &'static str, p: Vec<u8>) -> Result<Messag
                 Message::Forwarder { endpoint }
             }
         }
+        28 => Message::ResumeAt {
+            uri: c.text(MAX_ENDPOINT, "resume address")?,
+            within_ms: c.u32()?,
+        },
         27 => Message::SwitchTo {
             to: c.text(MAX_ENDPOINT, "destination address")?,
             source: c.text(MAX_ENDPOINT, "source address")?,
@@ -713,6 +738,10 @@ mod tests {
                 to: "tcp:10.0.0.9:4444".into(),
                 source: "tcp:10.0.0.1:39999".into(),
             },
+            Message::ResumeAt {
+                uri: "tcp:10.0.0.1:40001".into(),
+                within_ms: 60_000,
+            },
             Message::Owners {
                 endpoint: "tcp:10.0.0.2:5555".into(),
                 runs: vec![(Gfn(0), 512), (Gfn(4096), 1)],
@@ -804,7 +833,7 @@ mod tests {
 
         /// A valid header with any kind, flags and payload: same.
         #[test]
-        fn decoder_survives_any_payload(kind in 0u16..29, flags in 0u16..2,
+        fn decoder_survives_any_payload(kind in 0u16..30, flags in 0u16..2,
                                         payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Message::read_from(&mut frame(kind, flags, &payload).as_slice());
         }

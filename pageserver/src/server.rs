@@ -584,7 +584,8 @@ impl<S: PageStore + 'static> PageServer<S> {
         {
             let mut p = self.progress.lock().expect("server lock");
             p.state = ServeState::Serving;
-            p.since = Some(Instant::now());
+            // A resumed session counts from the first.
+            p.since.get_or_insert_with(Instant::now);
         }
         {
             let mut sockets = self.sockets.lock().expect("server lock");
@@ -625,10 +626,48 @@ impl<S: PageStore + 'static> PageServer<S> {
         Ok(())
     }
 
+    /// Serves a new session after the last one broke (a receiver that lost the link and
+    /// dialled back, see `Purpose::Resume`): the old session's connections are shut down and
+    /// its threads joined, the pages the receiver `lacks` are this server's to send again,
+    /// and serving starts over on `urgent` and `bulk` (the push sends only what is not sent).
+    /// Not after `Complete` or [`Self::stop`]. (Not from a server thread.)
+    pub fn resume(
+        self: &Arc<Self>,
+        peer: &str,
+        urgent: TcpStream,
+        bulk: BulkWriter,
+        options: PushOptions,
+        lacks: &[(Gfn, u64)],
+    ) -> Result<(), ServerError> {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire)
+            || self.status().state == ServeState::Completed
+        {
+            return Err(ServerError::Stopped);
+        }
+        for s in self.sockets.lock().expect("server lock").drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.join_threads();
+        for &(gfn, count) in lacks {
+            self.unsend(gfn, count);
+        }
+        {
+            let mut p = self.progress.lock().expect("server lock");
+            p.state = ServeState::Idle; // `serve` starts it again
+            p.ended = None;
+        }
+        self.serve(peer, urgent, bulk, options)
+    }
+
     /// Stops serving and waits until both threads have ended: nothing reads the store after
     /// this returns. (Not from a server thread.)
     pub fn stop_and_wait(&self) {
         self.stop();
+        self.join_threads();
+    }
+
+    /// Waits for the serving threads to end.
+    fn join_threads(&self) {
         let threads: Vec<_> = self
             .threads
             .lock()

@@ -230,7 +230,7 @@ const SWITCHED: [&str; 8] = [
     "--workload",
     "hotcold:ws=40M,write=0.1,seed=143",
     "--steps",
-    "6000000",
+    "16000000",
 ];
 
 /// A switched migration across hosts: the source on "a", the old destination on "b", the new
@@ -250,7 +250,7 @@ fn switched_across_hosts(name: &str, new_host: &str, after: bool) {
         .ctl("wait", json!({"for": "steps", "steps": 200_000}))
         .unwrap();
     assert_eq!(w["outcome"], "reached", "{w}");
-    let rate = 32u64 << 20; // slow enough to switch in the middle
+    let rate = 48u64 << 20; // slow enough to switch in the middle
     let switched = std::thread::scope(|s| {
         let migration = s.spawn(|| {
             let rounds = if after { 0 } else { 2 };
@@ -305,4 +305,55 @@ fn switch_during_precopy_chain_a_b_c() {
 #[test]
 fn switch_after_switchover_back_to_the_source_host_a_b_a() {
     switched_across_hosts("switch-aba", "a", true);
+}
+
+/// The destination's host unplugged for 2 s mid-postcopy (its port down: every path to it
+/// silent, the resume path too): the destination gives the link up once a fault has waited
+/// 2 s, dials the source back until the network returns, and the guest finishes with the
+/// reference digest.
+#[test]
+fn postcopy_recovers_after_the_destination_host_is_unplugged() {
+    let net = Network::new("recover", &["src", "dst"]).unwrap();
+    let dir = Scratch::new("multihost-recover");
+    let common = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "2",
+        "--workload",
+        "uniform:ws=40M,write=0.2,seed=147",
+        "--steps",
+        "3000000",
+    ];
+    let reference = run_to_end(&common).unwrap();
+    let source =
+        VmProcess::start_at(net.host("src").place(), &dir.path("src.sock"), &common).unwrap();
+    let dsock = dir.path("dst.sock");
+    let (dest, uri) = VmProcess::destination_at(
+        net.host("dst").place(),
+        SECRET,
+        &["--mem", "64M", "--control", dsock.to_str().unwrap()],
+    )
+    .unwrap();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 100_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": uri, "secret": SECRET, "max_bandwidth": 8 << 20}),
+        )
+        .unwrap();
+    assert_eq!(m["phase"], "postcopy", "{m}");
+    net.unplug("dst").unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    net.plug("dst").unwrap();
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    let summary = finished_with(dest, &reference);
+    let link = &summary["demand_paging"]["owners"][0]["link"];
+    eprintln!("the source's link at the destination: {link}");
+    assert!(link["outages"].as_u64().unwrap() >= 1, "{link}");
+    assert!(link["redials"].as_u64().unwrap() >= 1, "{link}");
 }

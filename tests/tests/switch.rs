@@ -28,7 +28,7 @@ fn common<'a>(vcpus: &'a str, workload: &'a str) -> Vec<&'a str> {
         "--workload",
         workload,
         "--steps",
-        "8000000",
+        "12000000",
     ]
 }
 

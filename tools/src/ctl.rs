@@ -19,7 +19,7 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// stop, cont, save path=FILE, wait for=finished|steps [steps=N] [timeout_ms=N],
 /// migrate uri=tcp:HOST:PORT [secret=S] [prepage=address|bubble|hot|none] [precopy_rounds=N]
 ///   [max_bandwidth=BYTES_PER_S] [profile_ms=N] [split=tcp:HOST:PORT[,tcp:HOST:PORT...]:AMOUNT]
-///   [cancellable=on [checkpoint_ms=N]] [release=on], migrate-cancel,
+///   [cancellable=on [checkpoint_ms=N]] [release=on] [recover_ms=N], migrate-cancel,
 ///   migrate-switch uri=tcp:HOST:PORT [secret=S], query-migrate,
 ///   consolidate [wait=true] [timeout_ms=N], quit, query-commands.
 ///
@@ -50,6 +50,14 @@ use tsubame_vmm::control::{ClientError, ControlClient};
 /// it, from the switchover on (precopy rounds free nothing: the guest still runs here), so
 /// the source host gets its memory back as the migration goes; it cannot be combined with
 /// cancellable=on.
+///
+/// recover_ms bounds an outage after the switchover (default 60000; 0: no recovery): if the
+/// session breaks (a reset, a cut, a network that goes silent), the destination's vCPUs that
+/// need a missing page wait, the others run on, and the destination dials the source back
+/// (with backoff, authenticated), says which pages it still lacks, and the migration goes on
+/// from there; after recover_ms without success the source gives the migration up and the
+/// destination reports its VM stuck, with the reason. query-migrate shows the outages
+/// (recovery at the source, the source's link at the destination).
 ///
 /// migrate-switch (at the source) redirects a running migration to a new destination
 /// (`tsubame run --incoming` there) without starting over. During the precopy rounds of a

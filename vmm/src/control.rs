@@ -490,6 +490,12 @@ impl CommandHandler for VmCommands {
                         }
                     },
                     release: arg_switch(args, "release")?,
+                    recover_ms: arg_u64(args, "recover_ms")?
+                        .map(|ms| {
+                            u32::try_from(ms)
+                                .map_err(|_| CommandError::invalid("recover_ms is too large"))
+                        })
+                        .transpose()?,
                     split: args
                         .get("split")
                         .and_then(Value::as_str)

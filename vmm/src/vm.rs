@@ -759,6 +759,7 @@ impl Vm {
             .map(|r| {
                 r.unreachable()
                     .iter()
+                    .filter(|u| u.holds_vm)
                     .map(|u| format!("{}: {}", u.endpoint, u.why))
                     .collect::<Vec<_>>()
                     .join("; ")
@@ -809,7 +810,8 @@ impl Vm {
     }
 
     fn check_memory(&self, router: &crate::paging::router::OwnerRouter) -> Result<(), Error> {
-        let down = router.unreachable();
+        let mut down = router.unreachable();
+        down.retain(|u| u.holds_vm);
         let mut hold = self.hold.lock().expect("vm lock");
         match (down.is_empty(), hold.since) {
             (false, None) => {

@@ -191,6 +191,8 @@ struct Arrival {
     clients: Mutex<Vec<Arc<PageClient>>>,
     /// The page servers the source named, by address, and their endpoints.
     dialled: Mutex<HashMap<String, EndpointId>>,
+    /// The source said where to dial back if its session breaks (see `recover`).
+    resumable: AtomicBool,
     /// A switched migration's old destinations (forwarders of the pages they hold), by
     /// address, and their endpoints: not memservers (nothing to tell them to forget).
     forwarders: Mutex<HashMap<String, EndpointId>>,
@@ -387,14 +389,31 @@ impl ClientEvents for Arrival {
                 }
             }
         }
-        if !self.is_source(client) {
-            // A memserver's link: lost and dialled again; the VM pauses meanwhile if it owns
-            // pages (see `paging::router`).
-            if let Some(router) = self.router.upgrade() {
-                if let Some(id) = router.endpoint_of(client) {
+        let source = self.is_source(client);
+        if let Some(router) = self.router.upgrade() {
+            match router.endpoint_of(client) {
+                // The source after the switchover, if it said where to dial back (see
+                // `recover`): lost and dialled again; vCPUs that need none of its pages run on.
+                Some(id)
+                    if source
+                        && self.armed.load(Ordering::Acquire)
+                        && self.resumable.load(Ordering::Acquire) =>
+                {
                     router.lost(id, &why);
                     return;
                 }
+                // A memserver's link: lost and dialled again; the VM pauses meanwhile if it
+                // owns pages (see `paging::router`).
+                Some(id) if !source => {
+                    router.lost(id, &why);
+                    return;
+                }
+                // A client replaced since (a redial brought a new one): its end is old news.
+                None if !source => {
+                    log::debug!("a replaced page client stopped: {why}");
+                    return;
+                }
+                _ => {}
             }
         }
         if let Some(tx) = self.precopy_done.lock().expect("arrival lock").take() {
@@ -440,6 +459,7 @@ impl Incoming {
             dialled: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
             lost_forwarders: Mutex::new(Vec::new()),
+            resumable: AtomicBool::new(false),
             armed: AtomicBool::new(false),
             source_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
@@ -500,6 +520,7 @@ impl Incoming {
             .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
 
         // Owner announcements, then the state.
+        let mut resume_at = None;
         let json = loop {
             match Message::read_from(&mut &urgent)
                 .map_err(|e| MigrationError::SourceLost(e.to_string()))?
@@ -593,6 +614,7 @@ impl Incoming {
                         .send(&Message::Ready)
                         .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
                 }
+                Message::ResumeAt { uri, within_ms } => resume_at = Some((uri, within_ms)),
                 Message::VmState(j) => break j,
                 m => return Err(ProtocolError::unexpected("VmState", m).into()),
             }
@@ -622,6 +644,48 @@ impl Incoming {
         // From here on only demand replies arrive on the urgent channel: the fault thread reads
         // them.
         source.attach_replies(urgent);
+        if let Some((uri, within_ms)) = resume_at.filter(|r| r.1 > 0) {
+            let events = Arc::downgrade(&arrival);
+            let (sockets, owner_sink) = (paging.socket_owner(), sink.clone());
+            let dial = super::recover::SourceDial {
+                uri,
+                secret: self.secret.clone(),
+                hello: hello.clone(),
+                within: std::time::Duration::from_millis(u64::from(within_ms)),
+                owners: owners.clone(),
+                source: SOURCE,
+                engine: engine.clone(),
+                client: Box::new(move |urgent| {
+                    let arrival = events
+                        .upgrade()
+                        .ok_or_else(|| std::io::Error::other("the migration has ended"))?;
+                    let client = PageClient::new(
+                        "the migration source",
+                        urgent,
+                        owner_sink.clone(),
+                        arrival.clone(),
+                    )?;
+                    if let Some(first) = arrival.clients.lock().expect("arrival lock").first_mut() {
+                        *first = client.clone();
+                    }
+                    Ok(client)
+                }),
+                bulk: Box::new(move |client, bulk| {
+                    if let Ok(s) = bulk.try_clone() {
+                        sockets.lock().expect("sockets lock").push(s);
+                    }
+                    let spawned = std::thread::Builder::new()
+                        .name("migrate-bulk-rx".into())
+                        .spawn(move || client.receive_bulk(bulk));
+                    if let Err(e) = spawned {
+                        log::error!("cannot receive the resumed push: {e}");
+                    }
+                }),
+                lost_at: Mutex::new(None),
+            };
+            paging.router().set_redial(SOURCE, Arc::new(dial));
+            arrival.resumable.store(true, Ordering::Release);
+        }
         arrival.armed.store(true, Ordering::Release);
         let lost: Vec<EndpointId> =
             std::mem::take(&mut *arrival.lost_forwarders.lock().expect("arrival lock"));

@@ -38,6 +38,7 @@
 
 pub mod checkpoint;
 pub mod destination;
+pub mod recover;
 pub mod source;
 pub mod switch;
 
@@ -205,6 +206,10 @@ pub struct MigrateOptions {
     /// (precopy rounds free nothing: the guest still runs here then). Not with
     /// `checkpoint_ms`: resuming the VM here needs that memory.
     pub release: bool,
+    /// After the switchover, how long the destination may take to dial back once the session
+    /// broke (see [`recover`]); `None`: [`recover::DEFAULT_RECOVER_MS`], `Some(0)`: no
+    /// recovery (a broken session fails the migration).
+    pub recover_ms: Option<u32>,
 }
 
 impl MigrateOptions {
@@ -296,6 +301,9 @@ pub struct MigrationStatus {
     /// A migration switched to another destination (`migrate-switch`): both senders.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub switch: Option<switch::SwitchStatus>,
+    /// Outages of the session after the switchover, and its resumes (see [`recover`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<recover::RecoveryStatus>,
 }
 
 /// A split VM migrating on: what stays at one of its memservers.

@@ -226,6 +226,8 @@ pub struct Outgoing {
     /// This host's address on the link to the destination (from the switchover on): a switch
     /// after the switchover serves the new destination there.
     local_ip: Mutex<Option<std::net::IpAddr>>,
+    /// Where the destination dials back if the session breaks after the switchover.
+    recovery: Mutex<Option<(Arc<super::recover::Recovery>, String, u32)>>,
     /// A switch after the switchover: the page server of the pages the old destination lacks,
     /// for the new destination (once it dialled in).
     onward: Arc<std::sync::OnceLock<Arc<PageServer<GuestMemoryStore>>>>,
@@ -280,6 +282,7 @@ impl Outgoing {
             switched_to: Mutex::new(None),
             hello: Mutex::new(None),
             local_ip: Mutex::new(None),
+            recovery: Mutex::new(None),
             onward: Arc::default(),
             started: Instant::now(),
             server: Arc::new(PageServer::new(GuestMemoryStore::new(memory))),
@@ -354,6 +357,12 @@ impl Outgoing {
         let (prepage, hot_pages) = *self.prepage.lock().expect("migration lock");
         let reverse = self.reverse();
         let checkpoints = reverse.as_ref().map(|r| r.status());
+        let recovery = self
+            .recovery
+            .lock()
+            .expect("migration lock")
+            .as_ref()
+            .map(|(r, _, _)| r.clone());
         let (phase, error) = match (failed, checkpoints.as_ref().map(|c| c.state)) {
             (Some(e), _) => (Phase::Failed, Some(e)),
             // A cancellable migration: whatever serving did, the VM may still come back here
@@ -368,6 +377,10 @@ impl Outgoing {
                 .get()
                 .map_or(s.state.clone(), |o| o.status().state)
             {
+                // The session broke after the switchover: the destination may dial back.
+                ServeState::Failed(_) if recovery.as_ref().is_some_and(|r| !r.gave_up()) => {
+                    (Phase::Postcopy, None)
+                }
                 ServeState::Idle => (Phase::Precopy, None),
                 ServeState::Serving => (Phase::Postcopy, None),
                 ServeState::Completed => (Phase::Completed, None),
@@ -406,6 +419,7 @@ impl Outgoing {
             push_ms: s.push_ms,
             total_ms: s.serve_ms,
             checkpoints,
+            recovery: recovery.map(|r| r.status()),
             switch: self.switch().map(|sw| match self.onward.get() {
                 Some(o) => {
                     let o = o.status();
@@ -672,6 +686,7 @@ pub fn run<V: MigratableVm + 'static>(
         cancel.watch(c)?;
     }
     wait_ready(&urgent, cancel)?;
+    announce_resume(out, &mut urgent, secret, &hello, options)?;
     let held = match owners {
         Some((map, servers)) => announce_held(out, map, &servers, &mut urgent)?,
         None => None,
@@ -752,6 +767,43 @@ pub fn run<V: MigratableVm + 'static>(
         let _ = vm.set_dirty_logging(false);
     }
     switched
+}
+
+/// Tells the destination where to dial back if the session breaks after the switchover
+/// (`ResumeAt`), opening the resume listener the first time (see [`super::recover`]).
+fn announce_resume(
+    out: &Arc<Outgoing>,
+    urgent: &mut TcpStream,
+    secret: &[u8],
+    hello: &Hello,
+    options: &MigrateOptions,
+) -> Result<(), MigrationError> {
+    let within_ms = options
+        .recover_ms
+        .unwrap_or(super::recover::DEFAULT_RECOVER_MS);
+    if within_ms == 0 {
+        return Ok(());
+    }
+    let mut recovery = out.recovery.lock().expect("migration lock");
+    if recovery.is_none() {
+        let (r, uri) = super::recover::listen(
+            urgent.local_addr()?.ip(),
+            secret,
+            hello,
+            Arc::downgrade(&out.server),
+            Duration::from_millis(u64::from(within_ms)),
+            (options.prepage, options.max_bandwidth, options.release),
+        )?;
+        *recovery = Some((r, uri, within_ms));
+    }
+    if let Some((_, uri, within_ms)) = recovery.as_ref() {
+        Message::ResumeAt {
+            uri: uri.clone(),
+            within_ms: *within_ms,
+        }
+        .write_to(urgent)?;
+    }
+    Ok(())
 }
 
 /// The Hello that opens a migration session of `vm` (`checkpoint_ms`: 0 unless cancellable).
@@ -957,6 +1009,17 @@ fn switch_to(
     out.cancel.watch(&new.urgent).map_err(goes_on)?;
     out.cancel.watch(&new.bulk).map_err(goes_on)?;
     wait_ready(&new.urgent, &out.cancel).map_err(goes_on)?;
+    let resume_at = out
+        .recovery
+        .lock()
+        .expect("migration lock")
+        .as_ref()
+        .map(|(_, uri, ms)| (uri.clone(), *ms));
+    if let Some((uri, within_ms)) = resume_at {
+        Message::ResumeAt { uri, within_ms }
+            .write_to(&mut &new.urgent)
+            .map_err(|e| goes_on(e.into()))?;
+    }
     // 2. The old destination made current: what it holds is what is marked sent here.
     let written = vm.take_dirty_pages().map_err(failed)?;
     for (gfn, n) in gfn_runs(&written, u64::MAX) {

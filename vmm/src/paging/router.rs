@@ -79,6 +79,8 @@ pub struct Unreachable {
     pub down_ms: u64,
     pub why: String,
     pub lost_for_good: bool,
+    /// Whether the VM pauses for it (not for a migration's source: see [`Redial::holds_vm`]).
+    pub holds_vm: bool,
 }
 
 /// Why a redial failed.
@@ -100,6 +102,12 @@ pub trait Redial: Send + Sync {
     /// Whether it is worth dialling while it owns no pages (a memserver a VM pages out to is;
     /// a split's memserver whose pages have all arrived is not).
     fn needed_when_empty(&self) -> bool;
+    /// Whether the VM pauses while it is lost (see [`OwnerRouter::unreachable`]). A migration's
+    /// source is not worth a pause: its pages are missing ones the guest may never touch, and
+    /// the vCPUs that do touch one wait on their fault alone.
+    fn holds_vm(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Default)]
@@ -209,6 +217,7 @@ impl OwnerRouter {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| {
+                let holds_vm = e.redial.as_ref().is_none_or(|r| r.holds_vm());
                 let l = e.link.lock().expect("link lock");
                 let since = l.down_since.filter(|_| !l.failing_over)?;
                 let id = id_at(i);
@@ -219,6 +228,7 @@ impl OwnerRouter {
                     down_ms: u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
                     why: l.why.clone().unwrap_or_default(),
                     lost_for_good: l.lost_for_good,
+                    holds_vm,
                 })
             })
             .collect()
@@ -245,6 +255,19 @@ impl OwnerRouter {
             .expect("router lock")
             .get(usize::from(id.0))
             .is_some_and(|e| !e.down.load(Ordering::Acquire))
+    }
+
+    /// Gives endpoint `id` a way to be dialled again once its link breaks (the migration
+    /// source, once it said where: see `crate::migration::destination`).
+    pub fn set_redial(&self, id: EndpointId, redial: Arc<dyn Redial>) {
+        if let Some(e) = self
+            .endpoints
+            .write()
+            .expect("router lock")
+            .get_mut(usize::from(id.0))
+        {
+            e.redial = Some(redial);
+        }
     }
 
     /// Endpoint `id`'s link broke (`why`): faults on its pages wait from now on, and its
@@ -400,13 +423,14 @@ impl OwnerRouter {
                 }
                 e.remote.as_ref().map(|r| r.client())
             };
-            if let Some(c) = client {
-                c.disconnect();
-            }
+            // Lost first: the disconnect makes its readers fail, with a less telling reason.
             self.lost(
                 id,
                 &format!("no reply to a request for page {gfn} in {silent:?}: the link is silent"),
             );
+            if let Some(c) = client {
+                c.disconnect();
+            }
         }
     }
 
