@@ -363,3 +363,41 @@ fn an_old_destination_lost_after_the_switchover_hands_its_pages_back() {
     );
     drop(old);
 }
+
+/// After the switchover, a new destination that is not there changes nothing either: the VM
+/// keeps running at the old destination, which finishes it with the reference digest.
+#[test]
+fn a_switch_after_the_switchover_to_nobody_leaves_the_vm_where_it_runs() {
+    let dir = Scratch::new("switch-after-nobody");
+    let common = common("1", "hotcold:ws=96M,write=0.1,seed=3");
+    let reference = run_to_end(&common).unwrap();
+    let source = VmProcess::start(&dir.path("src.sock"), &common).unwrap();
+    let (old, old_uri) = destination();
+    let w = source
+        .ctl("wait", json!({"for": "steps", "steps": 200_000}))
+        .unwrap();
+    assert_eq!(w["outcome"], "reached", "{w}");
+    let m = source
+        .ctl(
+            "migrate",
+            json!({"uri": old_uri, "secret": SECRET, "max_bandwidth": RATE}),
+        )
+        .unwrap();
+    assert_eq!(m["phase"], "postcopy", "{m}");
+    let nobody = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("tcp:{}", l.local_addr().unwrap())
+    };
+    let e = source
+        .ctl("migrate-switch", json!({"uri": nobody, "secret": SECRET}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("could not move the VM on"), "{e}");
+    let (status, _) = source.wait().unwrap();
+    assert!(status.success(), "source: {status}");
+    let (status, out) = old.wait().unwrap();
+    assert!(status.success(), "destination: {status}\n{out}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}");
+    assert_eq!(summary["digest"], reference["digest"]);
+}
