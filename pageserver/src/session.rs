@@ -63,6 +63,18 @@ pub struct Session {
 /// Opens a session with the endpoint at `uri`: connects and authenticates the urgent, then the
 /// bulk connection, both saying `hello` (its channel and session are filled in here).
 pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionError> {
+    open_within(uri, secret, hello, HANDSHAKE_TIMEOUT)
+}
+
+/// [`open`], each connection's connect and handshake bounded by `patience`: a redial loop that
+/// tries again every second would rather fail fast than wait out the kernel's SYN retries
+/// (1, 3, 7 s apart) when the network comes back.
+pub fn open_within(
+    uri: &str,
+    secret: &[u8],
+    hello: &Hello,
+    patience: Duration,
+) -> Result<Session, SessionError> {
     let addr = parse_uri(uri)?;
     let session = random_u64().map_err(|source| SessionError::Connect {
         addr: addr.to_string(),
@@ -71,7 +83,7 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
     let connect = |channel| -> Result<(TcpStream, Duration), SessionError> {
         // Bounded, so that a peer behind a silent network fails the dial (and a redial loop
         // tries again) rather than hang in the kernel's connect retries or in the handshake.
-        let mut s = TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|source| {
+        let mut s = TcpStream::connect_timeout(&addr, patience).map_err(|source| {
             SessionError::Connect {
                 addr: addr.to_string(),
                 source,
@@ -84,7 +96,7 @@ pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionE
         };
         let rtt = s
             .set_nodelay(true)
-            .and_then(|()| s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
+            .and_then(|()| s.set_read_timeout(Some(patience)))
             .map_err(ProtocolError::from)
             .and_then(|()| initiate(&mut s, secret, &hello))
             .and_then(|rtt| Ok(s.set_read_timeout(None).map(|()| rtt)?))

@@ -484,7 +484,7 @@ impl Incoming {
             urgent,
             bulk,
             checkpoint,
-            ..
+            rtt,
         } = self.session;
         let owners = paging.router().owners().clone();
         let sink = Arc::new(OwnedSink::new(engine.clone(), owners.clone(), SOURCE));
@@ -652,6 +652,7 @@ impl Incoming {
                 secret: self.secret.clone(),
                 hello: hello.clone(),
                 within: std::time::Duration::from_millis(u64::from(within_ms)),
+                rtt,
                 owners: owners.clone(),
                 source: SOURCE,
                 engine: engine.clone(),

@@ -44,6 +44,12 @@ use crate::paging::router::{Redial, RedialError};
 
 /// The default bound on an outage before the migration is given up.
 pub const DEFAULT_RECOVER_MS: u32 = 60_000;
+/// How long one redial attempt may take to connect and authenticate: 8 round trips of the
+/// session, within these bounds.
+const REDIAL_PATIENCE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+/// The longest wait between two redials: an attempt costs a SYN, and the sooner one goes out
+/// after the network is back, the sooner the guest runs again.
+const REDIAL_BACKOFF: Duration = Duration::from_millis(50);
 /// How long a resume handshake may take (the lacking pages, the answer).
 const RESUME_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -252,6 +258,8 @@ pub(crate) struct SourceDial {
     /// The migration's Hello (a `Resume` one is made of it).
     pub hello: Hello,
     pub within: Duration,
+    /// The session's round trip (from its handshake).
+    pub rtt: Duration,
     pub owners: Arc<OwnerMap>,
     pub source: EndpointId,
     /// Makes the new page client, with its events, and records it as the source's.
@@ -306,7 +314,11 @@ impl Redial for SourceDial {
             checkpoint_ms: 0,
             ..self.hello.clone()
         };
-        let s = session::open(&self.uri, &self.secret, &hello).map_err(|e| {
+        // Each attempt gives up soon, and the next sends a fresh SYN: once the network is back
+        // the link is picked up within an attempt and a backoff, not after the kernel's next
+        // SYN retry (1, 3, 7 s apart).
+        let patience = (self.rtt * 8).clamp(REDIAL_PATIENCE.0, REDIAL_PATIENCE.1);
+        let s = session::open_within(&self.uri, &self.secret, &hello, patience).map_err(|e| {
             use tsubame_pageserver::SessionError;
             match &e {
                 // Nothing listens there any more: the source process is gone (a network that
@@ -371,7 +383,12 @@ impl Redial for SourceDial {
         false // every page is here
     }
 
+    /// A source migrating its VM is not worth a pause (see the trait).
     fn holds_vm(&self) -> bool {
         false
+    }
+
+    fn max_backoff(&self) -> Duration {
+        REDIAL_BACKOFF
     }
 }

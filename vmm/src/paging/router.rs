@@ -108,6 +108,11 @@ pub trait Redial: Send + Sync {
     fn holds_vm(&self) -> bool {
         true
     }
+    /// The longest wait between two dials (the backoff starts at 20 ms and doubles up to
+    /// this).
+    fn max_backoff(&self) -> Duration {
+        Duration::from_secs(1)
+    }
 }
 
 #[derive(Default)]
@@ -384,7 +389,7 @@ impl OwnerRouter {
                         log::warn!("{name}: redial {attempts} failed: {}", e.why);
                     }
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(r.max_backoff());
                 }
             }
         }
