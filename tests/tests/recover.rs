@@ -78,9 +78,10 @@ fn recovers_after(
         summary["digest"], reference["digest"],
         "the resumed migration changed the result"
     );
+    // (Not every page need be here when the summary's statistics are taken: a guest that
+    // finished before the capped push did has its last pages read in by the digest.)
     let paging = &summary["demand_paging"];
-    assert_eq!(paging["present_pages"], paging["total_pages"], "{paging}");
-    assert!(paging["fetch_error"].is_null(), "{paging}");
+    assert!(paging["fetch_error"].is_null(), "{paging}\nsource:\n{log}");
     let link = &paging["owners"][0]["link"];
     if resumed {
         assert!(link["outages"].as_u64().unwrap() >= 1, "{link}");
