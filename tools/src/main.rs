@@ -10,6 +10,7 @@ mod bench;
 mod check;
 mod ctl;
 mod demo;
+mod drill;
 mod host;
 mod linkem;
 mod memserver;
@@ -35,6 +36,7 @@ enum Command {
     Bench(bench::BenchCommand),
     GuestImage(GuestImageArgs),
     Demo(demo::DemoArgs),
+    Drill(drill::DrillArgs),
     Linkem(linkem::LinkemArgs),
     Memserver(memserver::MemserverArgs),
 }
@@ -77,6 +79,7 @@ fn main() {
         Command::Bench(b) => bench::bench(b),
         Command::GuestImage(a) => guest_image(&a).map(|()| 0),
         Command::Demo(a) => demo::demo(&a),
+        Command::Drill(a) => drill::drill(&a),
         Command::Linkem(a) => linkem::linkem(&a),
         Command::Memserver(a) => memserver::memserver(&a),
     };
