@@ -302,8 +302,13 @@ pub fn run(a: RunArgs) -> Result<i32> {
             break; // a cancellable migration called off: the source runs the VM
         }
         // A guest that finished here while its migration can still be rolled back may yet
-        // run on at the source: wait until the source hands it over (or takes it back).
-        if matches!(state, VmRunState::Finished | VmRunState::GuestError) && !vm.migration_open() {
+        // run on at the source: wait until the source hands it over (or takes it back). A
+        // source whose guest finished during its precopy rounds waits too: the switchover may
+        // still come, and the destination then needs this process to serve the pages.
+        if matches!(state, VmRunState::Finished | VmRunState::GuestError)
+            && !vm.migration_open()
+            && !vm.migration_under_way()
+        {
             finished_at.get_or_insert_with(Instant::now);
             if !a.hold || state == VmRunState::GuestError && a.control.is_none() {
                 break;

@@ -600,6 +600,22 @@ impl Vm {
             .is_some_and(|o| o.rollback_possible())
     }
 
+    /// Whether an outgoing migration of this VM is under way (precopy rounds, or postcopy
+    /// serving): a guest that finishes meanwhile still migrates, and its process must wait.
+    pub fn migration_under_way(&self) -> bool {
+        self.outgoing
+            .lock()
+            .expect("vm lock")
+            .as_ref()
+            .filter(|o| !o.rolled_back())
+            .is_some_and(|o| {
+                matches!(
+                    o.status().phase,
+                    migration::Phase::Precopy | migration::Phase::Postcopy
+                )
+            })
+    }
+
     /// The VM's identity (random when created, kept across snapshots and migrations).
     pub fn id(&self) -> u64 {
         self.id
