@@ -817,6 +817,10 @@ impl<S: PageStore + 'static> PageServer<S> {
             Some(t) => gate.recv_timeout(t).is_ok(),
             None => gate.recv().is_ok(),
         };
+        log::debug!(
+            "push: the gate opened ({} pages not sent)",
+            self.layout.total_pages() - self.sent.count_ones()
+        );
         if let Some(PushHook(f)) = options.before_push.take() {
             f(&mut w)?;
         }
@@ -830,6 +834,10 @@ impl<S: PageStore + 'static> PageServer<S> {
                 sender.send_run(&mut w, run.gfn, run.pages, SendKind::Push)?;
             }
             self.scan(&mut w, &mut sender, faults)?;
+            log::debug!(
+                "push: scanned, {} pages not sent",
+                self.layout.total_pages() - self.sent.count_ones()
+            );
         }
         if let Some(PushHook(f)) = options.after_push.take() {
             f(&mut w)?;
