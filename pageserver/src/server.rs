@@ -1025,6 +1025,11 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
         }
         w.wait_for_window()?;
         self.server.send(w, &mut self.scratch, gfn, n, kind)?;
+        // What left, not what was asked: a run over pages mostly sent already (a push that
+        // starts again after a resume, or passes pages demand replies sent) is paced for the
+        // pages it sent. (Pacing the run asked for held a resumed push at a few pages a
+        // second.)
+        let sent_pages: u64 = self.scratch.sent.iter().map(|s| s.1).sum();
         // Zero markers are tiny: without a flush they would wait in the buffer while a guest
         // faults on them one by one.
         w.flush()?;
@@ -1040,7 +1045,7 @@ impl<'a, S: PageStore + 'static> BulkSender<'a, S> {
         }
         if let Some(rate) = self.rate {
             // n pages may leave only after n * 4 KiB / rate seconds.
-            self.paced_bytes += n * PAGE_SIZE;
+            self.paced_bytes += sent_pages * PAGE_SIZE;
             let due = Duration::from_secs_f64(self.paced_bytes as f64 / rate as f64);
             // In slices, so that a stop is not kept waiting.
             while let Some(wait) = due.checked_sub(self.t0.elapsed()) {
