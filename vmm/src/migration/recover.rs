@@ -10,8 +10,9 @@
 //!   destination and names it (`ResumeAt{uri, within_ms}`, before the VM state);
 //! - the destination notices the loss (the connection fails, or a fault waits 2 s for a reply:
 //!   `paging::router`'s silent-link check) and dials the source there again, with backoff from
-//!   20 ms to 50 ms, each attempt bounded by 8 round trips (at least 200 ms) ([`SourceDial`], a `paging::router::Redial`), in a `Resume` session
-//!   authenticated like any other (the shared secret; the source checks the VM's identity);
+//!   20 ms to 50 ms, each attempt bounded by 8 round trips (at least 200 ms) ([`SourceDial`],
+//!   a `paging::router::Redial`), in a `Resume` session authenticated like any other (the
+//!   shared secret; the source checks the VM's identity);
 //! - it says which pages it still lacks (`Owners{"", runs}` ... `Ready`): the pages the source
 //!   still owns in its owner map, whatever was in flight when the link broke;
 //! - the source shuts the old session down, marks those pages unsent, serves the new session
