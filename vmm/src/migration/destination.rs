@@ -515,9 +515,12 @@ impl Incoming {
         }
         let rx = source.clone();
         paging.spawn("migrate-bulk-rx", move || rx.receive_bulk(bulk))?;
-        source
-            .send(&Message::Ready)
-            .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+        let ready = || {
+            source
+                .send(&Message::Ready)
+                .map_err(|e| MigrationError::SourceLost(e.to_string()))
+        };
+        ready()?;
 
         // Owner announcements, then the state.
         let mut resume_at = None;
@@ -569,9 +572,7 @@ impl Incoming {
                         .lock()
                         .expect("arrival lock")
                         .insert(endpoint, id);
-                    source
-                        .send(&Message::Ready)
-                        .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+                    ready()?;
                 }
                 Message::Owners { endpoint, runs } => {
                     let forwarder = arrival
@@ -610,9 +611,7 @@ impl Incoming {
                     for (gfn, n) in runs {
                         owners.set(gfn, n, Owner::Endpoint(id));
                     }
-                    source
-                        .send(&Message::Ready)
-                        .map_err(|e| MigrationError::SourceLost(e.to_string()))?;
+                    ready()?;
                 }
                 Message::ResumeAt { uri, within_ms } => resume_at = Some((uri, within_ms)),
                 Message::VmState(j) => break j,

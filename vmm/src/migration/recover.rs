@@ -31,7 +31,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tsubame_pages::{Gfn, PageStore};
 use tsubame_pageserver::flow::BulkWriter;
-use tsubame_pageserver::message::MAX_OWNER_RUNS;
 use tsubame_pageserver::session::{self, Acceptor, Session};
 use tsubame_pageserver::{
     Hello, HotPages, Message, PageClient, PageServer, Prepage, ProtocolError, Purpose, PushOptions,
@@ -352,13 +351,7 @@ impl Redial for SourceDial {
             .collect();
         let told = (|| -> Result<(), ProtocolError> {
             let mut w = &s.urgent;
-            for chunk in lacks.chunks(MAX_OWNER_RUNS as usize) {
-                Message::Owners {
-                    endpoint: String::new(),
-                    runs: chunk.to_vec(),
-                }
-                .write_to(&mut w)?;
-            }
+            super::source::announce_owners(&mut w, "", &lacks)?;
             Message::Ready.write_to(&mut w)?;
             s.urgent.set_read_timeout(Some(RESUME_HANDSHAKE))?;
             match Message::read_from(&mut w)? {

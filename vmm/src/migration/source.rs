@@ -468,6 +468,11 @@ impl Outgoing {
         if *uri == self.destination() {
             return Err(refused("that is where the migration goes already"));
         }
+        if self.checkpoint_ms.is_some() {
+            return Err(refused(
+                "switching a cancellable (cancellable=on) migration is not built yet",
+            ));
+        }
         if self.switched_over() {
             return self.switch_after(uri, secret);
         }
@@ -475,20 +480,6 @@ impl Outgoing {
             return Err(refused(
                 "a postcopy-only migration switches over at once, so there is nothing to switch: migrate with precopy_rounds=N to be able to switch during the rounds",
             ));
-        }
-        if self.checkpoint_ms.is_some() {
-            return Err(refused(
-                "switching a cancellable (cancellable=on) migration is not built yet",
-            ));
-        }
-        if let Some(sw) = self.switch() {
-            return Err(refused(&format!(
-                "this migration was switched already (to {}), and a second switch is not built yet",
-                sw.status.lock().expect("switch lock").to
-            )));
-        }
-        if *uri == self.destination() {
-            return Err(refused("that is where the migration goes already"));
         }
         let (tx, rx) = crossbeam::channel::bounded(1);
         {
@@ -514,16 +505,12 @@ impl Outgoing {
 
     /// `migrate-switch` after the switchover (see [`super::switch`]): the old destination
     /// moves the VM on to `uri`, which fetches what the old one lacks straight from here.
+    /// (The checks every switch needs are made by the caller.)
     fn switch_after(&self, uri: &str, secret: &[u8]) -> Result<SwitchStatus, MigrationError> {
         let refused = |reason: &str| MigrationError::Switch {
             to: uri.to_string(),
             reason: reason.to_string(),
         };
-        if self.checkpoint_ms.is_some() {
-            return Err(refused(
-                "switching a cancellable (cancellable=on) migration is not built yet",
-            ));
-        }
         if self.server.status().state != ServeState::Serving {
             return Err(refused(
                 "the old destination has every page already (or was lost): migrate the VM on from there (ctl migrate at the old destination)",
@@ -561,16 +548,7 @@ impl Outgoing {
                         &peer,
                         session.urgent,
                         bulk,
-                        PushOptions {
-                            prepage: Prepage::Address,
-                            rate: None,
-                            hot: HotPages::new(&layout),
-                            gate_timeout: Some(Duration::ZERO),
-                            start_on_demand: true,
-                            before_push: None,
-                            after_push: None,
-                            release: false,
-                        },
+                        super::switch::push_at_once(&layout),
                     )
                 });
             if let Err(e) = served {
@@ -593,12 +571,25 @@ impl Outgoing {
             }),
             runs: Vec::new(),
             lost: AtomicBool::new(false),
-            taken_back: AtomicBool::new(true),
+            taken_back: AtomicBool::new(false),
             at: Instant::now(),
             sent_before: (0, 0),
         });
         *self.switched_to.lock().expect("migration lock") = Some(switched.clone());
         Ok(self.status().switch.unwrap_or_default())
+    }
+
+    /// Where the destination is to dial back if the session breaks after the switchover
+    /// (see [`super::recover`]), once the resume listener is open.
+    fn resume_at(&self) -> Option<Message> {
+        self.recovery
+            .lock()
+            .expect("migration lock")
+            .as_ref()
+            .map(|(_, uri, within_ms)| Message::ResumeAt {
+                uri: uri.clone(),
+                within_ms: *within_ms,
+            })
     }
 
     /// Counts `pages` written again by the guest and sent again (or left for the push): after
@@ -796,12 +787,9 @@ fn announce_resume(
         )?;
         *recovery = Some((r, uri, within_ms));
     }
-    if let Some((_, uri, within_ms)) = recovery.as_ref() {
-        Message::ResumeAt {
-            uri: uri.clone(),
-            within_ms: *within_ms,
-        }
-        .write_to(urgent)?;
+    drop(recovery);
+    if let Some(m) = out.resume_at() {
+        m.write_to(urgent)?;
     }
     Ok(())
 }
@@ -1009,15 +997,8 @@ fn switch_to(
     out.cancel.watch(&new.urgent).map_err(goes_on)?;
     out.cancel.watch(&new.bulk).map_err(goes_on)?;
     wait_ready(&new.urgent, &out.cancel).map_err(goes_on)?;
-    let resume_at = out
-        .recovery
-        .lock()
-        .expect("migration lock")
-        .as_ref()
-        .map(|(_, uri, ms)| (uri.clone(), *ms));
-    if let Some((uri, within_ms)) = resume_at {
-        Message::ResumeAt { uri, within_ms }
-            .write_to(&mut &new.urgent)
+    if let Some(m) = out.resume_at() {
+        m.write_to(&mut &new.urgent)
             .map_err(|e| goes_on(e.into()))?;
     }
     // 2. The old destination made current: what it holds is what is marked sent here.
@@ -1033,13 +1014,7 @@ fn switch_to(
         }
         .write_to(urgent)?;
         let runs: Vec<(Gfn, u64)> = gfn_runs(&written, u64::MAX).collect();
-        for chunk in runs.chunks(MAX_OWNER_RUNS as usize) {
-            Message::Owners {
-                endpoint: String::new(),
-                runs: chunk.to_vec(),
-            }
-            .write_to(urgent)?;
-        }
+        announce_owners(urgent, "", &runs)?;
         Message::Ready.write_to(urgent)?;
         wait_ready(urgent, &out.cancel)
     })();
@@ -1567,8 +1542,9 @@ pub(crate) fn told_why(urgent: &TcpStream) -> Option<String> {
 }
 
 /// Tells the destination that `endpoint` ("" for the source itself) owns `runs`, in as many
-/// `Owners` frames as it takes (at least one); returns how many.
-fn announce_owners(
+/// `Owners` frames as it takes (at least one); returns how many. (The same frames, the other
+/// way, say which pages a destination lacks, or which an old destination must not forward.)
+pub(crate) fn announce_owners(
     w: &mut impl Write,
     endpoint: &str,
     runs: &[(Gfn, u64)],

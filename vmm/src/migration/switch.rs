@@ -326,17 +326,7 @@ pub(crate) fn forward(
         &format!("the new destination {to}"),
         urgent,
         BulkWriter::new(bulk, rtt)?,
-        PushOptions {
-            prepage: Prepage::Address,
-            rate: None,
-            hot: HotPages::new(&layout),
-            // At once: the new destination receives from both senders in parallel.
-            gate_timeout: Some(Duration::ZERO),
-            start_on_demand: true,
-            before_push: None,
-            after_push: None,
-            release: false,
-        },
+        push_at_once(&layout),
     )?;
     let sent = |s: &tsubame_pageserver::ServerStats| s.pages_pushed + s.pages_demand;
     loop {
@@ -374,6 +364,22 @@ pub(crate) fn forward(
             )))
         }
         ServeState::Idle | ServeState::Serving => unreachable!("serving ended"),
+    }
+}
+
+/// How a second sender pushes (an old destination forwarding, or the source serving where the
+/// VM moved on): every page it holds, in address order, from the start, for the new
+/// destination receives from both senders in parallel.
+pub(crate) fn push_at_once(layout: &MemoryLayout) -> PushOptions {
+    PushOptions {
+        prepage: Prepage::Address,
+        rate: None,
+        hot: HotPages::new(layout),
+        gate_timeout: Some(Duration::ZERO),
+        start_on_demand: true,
+        before_push: None,
+        after_push: None,
+        release: false,
     }
 }
 
