@@ -67,12 +67,57 @@ impl Drop for Scratch {
     }
 }
 
-/// Runs `tsubame ARGS` to completion.
+/// Runs `tsubame ARGS` to completion (at most [`EXIT_PATIENCE`]; see [`output_within`]).
 pub fn tsubame(args: &[&str]) -> Output {
-    Command::new(tsubame_bin())
-        .args(args)
-        .output()
-        .expect("running tsubame")
+    output_within(Command::new(tsubame_bin()).args(args), EXIT_PATIENCE)
+        .unwrap_or_else(|e| panic!("tsubame {}: {e:#}", args.join(" ")))
+}
+
+/// Runs `cmd` to completion like [`Command::output`], but kills it and fails, with what it
+/// wrote so far, if it has not exited within `patience`: a hung process fails its test
+/// instead of hanging the suite.
+pub fn output_within(cmd: &mut Command, patience: Duration) -> Result<Output> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting it")?;
+    fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    }
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t0.elapsed() > patience {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err
+                .map(|e| e.join().unwrap_or_default())
+                .unwrap_or_default();
+            bail!(
+                "had not exited after {patience:?}, killed it; its stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
+        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+    })
 }
 
 /// Runs a VM to the end in one process (`tsubame run ... --json`) and returns its summary.
@@ -98,6 +143,13 @@ pub struct Place<'a> {
     pub netns: Option<&'a str>,
     pub ip: &'a str,
 }
+
+/// How long a test waits for a VM process to exit before it kills it and fails
+/// ([`VmProcess::wait`]): far longer than any test's VM runs, short of hanging CI.
+pub const EXIT_PATIENCE: Duration = Duration::from_secs(240);
+
+/// How long a control command may take to answer ([`VmProcess::ctl`]).
+pub const CTL_PATIENCE: Duration = Duration::from_secs(120);
 
 /// The test's own network namespace, listening on loopback.
 pub const LOOPBACK: Place<'static> = Place {
@@ -305,6 +357,8 @@ impl VmProcess {
     /// Runs one control command and returns its `return` value.
     pub fn ctl(&self, command: &str, args: Value) -> Result<Value> {
         let mut c = ControlClient::connect(&self.socket)?;
+        // A VM that stopped answering fails the test instead of hanging it.
+        c.set_timeout(Some(CTL_PATIENCE))?;
         Ok(c.execute(command, args)?)
     }
 
@@ -340,14 +394,36 @@ impl VmProcess {
         Ok(())
     }
 
-    /// Waits for the process to exit and returns its stdout.
+    /// Waits for the process to exit and returns its stdout. A process that has not exited
+    /// within [`EXIT_PATIENCE`] is killed and the wait fails with what it wrote to stderr, so
+    /// that a hung VM fails its test instead of hanging the suite.
     pub fn wait(mut self) -> Result<(std::process::ExitStatus, String)> {
-        let mut out = String::new();
-        if let Some(mut s) = self.child.stdout.take() {
-            use std::io::Read;
-            s.read_to_string(&mut out)?;
-        }
-        let status = self.child.wait()?;
+        let reader = self.child.stdout.take().map(|mut s| {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut out = String::new();
+                s.read_to_string(&mut out).map(|_| out)
+            })
+        });
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if t0.elapsed() > EXIT_PATIENCE {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "tsubame had not exited after {EXIT_PATIENCE:?}, killed it; its stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = match reader {
+            Some(r) => r.join().expect("stdout reader")?,
+            None => String::new(),
+        };
         Ok((status, out))
     }
 }

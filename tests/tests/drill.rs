@@ -2,47 +2,26 @@
 //! cancel, WAN) runs its real processes and must pass, the guest's digest equal to a run that
 //! never migrated wherever the guest survives by design. No timing is asserted.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
-use tsubame_tests::tsubame_bin;
+use tsubame_tests::{output_within, tsubame_bin};
 
 #[test]
 fn every_quick_drill_passes() {
-    let mut child = Command::new(tsubame_bin())
-        .args(["drill", "all", "--quick", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tsubame drill");
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        stderr.read_to_string(&mut s).map(|_| s)
-    });
     // Generous: about a minute and a half on 2 idle cores; the drills kill their own
     // children when they end.
-    let deadline = Instant::now() + Duration::from_secs(1200);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tsubame drill all --quick did not end within 20 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let out = out.join().unwrap().unwrap();
-    let err = err.join().unwrap().unwrap();
+    let run = output_within(
+        Command::new(tsubame_bin()).args(["drill", "all", "--quick", "--json"]),
+        Duration::from_secs(600),
+    )
+    .unwrap_or_else(|e| panic!("tsubame drill all --quick: {e:#}"));
+    let (out, err, status) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        run.status,
+    );
     let results: Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("{e}: {out}\n{err}\nexit status {status}"));
     let drills = results["drills"].as_array().expect("a list of drills");

@@ -603,6 +603,13 @@ impl ControlClient {
         Ok(c)
     }
 
+    /// Bounds how long a reply may take (`None`: wait for ever, the default). A reply that
+    /// does not come in time fails the command with an I/O error (`WouldBlock`/`TimedOut`).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.writer.set_read_timeout(timeout)?;
+        Ok(())
+    }
+
     fn read(&mut self) -> Result<Value, ClientError> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
