@@ -9,8 +9,10 @@
 //! - before the switchover the source opens a *resume listener* next to its link to the
 //!   destination and names it (`ResumeAt{uri, within_ms}`, before the VM state);
 //! - the destination notices the loss (the connection fails, or a fault waits 2 s for a reply:
-//!   `paging::router`'s silent-link check) and dials the source there again, with backoff from
-//!   20 ms to 50 ms, each attempt bounded by 8 round trips (at least 200 ms) ([`SourceDial`],
+//!   `paging::router`'s silent-link check; a link that has said nothing for 1 s while the push
+//!   is not done is probed with a request, its heartbeat, so an idle link that went silent is
+//!   noticed too) and dials the source there again every 20 ms, each connect bounded by 4
+//!   round trips (at least 20 ms) and each handshake by 8 (at least 200 ms) ([`SourceDial`],
 //!   a `paging::router::Redial`), in a `Resume` session authenticated like any other (the
 //!   shared secret; the source checks the VM's identity);
 //! - it says which pages it still lacks (`Owners{"", runs}` ... `Ready`): the pages the source
@@ -21,7 +23,7 @@
 //!
 //! `within_ms` (`migrate ... recover_ms=N`, default 60 s; 0: no recovery) bounds an outage:
 //! after it the source gives the migration up (`failed`, with the reason) and the destination
-//! reports its VM stuck, with the reason. `query-migrate` shows the outages at both ends (the
+//! reports its VM `stuck` in `query-status`, with the reason (as when the source is gone). `query-migrate` shows the outages at both ends (the
 //! source's `recovery`; the destination's source `link`: outages, longest, redials).
 
 use std::net::{IpAddr, TcpListener, TcpStream};
