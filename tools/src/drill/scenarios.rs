@@ -403,8 +403,8 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
     } else if resumed_needed && redials == 0 {
         format!(
             "after {what} the session was never resumed ({outages} outages, 0 redials): the \
-             fault went unnoticed (no fault waited 2 s on the link; idle links have no \
-             heartbeats yet)"
+             fault went unnoticed (neither a fault nor the heartbeat's probe waited 2 s on the \
+             link)"
         )
     } else {
         format!(
@@ -494,12 +494,28 @@ fn kill_source(ctx: &Ctx, k: Knobs, r: &mut Report) -> Result<()> {
         error.contains("lost the migration source"),
         "the destination's migration failed, but not saying it lost the source: {error}"
     );
+    // And the VM says it is stuck, with the reason (set as the redial gives up).
+    let stuck_by = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = dest.ctl("query-status", json!({}))?;
+        if s["status"] == "stuck" || Instant::now() > stuck_by {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(
+        status["status"] == "stuck"
+            && status["stuck"]
+                .as_str()
+                .is_some_and(|w| w.contains("gone for good")),
+        "the destination lost its source but its VM does not say it is stuck: {status}"
+    );
     r.passed = true;
     r.why = format!(
-        "the destination reported '{error}' {reported:.0} ms after the kill; its guest saw no \
-         bad page (status {}, wait for finished: {}). The guest is lost by design: plain \
-         postcopy splits it between the hosts (cancellable=on survives this)",
-        status["status"], w["outcome"]
+        "the destination reported '{error}' {reported:.0} ms after the kill, and its VM \
+         stuck; its guest saw no bad page (wait for finished: {}). The guest is lost by \
+         design: plain postcopy splits it between the hosts (cancellable=on survives this)",
+        w["outcome"]
     );
     Ok(())
 }
