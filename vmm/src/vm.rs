@@ -836,7 +836,14 @@ impl Vm {
     fn check_memory(&self, router: &crate::paging::router::OwnerRouter) -> Result<(), Error> {
         let mut down = router.unreachable();
         down.retain(|u| u.holds_vm);
-        let mut hold = self.hold.lock().expect("vm lock");
+        // Busy: an operation that pauses the VM itself reads its memory (a digest, a save),
+        // and may wait for a page of a link that went silent. This thread must not wait
+        // behind it: it is the one that gives such links up (`check_silent`). Next round.
+        let mut hold = match self.hold.try_lock() {
+            Ok(h) => h,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("vm lock: {e}"),
+        };
         match (down.is_empty(), hold.since) {
             (false, None) => {
                 let paused = self.operator_paused.lock().expect("vm lock");

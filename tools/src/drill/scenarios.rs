@@ -61,7 +61,7 @@ impl Scenario {
     pub fn default_knobs(self) -> Knobs {
         let (after_ms, param) = match self {
             Self::Netcut => (500, 2000),
-            Self::Blackhole => (500, 3000),
+            Self::Blackhole => (500, 4000),
             Self::Reset | Self::KillSource => (500, 0),
             Self::KillDestination => (300, 0),
             Self::KillMemserver => (300, 0),
@@ -77,8 +77,9 @@ impl Scenario {
     pub fn random_knobs(self, rng: &mut Rng) -> Knobs {
         let (after_ms, param) = match self {
             Self::Netcut => (rng.range(50, 1500), rng.range(300, 4000)),
-            // Long enough that the destination gives the silent link up (2 s).
-            Self::Blackhole => (rng.range(50, 1500), rng.range(3000, 5000)),
+            // Long enough that the destination gives the silent link up: 0.5 s of quiet, then
+            // its probe unanswered for 2 s, each seen within 0.2 s (about 3 s in all).
+            Self::Blackhole => (rng.range(50, 1500), rng.range(4000, 6000)),
             Self::Reset | Self::KillSource => (rng.range(0, 2000), 0),
             Self::KillDestination => (rng.range(0, 1000), 0),
             Self::KillMemserver => (rng.range(0, 2000), 0),
@@ -398,13 +399,18 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
         _ => "a reset of every connection".into(),
     };
     r.passed = equal && (!resumed_needed || redials >= 1);
+    let dest_log = if r.passed {
+        String::new()
+    } else {
+        format!("\n  the destination's log:\n{}", dest.stderr_tail())
+    };
     r.why = if !equal {
-        format!("after {what} the guest's memory differs from the reference run's")
+        format!("after {what} the guest's memory differs from the reference run's{dest_log}")
     } else if resumed_needed && redials == 0 {
         format!(
             "after {what} the session was never resumed ({outages} outages, 0 redials): the \
              fault went unnoticed (neither a fault nor the heartbeat's probe waited 2 s on the \
-             link)"
+             link){dest_log}"
         )
     } else {
         format!(

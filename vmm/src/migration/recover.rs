@@ -9,7 +9,7 @@
 //! - before the switchover the source opens a *resume listener* next to its link to the
 //!   destination and names it (`ResumeAt{uri, within_ms}`, before the VM state);
 //! - the destination notices the loss (the connection fails, or a fault waits 2 s for a reply:
-//!   `paging::router`'s silent-link check; a link that has said nothing for 1 s while the push
+//!   `paging::router`'s silent-link check; a link that has said nothing for 0.5 s while the push
 //!   is not done is probed with a request, its heartbeat, so an idle link that went silent is
 //!   noticed too) and dials the source there again every 20 ms, each connect bounded by 4
 //!   round trips (at least 20 ms) and each handshake by 8 (at least 200 ms) ([`SourceDial`],

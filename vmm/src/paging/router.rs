@@ -19,7 +19,7 @@
 //! **Heartbeats.** A link that goes silent while no vCPU waits for one of its pages would go
 //! unnoticed, and a push over it would stall for ever. So a link that should be streaming (an
 //! owner that pushes on its own, [`Redial::streams`], or one asked to push) and has said
-//! nothing for half of [`SILENT_LINK`] is probed: the engine asks for one page the owner holds
+//! nothing for a quarter of [`SILENT_LINK`] (500 ms) is probed: the engine asks for one page the owner holds
 //! as if a thread had faulted on it ([`FaultEngine::probe`]), and the silent-link check takes
 //! it from there. The probed page is one the VM lacks, so a probe is never wasted, and an
 //! answer costs no more than the page. Owners that only answer requests (a memserver the VM
@@ -449,7 +449,7 @@ impl OwnerRouter {
         let Some(engine) = self.engine.lock().expect("router lock").upgrade() else {
             return;
         };
-        self.probe_quiet(&engine, silent / 2, silent);
+        self.probe_quiet(&engine, silent / 4, silent);
         let mut quiet: Vec<(EndpointId, Gfn)> = Vec::new();
         for gfn in engine.pending_longer_than(silent) {
             if let Some(Owner::Endpoint(id)) = self.owners.get(gfn) {
@@ -458,6 +458,21 @@ impl OwnerRouter {
                 }
             }
         }
+        // A request whose page arrived by another way (the push) is no fault's wait any more,
+        // but its reply is still due, and the fault thread waits for it: the link is silent
+        // all the same.
+        let endpoints = self.endpoints.read().expect("router lock");
+        for (i, e) in endpoints.iter().enumerate() {
+            let Some(remote) = &e.remote else { continue };
+            let c = remote.client();
+            if c.replies_due() > 0
+                && c.heard_ago() > silent
+                && !quiet.iter().any(|q| q.0 == id_at(i))
+            {
+                quiet.push((id_at(i), Gfn(u64::MAX)));
+            }
+        }
+        drop(endpoints);
         for (id, gfn) in quiet {
             let client = {
                 let e = self.endpoints.read().expect("router lock");
@@ -475,9 +490,14 @@ impl OwnerRouter {
                 e.remote.as_ref().map(|r| r.client())
             };
             // Lost first: the disconnect makes its readers fail, with a less telling reason.
+            let what = if gfn == Gfn(u64::MAX) {
+                "a request".to_string()
+            } else {
+                format!("a request for page {gfn}")
+            };
             self.lost(
                 id,
-                &format!("no reply to a request for page {gfn} in {silent:?}: the link is silent"),
+                &format!("no reply to {what} in {silent:?}: the link is silent"),
             );
             if let Some(c) = client {
                 c.disconnect();
