@@ -158,8 +158,6 @@ pub struct PageClient {
     replies: Mutex<Option<ChannelReader<SpinRead>>>,
     /// Requests sent since the last [`Self::read_replies`].
     outstanding: AtomicU64,
-    /// Requests whose reply has not been read yet.
-    replies_due: AtomicU64,
     /// When the last request went out ([`now_ns`]): the reply reader spins for a while after.
     asked_at: Arc<AtomicU64>,
     push_done: AtomicBool,
@@ -197,7 +195,6 @@ impl PageClient {
             writer: Mutex::new(urgent.try_clone()?),
             replies: Mutex::new(None),
             outstanding: AtomicU64::new(0),
-            replies_due: AtomicU64::new(0),
             asked_at: Arc::new(AtomicU64::new(0)),
             push_done: AtomicBool::new(false),
             completed: AtomicBool::new(false),
@@ -238,7 +235,6 @@ impl PageClient {
             .write_to(&mut *w)
             .map_err(|source| self.lost(source))?;
         self.outstanding.fetch_add(1, Ordering::Relaxed);
-        self.replies_due.fetch_add(1, Ordering::Relaxed);
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -256,9 +252,7 @@ impl PageClient {
         };
         for _ in 0..due {
             match self.receive_one(r, Delivery::Demand, None) {
-                Ok(()) => {
-                    self.replies_due.fetch_sub(1, Ordering::Relaxed);
-                }
+                Ok(()) => {}
                 Err(Stop::Lost(_)) if self.completed.load(Ordering::Acquire) => return Ok(()),
                 Err(Stop::Lost(source)) => return Err(self.lost(source)),
                 Err(Stop::Failed(e)) => return Err(e),
@@ -312,13 +306,6 @@ impl PageClient {
     /// Whether the server has pushed everything it is going to push.
     pub fn is_push_done(&self) -> bool {
         self.push_done.load(Ordering::Acquire)
-    }
-
-    /// Requests whose reply has not been read yet: with nothing heard from the server for
-    /// long, the link is silent even if no fault waits for those pages any more (they came
-    /// by the push meanwhile).
-    pub fn replies_due(&self) -> u64 {
-        self.replies_due.load(Ordering::Relaxed)
     }
 
     /// How long ago the server last sent anything (a byte of a reply or of the bulk stream,

@@ -458,21 +458,6 @@ impl OwnerRouter {
                 }
             }
         }
-        // A request whose page arrived by another way (the push) is no fault's wait any more,
-        // but its reply is still due, and the fault thread waits for it: the link is silent
-        // all the same.
-        let endpoints = self.endpoints.read().expect("router lock");
-        for (i, e) in endpoints.iter().enumerate() {
-            let Some(remote) = &e.remote else { continue };
-            let c = remote.client();
-            if c.replies_due() > 0
-                && c.heard_ago() > silent
-                && !quiet.iter().any(|q| q.0 == id_at(i))
-            {
-                quiet.push((id_at(i), Gfn(u64::MAX)));
-            }
-        }
-        drop(endpoints);
         for (id, gfn) in quiet {
             let client = {
                 let e = self.endpoints.read().expect("router lock");
@@ -490,14 +475,9 @@ impl OwnerRouter {
                 e.remote.as_ref().map(|r| r.client())
             };
             // Lost first: the disconnect makes its readers fail, with a less telling reason.
-            let what = if gfn == Gfn(u64::MAX) {
-                "a request".to_string()
-            } else {
-                format!("a request for page {gfn}")
-            };
             self.lost(
                 id,
-                &format!("no reply to {what} in {silent:?}: the link is silent"),
+                &format!("no reply to a request for page {gfn} in {silent:?}: the link is silent"),
             );
             if let Some(c) = client {
                 c.disconnect();
