@@ -99,12 +99,34 @@ struct Counters {
 /// acknowledgements), and keeps a buffer for pages the sink does not receive in place.
 #[derive(Debug)]
 struct ChannelReader<R> {
-    r: Counted<BufReader<R>>,
+    r: Counted<BufReader<Heard<R>>>,
     scratch: Vec<u8>,
 }
 
+/// A socket reader that records when it last got bytes ([`now_ns`]): a frame that takes
+/// seconds on a slow link still shows the link alive.
+#[derive(Debug)]
+struct Heard<R> {
+    inner: R,
+    at: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Heard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.at.store(now_ns(), Ordering::Relaxed);
+        }
+        Ok(n)
+    }
+}
+
 impl<R: Read> ChannelReader<R> {
-    fn new(stream: R) -> Self {
+    fn new(stream: R, heard_at: Arc<AtomicU64>) -> Self {
+        let stream = Heard {
+            inner: stream,
+            at: heard_at,
+        };
         Self {
             // A page payload bypasses the buffer once it is empty; what a header read brought
             // in of the payload after it (up to 64 KiB) is copied out of it: in perf, that copy
@@ -143,6 +165,9 @@ pub struct PageClient {
     counters: Counters,
     /// The bulk channel, once [`Self::receive_bulk`] reads it (for [`Self::disconnect`]).
     bulk: Mutex<Option<TcpStream>>,
+    /// When the server was last heard, on either channel ([`now_ns`]; at first, when the
+    /// client was made, the session's handshake just done).
+    heard_at: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for PageClient {
@@ -175,6 +200,7 @@ impl PageClient {
             completed: AtomicBool::new(false),
             counters: Counters::default(),
             bulk: Mutex::new(None),
+            heard_at: Arc::new(AtomicU64::new(now_ns())),
         }))
     }
 
@@ -185,10 +211,10 @@ impl PageClient {
 
     /// From now on, demand replies are read off `urgent`.
     pub fn attach_replies(&self, urgent: TcpStream) {
-        *self.replies.lock().expect("client lock") = Some(ChannelReader::new(SpinRead::new(
-            urgent,
-            self.asked_at.clone(),
-        )));
+        *self.replies.lock().expect("client lock") = Some(ChannelReader::new(
+            SpinRead::new(urgent, self.asked_at.clone()),
+            self.heard_at.clone(),
+        ));
     }
 
     /// Sends `m` on the urgent channel.
@@ -245,7 +271,7 @@ impl PageClient {
             Err(e) => return self.events.failed(self, self.lost(e.into())),
         };
         *self.bulk.lock().expect("client lock") = bulk.try_clone().ok();
-        let mut r = ChannelReader::new(bulk);
+        let mut r = ChannelReader::new(bulk, self.heard_at.clone());
         loop {
             match self.receive_one(&mut r, Delivery::Bulk, Some(&mut acks)) {
                 Ok(()) => {}
@@ -280,6 +306,15 @@ impl PageClient {
     /// Whether the server has pushed everything it is going to push.
     pub fn is_push_done(&self) -> bool {
         self.push_done.load(Ordering::Acquire)
+    }
+
+    /// How long ago the server last sent anything (a byte of a reply or of the bulk stream,
+    /// or, before any, the handshake). A link whose push has not ended and that says nothing
+    /// for long may have gone silent: the receiver probes it with a request (see
+    /// `OwnerRouter::check_silent` in the VMM).
+    pub fn heard_ago(&self) -> std::time::Duration {
+        let at = self.heard_at.load(Ordering::Relaxed);
+        std::time::Duration::from_nanos(now_ns().saturating_sub(at))
     }
 
     /// The counters.

@@ -865,9 +865,23 @@ impl<S: PageStore + 'static> PageServer<S> {
                 }
             }
         }
-        Message::PushDone.write_to(&mut w)?;
+        // From here on the receiver may have every page and be gone already, its `Complete`
+        // still on its way on the urgent channel: failing to end the stream is not the end of
+        // serving (the urgent channel says how serving ends: `Complete`, or a lost receiver).
+        // Seen in the drill campaign: a resumed session's receiver completed and exited while
+        // the push was ending its stream, and the push's ENOTCONN failed the migration.
+        let ended = |e: &dyn std::fmt::Display| {
+            log::debug!("push: ending the bulk stream: {e}; the urgent channel tells the end");
+        };
+        if let Err(e) = Message::PushDone.write_to(&mut w) {
+            ended(&e);
+            return Ok(());
+        }
         if options.release {
-            w.flush()?;
+            if let Err(e) = w.flush() {
+                ended(&e);
+                return Ok(());
+            }
             self.release_where(&self.precopied, true);
             // A receiver that completed may go away without acknowledging the end: what is
             // left then goes at `Complete`.
@@ -875,7 +889,9 @@ impl<S: PageStore + 'static> PageServer<S> {
                 sender.release_acknowledged(&w);
             }
         }
-        w.finish()?;
+        if let Err(e) = w.finish() {
+            ended(&e);
+        }
         Ok(())
     }
 

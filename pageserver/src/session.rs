@@ -63,17 +63,20 @@ pub struct Session {
 /// Opens a session with the endpoint at `uri`: connects and authenticates the urgent, then the
 /// bulk connection, both saying `hello` (its channel and session are filled in here).
 pub fn open(uri: &str, secret: &[u8], hello: &Hello) -> Result<Session, SessionError> {
-    open_within(uri, secret, hello, HANDSHAKE_TIMEOUT)
+    open_dialling(uri, secret, hello, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
 }
 
-/// [`open`], each connection's connect and handshake bounded by `patience`: a redial loop that
-/// tries again every second would rather fail fast than wait out the kernel's SYN retries
-/// (1, 3, 7 s apart) when the network comes back.
-pub fn open_within(
+/// [`open`], each connection's connect bounded by `connect` and its handshake by
+/// `handshake`, so that a peer behind a silent network fails the dial rather than hang in the
+/// kernel's SYN retries (1, 3, 7 s apart). A redial loop waiting for a network to come back
+/// wants the first short (a fresh SYN soon after the last one was lost) and the second long
+/// enough for a busy peer.
+pub fn open_dialling(
     uri: &str,
     secret: &[u8],
     hello: &Hello,
-    patience: Duration,
+    connect: Duration,
+    handshake: Duration,
 ) -> Result<Session, SessionError> {
     let addr = parse_uri(uri)?;
     let session = random_u64().map_err(|source| SessionError::Connect {
@@ -83,12 +86,11 @@ pub fn open_within(
     let connect = |channel| -> Result<(TcpStream, Duration), SessionError> {
         // Bounded, so that a peer behind a silent network fails the dial (and a redial loop
         // tries again) rather than hang in the kernel's connect retries or in the handshake.
-        let mut s = TcpStream::connect_timeout(&addr, patience).map_err(|source| {
-            SessionError::Connect {
+        let mut s =
+            TcpStream::connect_timeout(&addr, connect).map_err(|source| SessionError::Connect {
                 addr: addr.to_string(),
                 source,
-            }
-        })?;
+            })?;
         let hello = Hello {
             channel,
             session,
@@ -96,7 +98,7 @@ pub fn open_within(
         };
         let rtt = s
             .set_nodelay(true)
-            .and_then(|()| s.set_read_timeout(Some(patience)))
+            .and_then(|()| s.set_read_timeout(Some(handshake)))
             .map_err(ProtocolError::from)
             .and_then(|()| initiate(&mut s, secret, &hello))
             .and_then(|rtt| Ok(s.set_read_timeout(None).map(|()| rtt)?))

@@ -67,6 +67,39 @@ impl Drop for Scratch {
     }
 }
 
+/// Each thread of process `pid`: its name, state, user and system CPU ticks and what it
+/// waits in (from `/proc`; sampled twice, a second apart, so that a spinning thread shows).
+fn threads_of(pid: u32) -> String {
+    let sample = || -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .map(|t| {
+                let p = t.path();
+                let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+                let stat = read("stat");
+                // After the name's closing parenthesis: state (1st), utime (12th), stime (13th).
+                let fields: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map_or(Vec::new(), |(_, r)| r.split_whitespace().collect());
+                let f = |i: usize| fields.get(i).copied().unwrap_or("?");
+                format!(
+                    "{} {} {} {} {}",
+                    read("comm").trim(),
+                    f(0),
+                    f(11),
+                    f(12),
+                    read("wchan")
+                )
+            })
+            .collect()
+    };
+    let first = sample();
+    std::thread::sleep(Duration::from_secs(1));
+    format!("{}\n1 s later:\n{}", first.join("\n"), sample().join("\n"))
+}
+
 /// Runs `tsubame ARGS` to completion (at most [`EXIT_PATIENCE`]; see [`output_within`]).
 pub fn tsubame(args: &[&str]) -> Output {
     output_within(Command::new(tsubame_bin()).args(args), EXIT_PATIENCE)
@@ -411,10 +444,20 @@ impl VmProcess {
                 break status;
             }
             if t0.elapsed() > EXIT_PATIENCE {
+                // What it was doing, for whoever reads the failure: its status and threads.
+                let status = ControlClient::connect(&self.socket)
+                    .and_then(|mut c| {
+                        c.set_timeout(Some(Duration::from_secs(5)))?;
+                        c.execute("query-status", serde_json::json!({}))
+                    })
+                    .map_or_else(|e| format!("(no status: {e})"), |v| v.to_string());
+                let threads = threads_of(self.child.id());
                 let _ = self.child.kill();
                 let _ = self.child.wait();
                 bail!(
-                    "tsubame had not exited after {EXIT_PATIENCE:?}, killed it; its stderr:\n{}",
+                    "tsubame had not exited after {EXIT_PATIENCE:?}, killed it.\nits status: \
+                     {status}\nits threads (name, state, user and system ticks, wait \
+                     channel):\n{threads}\nits stderr:\n{}",
                     self.stderr()
                 );
             }

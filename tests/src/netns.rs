@@ -43,6 +43,20 @@ pub struct Host {
 }
 
 impl Host {
+    /// Starts a raw TCP prober on this host that exits as soon as `ip` answers a SYN (port 9:
+    /// a reset counts as an answer), trying every 10 ms with 50 ms per try: the physical
+    /// limit a redial loop can be compared to once a network comes back (ARP included).
+    pub fn probe_until_reaches(&self, ip: &str) -> Result<std::process::Child> {
+        let script = format!(
+            "while true; do timeout 0.05 bash -c 'exec 3<>/dev/tcp/{ip}/9' 2>/dev/null; \
+             [ $? -ne 124 ] && break; sleep 0.01; done"
+        );
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns, "bash", "-c", &script])
+            .spawn()
+            .context("starting a TCP prober")
+    }
+
     /// Where processes of this host run (for the `VmProcess::*_at` helpers).
     pub fn place(&self) -> Place<'_> {
         Place {

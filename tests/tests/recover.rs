@@ -25,17 +25,20 @@ const COMMON: [&str; 8] = [
 /// Migrates a running guest, postcopy with its push capped, to a destination behind a
 /// `linkem`; once it runs there, applies `fault` to the link (and `then` after `hold`), and
 /// checks the guest finishes there with the reference digest, the session resumed at least
-/// once if `resumed`.
+/// once if `resumed`. With `noticed_within`, the destination must show the outage that soon
+/// after the fault, while its guest still runs.
 fn recovers_after(
     name: &str,
+    common: &[&str],
     fault: (&str, Value),
     hold: Duration,
     then: Option<&str>,
     resumed: bool,
+    noticed_within: Option<Duration>,
 ) -> Value {
     let dir = Scratch::new(name);
-    let reference = run_to_end(&COMMON).unwrap();
-    let source = VmProcess::start(&dir.path("src.sock"), &COMMON).unwrap();
+    let reference = run_to_end(common).unwrap();
+    let source = VmProcess::start(&dir.path("src.sock"), common).unwrap();
     let dsock = dir.path("dst.sock");
     let (dest, uri) = VmProcess::destination(
         SECRET,
@@ -58,7 +61,40 @@ fn recovers_after(
     assert!(m["recovery"]["listen"].is_string(), "{m}");
     dest.wait_for_stderr("control socket ready", Duration::from_secs(30))
         .unwrap();
+    if noticed_within.is_some() {
+        // Until the guest has its working set: no fault for half a second.
+        let faults = || {
+            dest.ctl("query-status", json!({})).unwrap()["demand_paging"]["faults"]
+                .as_u64()
+                .unwrap()
+        };
+        let mut last = faults();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = faults();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+    }
     link.ctl(fault.0, fault.1).unwrap();
+    if let Some(within) = noticed_within {
+        // The destination notices on its own, while its guest still runs.
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = dest.ctl("query-status", json!({})).unwrap();
+            if s["demand_paging"]["owners"][0]["link"]["outages"].as_u64() >= Some(1) {
+                break;
+            }
+            assert_ne!(s["status"], "finished", "the guest finished first: {s}");
+            assert!(
+                t0.elapsed() < within,
+                "no outage noticed in {within:?}: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     std::thread::sleep(hold);
     if let Some(then) = then {
         link.ctl(then, json!({})).unwrap();
@@ -94,10 +130,12 @@ fn recovers_after(
 fn recovers_after_the_connections_are_reset() {
     recovers_after(
         "recover-reset",
+        &COMMON,
         ("reset", json!({})),
         Duration::ZERO,
         None,
         true,
+        None,
     );
 }
 
@@ -107,10 +145,38 @@ fn recovers_after_the_connections_are_reset() {
 fn recovers_after_a_blackhole() {
     recovers_after(
         "recover-blackhole",
+        &COMMON,
         ("blackhole", json!({})),
         Duration::from_secs(4),
         Some("restore"),
         true,
+        None,
+    );
+}
+
+/// Silence while no fault waits: the guest has its working set and touches nothing missing,
+/// so only the stalled push could tell. The destination hears nothing on the link for 1 s,
+/// probes it with a request for a page the source still owns (a heartbeat), gives it up 2 s
+/// later, and dials back.
+#[test]
+fn recovers_after_a_blackhole_while_no_fault_waits() {
+    recovers_after(
+        "recover-idle-blackhole",
+        &[
+            "--mem",
+            "128M",
+            "--vcpus",
+            "2",
+            "--workload",
+            "uniform:ws=8M,write=0.2,seed=161",
+            "--steps",
+            "45000000",
+        ],
+        ("blackhole", json!({})),
+        Duration::from_secs(5),
+        Some("restore"),
+        true,
+        Some(Duration::from_secs(8)),
     );
 }
 
@@ -121,10 +187,12 @@ fn recovers_after_a_blackhole() {
 fn survives_a_2_second_cut() {
     recovers_after(
         "recover-cut",
+        &COMMON,
         ("cut", json!({"ms": 2000})),
         Duration::ZERO,
         None,
         false,
+        None,
     );
 }
 

@@ -254,17 +254,23 @@ fn a_killed_memserver_pauses_the_vm_and_one_restarted_empty_is_refused_with_the_
     drop(ms); // SIGKILL: its pages are gone
     vm.status_until("held", |s| s["status"] == "held");
     // A new memserver on the same address holds nothing of this VM: its pages cannot come
-    // back, and the VM stays paused with the reason (it never runs on a zero page instead).
+    // back, and the VM stays paused, stuck, with the reason (it never runs on a zero page
+    // instead).
     let listen = uri.clone();
     let (_ms2, _) = VmProcess::command_until(
         &["memserver", "--listen", &listen, "--secret", SECRET],
         "memserver listening on",
     )
     .unwrap();
-    let s = vm.status_until("refused", |s| {
+    vm.status_until("refused", |s| {
         s["memory_hold"]["unreachable"][0]["lost_for_good"] == true
     });
-    assert_eq!(s["status"], "held", "{s}");
+    // Still paused, and stuck: nothing can bring those pages back.
+    let s = vm.status_until("stuck", |s| s["status"] == "stuck");
+    assert!(
+        s["stuck"].as_str().unwrap().contains("gone for good"),
+        "{s}"
+    );
     let why = s["memory_hold"]["unreachable"][0]["why"].as_str().unwrap();
     assert!(
         why.contains("holds none of this VM's pages") && why.contains("--replicas 2"),

@@ -301,6 +301,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
         if state == VmRunState::Fenced && vm.fence_settled() && !a.hold {
             break; // a cancellable migration called off: the source runs the VM
         }
+        if state == VmRunState::Stuck && a.control.is_none() {
+            // Nobody could ask it anything: the summary says why (exit status 3).
+            log::error!("{}", vm.status().stuck.unwrap_or_default());
+            break;
+        }
         // A guest that finished here while its migration can still be rolled back may yet
         // run on at the source: wait until the source hands it over (or takes it back). A
         // source whose guest finished during its precopy rounds waits too: the switchover may

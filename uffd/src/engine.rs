@@ -206,6 +206,11 @@ pub struct FaultEngine {
     /// Written by [`Self::reroute`]: the fault thread asks again for the pages in `reroutes`.
     kick: EventFd,
     reroutes: Mutex<Vec<(Gfn, u64)>>,
+    /// Written by [`Self::probe`]: pages to ask for with no thread waiting (yet).
+    probes: Mutex<Vec<Gfn>>,
+    /// Probed pages not installed yet: in `pending` too (so that a silent owner shows), but
+    /// no thread's wait, so no latency is recorded when they arrive.
+    probed: Mutex<std::collections::HashSet<Gfn>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// How long the fault thread looks for the next fault before sleeping.
     spin: Mutex<Duration>,
@@ -277,6 +282,8 @@ impl FaultEngine {
             stop,
             kick,
             reroutes: Mutex::new(Vec::new()),
+            probes: Mutex::new(Vec::new()),
+            probed: Mutex::new(std::collections::HashSet::new()),
             thread: Mutex::new(None),
             spin: Mutex::new(Duration::ZERO),
         }))
@@ -592,9 +599,12 @@ impl FaultEngine {
             let mut pending = self.pending.lock().expect("engine lock");
             if !pending.is_empty() {
                 let mut lat = self.latency.lock().expect("engine lock");
+                let mut probed = self.probed.lock().expect("engine lock");
                 for k in 0..pages {
                     if let Some(t) = pending.remove(&(gfn + k)) {
-                        lat.record(now.duration_since(t));
+                        if probed.is_empty() || !probed.remove(&(gfn + k)) {
+                            lat.record(now.duration_since(t));
+                        }
                     }
                 }
             }
@@ -719,10 +729,50 @@ impl FaultEngine {
         let _ = self.kick.write(1);
     }
 
+    /// Asks for page `gfn` as if a thread had faulted on it, unless it is here or asked for
+    /// already: a probe of its owner's link (one that has said nothing for a while, see
+    /// `OwnerRouter::check_silent` in the VMM). The page counts as waited for
+    /// ([`Self::pending_longer_than`]) until it arrives, but its wait is no fault's latency.
+    pub fn probe(&self, gfn: Gfn) {
+        self.probes.lock().expect("engine lock").push(gfn);
+        let _ = self.kick.write(1);
+    }
+
+    /// The fault thread's side of [`Self::probe`].
+    fn ask_probes(&self, fetcher: &dyn Fetcher) {
+        let probes = std::mem::take(&mut *self.probes.lock().expect("engine lock"));
+        for gfn in probes {
+            let Ok((idx, _)) = self.locate(gfn, 1) else {
+                continue;
+            };
+            if self.present.get(idx) || self.requested.test_and_set(idx) {
+                continue;
+            }
+            // Pending before it is asked: its reply may come before this thread goes on.
+            let mut pending = self.pending.lock().expect("engine lock");
+            if let std::collections::hash_map::Entry::Vacant(v) = pending.entry(gfn) {
+                v.insert(Instant::now());
+                self.probed.lock().expect("engine lock").insert(gfn);
+            }
+            drop(pending);
+            if self.present.get(idx) {
+                // Installed meanwhile, past the install's clean-up of `pending`.
+                self.pending.lock().expect("engine lock").remove(&gfn);
+                self.probed.lock().expect("engine lock").remove(&gfn);
+                continue;
+            }
+            if let Err(e) = fetcher.request(gfn, self) {
+                self.requested.clear(idx);
+                self.fail(e);
+            }
+        }
+    }
+
     /// The fault thread's side of [`Self::reroute`]: asks again for the waited-for pages of the
     /// rerouted ranges.
     fn ask_again(&self, fetcher: &dyn Fetcher) {
         let _ = self.kick.read();
+        self.ask_probes(fetcher);
         let ranges = std::mem::take(&mut *self.reroutes.lock().expect("engine lock"));
         if ranges.is_empty() {
             return;

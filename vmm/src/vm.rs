@@ -83,6 +83,11 @@ pub enum VmRunState {
     /// Paused by itself: an owner of some of its pages (a memserver) cannot be reached. It
     /// resumes once that owner is back (see [`Vm::watch_memory`]).
     Held,
+    /// Some of its pages are gone for good: their owner cannot bring them any more (the
+    /// migration source died, or gave the migration up after an outage longer than its
+    /// `recover_ms`; a memserver restarted without them). vCPUs that touch one wait for ever;
+    /// the others run on. `query-status` says which pages and why ([`VmStatus::stuck`]).
+    Stuck,
 }
 
 /// A pause of the VM while part of its memory was unreachable, as `query-status` shows it.
@@ -132,6 +137,9 @@ pub struct VmStatus {
     /// Pauses while part of the memory was unreachable (VMs with remote page owners).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_hold: Option<MemoryHoldStatus>,
+    /// Why the VM is stuck ([`VmRunState::Stuck`]), and what is left to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck: Option<String>,
 }
 
 /// A bad page the in-guest verifier found.
@@ -828,7 +836,14 @@ impl Vm {
     fn check_memory(&self, router: &crate::paging::router::OwnerRouter) -> Result<(), Error> {
         let mut down = router.unreachable();
         down.retain(|u| u.holds_vm);
-        let mut hold = self.hold.lock().expect("vm lock");
+        // Busy: an operation that pauses the VM itself reads its memory (a digest, a save),
+        // and may wait for a page of a link that went silent. This thread must not wait
+        // behind it: it is the one that gives such links up (`check_silent`). Next round.
+        let mut hold = match self.hold.try_lock() {
+            Ok(h) => h,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+            Err(std::sync::TryLockError::Poisoned(e)) => panic!("vm lock: {e}"),
+        };
         match (down.is_empty(), hold.since) {
             (false, None) => {
                 let paused = self.operator_paused.lock().expect("vm lock");
@@ -910,6 +925,8 @@ impl Vm {
             VmRunState::Finished
         } else if self.is_fenced() {
             VmRunState::Fenced
+        } else if self.lost_for_good().is_some() {
+            VmRunState::Stuck
         } else if self.hold.lock().expect("vm lock").since.is_some() {
             VmRunState::Held
         } else if *self.operator_paused.lock().expect("vm lock") {
@@ -942,7 +959,22 @@ impl Vm {
             demand_paging: self.paging_stats(),
             remote_paging: self.remote_paging_stats(),
             memory_hold: self.memory_hold_status(),
+            stuck: (status == VmRunState::Stuck)
+                .then(|| self.lost_for_good())
+                .flatten()
+                .map(|why| {
+                    format!(
+                        "part of its memory is gone for good: {why}. The vCPUs that touch those \
+                         pages wait for ever; nothing can bring them back. Start the VM again \
+                         from its last snapshot or from its source, and `quit` this one"
+                    )
+                }),
         }
+    }
+
+    /// Which pages are gone for good and why, if any are (see [`VmRunState::Stuck`]).
+    fn lost_for_good(&self) -> Option<String> {
+        self.owner_router()?.lost_for_good()
     }
 
     /// Whether the guest page at `gpa` is in this process. The VMM never reads a page that is

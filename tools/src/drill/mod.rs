@@ -32,7 +32,7 @@ pub use scenarios::Scenario;
 /// Scenarios:
 ///   netcut            postcopy; the link is cut for 2 s mid-postcopy: the guest finishes at
 ///                     the destination (outage and time to completion reported)
-///   blackhole         postcopy; silence (no byte, no reset) for 3 s, then restore: the
+///   blackhole         postcopy; silence (no byte, no reset) for 4 s, then restore: the
 ///                     destination gives the link up and resumes the session
 ///   reset             postcopy; every connection reset mid-postcopy: resumed
 ///   kill-source       kill -9 of the source mid-postcopy: the destination reports it clearly

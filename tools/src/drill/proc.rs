@@ -207,7 +207,7 @@ fn drain(pipe: &mut impl Read, sink: &(Mutex<Output>, Condvar), is_stderr: bool)
 /// The last few lines of `s`, on one line each, for error messages.
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
-    let from = lines.len().saturating_sub(6);
+    let from = lines.len().saturating_sub(12);
     if lines.is_empty() {
         return "(nothing on stderr)".into();
     }

@@ -61,7 +61,7 @@ impl Scenario {
     pub fn default_knobs(self) -> Knobs {
         let (after_ms, param) = match self {
             Self::Netcut => (500, 2000),
-            Self::Blackhole => (500, 3000),
+            Self::Blackhole => (500, 4000),
             Self::Reset | Self::KillSource => (500, 0),
             Self::KillDestination => (300, 0),
             Self::KillMemserver => (300, 0),
@@ -77,8 +77,9 @@ impl Scenario {
     pub fn random_knobs(self, rng: &mut Rng) -> Knobs {
         let (after_ms, param) = match self {
             Self::Netcut => (rng.range(50, 1500), rng.range(300, 4000)),
-            // Long enough that the destination gives the silent link up (2 s).
-            Self::Blackhole => (rng.range(50, 1500), rng.range(3000, 5000)),
+            // Long enough that the destination gives the silent link up: 0.5 s of quiet, then
+            // its probe unanswered for 2 s, each seen within 0.2 s (about 3 s in all).
+            Self::Blackhole => (rng.range(50, 1500), rng.range(4000, 6000)),
             Self::Reset | Self::KillSource => (rng.range(0, 2000), 0),
             Self::KillDestination => (rng.range(0, 1000), 0),
             Self::KillMemserver => (rng.range(0, 2000), 0),
@@ -138,8 +139,11 @@ fn postcopy_guest(ctx: &Ctx) -> (Vec<String>, u64) {
 
 /// The cancellable drills' guest (a checkpoint copies what was written since the last one).
 fn cancellable_guest(ctx: &Ctx) -> Vec<String> {
+    // Long enough to outlast both cancels: a precopy round capped at 32 MiB/s takes 2 s of
+    // the quick guest's 64 MiB, and a cancel at 95 % of it came after a 4 M-step guest had
+    // finished at the source (campaign seed 463).
     if ctx.quick {
-        guest(64, 1, "uniform:ws=32M,write=0.3,seed=81", 4_000_000)
+        guest(64, 1, "uniform:ws=32M,write=0.3,seed=81", 12_000_000)
     } else {
         guest(256, 2, "uniform:ws=128M,write=0.3,seed=81", 8_000_000)
     }
@@ -398,13 +402,18 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
         _ => "a reset of every connection".into(),
     };
     r.passed = equal && (!resumed_needed || redials >= 1);
+    let dest_log = if r.passed {
+        String::new()
+    } else {
+        format!("\n  the destination's log:\n{}", dest.stderr_tail())
+    };
     r.why = if !equal {
-        format!("after {what} the guest's memory differs from the reference run's")
+        format!("after {what} the guest's memory differs from the reference run's{dest_log}")
     } else if resumed_needed && redials == 0 {
         format!(
             "after {what} the session was never resumed ({outages} outages, 0 redials): the \
-             fault went unnoticed (no fault waited 2 s on the link; idle links have no \
-             heartbeats yet)"
+             fault went unnoticed (neither a fault nor the heartbeat's probe waited 2 s on the \
+             link){dest_log}"
         )
     } else {
         format!(
@@ -494,12 +503,28 @@ fn kill_source(ctx: &Ctx, k: Knobs, r: &mut Report) -> Result<()> {
         error.contains("lost the migration source"),
         "the destination's migration failed, but not saying it lost the source: {error}"
     );
+    // And the VM says it is stuck, with the reason (set as the redial gives up).
+    let stuck_by = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let s = dest.ctl("query-status", json!({}))?;
+        if s["status"] == "stuck" || Instant::now() > stuck_by {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    ensure!(
+        status["status"] == "stuck"
+            && status["stuck"]
+                .as_str()
+                .is_some_and(|w| w.contains("gone for good")),
+        "the destination lost its source but its VM does not say it is stuck: {status}"
+    );
     r.passed = true;
     r.why = format!(
-        "the destination reported '{error}' {reported:.0} ms after the kill; its guest saw no \
-         bad page (status {}, wait for finished: {}). The guest is lost by design: plain \
-         postcopy splits it between the hosts (cancellable=on survives this)",
-        status["status"], w["outcome"]
+        "the destination reported '{error}' {reported:.0} ms after the kill, and its VM \
+         stuck; its guest saw no bad page (wait for finished: {}). The guest is lost by \
+         design: plain postcopy splits it between the hosts (cancellable=on survives this)",
+        w["outcome"]
     );
     Ok(())
 }

@@ -364,6 +364,18 @@ impl ClientEvents for Arrival {
             self.owners.hand_over(gfn, n, SOURCE, id);
             self.engine.reroute(gfn, n);
         }
+        if self.completed.load(Ordering::Acquire) {
+            // Every page is here already (from the source, before the hand-over): the
+            // memserver's copies, stored after this host told it to forget, are stale.
+            let runs = runs.to_vec();
+            super::source::forget_in_background(
+                vec![endpoint.to_string()],
+                move |_| runs.clone(),
+                &self.secret,
+                &self.hello,
+                |_, _| {},
+            );
+        }
         Ok(())
     }
 

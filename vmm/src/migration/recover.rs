@@ -9,8 +9,10 @@
 //! - before the switchover the source opens a *resume listener* next to its link to the
 //!   destination and names it (`ResumeAt{uri, within_ms}`, before the VM state);
 //! - the destination notices the loss (the connection fails, or a fault waits 2 s for a reply:
-//!   `paging::router`'s silent-link check) and dials the source there again, with backoff from
-//!   20 ms to 50 ms, each attempt bounded by 8 round trips (at least 200 ms) ([`SourceDial`],
+//!   `paging::router`'s silent-link check; a link that has said nothing for 0.5 s while the push
+//!   is not done is probed with a request, its heartbeat, so an idle link that went silent is
+//!   noticed too) and dials the source there again every 20 ms, each connect bounded by 4
+//!   round trips (at least 20 ms) and each handshake by 8 (at least 200 ms) ([`SourceDial`],
 //!   a `paging::router::Redial`), in a `Resume` session authenticated like any other (the
 //!   shared secret; the source checks the VM's identity);
 //! - it says which pages it still lacks (`Owners{"", runs}` ... `Ready`): the pages the source
@@ -21,7 +23,7 @@
 //!
 //! `within_ms` (`migrate ... recover_ms=N`, default 60 s; 0: no recovery) bounds an outage:
 //! after it the source gives the migration up (`failed`, with the reason) and the destination
-//! reports its VM stuck, with the reason. `query-migrate` shows the outages at both ends (the
+//! reports its VM `stuck` in `query-status`, with the reason (as when the source is gone). `query-migrate` shows the outages at both ends (the
 //! source's `recovery`; the destination's source `link`: outages, longest, redials).
 
 use std::net::{IpAddr, TcpListener, TcpStream};
@@ -44,12 +46,15 @@ use crate::paging::router::{Redial, RedialError};
 
 /// The default bound on an outage before the migration is given up.
 pub const DEFAULT_RECOVER_MS: u32 = 60_000;
-/// How long one redial attempt may take to connect and authenticate: 8 round trips of the
-/// session, within these bounds.
-const REDIAL_PATIENCE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
-/// The longest wait between two redials: an attempt costs a SYN, and the sooner one goes out
-/// after the network is back, the sooner the guest runs again.
-const REDIAL_BACKOFF: Duration = Duration::from_millis(50);
+/// How long one redial attempt may wait for its connection: 4 round trips of the session,
+/// within these bounds. Short, so that SYNs go out often while the network is down: the
+/// first after it is back gets through.
+const REDIAL_CONNECT: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
+/// How long a connected redial may take to authenticate: 8 round trips, within these bounds.
+const REDIAL_HANDSHAKE: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(2));
+/// The wait between two redials: an attempt costs a SYN, and the sooner one goes out after
+/// the network is back, the sooner the guest runs again.
+const REDIAL_BACKOFF: Duration = Duration::from_millis(20);
 /// How long a resume handshake may take (the lacking pages, the answer).
 const RESUME_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -288,6 +293,10 @@ impl SourceDial {
 }
 
 impl Redial for SourceDial {
+    fn streams(&self) -> bool {
+        true // it pushes every page the VM lacks
+    }
+
     fn lost(&self) {
         *self.lost_at.lock().expect("dial lock") = Some(Instant::now());
     }
@@ -317,32 +326,34 @@ impl Redial for SourceDial {
         // Each attempt gives up soon, and the next sends a fresh SYN: once the network is back
         // the link is picked up within an attempt and a backoff, not after the kernel's next
         // SYN retry (1, 3, 7 s apart).
-        let patience = (self.rtt * 8).clamp(REDIAL_PATIENCE.0, REDIAL_PATIENCE.1);
-        let s = session::open_within(&self.uri, &self.secret, &hello, patience).map_err(|e| {
-            use tsubame_pageserver::SessionError;
-            match &e {
-                // Nothing listens there any more: the source process is gone (a network that
-                // is down does not refuse: it times out or finds no route).
-                SessionError::Connect { source, .. }
-                    if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-                {
-                    self.give_up(format!(
+        let connect = (self.rtt * 4).clamp(REDIAL_CONNECT.0, REDIAL_CONNECT.1);
+        let handshake = (self.rtt * 8).clamp(REDIAL_HANDSHAKE.0, REDIAL_HANDSHAKE.1);
+        let s = session::open_dialling(&self.uri, &self.secret, &hello, connect, handshake)
+            .map_err(|e| {
+                use tsubame_pageserver::SessionError;
+                match &e {
+                    // Nothing listens there any more: the source process is gone (a network that
+                    // is down does not refuse: it times out or finds no route).
+                    SessionError::Connect { source, .. }
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+                    {
+                        self.give_up(format!(
                         "lost the migration source: nothing listens at its resume address {} any \
                          more (its process is gone?)",
                         self.uri
                     ))
-                }
-                // An authenticated peer that refuses is not this VM's source.
-                SessionError::Handshake {
-                    source: ProtocolError::Refused(why),
-                    ..
-                } => self.give_up(format!(
+                    }
+                    // An authenticated peer that refuses is not this VM's source.
+                    SessionError::Handshake {
+                        source: ProtocolError::Refused(why),
+                        ..
+                    } => self.give_up(format!(
                     "lost the migration source: {} refused to resume this VM's migration ({why})",
                     self.uri
                 )),
-                e => transient(e.to_string()),
-            }
-        })?;
+                    e => transient(e.to_string()),
+                }
+            })?;
         let lacks: Vec<(Gfn, u64)> = self
             .owners
             .all_owned_runs(Owner::Endpoint(self.source))

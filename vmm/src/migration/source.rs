@@ -1199,7 +1199,12 @@ fn prepare_split(
 /// each memserver's pages over to it (`Owners` on the bulk channel: the destination asks the
 /// memserver for them from then on), and pushes the stripes of any memserver that failed
 /// itself, so that the destination still gets every page.
-fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
+fn store_split(
+    out: &Arc<Outgoing>,
+    plan: SplitPlan,
+    secret: &[u8],
+    hello: &Hello,
+) -> (PushHook, PushHook) {
     let t0 = Instant::now();
     // The stores start with the push, once the destination runs the VM (or the push's gate
     // times out): started at the switchover, they took the CPU the destination needed to
@@ -1228,8 +1233,10 @@ fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
         Ok(())
     });
     let out = out.clone();
+    let (secret, hello) = (secret.to_vec(), hello.clone());
     let hand_over = PushHook::new(move |w| {
         let mut failed = Vec::new();
+        let mut stored_at = Vec::new();
         for (uri, stripes, thread) in stores {
             let stored = match thread {
                 Ok(t) => t.join().unwrap_or_else(|_| {
@@ -1243,6 +1250,7 @@ fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
                 Ok(_) => {
                     let runs: Vec<(Gfn, u64)> = stripes.iter().map(|s| (s.gfn, s.pages)).collect();
                     announce_owners(w, &uri, &runs)?;
+                    stored_at.push((uri, runs));
                 }
                 Err(e) => {
                     log::warn!(
@@ -1262,9 +1270,31 @@ fn store_split(out: &Arc<Outgoing>, plan: SplitPlan) -> (PushHook, PushHook) {
             s.store_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
             s.failed = failed;
         }
+        forget_if_complete(&out, stored_at, &secret, &hello);
         Ok(())
     });
     (start, hand_over)
+}
+
+/// The split's stores ended (`stored_at`: what each memserver stored): if the destination
+/// has completed already, its memservers are told to forget the VM's pages again. The
+/// destination tells them when it has every page, but it can get there before the stores end:
+/// a guest, or its final digest, that reads every page fetches the stripes not handed over yet
+/// from the source, and the source's part is complete. A store that lands after the
+/// destination's word would stay at the memserver for ever. (Complete before the hand-over
+/// means the destination lacked no page the source owned, stripes included: none of the
+/// memservers' copies is needed.)
+fn forget_if_complete(
+    out: &Outgoing,
+    stored_at: Vec<(String, Vec<(Gfn, u64)>)>,
+    secret: &[u8],
+    hello: &Hello,
+) {
+    if stored_at.is_empty() || out.server.status().state != ServeState::Completed {
+        return;
+    }
+    let (uris, runs): (Vec<String>, Vec<_>) = stored_at.into_iter().unzip();
+    forget_in_background(uris, move |i| runs[i].clone(), secret, hello, |_, _| {});
 }
 
 /// Stores `stripes` of the frozen guest memory at the memserver `uri` (the `i`th of the
@@ -1645,7 +1675,7 @@ fn switch_over(
     server.store().freeze();
     out.cancel.release();
     *out.local_ip.lock().expect("migration lock") = urgent.local_addr().ok().map(|a| a.ip());
-    let (before_push, after_push) = match split.map(|plan| store_split(out, plan)) {
+    let (before_push, after_push) = match split.map(|plan| store_split(out, plan, secret, hello)) {
         Some((start, hand_over)) => (Some(start), Some(hand_over)),
         None => (None, None),
     };

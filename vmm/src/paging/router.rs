@@ -12,9 +12,18 @@
 //! installs a zero or stale copy in their place), and, if it was given a [`Redial`], a thread
 //! dials it again with backoff. Once it answers, its new client replaces the old one and every
 //! page a vCPU waits for is asked for again. A redial that can never succeed (a memserver that
-//! restarted and lost the VM's pages) leaves it down for good, with the reason. Whoever must
-//! act on a change (the VM, which pauses while an owner of its pages is unreachable) waits for
+//! restarted and lost the VM's pages) leaves it down for good, with the reason (the VM then
+//! reports itself stuck). Whoever must act on a change (the VM, which pauses while an owner of its pages is unreachable) waits for
 //! it with [`OwnerRouter::wait_change`] and reads [`OwnerRouter::unreachable`].
+//!
+//! **Heartbeats.** A link that goes silent while no vCPU waits for one of its pages would go
+//! unnoticed, and a push over it would stall for ever. So a link that should be streaming (an
+//! owner that pushes on its own, [`Redial::streams`], or one asked to push) and has said
+//! nothing for a quarter of [`SILENT_LINK`] (500 ms) is probed: the engine asks for one page the owner holds
+//! as if a thread had faulted on it ([`FaultEngine::probe`]), and the silent-link check takes
+//! it from there. The probed page is one the VM lacks, so a probe is never wasted, and an
+//! answer costs no more than the page. Owners that only answer requests (a memserver the VM
+//! pages out to) are quiet for hours when the guest asks nothing and are not probed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -113,6 +122,13 @@ pub trait Redial: Send + Sync {
     fn max_backoff(&self) -> Duration {
         Duration::from_secs(1)
     }
+    /// Whether the owner streams its pages on its own until it has sent them all (a
+    /// migration's source pushing): a link of such an owner that says nothing for a while is
+    /// probed ([`OwnerRouter::check_silent`]). An owner that only answers requests is quiet
+    /// for hours when the guest asks nothing; it is probed only once asked to push.
+    fn streams(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Default)]
@@ -127,6 +143,8 @@ struct Link {
     dialling: bool,
     /// When the last redial brought it back (every waiting fault was asked again then).
     up_since: Option<Instant>,
+    /// When it was last probed: asked for a page only to hear from it.
+    probed_at: Option<Instant>,
     /// Its [`Redial::lost`] (handing pages to other holders) has not finished yet: the VM
     /// does not pause for pages that may not wait at all.
     failing_over: bool,
@@ -237,6 +255,33 @@ impl OwnerRouter {
                 })
             })
             .collect()
+    }
+
+    /// Why part of the memory is gone for good, if it is: owners whose link is lost for good
+    /// (a migration source that is gone, a memserver that lost the pages) while they still
+    /// own pages here, which nobody can bring any more. Cheap while no link is lost for good.
+    pub fn lost_for_good(&self) -> Option<String> {
+        let endpoints = self.endpoints.read().expect("router lock");
+        let lost: Vec<String> = endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let l = e.link.lock().expect("link lock");
+                if !l.lost_for_good {
+                    return None;
+                }
+                let owned = self.owners.owned_by(id_at(i));
+                (owned > 0).then(|| {
+                    format!(
+                        "{} pages owned by {} ({})",
+                        owned,
+                        e.name,
+                        l.why.as_deref().unwrap_or("lost")
+                    )
+                })
+            })
+            .collect();
+        (!lost.is_empty()).then(|| lost.join("; "))
     }
 
     /// The endpoint whose page client `client` is now.
@@ -404,6 +449,7 @@ impl OwnerRouter {
         let Some(engine) = self.engine.lock().expect("router lock").upgrade() else {
             return;
         };
+        self.probe_quiet(&engine, silent / 4, silent);
         let mut quiet: Vec<(EndpointId, Gfn)> = Vec::new();
         for gfn in engine.pending_longer_than(silent) {
             if let Some(Owner::Endpoint(id)) = self.owners.get(gfn) {
@@ -436,6 +482,55 @@ impl OwnerRouter {
             if let Some(c) = client {
                 c.disconnect();
             }
+        }
+    }
+
+    /// Heartbeats for links that should be streaming: a link given a [`Redial`] whose owner
+    /// streams its pages ([`Redial::streams`], or it was asked to push), has not pushed them
+    /// all, and has said nothing for `quiet`, is asked for one page it owns (at most once per
+    /// `silent`). The probe waits like a fault, so a link that went silent without a reset
+    /// while no vCPU needed it is given up `silent` later ([`Self::check_silent`]) and dialled
+    /// again, instead of leaving the push stalled for ever. The page is one the VM lacks, so
+    /// the probe is never wasted.
+    fn probe_quiet(&self, engine: &FaultEngine, quiet: Duration, silent: Duration) {
+        let endpoints = self.endpoints.read().expect("router lock");
+        for (i, e) in endpoints.iter().enumerate() {
+            let (Some(redial), Some(remote)) = (&e.redial, &e.remote) else {
+                continue;
+            };
+            if e.down.load(Ordering::Acquire)
+                || !(redial.streams() || e.asked_push.load(Ordering::Acquire))
+            {
+                continue;
+            }
+            let client = remote.client();
+            if client.is_completed() || client.is_push_done() || client.heard_ago() < quiet {
+                continue;
+            }
+            let mut l = e.link.lock().expect("link lock");
+            if l.up_since.is_some_and(|t| t.elapsed() < quiet)
+                || l.probed_at.is_some_and(|t| t.elapsed() < silent)
+            {
+                continue;
+            }
+            let id = id_at(i);
+            let Some(run) = self.owners.layout().regions.iter().find_map(|r| {
+                self.owners
+                    .owned_runs(r.first_gfn(), r.pages(), Owner::Endpoint(id))
+                    .into_iter()
+                    .next()
+            }) else {
+                continue;
+            };
+            l.probed_at = Some(Instant::now());
+            drop(l);
+            log::debug!(
+                "{}: nothing heard for {:?}; probing with page {}",
+                e.name,
+                client.heard_ago(),
+                run.gfn
+            );
+            engine.probe(run.gfn);
         }
     }
 
