@@ -846,12 +846,15 @@ impl Vm {
         };
         match (down.is_empty(), hold.since) {
             (false, None) => {
-                let paused = self.operator_paused.lock().expect("vm lock");
-                if !*paused {
-                    self.pause_vcpus()?;
-                }
+                // Held from now on, before the vCPUs are paused, and without holding any lock
+                // while they are: a vCPU inside a fault on the unreachable memory (completing
+                // an I/O exit, say) answers only once the page comes, and meanwhile
+                // `query-status` and the operator must still be answered. (A test that waited
+                // for "held" before plugging the network back hung on exactly that.) `cont`
+                // is refused while held.
                 hold.since = Some(Instant::now());
                 hold.holds += 1;
+                drop(hold);
                 for u in &down {
                     log::error!(
                         "VM paused: {} cannot be reached and owns {} of its pages ({}); it \
@@ -860,6 +863,10 @@ impl Vm {
                         u.pages_owned,
                         u.why
                     );
+                }
+                let operator_paused = *self.operator_paused.lock().expect("vm lock");
+                if !operator_paused {
+                    self.pause_vcpus()?;
                 }
             }
             (true, Some(since)) => {
