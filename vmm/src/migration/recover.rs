@@ -381,11 +381,18 @@ impl Redial for SourceDial {
         client
             .send(&Message::Resumed)
             .map_err(|e| transient(e.to_string()))?;
+        if lacks.is_empty() {
+            // Every page came before the link was lost: the `Complete` said then may never
+            // have reached the source, which would wait for a dial back and give up.
+            client.complete();
+        }
         Ok(client)
     }
 
     fn needed_when_empty(&self) -> bool {
-        false // every page is here
+        // Dialled back even with every page here: the source must hear `Complete` (a link
+        // lost just as the last pages came may have lost it), or it gives the migration up.
+        true
     }
 
     /// A source migrating its VM is not worth a pause (see the trait).
