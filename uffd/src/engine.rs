@@ -709,8 +709,14 @@ impl FaultEngine {
             return; // someone asked already: the install will wake this thread too
         }
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.ask(fetcher, gfn, idx);
+    }
+
+    /// Asks `fetcher` for page `gfn` (index `idx`, marked requested by the caller). On failure
+    /// it fails closed: the page is not requested any more (a later fault or re-request asks
+    /// again), its waiters keep waiting, and the engine records why.
+    fn ask(&self, fetcher: &dyn Fetcher, gfn: Gfn, idx: u64) {
         if let Err(e) = fetcher.request(gfn, self) {
-            // Fail closed: the thread keeps waiting; a later re-request may succeed.
             self.requested.clear(idx);
             self.fail(e);
         }
@@ -761,10 +767,7 @@ impl FaultEngine {
                 self.probed.lock().expect("engine lock").remove(&gfn);
                 continue;
             }
-            if let Err(e) = fetcher.request(gfn, self) {
-                self.requested.clear(idx);
-                self.fail(e);
-            }
+            self.ask(fetcher, gfn, idx);
         }
     }
 
@@ -794,10 +797,7 @@ impl FaultEngine {
             }
             self.requested.test_and_set(idx);
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = fetcher.request(gfn, self) {
-                self.requested.clear(idx);
-                self.fail(e);
-            }
+            self.ask(fetcher, gfn, idx);
         }
     }
 
