@@ -23,8 +23,9 @@
 //!
 //! `within_ms` (`migrate ... recover_ms=N`, default 60 s; 0: no recovery) bounds an outage:
 //! after it the source gives the migration up (`failed`, with the reason) and the destination
-//! reports its VM `stuck` in `query-status`, with the reason (as when the source is gone). `query-migrate` shows the outages at both ends (the
-//! source's `recovery`; the destination's source `link`: outages, longest, redials).
+//! reports its VM `stuck` in `query-status`, with the reason (as when the source is gone).
+//! `query-migrate` shows the outages at both ends (the source's `recovery`; the destination's
+//! source `link`: outages, longest, redials).
 
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, Weak};
@@ -277,6 +278,36 @@ pub(crate) struct SourceDial {
 }
 
 impl SourceDial {
+    /// What a failed dial means: the source is gone for good if nothing listens at its resume
+    /// address any more (a network that is down does not refuse: it times out or finds no
+    /// route) or if it refuses this VM (an authenticated peer that is not this VM's source);
+    /// anything else is worth another dial.
+    fn dial_failed(&self, e: tsubame_pageserver::SessionError) -> RedialError {
+        use tsubame_pageserver::SessionError;
+        match e {
+            SessionError::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                self.give_up(format!(
+                    "lost the migration source: nothing listens at its resume address {} any \
+                     more (its process is gone?)",
+                    self.uri
+                ))
+            }
+            SessionError::Handshake {
+                source: ProtocolError::Refused(why),
+                ..
+            } => self.give_up(format!(
+                "lost the migration source: {} refused to resume this VM's migration ({why})",
+                self.uri
+            )),
+            e => RedialError {
+                why: format!("{}: {e}", self.uri),
+                permanent: false,
+            },
+        }
+    }
+
     /// Stops dialling, for `why`: the VM is stuck, and says so.
     fn give_up(&self, why: String) -> RedialError {
         let why = format!(
@@ -329,31 +360,7 @@ impl Redial for SourceDial {
         let connect = (self.rtt * 4).clamp(REDIAL_CONNECT.0, REDIAL_CONNECT.1);
         let handshake = (self.rtt * 8).clamp(REDIAL_HANDSHAKE.0, REDIAL_HANDSHAKE.1);
         let s = session::open_dialling(&self.uri, &self.secret, &hello, connect, handshake)
-            .map_err(|e| {
-                use tsubame_pageserver::SessionError;
-                match &e {
-                    // Nothing listens there any more: the source process is gone (a network that
-                    // is down does not refuse: it times out or finds no route).
-                    SessionError::Connect { source, .. }
-                        if source.kind() == std::io::ErrorKind::ConnectionRefused =>
-                    {
-                        self.give_up(format!(
-                        "lost the migration source: nothing listens at its resume address {} any \
-                         more (its process is gone?)",
-                        self.uri
-                    ))
-                    }
-                    // An authenticated peer that refuses is not this VM's source.
-                    SessionError::Handshake {
-                        source: ProtocolError::Refused(why),
-                        ..
-                    } => self.give_up(format!(
-                    "lost the migration source: {} refused to resume this VM's migration ({why})",
-                    self.uri
-                )),
-                    e => transient(e.to_string()),
-                }
-            })?;
+            .map_err(|e| self.dial_failed(e))?;
         let lacks: Vec<(Gfn, u64)> = self
             .owners
             .all_owned_runs(Owner::Endpoint(self.source))

@@ -13,17 +13,19 @@
 //! dials it again with backoff. Once it answers, its new client replaces the old one and every
 //! page a vCPU waits for is asked for again. A redial that can never succeed (a memserver that
 //! restarted and lost the VM's pages) leaves it down for good, with the reason (the VM then
-//! reports itself stuck). Whoever must act on a change (the VM, which pauses while an owner of its pages is unreachable) waits for
-//! it with [`OwnerRouter::wait_change`] and reads [`OwnerRouter::unreachable`].
+//! reports itself stuck). Whoever must act on a change (the VM, which pauses while an owner of
+//! its pages is unreachable) waits for it with [`OwnerRouter::wait_change`] and reads
+//! [`OwnerRouter::unreachable`].
 //!
 //! **Heartbeats.** A link that goes silent while no vCPU waits for one of its pages would go
 //! unnoticed, and a push over it would stall for ever. So a link that should be streaming (an
 //! owner that pushes on its own, [`Redial::streams`], or one asked to push) and has said
-//! nothing for a quarter of [`SILENT_LINK`] (500 ms) is probed: the engine asks for one page the owner holds
-//! as if a thread had faulted on it ([`FaultEngine::probe`]), and the silent-link check takes
-//! it from there. The probed page is one the VM lacks, so a probe is never wasted, and an
-//! answer costs no more than the page. Owners that only answer requests (a memserver the VM
-//! pages out to) are quiet for hours when the guest asks nothing and are not probed.
+//! nothing for a quarter of [`SILENT_LINK`] (500 ms) is probed: the engine asks for one page
+//! the owner holds as if a thread had faulted on it ([`FaultEngine::probe`]), and the
+//! silent-link check takes it from there. The probed page is one the VM lacks, so a probe is
+//! never wasted, and an answer costs no more than the page. Owners that only answer requests
+//! (a memserver the VM pages out to) are quiet for hours when the guest asks nothing and are
+//! not probed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
