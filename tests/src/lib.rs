@@ -110,47 +110,56 @@ pub fn tsubame(args: &[&str]) -> Output {
 /// wrote so far, if it has not exited within `patience`: a hung process fails its test
 /// instead of hanging the suite.
 pub fn output_within(cmd: &mut Command, patience: Duration) -> Result<Output> {
-    use std::io::Read;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("starting it")?;
-    fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    }
     let out = child.stdout.take().map(drain);
     let err = child.stderr.take().map(drain);
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if t0.elapsed() > patience {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = err
-                .map(|e| e.join().unwrap_or_default())
-                .unwrap_or_default();
-            bail!(
-                "had not exited after {patience:?}, killed it; its stderr:\n{}",
-                String::from_utf8_lossy(&err)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
     let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
         h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    };
+    let Some(status) = exited_within(&mut child, patience)? else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!(
+            "had not exited after {patience:?}, killed it; its stderr:\n{}",
+            String::from_utf8_lossy(&join(err))
+        );
     };
     Ok(Output {
         status,
         stdout: join(out),
         stderr: join(err),
     })
+}
+
+/// Reads `r` to its end on a thread of its own (a child's pipe, so that the child never
+/// blocks on a full one).
+fn drain(mut r: impl std::io::Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = r.read_to_end(&mut v);
+        v
+    })
+}
+
+/// Waits up to `patience` for `child` to exit: its status, or `None` if it is still running.
+fn exited_within(
+    child: &mut Child,
+    patience: Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if t0.elapsed() > patience {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Runs a VM to the end in one process (`tsubame run ... --json`) and returns its summary.
@@ -431,40 +440,28 @@ impl VmProcess {
     /// within [`EXIT_PATIENCE`] is killed and the wait fails with what it wrote to stderr, so
     /// that a hung VM fails its test instead of hanging the suite.
     pub fn wait(mut self) -> Result<(std::process::ExitStatus, String)> {
-        let reader = self.child.stdout.take().map(|mut s| {
-            std::thread::spawn(move || {
-                use std::io::Read;
-                let mut out = String::new();
-                s.read_to_string(&mut out).map(|_| out)
-            })
-        });
-        let t0 = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if t0.elapsed() > EXIT_PATIENCE {
-                // What it was doing, for whoever reads the failure: its status and threads.
-                let status = ControlClient::connect(&self.socket)
-                    .and_then(|mut c| {
-                        c.set_timeout(Some(Duration::from_secs(5)))?;
-                        c.execute("query-status", serde_json::json!({}))
-                    })
-                    .map_or_else(|e| format!("(no status: {e})"), |v| v.to_string());
-                let threads = threads_of(self.child.id());
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!(
-                    "tsubame had not exited after {EXIT_PATIENCE:?}, killed it.\nits status: \
-                     {status}\nits threads (name, state, user and system ticks, wait \
-                     channel):\n{threads}\nits stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let reader = self.child.stdout.take().map(drain);
+        let Some(status) = exited_within(&mut self.child, EXIT_PATIENCE)? else {
+            // What it was doing, for whoever reads the failure: its status and threads.
+            let status = ControlClient::connect(&self.socket)
+                .and_then(|mut c| {
+                    c.set_timeout(Some(Duration::from_secs(5)))?;
+                    c.execute("query-status", serde_json::json!({}))
+                })
+                .map_or_else(|e| format!("(no status: {e})"), |v| v.to_string());
+            let threads = threads_of(self.child.id());
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            bail!(
+                "tsubame had not exited after {EXIT_PATIENCE:?}, killed it.\nits status: \
+                 {status}\nits threads (name, state, user and system ticks, wait \
+                 channel):\n{threads}\nits stderr:\n{}",
+                self.stderr()
+            );
         };
         let out = match reader {
-            Some(r) => r.join().expect("stdout reader")?,
+            Some(r) => String::from_utf8(r.join().expect("stdout reader"))
+                .context("its stdout is not UTF-8")?,
             None => String::new(),
         };
         Ok((status, out))

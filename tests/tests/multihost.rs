@@ -22,19 +22,14 @@ const COMMON: [&str; 8] = [
 ];
 const MIGRATE_AT: u64 = 300_000;
 
-/// The split VM runs on longer after the switchover: its memserver's stripes are handed over
-/// once stored, and a guest that ends first (its final digest fetching every page from the
-/// source) would never ask the memserver for one.
-const SPLIT: [&str; 8] = [
-    "--mem",
-    "64M",
-    "--vcpus",
-    "1",
-    "--workload",
-    "uniform:ws=32M,write=0.3,seed=141",
-    "--steps",
-    "6000000",
-];
+/// The split VM: [`COMMON`], run on longer after the switchover. Its memserver's stripes are
+/// handed over once stored, and a guest that ends first (its final digest fetching every page
+/// from the source) would never ask the memserver for one.
+fn split_vm() -> [&'static str; 8] {
+    let mut vm = COMMON;
+    vm[7] = "6000000";
+    vm
+}
 
 /// Starts the source (running `vm`) on `net`'s host "src" and the destination on "dst", runs
 /// it to [`MIGRATE_AT`]; returns both and the destination's URI (on its own address).
@@ -112,7 +107,8 @@ fn postcopy_from_one_host_to_another() {
 fn split_migration_with_the_memserver_on_a_third_host() {
     let net = Network::new("split", &["src", "ms", "dst"]).unwrap();
     let dir = Scratch::new("multihost-split");
-    let reference = run_to_end(&SPLIT).unwrap();
+    let split_vm = split_vm();
+    let reference = run_to_end(&split_vm).unwrap();
     let ms_sock = dir.path("ms.sock");
     let (ms, ms_uri) = VmProcess::memserver_at(
         net.host("ms").place(),
@@ -124,7 +120,7 @@ fn split_migration_with_the_memserver_on_a_third_host() {
         ms_uri.starts_with(&format!("tcp:{}:", net.host("ms").ip)),
         "{ms_uri}"
     );
-    let (source, dest, uri) = source_and_destination(&net, &dir, &SPLIT);
+    let (source, dest, uri) = source_and_destination(&net, &dir, &split_vm);
     let m = source
         .ctl(
             "migrate",
