@@ -540,9 +540,15 @@ impl Incoming {
             match Message::read_from(&mut &urgent)
                 .map_err(|e| MigrationError::SourceLost(e.to_string()))?
             {
+                // The source takes pages back that it fetched from another owner after
+                // naming that owner here: whatever copy that owner sent here is stale.
                 Message::Owners { endpoint, runs } if endpoint.is_empty() => {
                     for (gfn, n) in runs {
-                        owners.set(gfn, n, Owner::Endpoint(SOURCE));
+                        sink.take_back(gfn, n).map_err(|e| {
+                            MigrationError::BadState(format!(
+                                "the source took back pages this host cannot drop: {e}"
+                            ))
+                        })?;
                     }
                 }
                 // Switched: this host was the destination, and forwards what it holds to
@@ -587,6 +593,9 @@ impl Incoming {
                     ready()?;
                 }
                 Message::Owners { endpoint, runs } => {
+                    // Another owner sends pages here while the source may still take any of
+                    // them back (above): installs and take-backs go under the map's locks.
+                    owners.contest();
                     let forwarder = arrival
                         .forwarders
                         .lock()

@@ -365,6 +365,35 @@ impl OwnedSink {
         self.senior.store(true, Ordering::Release);
     }
 
+    /// The source takes `[gfn, gfn + pages)` back before the guest runs here: whatever copy
+    /// of those pages is here or on its way, from whichever owner, is dropped, and they are
+    /// the source's (its copy is the current one). A switched-after-the-switchover VM's
+    /// pages it fetched from the original source after naming it their owner (see
+    /// `migration::source`, `take_back_fetched`): that source's push may have brought its
+    /// older copy here already.
+    pub fn take_back(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
+        self.drop_copies(gfn, pages, true)
+    }
+
+    /// Drops what is here of `[gfn, gfn + pages)` and makes the pages this owner's: those
+    /// installed from it, or, `any`, whatever copy is here or on its way from whoever (see
+    /// [`Self::make_senior`] and [`Self::take_back`]).
+    fn drop_copies(&self, gfn: Gfn, pages: u64, any: bool) -> Result<(), PageError> {
+        if self.engine.layout().locate(gfn, pages).is_none() {
+            return Err(PageError::OutOfRange { gfn, pages });
+        }
+        let (mine, from_me) = (self.endpoint.0, FROM | self.endpoint.0);
+        let _contested = self.owners.guard(gfn, pages);
+        for run in self
+            .owners
+            .runs_where(gfn, pages, |c| any || c == mine || c == from_me, |_| {})
+        {
+            self.engine.forget(run.gfn, run.pages)?;
+            self.owners.set(run.gfn, run.pages, self.owner);
+        }
+        Ok(())
+    }
+
     /// A sink that installs pages write-protected, so that the first write to each is seen
     /// (the engine must be [`FaultEngine::new_write_protected`]), and tells `watch` of them.
     pub fn write_protected(
@@ -460,20 +489,7 @@ impl PageSink for OwnedSink {
     /// The owner's copies went stale: the pages installed from it are dropped and its own
     /// again (pages another endpoint owns, or that came from another, are not its to drop).
     fn forget(&self, gfn: Gfn, pages: u64) -> Result<(), PageError> {
-        if self.engine.layout().locate(gfn, pages).is_none() {
-            return Err(PageError::OutOfRange { gfn, pages });
-        }
-        let (mine, from_me) = (self.endpoint.0, FROM | self.endpoint.0);
-        let senior = self.senior.load(Ordering::Acquire);
-        let _contested = self.owners.guard(gfn, pages);
-        for run in
-            self.owners
-                .runs_where(gfn, pages, |c| senior || c == mine || c == from_me, |_| {})
-        {
-            self.engine.forget(run.gfn, run.pages)?;
-            self.owners.set(run.gfn, run.pages, self.owner);
-        }
-        Ok(())
+        self.drop_copies(gfn, pages, self.senior.load(Ordering::Acquire))
     }
 
     fn all_installed(&self, gfn: Gfn, pages: u64) -> Option<bool> {
@@ -603,6 +619,38 @@ mod tests {
             assert!(b.iter().all(|&x| x == 0x55), "page {g} kept a stale copy");
         }
         assert_eq!(map.owned_by(EndpointId(1)), 0);
+    }
+
+    #[test]
+    fn a_take_back_drops_any_copy_and_refuses_the_next_one_from_another_owner() {
+        let layout = MemoryLayout::for_size(8 << 20).unwrap();
+        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
+        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
+        map.set(Gfn(10), 4, Owner::Endpoint(EndpointId(1)));
+        map.contest();
+        let (source, other) = (
+            OwnedSink::new(engine.clone(), map.clone(), EndpointId(0)),
+            OwnedSink::new(engine.clone(), map.clone(), EndpointId(1)),
+        );
+        let page = |b: u8, n: usize| vec![b; tsubame_pages::PAGE_BYTES * n];
+        // The other owner's copies of 10 and 11 arrived; the source, not senior, takes
+        // 10..14 back (it fetched and changed them after naming the other owner).
+        assert_eq!(other.install(Gfn(10), &page(1, 2)).unwrap(), 2);
+        source.take_back(Gfn(10), 4).unwrap();
+        for g in 10..14 {
+            assert!(!engine.is_present(Gfn(g)), "page {g} kept the other's copy");
+            assert_eq!(map.get(Gfn(g)), Some(Owner::Endpoint(EndpointId(0))));
+        }
+        // The other owner's copy of 12, late: refused; the source's is installed.
+        assert_eq!(other.install(Gfn(12), &page(1, 1)).unwrap(), 0);
+        assert_eq!(source.install(Gfn(10), &page(2, 4)).unwrap(), 4);
+        let mut b = [0u8; 1];
+        for g in 10..14 {
+            memory.read(Gfn(g).gpa(), &mut b).unwrap();
+            assert_eq!(b[0], 2, "page {g}");
+        }
+        assert!(source.take_back(Gfn(200_000), 1).is_err());
     }
 
     #[test]
