@@ -66,6 +66,35 @@ impl Host {
         }
     }
 
+    /// The child's last `n` stderr lines not read yet, waiting up to `within` for it to exit
+    /// first (what a failure report shows of a child that may be dying).
+    pub fn log_tail(&mut self, n: usize, within: Duration) -> String {
+        let deadline = std::time::Instant::now() + within;
+        let mut lines = std::collections::VecDeque::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    if lines.len() == n {
+                        lines.pop_front();
+                    }
+                    lines.push_back(l);
+                }
+                Err(_) => break, // exited (all read), or still running at the deadline
+            }
+        }
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("exited with {s}"),
+            _ => "still running".to_string(),
+        };
+        let mut out = format!("the {} ({status}) said last:", self.name);
+        for l in lines {
+            out.push_str("\n    ");
+            out.push_str(&l);
+        }
+        out
+    }
+
     /// Kills the child at once (SIGKILL) and reaps it.
     pub fn kill(&mut self) -> Result<()> {
         self.child.kill()?;

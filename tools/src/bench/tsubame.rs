@@ -375,7 +375,13 @@ pub fn migrate(setup: &MigrationSetup, dir: &Path, tag: &str) -> Result<Migratio
     };
     let steal_pct = hoststat::steal_pct_since(cpu_at_migrate);
     if src["phase"] != "completed" {
-        bail!("the migration failed: {}", src["error"]);
+        let (mut source, mut destination) = (pair.source, pair.destination);
+        bail!(
+            "the migration failed: {}\n  {}\n  {}",
+            src["error"],
+            source.log_tail(10, Duration::ZERO),
+            destination.log_tail(20, Duration::from_secs(2))
+        );
     }
     // A split VM runs with part of its memory at the memserver: bring it all back.
     let consolidation = match setup.split {
