@@ -9,22 +9,31 @@
 //!                               └── br0 ─────┘
 //! ```
 //!
-//! Names carry the test's name and this process's id, so parallel tests (and other people's
-//! test runs on the same machine) never collide; a [`Network`] first removes namespaces of the
-//! same name left by a run whose process is gone (it crashed before its `Drop` ran), and
-//! removes its own on `Drop`, which also runs when the test panics. Removing a namespace
-//! removes its veth ends and their peers with it. Processes start inside a host with the
-//! [`Place`] of [`Host::place`] (`ip netns exec`, see [`VmProcess::command_until_at`]).
-//! Needs root and `ip` (iproute2; `scripts/setup.sh` installs it).
+//! Names carry the network's name and this process's id, so parallel tests and drills (and
+//! other people's runs on the same machine) never collide; a [`Network`] first removes
+//! namespaces of the same name left by a run whose process is gone (it crashed before its
+//! `Drop` ran), and removes its own on `Drop`, which also runs when a test panics. Removing a
+//! namespace removes its veth ends and their peers with it. Processes start inside a host with
+//! [`Host::command`] (`ip netns exec`, which execs the program: the child is the program
+//! itself, so killing it kills the program). Unix sockets are paths in the file system, which
+//! every namespace shares: a control socket works from outside the host.
 //!
-//! [`VmProcess::command_until_at`]: crate::VmProcess::command_until_at
+//! Used by the multi-host tests (`tests/`) and by `tsubame drill` (the network scenarios).
+//! Needs root and `ip` (iproute2; `scripts/setup.sh` installs it).
 
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
-
-use crate::Place;
+/// What went wrong making, changing or removing a network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("running `ip` failed (install iproute2: scripts/setup.sh): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("ip {args} failed: {stderr} (network namespaces need root)")]
+    Ip { args: String, stderr: String },
+    #[error("bad network name '{name}' or roles {roles:?}: a name without '/', at most 249 roles, none called 'switch'")]
+    BadName { name: String, roles: Vec<String> },
+}
 
 /// Where `ip netns` keeps its namespaces' names.
 const NETNS_DIR: &str = "/run/netns";
@@ -46,23 +55,22 @@ impl Host {
     /// Starts a raw TCP prober on this host that exits as soon as `ip` answers a SYN (port 9:
     /// a reset counts as an answer), trying every 10 ms with 50 ms per try: the physical
     /// limit a redial loop can be compared to once a network comes back (ARP included).
-    pub fn probe_until_reaches(&self, ip: &str) -> Result<std::process::Child> {
+    pub fn probe_until_reaches(&self, ip: &str) -> Result<std::process::Child, NetnsError> {
         let script = format!(
             "while true; do timeout 0.05 bash -c 'exec 3<>/dev/tcp/{ip}/9' 2>/dev/null; \
              [ $? -ne 124 ] && break; sleep 0.01; done"
         );
-        Command::new("ip")
-            .args(["netns", "exec", &self.netns, "bash", "-c", &script])
+        self.command("bash")
+            .args(["-c", &script])
             .spawn()
-            .context("starting a TCP prober")
+            .map_err(NetnsError::Spawn)
     }
 
-    /// Where processes of this host run (for the `VmProcess::*_at` helpers).
-    pub fn place(&self) -> Place<'_> {
-        Place {
-            netns: Some(&self.netns),
-            ip: &self.ip,
-        }
+    /// `program` to be run on this host (`ip netns exec NETNS program`); add its arguments.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns]).arg(program);
+        c
     }
 }
 
@@ -76,17 +84,16 @@ pub struct Network {
 }
 
 /// Runs `ip ARGS`, failing with its stderr.
-fn ip(args: &[&str]) -> Result<()> {
+fn ip(args: &[&str]) -> Result<(), NetnsError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .context("running `ip` (install iproute2: scripts/setup.sh)")?;
+        .map_err(NetnsError::Spawn)?;
     if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        return Err(NetnsError::Ip {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -112,18 +119,19 @@ fn leftovers(prefix: &str) -> Vec<String> {
 }
 
 impl Network {
-    /// Makes one host per role (`roles`: e.g. `["src", "ms", "dst"]`) for the test `name`, in
+    /// Makes one host per role (`roles`: e.g. `["src", "ms", "dst"]`) for the network `name`, in
     /// that order, host `i` at `10.77.0.(i + 1)`, every link up.
-    pub fn new(name: &str, roles: &[&str]) -> Result<Self> {
-        ensure!(
-            !name.is_empty() && !name.contains('/') && !roles.contains(&"switch"),
-            "bad network name '{name}' or roles {roles:?}"
-        );
-        ensure!(roles.len() < 250, "at most 249 hosts");
+    pub fn new(name: &str, roles: &[&str]) -> Result<Self, NetnsError> {
+        if name.is_empty() || name.contains('/') || roles.contains(&"switch") || roles.len() >= 250
+        {
+            return Err(NetnsError::BadName {
+                name: name.into(),
+                roles: roles.iter().map(ToString::to_string).collect(),
+            });
+        }
         let prefix = format!("tsb-{name}-");
         for stale in leftovers(&prefix) {
-            ip(&["netns", "del", &stale])
-                .with_context(|| format!("removing the leftover namespace {stale}"))?;
+            ip(&["netns", "del", &stale])?;
         }
         let ours = format!("{prefix}{}-", std::process::id());
         let mut net = Self {
@@ -179,18 +187,25 @@ impl Network {
     /// Unplugs the host of `role` from the switch (its port goes down): what it sends is lost
     /// and nothing reaches it, and nobody is told (no reset, no close), as when a cable or a
     /// switch port fails. [`Self::plug`] puts it back.
-    pub fn unplug(&self, role: &str) -> Result<()> {
+    pub fn unplug(&self, role: &str) -> Result<(), NetnsError> {
         self.port(role, "down")
     }
 
     /// Plugs the host of `role` back in (see [`Self::unplug`]).
-    pub fn plug(&self, role: &str) -> Result<()> {
+    pub fn plug(&self, role: &str) -> Result<(), NetnsError> {
         self.port(role, "up")
     }
 
-    fn port(&self, role: &str, state: &str) -> Result<()> {
-        let switch = self.made.first().context("no switch")?;
-        ip(&["-n", switch, "link", "set", &self.host(role).port, state])
+    fn port(&self, role: &str, state: &str) -> Result<(), NetnsError> {
+        // The switch is made first, or there is no network.
+        ip(&[
+            "-n",
+            &self.made[0],
+            "link",
+            "set",
+            &self.host(role).port,
+            state,
+        ])
     }
 
     /// The namespaces of this network, the switch first.
@@ -203,7 +218,7 @@ impl Drop for Network {
     fn drop(&mut self) {
         for netns in self.made.iter().rev() {
             if let Err(e) = ip(&["netns", "del", netns]) {
-                eprintln!("tsubame-tests: {e:#}");
+                eprintln!("tsubame-netns: {e}");
             }
         }
     }

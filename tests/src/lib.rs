@@ -2,7 +2,7 @@
 //! start VM processes (on this host, or in a network namespace of [`netns`]) and talk to their
 //! control sockets.
 
-pub mod netns;
+pub use tsubame_netns as netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -184,6 +184,16 @@ pub fn run_to_end(args: &[&str]) -> Result<Value> {
 pub struct Place<'a> {
     pub netns: Option<&'a str>,
     pub ip: &'a str,
+}
+
+impl<'a> Place<'a> {
+    /// A host of a [`netns::Network`]: its namespace and address.
+    pub fn of(host: &'a netns::Host) -> Self {
+        Self {
+            netns: Some(&host.netns),
+            ip: &host.ip,
+        }
+    }
 }
 
 /// How long a test waits for a VM process to exit before it kills it and fails

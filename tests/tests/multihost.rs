@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 use tsubame_tests::netns::Network;
-use tsubame_tests::{run_to_end, Scratch, VmProcess};
+use tsubame_tests::{run_to_end, Place, Scratch, VmProcess};
 
 const SECRET: &str = "multihost secret";
 
@@ -38,9 +38,10 @@ fn source_and_destination(
     dir: &Scratch,
     vm: &[&str],
 ) -> (VmProcess, VmProcess, String) {
-    let source = VmProcess::start_at(net.host("src").place(), &dir.path("src.sock"), vm).unwrap();
+    let source =
+        VmProcess::start_at(Place::of(net.host("src")), &dir.path("src.sock"), vm).unwrap();
     let (dest, uri) =
-        VmProcess::destination_at(net.host("dst").place(), SECRET, &["--mem", "64M"]).unwrap();
+        VmProcess::destination_at(Place::of(net.host("dst")), SECRET, &["--mem", "64M"]).unwrap();
     assert!(
         uri.starts_with(&format!("tcp:{}:", net.host("dst").ip)),
         "{uri}"
@@ -111,7 +112,7 @@ fn split_migration_with_the_memserver_on_a_third_host() {
     let reference = run_to_end(&split_vm).unwrap();
     let ms_sock = dir.path("ms.sock");
     let (ms, ms_uri) = VmProcess::memserver_at(
-        net.host("ms").place(),
+        Place::of(net.host("ms")),
         SECRET,
         &["--control", ms_sock.to_str().unwrap()],
     )
@@ -176,7 +177,7 @@ fn split_migration_with_the_memserver_on_a_third_host() {
 fn a_memserver_host_unplugged_pauses_the_paged_vm_until_it_is_back() {
     let net = Network::new("unplug", &["main", "ms"]).unwrap();
     let dir = Scratch::new("multihost-unplug");
-    let (_ms, ms_uri) = VmProcess::memserver_at(net.host("ms").place(), SECRET, &[]).unwrap();
+    let (_ms, ms_uri) = VmProcess::memserver_at(Place::of(net.host("ms")), SECRET, &[]).unwrap();
     let common = [
         "--mem",
         "64M",
@@ -189,7 +190,7 @@ fn a_memserver_host_unplugged_pauses_the_paged_vm_until_it_is_back() {
     ];
     let reference = run_to_end(&common).unwrap();
     let vm = VmProcess::start_at(
-        net.host("main").place(),
+        Place::of(net.host("main")),
         &dir.path("vm.sock"),
         &[
             &common[..],
@@ -254,11 +255,12 @@ fn switched_across_hosts(name: &str, new_host: &str, after: bool) {
     let dir = Scratch::new(&format!("multihost-{name}"));
     let reference = run_to_end(&SWITCHED).unwrap();
     let source =
-        VmProcess::start_at(net.host("a").place(), &dir.path("src.sock"), &SWITCHED).unwrap();
+        VmProcess::start_at(Place::of(net.host("a")), &dir.path("src.sock"), &SWITCHED).unwrap();
     let (old, old_uri) =
-        VmProcess::destination_at(net.host("b").place(), SECRET, &["--mem", "64M"]).unwrap();
+        VmProcess::destination_at(Place::of(net.host("b")), SECRET, &["--mem", "64M"]).unwrap();
     let (new, new_uri) =
-        VmProcess::destination_at(net.host(new_host).place(), SECRET, &["--mem", "64M"]).unwrap();
+        VmProcess::destination_at(Place::of(net.host(new_host)), SECRET, &["--mem", "64M"])
+            .unwrap();
     let w = source
         .ctl("wait", json!({"for": "steps", "steps": 200_000}))
         .unwrap();
@@ -340,10 +342,10 @@ fn postcopy_recovers_after_the_destination_host_is_unplugged() {
     ];
     let reference = run_to_end(&common).unwrap();
     let source =
-        VmProcess::start_at(net.host("src").place(), &dir.path("src.sock"), &common).unwrap();
+        VmProcess::start_at(Place::of(net.host("src")), &dir.path("src.sock"), &common).unwrap();
     let dsock = dir.path("dst.sock");
     let (dest, uri) = VmProcess::destination_at(
-        net.host("dst").place(),
+        Place::of(net.host("dst")),
         SECRET,
         &["--mem", "64M", "--control", dsock.to_str().unwrap()],
     )

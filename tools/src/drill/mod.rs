@@ -1,10 +1,16 @@
 //! `tsubame drill`: rehearse what goes wrong during a migration, with real processes.
 //!
 //! Each drill starts its own `tsubame` processes (this executable: sources, destinations,
-//! memservers, `linkem` in front of a destination), on loopback, drives them through their
-//! control sockets, injects one fault, and ends with a verdict, its timings and the digest
-//! check: the guest's memory at its end equals a reference run of the same guest that never
-//! migrated. `all` runs the set; `random` is a fault campaign with a seeded generator.
+//! memservers, `linkem` in front of a destination), drives them through their control
+//! sockets, injects one fault, and ends with a verdict, its timings and the digest check: the
+//! guest's memory at its end equals a reference run of the same guest that never migrated.
+//! `all` runs the set; `random` is a fault campaign with a seeded generator.
+//!
+//! The scenarios about the network (netcut, blackhole, reset, wan) put the source and the
+//! destination on two hosts: network namespaces joined by veth and a bridge
+//! (`tsubame_netns`), with `linkem` on the destination's host in front of it. A netcut there
+//! unplugs the destination's host from the bridge, so the redials meet the outage too. The
+//! other scenarios, and all with `--loopback`, run on loopback.
 //!
 //! Every child is killed and reaped when its drill ends, whatever happened ([`proc::Proc`]).
 
@@ -24,14 +30,17 @@ pub use scenarios::Scenario;
 /// Rehearse failures during a migration with real processes, and check the guest survived.
 ///
 /// NAME is one scenario, `all` (each scenario once, then a table) or `random` (a fault
-/// campaign). Each drill runs real `tsubame` processes on this machine, on loopback, with
-/// `tsubame linkem` in front of the destination where the scenario is about the network, and
-/// ends with a verdict, timings and the digest check: the guest's memory at its end equals
-/// that of a reference run of the same guest that never migrated.
+/// campaign). Each drill runs real `tsubame` processes on this machine and ends with a
+/// verdict, timings and the digest check: the guest's memory at its end equals that of a
+/// reference run of the same guest that never migrated. The scenarios about the network
+/// (netcut, blackhole, reset, wan) run the source and the destination on two hosts, network
+/// namespaces joined by veth, with `tsubame linkem` in front of the destination; the others
+/// run on loopback.
 ///
 /// Scenarios:
-///   netcut            postcopy; the link is cut for 2 s mid-postcopy: the guest finishes at
-///                     the destination (outage and time to completion reported)
+///   netcut            postcopy; the destination's host is unplugged for 2 s mid-postcopy
+///                     (every path, redials included): the guest finishes at the
+///                     destination (outage and time to completion reported)
 ///   blackhole         postcopy; silence (no byte, no reset) for 4 s, then restore: the
 ///                     destination gives the link up and resumes the session
 ///   reset             postcopy; every connection reset mid-postcopy: resumed
@@ -46,9 +55,10 @@ pub use scenarios::Scenario;
 ///                     migration cancelled after its switchover: the VM runs at the source
 ///   wan               migrations over 16 ms and 64 ms one-way delay, 1 Gbit/s
 ///
-/// On loopback the destination dials the source's resume listener directly, not through
-/// linkem: a fault on the link ends when the destination gives it up, not when it is
-/// restored.
+/// The destination dials the source's resume listener directly, not through linkem: a
+/// blackhole or a reset (and, with --loopback, a netcut: its connections stall) ends when the
+/// destination gives the link up, not when it is restored. A netcut on two hosts unplugs the
+/// destination's host, so its redials wait for the network to come back.
 ///
 /// Examples:
 ///   tsubame drill netcut
@@ -67,6 +77,10 @@ pub struct DrillArgs {
     /// Print the results as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Run the network scenarios on loopback too, not on two hosts of network namespaces
+    /// joined by veth (the default where this machine allows it: root and iproute2).
+    #[arg(long)]
+    pub loopback: bool,
     /// `random`: how many runs.
     #[arg(long, default_value_t = 20)]
     pub runs: u64,
@@ -136,19 +150,23 @@ impl Report {
 /// What the drills share: sizes, the secret, the reference digests computed so far.
 pub struct Ctx {
     pub quick: bool,
+    /// The network scenarios run their hosts in network namespaces joined by veth (else on
+    /// loopback): not `--loopback`, and this machine can make them (root, iproute2).
+    pub netns: bool,
     pub secret: String,
     /// Reference runs by their arguments: (digest, seconds).
     references: RefCell<HashMap<Vec<String>, (String, f64)>>,
 }
 
 impl Ctx {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, netns: bool) -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
         Self {
             quick,
+            netns,
             secret: format!("drill-{}-{nanos:x}", std::process::id()),
             references: RefCell::default(),
         }
@@ -216,7 +234,8 @@ fn run_one(ctx: &Ctx, sc: Scenario, knobs: Knobs) -> Report {
 pub fn drill(a: &DrillArgs) -> Result<i32> {
     crate::check::require_kvm()?;
     crate::check::require_userfaultfd()?;
-    let ctx = Ctx::new(a.quick);
+    let netns = !a.loopback && namespaces_work();
+    let ctx = Ctx::new(a.quick, netns);
     match a.name.as_str() {
         "all" => all(&ctx, a.json),
         "random" => random(&ctx, a),
@@ -234,6 +253,20 @@ pub fn drill(a: &DrillArgs) -> Result<i32> {
                 print_report(&r);
             }
             Ok(if r.passed { 0 } else { 1 })
+        }
+    }
+}
+
+/// Whether this machine can make a network of namespaces (root, iproute2); says why not.
+fn namespaces_work() -> bool {
+    match tsubame_netns::Network::new("drill-check", &["a", "b"]) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!(
+                "tsubame drill: network namespaces do not work here ({e}): the network \
+                 scenarios run on loopback"
+            );
+            false
         }
     }
 }

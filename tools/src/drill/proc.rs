@@ -36,8 +36,22 @@ pub struct Proc {
 impl Proc {
     /// Starts `tsubame ARGS` (this executable) with `TSUBAME_SECRET=secret`.
     pub fn spawn(name: &str, args: &[String], secret: &str) -> Result<Self> {
+        Self::spawn_at(None, name, args, secret)
+    }
+
+    /// [`Self::spawn`] on `host` (in its network namespace), or here.
+    pub fn spawn_at(
+        host: Option<&tsubame_netns::Host>,
+        name: &str,
+        args: &[String],
+        secret: &str,
+    ) -> Result<Self> {
         let exe = std::env::current_exe().context("finding this executable")?;
-        let mut child = Command::new(exe)
+        let mut command = match host {
+            Some(h) => h.command(exe),
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(args)
             .env("TSUBAME_SECRET", secret)
             .stdin(Stdio::null())

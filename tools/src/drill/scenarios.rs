@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
+use tsubame_netns::Network;
+
 use super::proc::{ctl_at, Proc, Scratch};
 use super::{Ctx, Knobs, Report, Rng};
 
@@ -157,37 +159,84 @@ fn run_args(extra: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// Where a drill's processes run: the network scenarios put the source and the destination
+/// on two hosts of a [`Network`] (network namespaces joined by veth and a bridge: a real
+/// network path, see `tsubame_netns`), so that a fault can take the whole path down, redials
+/// included; the other scenarios, and every scenario with `--loopback`, run on loopback.
+struct Hosts {
+    net: Option<Network>,
+}
+
+impl Hosts {
+    /// Loopback.
+    fn here() -> Self {
+        Self { net: None }
+    }
+
+    /// A source host and a destination host for the drill `name`, if the drills use network
+    /// namespaces here (see [`Ctx::netns`]).
+    fn for_network(ctx: &Ctx, name: &str) -> Result<Self> {
+        if !ctx.netns {
+            return Ok(Self::here());
+        }
+        let net = Network::new(&format!("drill-{name}"), &["src", "dst"])
+            .context("making the drill's network (or run the drills with --loopback)")?;
+        Ok(Self { net: Some(net) })
+    }
+
+    /// The host of `role` (`src` or `dst`), or None on loopback.
+    fn host(&self, role: &str) -> Option<&tsubame_netns::Host> {
+        self.net.as_ref().map(|n| n.host(role))
+    }
+
+    /// What the report says of where it ran.
+    fn describe(&self) -> &'static str {
+        if self.net.is_some() {
+            "network namespaces joined by veth"
+        } else {
+            "loopback"
+        }
+    }
+}
+
 /// `tsubame run --incoming` on an ephemeral loopback port, with a control socket
 /// (`NAME.sock`, ready once the VM arrived); returns it and its `tcp:HOST:PORT`.
 fn destination(ctx: &Ctx, dir: &Scratch, name: &str, mem: &str) -> Result<(Proc, String)> {
+    destination_at(ctx, None, dir, name, mem)
+}
+
+/// [`destination`] on `host` (listening on its address), or on loopback.
+fn destination_at(
+    ctx: &Ctx,
+    host: Option<&tsubame_netns::Host>,
+    dir: &Scratch,
+    name: &str,
+    mem: &str,
+) -> Result<(Proc, String)> {
     let sock = dir.path(&format!("{}.sock", name.replace(' ', "-")));
-    let args = run_args(&[
-        "--incoming",
-        "tcp:127.0.0.1:0",
-        "--mem",
-        mem,
-        "--control",
-        &sock,
-    ]);
-    let p = Proc::spawn(name, &args, &ctx.secret)?;
+    let listen = format!("tcp:{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
+    let args = run_args(&["--incoming", &listen, "--mem", mem, "--control", &sock]);
+    let p = Proc::spawn_at(host, name, &args, &ctx.secret)?;
     let line = p.wait_line("waiting for an incoming migration on", READY)?;
     let uri = line.rsplit(' ').next().unwrap_or_default().to_string();
     Ok((p, uri))
 }
 
-/// `tsubame linkem` in front of `target` (`tcp:HOST:PORT`); returns it and the
-/// `tcp:HOST:PORT` to dial instead.
+/// `tsubame linkem` in front of `target` (`tcp:HOST:PORT`), on `host` (the target's) or on
+/// loopback; returns it and the `tcp:HOST:PORT` to dial instead.
 fn linkem(
     ctx: &Ctx,
+    host: Option<&tsubame_netns::Host>,
     dir: &Scratch,
     target: &str,
     delay: &str,
     rate: Option<&str>,
 ) -> Result<(Proc, String)> {
+    let listen = format!("{}:0", host.map_or("127.0.0.1", |h| h.ip.as_str()));
     let mut args: Vec<String> = [
         "linkem",
         "--listen",
-        "127.0.0.1:0",
+        &listen,
         "--connect",
         target.trim_start_matches("tcp:"),
         "--delay",
@@ -200,7 +249,7 @@ fn linkem(
     if let Some(rate) = rate {
         args.extend(["--rate".into(), rate.into()]);
     }
-    let p = Proc::spawn("linkem", &args, &ctx.secret)?;
+    let p = Proc::spawn_at(host, "linkem", &args, &ctx.secret)?;
     let line = p.wait_line("forwarding", READY)?;
     let via = line
         .split("forwarding ")
@@ -213,10 +262,20 @@ fn linkem(
 /// The source: `guest` running, controlled on `src.sock`; no `--hold`, so it exits once
 /// its migration completed (printing `{"migration": ...}`), or when its guest finished here.
 fn source(ctx: &Ctx, dir: &Scratch, guest: &[String]) -> Result<Proc> {
+    source_at(ctx, None, dir, guest)
+}
+
+/// [`source`] on `host`, or here.
+fn source_at(
+    ctx: &Ctx,
+    host: Option<&tsubame_netns::Host>,
+    dir: &Scratch,
+    guest: &[String],
+) -> Result<Proc> {
     let sock = dir.path("src.sock");
     let mut args = run_args(&["--control", &sock]);
     args.extend_from_slice(guest);
-    let p = Proc::spawn("source", &args, &ctx.secret)?;
+    let p = Proc::spawn_at(host, "source", &args, &ctx.secret)?;
     p.wait_line("control socket ready", READY)?;
     Ok(p)
 }
@@ -297,9 +356,11 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
     let (g, bw) = postcopy_guest(ctx);
     let (reference, _) = ctx.reference(&g)?;
     let dir = Scratch::new(sc.name())?;
-    let (mut dest, uri) = destination(ctx, &dir, "destination", &mem_of(&g))?;
-    let (link, via) = linkem(ctx, &dir, &uri, "0ms", None)?;
-    let mut src = source(ctx, &dir, &g)?;
+    let hosts = Hosts::for_network(ctx, sc.name())?;
+    let (src_host, dst_host) = (hosts.host("src"), hosts.host("dst"));
+    let (mut dest, uri) = destination_at(ctx, dst_host, &dir, "destination", &mem_of(&g))?;
+    let (link, via) = linkem(ctx, dst_host, &dir, &uri, "0ms", None)?;
+    let mut src = source_at(ctx, src_host, &dir, &g)?;
     wait_steps(&src, 100_000)?;
     let t0 = Instant::now();
     let m = src.ctl(
@@ -327,6 +388,14 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
     let fault = Instant::now();
     r.timing("fault_after_switchover_ms", ms(fault - switchover));
     match sc {
+        // A cable pulled: every path to the destination's host, redials included.
+        Scenario::Netcut if hosts.net.is_some() => {
+            let net = hosts.net.as_ref().expect("a network");
+            net.unplug("dst")?;
+            std::thread::sleep(Duration::from_millis(k.param));
+            net.plug("dst")?;
+        }
+        // On loopback: the migration's connections stall (a redial goes around linkem).
         Scenario::Netcut => {
             link.ctl("cut", json!({"ms": k.param}))?;
         }
@@ -372,7 +441,7 @@ fn link_fault(ctx: &Ctx, sc: Scenario, k: Knobs, r: &mut Report) -> Result<()> {
     let digest = finished_at(&summary, "destination")?;
     let link_stats = summary["demand_paging"]["owners"][0]["link"].clone();
     let recovery = sm["recovery"].clone();
-    r.details = json!({"link": link_stats, "recovery": recovery});
+    r.details = json!({"network": hosts.describe(), "link": link_stats, "recovery": recovery});
     let outages = link_stats["outages"].as_u64().unwrap_or(0);
     let redials = link_stats["redials"].as_u64().unwrap_or(0);
     let longest = link_stats["longest_outage_ms"].as_f64();
@@ -944,12 +1013,17 @@ fn wan(ctx: &Ctx, k: Knobs, r: &mut Report) -> Result<()> {
     };
     let mut keys = Vec::new();
     let mut details = serde_json::Map::new();
+    let mut network = "loopback";
     r.digest = "equal".into();
     for delay in delays {
         let dir = Scratch::new(&format!("wan-{delay}"))?;
-        let (mut dest, uri) = destination(ctx, &dir, "destination", &mem_of(&g))?;
-        let (_link, via) = linkem(ctx, &dir, &uri, &format!("{delay}ms"), Some("1Gbit"))?;
-        let mut src = source(ctx, &dir, &g)?;
+        let hosts = Hosts::for_network(ctx, &format!("wan{delay}"))?;
+        let (src_host, dst_host) = (hosts.host("src"), hosts.host("dst"));
+        network = hosts.describe();
+        let (mut dest, uri) = destination_at(ctx, dst_host, &dir, "destination", &mem_of(&g))?;
+        let delay_arg = format!("{delay}ms");
+        let (_link, via) = linkem(ctx, dst_host, &dir, &uri, &delay_arg, Some("1Gbit"))?;
+        let mut src = source_at(ctx, src_host, &dir, &g)?;
         wait_steps(&src, 100_000)?;
         let t0 = Instant::now();
         let m = src.ctl("migrate", json!({"uri": via, "secret": ctx.secret}))?;
@@ -988,6 +1062,7 @@ fn wan(ctx: &Ctx, k: Knobs, r: &mut Report) -> Result<()> {
             return Ok(());
         }
     }
+    details.insert("network".into(), json!(network));
     r.details = Value::Object(details);
     r.key = format!("total {}", keys.join(", "));
     r.passed = true;
