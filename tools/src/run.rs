@@ -354,11 +354,7 @@ pub fn run(a: RunArgs) -> Result<i32> {
     if vm.run_state() == VmRunState::Fenced {
         return fenced_summary(&vm, a.json);
     }
-    let code = summary(&vm, started, finished_at, a.json);
-    // The summary's digest brought the last pages in: what that completes (memservers told
-    // to forget the VM's pages) is under way before the process exits (see `main`).
-    vm.settle(Duration::from_secs(1));
-    code
+    summary(&vm, started, finished_at, a.json)
 }
 
 /// The destination of a cancellable migration that was called off: the VM runs at the
@@ -397,6 +393,13 @@ fn summary(vm: &Vm, started: Instant, finished_at: Option<Instant>, json: bool) 
         Err(e @ tsubame_vmm::Error::MemoryUnreachable { .. }) => Err(e.to_string()),
         Err(e) => return Err(e.into()),
     };
+    // The digest brought the last pages in: they are counted before the figures below, and
+    // what that completes (the migration's source told `Complete`, memservers told to forget
+    // the VM's pages) is under way before the process exits (see `main`). A destination that
+    // exited before its last `Complete` left its source waiting for a dial back.
+    if digest.is_ok() {
+        vm.settle(Duration::from_secs(1));
+    }
     let p = vm.progress();
     let state = vm.run_state();
     if json {

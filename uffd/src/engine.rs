@@ -373,6 +373,14 @@ impl FaultEngine {
         v
     }
 
+    /// Pages waited for: faulted on (or probed) and not yet recorded present. A page's install
+    /// wakes the threads that faulted on it before the engine records it present, so a thread
+    /// that just read a page may see it counted as missing for a moment; once this is 0, every
+    /// page read so far is counted (see `DemandPaging::settle` in the VMM).
+    pub fn waiting(&self) -> usize {
+        self.pending.lock().expect("engine lock").len()
+    }
+
     /// Pages that threads have waited for longer than `age`.
     pub fn pending_longer_than(&self, age: Duration) -> Vec<Gfn> {
         let now = Instant::now();
@@ -592,25 +600,27 @@ impl FaultEngine {
     }
 
     /// Records the installed pages: their waiters' latency first, then the bitmaps, so that a
-    /// page counted present has its latency recorded.
+    /// page counted present has its latency recorded; all under the `pending` lock, so that a
+    /// fault checking "present?" before it waits sees either the page or no record yet (see
+    /// `on_fault`). (The install woke the page's waiters already: a thread that read the
+    /// page may run before this records it, see [`Self::waiting`].)
     fn mark_present(&self, gfn: Gfn, idx: u64, pages: u64) {
         let now = Instant::now();
-        {
-            let mut pending = self.pending.lock().expect("engine lock");
-            if !pending.is_empty() {
-                let mut lat = self.latency.lock().expect("engine lock");
-                let mut probed = self.probed.lock().expect("engine lock");
-                for k in 0..pages {
-                    if let Some(t) = pending.remove(&(gfn + k)) {
-                        if probed.is_empty() || !probed.remove(&(gfn + k)) {
-                            lat.record(now.duration_since(t));
-                        }
+        let mut pending = self.pending.lock().expect("engine lock");
+        if !pending.is_empty() {
+            let mut lat = self.latency.lock().expect("engine lock");
+            let mut probed = self.probed.lock().expect("engine lock");
+            for k in 0..pages {
+                if let Some(t) = pending.remove(&(gfn + k)) {
+                    if probed.is_empty() || !probed.remove(&(gfn + k)) {
+                        lat.record(now.duration_since(t));
                     }
                 }
             }
         }
         self.requested.set_range(idx, pages);
         self.present.set_range(idx, pages);
+        drop(pending);
     }
 
     fn fault_loop(&self, fetcher: &dyn Fetcher) {
@@ -694,17 +704,20 @@ impl FaultEngine {
             }
             return;
         }
-        if self.present.get(idx) {
-            // Installed between the fault and now: the install already woke it; wake again in
-            // case the fault raced the install's wake.
-            let _ = sys::wake(self.uffd.raw_fd(), hva, PAGE_SIZE);
-            return;
+        {
+            // Checked under the lock that `mark_present` records pages under: a page installed
+            // meanwhile leaves no waiter behind that nothing would remove (one that would look
+            // like a request unanswered for ever to the silent-link check).
+            let mut pending = self.pending.lock().expect("engine lock");
+            if self.present.get(idx) {
+                drop(pending);
+                // Installed between the fault and now: the install already woke it; wake
+                // again in case the fault raced the install's wake.
+                let _ = sys::wake(self.uffd.raw_fd(), hva, PAGE_SIZE);
+                return;
+            }
+            pending.entry(gfn).or_insert(now);
         }
-        self.pending
-            .lock()
-            .expect("engine lock")
-            .entry(gfn)
-            .or_insert(now);
         if self.requested.test_and_set(idx) {
             return; // someone asked already: the install will wake this thread too
         }

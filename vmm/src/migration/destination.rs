@@ -225,6 +225,12 @@ impl Arrival {
             return;
         }
         if self.owners.owned_by(SOURCE) == 0 && !self.source_done.swap(true, Ordering::AcqRel) {
+            log::info!(
+                "the source owns no page here any more ({} of {} pages present): telling it \
+                 Complete",
+                self.engine.present_pages(),
+                self.engine.total_pages()
+            );
             (self.source_released)();
             if let Some(source) = self.clients.lock().expect("arrival lock").first() {
                 source.complete();

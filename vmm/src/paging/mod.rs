@@ -285,17 +285,23 @@ impl DemandPaging {
     }
 
     /// Once every page is here, makes sure completion ran (and what it starts, such as telling
-    /// memservers to forget the VM's pages): completion normally follows the last page's
-    /// arrival on the thread that installed it, and a process about to exit should not
-    /// depend on that thread having got there. Waits at most `timeout`.
+    /// a migration's source `Complete`, or memservers to forget the VM's pages): completion
+    /// normally follows the last page's arrival on the thread that installed it, and a
+    /// process about to exit should not depend on that thread having got there. The pages a
+    /// thread just read (a final digest) may not be counted yet: their installs woke the
+    /// reader before recording them (see `FaultEngine::waiting`), so this first waits until
+    /// no page is waited for. Waits at most `timeout` in all.
     pub fn settle(&self, timeout: Duration) {
+        let t0 = Instant::now();
+        while self.engine.waiting() > 0 && t0.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if self.engine.present_pages() < self.engine.total_pages() {
             return;
         }
         if let Some(check) = self.completion_check.lock().expect("paging lock").as_ref() {
             (check.0)();
         }
-        let t0 = Instant::now();
         while !self.is_complete() && t0.elapsed() < timeout {
             std::thread::sleep(Duration::from_millis(1));
         }
