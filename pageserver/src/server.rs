@@ -588,6 +588,8 @@ impl<S: PageStore + 'static> PageServer<S> {
             p.since.get_or_insert_with(Instant::now);
         }
         {
+            crate::session::notice_silence(&urgent)?;
+            crate::session::notice_silence(bulk.stream())?;
             let mut sockets = self.sockets.lock().expect("server lock");
             sockets.push(urgent.try_clone()?);
             sockets.push(bulk.stream().try_clone()?);

@@ -23,6 +23,30 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most sessions an acceptor keeps waiting for their second connection.
 const HALF_SESSIONS_MAX: usize = 64;
 
+/// How long a serving end waits for a peer that went silent before it gives the connection
+/// up (see [`notice_silence`]).
+pub const SILENT_PEER: Duration = Duration::from_secs(4);
+
+/// Makes the kernel notice a peer that went silent on `s` within about [`SILENT_PEER`]: a
+/// network that drops everything tells TCP nothing, and a server would otherwise wait on its
+/// retransmissions (about 15 minutes) or, idle, for ever. Keepalive probes go out after 1 s
+/// of quiet, one a second, and 3 unanswered end the connection; sent data unacknowledged for
+/// `SILENT_PEER` ends it too (`TCP_USER_TIMEOUT`; a peer that merely stops reading still
+/// answers the window probes, and is not silent). The reader or writer then fails with
+/// `ETIMEDOUT`, as with a reset. These are the server end's heartbeats: the receiver probes its
+/// link itself (the VMM's router). A peer behind a user-space relay (`linkem`) is answered by
+/// the relay's kernel: only a silence of the network itself shows here.
+pub fn notice_silence(s: &TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let millis = u32::try_from(SILENT_PEER.as_millis()).unwrap_or(u32::MAX);
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &1)?;
+    setsockopt(s, sockopt::TcpKeepInterval, &1)?;
+    setsockopt(s, sockopt::TcpKeepCount, &3)?;
+    setsockopt(s, sockopt::TcpUserTimeout, &millis)?;
+    Ok(())
+}
+
 /// Why a session could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {

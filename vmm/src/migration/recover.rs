@@ -21,6 +21,15 @@
 //!   ([`PageServer::resume`]) and says `Ready`; the destination swaps its page client, asks
 //!   again for every page a vCPU waits for, and says `Resumed`: the push goes on from there.
 //!
+//! The source notices a silent network by itself too: its serving connections carry the
+//! kernel's heartbeats (TCP keepalive after 1 s of quiet, and data unacknowledged for 4 s ends
+//! the connection: `session::notice_silence`), so its outage, and the `recover_ms` bound,
+//! count from about 4 s into the silence even if the destination never dials back. (Only
+//! where the network itself is silent: a user-space relay such as `linkem` answers them.)
+//! A destination about to exit makes sure its last `Complete` went out first (its final digest
+//! reads the last pages; `DemandPaging::settle`), so that the source never waits for a dial
+//! back from a destination that finished.
+//!
 //! `within_ms` (`migrate ... recover_ms=N`, default 60 s; 0: no recovery) bounds an outage:
 //! after it the source gives the migration up (`failed`, with the reason) and the destination
 //! reports its VM `stuck` in `query-status`, with the reason (as when the source is gone).
@@ -391,7 +400,13 @@ impl Redial for SourceDial {
         if lacks.is_empty() {
             // Every page came before the link was lost: the `Complete` said then may never
             // have reached the source, which would wait for a dial back and give up.
+            log::info!("dialled the source back lacking no page of its: telling it Complete");
             client.complete();
+        } else {
+            log::info!(
+                "dialled the source back lacking {} of its pages",
+                lacks.iter().map(|r| r.1).sum::<u64>()
+            );
         }
         Ok(client)
     }
