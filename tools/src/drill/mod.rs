@@ -62,6 +62,7 @@ pub use scenarios::Scenario;
 ///
 /// Examples:
 ///   tsubame drill netcut
+///   tsubame drill netcut --param 6000     (the destination's host unplugged for 6 s)
 ///   tsubame drill all --quick            (small guests: about a minute and a half)
 ///   tsubame drill all --json
 ///   tsubame drill random --runs 200 --seed 7 --quick
@@ -81,6 +82,14 @@ pub struct DrillArgs {
     /// joined by veth (the default where this machine allows it: root and iproute2).
     #[arg(long)]
     pub loopback: bool,
+    /// One scenario: the fault this many ms after the moment it waits for (the switchover,
+    /// the first evictions) [default: the scenario's].
+    #[arg(long, value_name = "MS")]
+    pub after_ms: Option<u64>,
+    /// One scenario: the fault's size: cut or blackhole ms, switch or cancel point (% of
+    /// round 1), WAN one-way delay ms [default: the scenario's].
+    #[arg(long, value_name = "N")]
+    pub param: Option<u64>,
     /// `random`: how many runs.
     #[arg(long, default_value_t = 20)]
     pub runs: u64,
@@ -246,7 +255,10 @@ pub fn drill(a: &DrillArgs) -> Result<i32> {
                     Scenario::ALL.map(Scenario::name).join(", ")
                 );
             };
-            let r = run_one(&ctx, sc, sc.default_knobs());
+            let mut knobs = sc.default_knobs();
+            knobs.after_ms = a.after_ms.unwrap_or(knobs.after_ms);
+            knobs.param = a.param.unwrap_or(knobs.param);
+            let r = run_one(&ctx, sc, knobs);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {

@@ -121,7 +121,13 @@ impl Proc {
             .socket
             .as_deref()
             .with_context(|| format!("the {} has no control socket", self.name))?;
-        ctl_at(socket, command, args).with_context(|| format!("{command} at the {}", self.name))
+        ctl_at(socket, command, args).with_context(|| {
+            format!(
+                "{command} at the {} (its last words:{})",
+                self.name,
+                self.stderr_tail()
+            )
+        })
     }
 
     /// Kills it with SIGKILL (no goodbye: its sockets reset) and reaps it.
