@@ -339,7 +339,10 @@ fn finished_at(summary: &Value, what: &str) -> Result<Value> {
     if !p.is_null() {
         ensure!(
             p["present_pages"] == p["total_pages"],
-            "the {what} lacks pages at the end: {p}"
+            "the {what} lacks pages at the end (digest {}, digest error {}, migration {}): {p}",
+            summary["digest"],
+            summary["digest_error"],
+            summary["migration"]
         );
         ensure!(
             p["fetch_error"].is_null(),
