@@ -543,6 +543,14 @@ mod tests {
     use super::*;
     use tsubame_pages::Gpa;
 
+    /// A guest of `bytes` and a fault engine over its memory.
+    fn guest(bytes: u64) -> (MemoryLayout, crate::memory::GuestMemory, Arc<FaultEngine>) {
+        let layout = MemoryLayout::for_size(bytes).unwrap();
+        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
+        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        (layout, memory, engine)
+    }
+
     #[test]
     fn owners_are_set_by_run_and_read_back_by_run() {
         let layout = MemoryLayout::for_size(8 << 30).unwrap();
@@ -588,9 +596,7 @@ mod tests {
     #[test]
     fn the_senior_senders_copy_wins_a_race_on_the_same_pages() {
         const PAGES: u64 = 4096;
-        let layout = MemoryLayout::for_size(PAGES * 4096).unwrap();
-        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
-        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (layout, memory, engine) = guest(PAGES * 4096);
         let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
         map.set(Gfn(0), PAGES, Owner::Endpoint(EndpointId(1)));
         map.contest();
@@ -623,9 +629,7 @@ mod tests {
 
     #[test]
     fn a_take_back_drops_any_copy_and_refuses_the_next_one_from_another_owner() {
-        let layout = MemoryLayout::for_size(8 << 20).unwrap();
-        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
-        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (layout, memory, engine) = guest(8 << 20);
         let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
         map.set(Gfn(10), 4, Owner::Endpoint(EndpointId(1)));
         map.contest();
@@ -655,9 +659,7 @@ mod tests {
 
     #[test]
     fn only_the_owners_copy_is_installed_and_then_the_page_is_local() {
-        let layout = MemoryLayout::for_size(8 << 20).unwrap();
-        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
-        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (layout, memory, engine) = guest(8 << 20);
         let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(EndpointId(0))));
         map.set(Gfn(10), 2, Owner::Endpoint(EndpointId(1)));
         let (s0, s1) = (
@@ -708,9 +710,7 @@ mod tests {
 
     #[test]
     fn counts_follow_every_change_and_a_hand_over_moves_only_the_former_owners_pages() {
-        let layout = MemoryLayout::for_size(8 << 20).unwrap();
-        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
-        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (layout, _memory, engine) = guest(8 << 20);
         let (src, ms) = (EndpointId(0), EndpointId(1));
         let map = Arc::new(OwnerMap::new(&layout, Owner::Endpoint(src)));
         let total = layout.total_pages();
@@ -780,9 +780,7 @@ mod tests {
 
     #[test]
     fn a_run_with_a_local_page_is_still_moved_in_from_the_staging_pool() {
-        let layout = MemoryLayout::for_size(8 << 20).unwrap();
-        let memory = crate::memory::GuestMemory::new(&layout).unwrap();
-        let engine = FaultEngine::new(&layout, memory.hvas()).unwrap();
+        let (layout, memory, engine) = guest(8 << 20);
         let pool = Arc::new(tsubame_uffd::StagingPool::new(64).unwrap());
         pool.prepare();
         engine.set_staging(pool);
